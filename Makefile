@@ -1,0 +1,37 @@
+# `make demo` and `make test` do all set-up: a virtual environment in .venv, then the job.
+# TORCH pins the PyTorch build (on the project's CI machine 2.13.0 is a local CPU wheel);
+# override it, e.g. `make test TORCH=torch`, to use whatever your index serves.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test lint pytest venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/cvt-export variants
+	$(BIN)/cvt-export predict --variant cvt-13 --weights random:0 --top 3
+
+lint: $(STAMP)
+	$(BIN)/ruff check cvt_ref cvt_export tests
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

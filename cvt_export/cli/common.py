@@ -1,0 +1,39 @@
+"""What every command shares: user errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from cvt_export.errors import CvtError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+EXIT_USER_ERROR = 2
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """A CvtError is the user's to fix: say it in one line, no traceback, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CvtError as e:
+            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,87 @@
+"""`cvt-export`: predict with the reference model, list variants (export commands follow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+import cvt_ref
+from cvt_export.cli.common import setup_logging, stdout, user_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export CvT to ONNX / TensorRT / OpenVINO, and check what it computes.")
+
+VariantOpt = Annotated[str, typer.Option("--variant", "-v", help="cvt-13, cvt-21-384, ...")]
+WeightsOpt = Annotated[str, typer.Option(
+    "--weights", "-w",
+    help="random[:SEED], a transformers folder, a .safetensors/.bin/.pth file, or a hub id")]
+
+
+@app.command()
+@user_errors
+def predict(
+    images: Annotated[list[Path] | None, typer.Argument(
+        help="image files; none = the bundled photographs", show_default=False)] = None,
+    variant: VariantOpt = "cvt-13",
+    weights: WeightsOpt = "random",
+    activation: Annotated[str | None, typer.Option(
+        help="gelu | quick_gelu; default: what the checkpoint was trained with")] = None,
+    top: Annotated[int, typer.Option(min=1, max=1000, help="classes shown per image")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    verbose: bool = False,
+) -> None:
+    """Top-k ImageNet classes for each image, from the PyTorch reference model."""
+    setup_logging(verbose)
+    paths = images or cvt_ref.bundled_photos()
+    batch = cvt_ref.preprocess_batch(list(paths), variant)  # reads every image before the model
+    model = cvt_ref.create_model(variant, weights, activation=activation)  # type: ignore[arg-type]
+    names = cvt_ref.class_names(model.variant.num_classes,
+                                model.weights.id2label if model.weights else None)
+    with torch.inference_mode():
+        probs = model(batch).softmax(-1)
+    values, indices = probs.topk(top, dim=-1)
+    tops = [[(int(i), names[int(i)], float(v)) for v, i in zip(vs, ix, strict=True)]
+            for vs, ix in zip(values, indices, strict=True)]
+    if as_json:
+        results = [{"image": str(p), "top": [{"class": c, "label": label, "prob": prob}
+                                             for c, label, prob in top_k]}
+                   for p, top_k in zip(paths, tops, strict=True)]
+        stdout.print_json(json.dumps({"variant": variant, "weights": weights,
+                                      "activation": model.activation, "results": results}))
+        return
+    if model.weights and model.weights.kind == "random":
+        stdout.print(f"[yellow]weights are {weights}: the classes below are meaningless[/]")
+    for path, top_k in zip(paths, tops, strict=True):
+        table = Table(title=str(path), title_justify="left")
+        for col in ("#", "prob", "class"):
+            table.add_column(col, justify="right")
+        table.add_column("label")
+        for rank, (c, label, prob) in enumerate(top_k, 1):
+            table.add_row(str(rank), f"{100 * prob:.2f}%", str(c), label)
+        stdout.print(table)
+
+@app.command()
+def variants() -> None:
+    """The registered variants with their published figures."""
+    table = Table()
+    for col in ("variant", "image", "eval resize", "dims", "depths", "heads", "hub id",
+                "params (M)", "GFLOPs", "top-1"):
+        table.add_column(col)
+    for v in cvt_ref.VARIANTS.values():
+        pub = v.published
+        table.add_row(
+            v.name, str(v.image_size),
+            f"short side {v.resize_size}, crop" if v.crop == "center" else f"{v.image_size}²",
+            "/".join(map(str, v.embed_dims)), "/".join(map(str, v.depths)),
+            "/".join(str(s.num_heads) for s in v.stages), v.hub_id,
+            *(map(str, (pub.params_m, pub.gflops, pub.top1)) if pub else ("", "", "")))
+    stdout.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,103 @@
+"""PIL image -> normalized tensor, exactly as the original evaluation pipeline does it.
+
+224 variants: resize the shorter side to int(224 / 0.875) = 256 with bicubic, center-crop 224.
+384 variants: resize to 384 x 384 with bicubic (no crop). Then /255 and ImageNet mean/std.
+The arithmetic follows torchvision's Resize(int), CenterCrop, ToTensor and Normalize so that
+tensors match the original code bit for bit on RGB inputs; torchvision itself is not needed.
+
+Beyond the original (decided here, see README): EXIF orientation is applied first, and
+16-bit / 32-bit greyscale is scaled to 8 bits rather than clipped by PIL's convert("RGB").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cvt_ref.errors import ImageError
+from cvt_ref.variants import Variant, get_variant
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode, so a truncated file fails here, not later in a worker."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read it as an image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB.
+
+    Alpha is dropped, not composited (what the original loader's convert('RGB') does).
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0  # 0..65535 -> 0..255
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, variant: Variant) -> Image.Image:
+    size = variant.image_size
+    if variant.crop == "resize":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    # torchvision Resize(int): shorter side to `short`, longer side int(short * long / shorter).
+    short = variant.resize_size
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top = round((new_h - size) / 2.0)  # Python's round: half to even, as torchvision
+    left = round((new_w - size) / 2.0)
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(image: Image.Image | str | Path, variant: str | Variant) -> torch.Tensor:
+    """-> float32[3, H, W], normalized; raises ImageError for a file it cannot read."""
+    v = get_variant(variant)
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    rgb = resize_and_crop(to_rgb(image), v)
+    x = np.asarray(rgb, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(v.mean, dtype=np.float32)
+    std = np.asarray(v.std, dtype=np.float32)
+    x = (x - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def preprocess_batch(images: list[Image.Image | str | Path], variant: str | Variant) -> torch.Tensor:
+    return torch.stack([preprocess(image, variant) for image in images])
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under a folder (recursively), sorted so every run sees the same order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageError(f"{root}: not a folder")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def bundled_photos() -> list[Path]:
+    """The real photographs this package ships (see cvt_ref/data/photos/SOURCES.md)."""
+    return list_images(Path(__file__).parent / "data" / "photos")

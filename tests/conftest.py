@@ -1,0 +1,77 @@
+"""Shared fixtures. The oracle is transformers' CvtForImageClassification, built and
+randomised here in its own parameter space, so no cvt_ref code decides what it computes."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import cvt_ref
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may wait for the network
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@torch.no_grad()
+def scramble(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights where every term matters: O(1) attention scores, non-trivial norms and
+    BatchNorm statistics (transformers' own init leaves attention almost uniform and BN at
+    identity, which would hide a wrong scale or a bad fold)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in sorted(model.state_dict().items()):
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif t.dim() >= 2:
+            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
+        elif name.endswith("weight"):  # LayerNorm / BatchNorm gains
+            t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+        else:  # biases, running means
+            t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    return model.eval()
+
+
+def hf_model(variant: cvt_ref.Variant, seed: int = 0) -> torch.nn.Module:
+    from transformers import CvtConfig, CvtForImageClassification
+
+    return scramble(CvtForImageClassification(CvtConfig(**variant.hf_config())), seed)
+
+
+class QuickGELU(torch.nn.Module):
+    """The original code's activation, written here from its definition (not imported)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    found = cvt_ref.bundled_photos()
+    assert len(found) >= 10
+    return found
+
+
+@pytest.fixture(scope="session")
+def batch_224(photos: list[Path]) -> torch.Tensor:
+    return cvt_ref.preprocess_batch(list(photos), "cvt-13")
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[cvt_ref.Variant], Path]:
+    """variant -> a save_pretrained folder of a scrambled transformers model (cached)."""
+    cache: dict[str, Path] = {}
+
+    def make(variant: cvt_ref.Variant) -> Path:
+        if variant.name not in cache:
+            folder = tmp_path_factory.mktemp("hf-" + variant.name.replace("[", "_").replace("]", ""))
+            hf_model(variant).save_pretrained(folder)
+            cache[variant.name] = folder
+        return cache[variant.name]
+
+    return make
