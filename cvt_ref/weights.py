@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,11 @@ def _unwrap(obj: object, where: str) -> Mapping[str, object]:
     raise WeightsError(f"{where}: not a state dict (found {type(obj).__name__})")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def read_state_dict(path: Path) -> Mapping[str, object]:
     where = str(path)
     if not path.exists():
@@ -137,18 +143,21 @@ def read_state_dict(path: Path) -> Mapping[str, object]:
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{where}: not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for the user here
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only load failed" in str(e).lower() or "weights_only" in str(e):
+        text = str(e)
+        if "weights only load failed" in text.lower():
+            culprit = re.search(r"Unsupported (?:global|operand)[^\n.]*", text)
             raise WeightsError(
                 f"{where}: refused, unpickling it would run arbitrary code "
-                f"(torch.load weights_only=True: {first[:160]}); convert it to safetensors "
-                "in a trusted environment") from None
-        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({first[:160]})") from None
+                f"({culprit.group(0) if culprit else 'not plain tensors'}); torch.load with "
+                "weights_only=True reads tensors only. Re-save it as safetensors where you "
+                "trust its origin") from None
+        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({first[:160]})") from None
+        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     return _unwrap(obj, where)
 
 
@@ -160,14 +169,14 @@ def _read_hf_config(folder: Path) -> dict[str, object]:
         raise WeightsError(f"{path}: unreadable config ({e})") from None
     if not isinstance(config, dict):
         raise WeightsError(f"{path}: config is not a JSON object")
+    if config.get("model_type") not in (None, "cvt"):
+        raise WeightsError(f"{folder}: model_type is {config.get('model_type')!r}, not 'cvt'")
     return config
 
 
 def check_hf_config(config: Mapping[str, object], variant: Variant, where: str) -> None:
     """A transformers config that disagrees with the variant is refused before loading."""
     expected = variant.hf_config()
-    if config.get("model_type") not in (None, "cvt"):
-        raise WeightsError(f"{where}: model_type is {config.get('model_type')!r}, not 'cvt'")
     def norm(value: object) -> object:
         return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -214,12 +223,11 @@ def download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["config.json", *WEIGHT_FILES],
                                       etag_timeout=HUB_TIMEOUT_S))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise WeightsError(
             f"{repo_id}: could not get it from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set and it is not cached)' if offline else ''}: "
-            f"{type(e).__name__}: {first[:200]}. Pass a local folder or file instead") from None
+            f"{type(e).__name__}: {_first_line(e)}. Pass a local folder or file instead") from None
 
 
 # --- random weights ------------------------------------------------------------------------
@@ -286,11 +294,14 @@ def load_state_strict(model: CvT, state: StateDict, where: str) -> None:
                     (("missing", missing), ("unexpected", unexpected),
                      ("mis-shaped (checkpoint vs model)", misshaped)) if items]
         dims, depths, classes = _architecture(state)
-        fits = [v for v in variants_with_architecture(dims, depths, classes)
-                if v != model.variant.name]
-        hint = (f"; these weights fit {', '.join(fits)}" if fits else
-                f"; they fit no known variant (stage dims {list(dims)}, depths {list(depths)}, "
-                f"{classes} classes)")
+        fits = variants_with_architecture(dims, depths, classes)
+        if model.variant.name in fits or (dims, depths) == (model.variant.embed_dims, model.variant.depths):
+            hint = "; the architecture is right, so the file is incomplete or not a plain CvT checkpoint"
+        elif fits:
+            hint = f"; these weights fit {', '.join(fits)}"
+        else:
+            hint = (f"; they fit no known variant (stage dims {list(dims)}, depths {list(depths)}, "
+                    f"{classes} classes)")
         raise WeightsError(f"{where}: does not fit {model.variant.name}: "
                            + "; ".join(problems) + hint)
     floats = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
