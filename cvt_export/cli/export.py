@@ -1,4 +1,4 @@
-"""`cvt-export`: predict with the reference model, list variants (export commands follow)."""
+"""`cvt-export`: export to ONNX (FP32/FP16/INT8), predict with the reference model, list variants."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import typer
 from rich.table import Table
 
 import cvt_ref
-from cvt_export.cli.common import setup_logging, stdout, user_errors
+from cvt_export.build import BuildRequest, build, parse_precisions
+from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
+from cvt_export.errors import CvtError
+from cvt_export.onnx import DEFAULT_OPSET, ExportOptions
+from cvt_export.precision import CALIB_METHODS, Int8Options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export CvT to ONNX / TensorRT / OpenVINO, and check what it computes.")
@@ -64,6 +68,63 @@ def predict(
         for rank, (c, label, prob) in enumerate(top_k, 1):
             table.add_row(str(rank), f"{100 * prob:.2f}%", str(c), label)
         stdout.print(table)
+
+@app.command()
+@user_errors
+def onnx(
+    variant: VariantOpt = "cvt-13",
+    weights: WeightsOpt = "random",
+    out: Annotated[Path | None, typer.Option(help="artifact folder [default: artifacts/VARIANT]")] = None,
+    precision: Annotated[str, typer.Option(
+        help="comma-separated: fp32 (always made), fp16, int8")] = "fp32",
+    image_size: Annotated[int | None, typer.Option(help="input side [default: the variant's]")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset, >= 17")] = DEFAULT_OPSET,
+    batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size")] = "dynamic",
+    activation: Annotated[str | None, typer.Option(help="gelu | quick_gelu")] = None,
+    calib: Annotated[Path | None, typer.Option(
+        help="INT8 calibration image folder [default: half of the bundled photos]")] = None,
+    calib_size: Annotated[int | None, typer.Option(help="calibrate on N images spread over --calib")] = None,
+    calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
+    verbose: bool = False,
+) -> None:
+    """Export to ONNX (FP32, and FP16 / INT8 on request), validate, and write a manifest."""
+    setup_logging(verbose)
+    if calib_method not in CALIB_METHODS:
+        raise CvtError(f"--calib-method {calib_method!r}: use {', '.join(CALIB_METHODS)}")
+    fixed = None
+    if batch != "dynamic":
+        if not batch.isdigit():
+            raise CvtError(f"--batch {batch!r}: use 'dynamic' or a positive integer")
+        fixed = int(batch)
+    precisions = parse_precisions(precision)
+    req = BuildRequest(
+        variant=variant, weights=weights, activation=activation,  # type: ignore[arg-type]
+        options=ExportOptions(opset=opset, batch=fixed, image_size=image_size),
+        precisions=precisions, calib=calib, calib_size=calib_size,
+        int8=Int8Options(method=calib_method))
+    folder = out or Path("artifacts") / variant
+    with stderr.status("starting") as status:
+        result = build(req, folder, step=lambda text: status.update(text))
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    table = Table(title=f"{folder}  ({result.manifest['variant']}, weights {weights})", title_justify="left")
+    for col in ("file", "MB", "vs PyTorch FP32 (ONNX Runtime CPU)", "state"):
+        table.add_column(col)
+    for name, entry in result.manifest["files"].items():
+        val = entry.get("validation", {})
+        if entry["precision"] == "fp32":
+            figure = "max-abs " + ", ".join(f"{v:.1e} ({k})" for k, v in val.get("max_abs", {}).items())
+        else:
+            figure = (f"cosine {val.get('cosine_min', float('nan')):.5f}, top-1 "
+                      f"{100 * val.get('top1_agreement', 0):.0f}%, max-abs {val.get('max_abs', 0):.1e}\n"
+                      f"[dim]on {val.get('on', '')}[/]")
+        state = "reused" if name in result.reused else "made"
+        table.add_row(name, f"{entry['bytes'] / 1e6:.1f}", figure, state)
+    stdout.print(table)
+    if result.calibrated is not None:
+        how = "computed and cached" if result.calibrated else "reused from cache"
+        stdout.print(f"INT8 calibration: {how}")
+
 
 @app.command()
 def variants() -> None:

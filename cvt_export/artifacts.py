@@ -1,0 +1,109 @@
+"""The artifact folder: files staged privately, validated, then renamed into place; manifest last.
+
+A folder is valid exactly when `manifest.json` exists and every file it lists has the sha256 it
+records. The manifest is removed first and written last, so an export that dies half-way leaves
+a folder that no reader mistakes for a finished one. One writer at a time: a lock file held with
+`flock` (released by the OS even if the writer is killed); a second writer is refused at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from cvt_ref.errors import CvtError
+from cvt_ref.weights import sha256_file
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+LOCK = ".lock"
+
+
+class ArtifactError(CvtError):
+    """An artifact folder that cannot be written, is busy, or does not hold what it claims."""
+
+
+def prepare_folder(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {out}: is a file, not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    return out
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the folder's writer lock, or refuse at once if another export holds it."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"{out}: another export is writing this folder; wait for it "
+                                "or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A private folder beside the artifacts (same file system, so renames are atomic)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The folder's manifest if it is present, readable and of this schema; else None."""
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+        return None
+    return data
+
+
+def verify(out: Path, manifest: Mapping[str, Any], name: str) -> bool:
+    """Whether the file a manifest entry names is present with the recorded sha256 (and data)."""
+    entry = manifest.get("files", {}).get(name)
+    if not isinstance(entry, dict):
+        return False
+    for fname, digest in [(name, entry.get("sha256")), *entry.get("data_files", {}).items()]:
+        path = out / fname
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def load_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of a finished export, or an ArtifactError that says what to run."""
+    if not out.is_dir():
+        raise ArtifactError(f"{out}: no such artifact folder; create it with `cvt-export onnx --out {out}`")
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise ArtifactError(f"{out}: no valid {MANIFEST}; the export did not finish or the folder "
+                            f"is not an artifact folder. Re-run `cvt-export onnx --out {out}`")
+    return manifest
+
+
+def commit(out: Path, staged: Path, files: list[str], manifest: dict[str, Any]) -> None:
+    """Move staged files into place and write the manifest last (under the lock)."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in files:
+        os.replace(staged / name, out / name)
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out / MANIFEST)

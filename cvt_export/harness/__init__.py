@@ -1,0 +1,1 @@
+"""Accuracy and latency harness: inputs -> runners -> metrics -> report."""

@@ -1,0 +1,198 @@
+"""FP16 and INT8 ONNX files derived from the FP32 export, each with a written precision policy.
+
+FP16 (onnxconverter-common's `convert_float_to_float16`): weights and activations FP16, graph
+inputs/outputs FP32. LayerNormalization and Softmax run in FP32 (Casts around them; LayerNorm
+after attention overflows in FP16), and so does the classifier Gemm. Every tensor's type is
+fixed in the file, so TensorRT can build it as a strongly-typed network.
+
+INT8 (ONNX Runtime's `quantize_static`, QDQ format), the CvT policy measured on this project
+(README, "INT8 policy"): Q/DQ only on the inputs of the patch-embedding Convs and of every
+MatMul (q/k/v/out projections, MLP, and both attention MatMuls); symmetric INT8 activations
+and per-channel symmetric INT8 weights (zero points 0, as TensorRT's explicit quantization
+requires); biases stay FP32; no Q/DQ on outputs, so LayerNorm, Softmax, GELU, the residual
+Adds, the BatchNorm-folded depthwise projections and the classifier stay FP32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from cvt_export.onnx import INPUT_NAME, OUTPUT_NAME, ExportError, save
+
+log = logging.getLogger(__name__)
+
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ("Conv", "MatMul")
+FP32_OPS_IN_FP16 = ("LayerNormalization", "Softmax")
+CALIB_BATCH = 8
+
+
+def classifier_nodes(proto: onnx.ModelProto) -> list[str]:
+    """The node(s) producing the logits: the classifier stays FP32 in every policy."""
+    return [n.name for n in proto.graph.node if OUTPUT_NAME in n.output]
+
+
+def depthwise_convs(proto: onnx.ModelProto) -> list[str]:
+    return [n.name for n in proto.graph.node if n.op_type == "Conv"
+            and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
+def to_fp16(src: Path, dst: Path) -> list[str]:
+    from onnxconverter_common import float16
+
+    proto = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "number truncated to 1e-07": tiny weights flush, as FP16 must
+        half = float16.convert_float_to_float16(
+            proto, keep_io_types=True, op_block_list=list(FP32_OPS_IN_FP16),
+            node_block_list=classifier_nodes(proto))
+    _set_precision(half, "fp16")
+    return save(half, dst)
+
+
+def _set_precision(proto: onnx.ModelProto, precision: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == "cvt.precision":
+            prop.value = precision
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    method: CalibMethod = "minmax"
+    percentile: float = 99.999  # for method="percentile"
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over preprocessed images."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.batches: Iterator[np.ndarray] = iter(
+            [images[i:i + CALIB_BATCH] for i in range(0, len(images), CALIB_BATCH)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def _ort_method(opts: Int8Options) -> tuple[Any, dict[str, Any]]:
+    from onnxruntime.quantization import CalibrationMethod
+
+    if opts.method == "minmax":
+        return CalibrationMethod.MinMax, {}
+    if opts.method == "entropy":
+        return CalibrationMethod.Entropy, {}
+    return CalibrationMethod.Percentile, {"CalibPercentile": opts.percentile}
+
+
+def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, cache: Path) -> bool:
+    """Write the Q/DQ file; returns True if it calibrated, False if the cached ranges served."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    proto = onnx.load(str(src), load_external_data=False)
+    hit = cache.is_file()
+    if not hit and images is None:
+        raise ExportError("INT8 needs calibration images and none are cached")
+    method, calib_extra = _ort_method(opts)
+    tmp_cache = cache if hit else cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # ORT's quantizer logs advice through the root logger
+    try:
+        quantize_static(
+            str(src), str(dst), None if hit else _Reader(images),  # type: ignore[arg-type]
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=depthwise_convs(proto) + classifier_nodes(proto),
+            per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            calibration_cache_path=str(tmp_cache),
+            use_external_data_format=sum(t.ByteSize() for t in proto.graph.initializer) > (1 << 30),
+            extra_options={
+                "ActivationSymmetric": True, "WeightSymmetric": True,
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                "QuantizeBias": False,
+                **calib_extra,
+            })
+    finally:
+        quiet.setLevel(level)
+    if not hit:
+        os.replace(tmp_cache, cache)
+    out = onnx.load(str(dst), load_external_data=False)
+    _set_precision(out, "int8")
+    problems = tensorrt_qdq_problems(out)
+    if problems:
+        raise ExportError(f"{dst.name}: Q/DQ placement TensorRT would refuse: {problems[0]}")
+    onnx.save_model(out, str(dst))  # re-save only the header; external data stays as written
+    return not hit
+
+
+def _const(proto: onnx.ModelProto, name: str) -> np.ndarray | None:
+    for t in proto.graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and name in n.output:
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def tensorrt_qdq_problems(proto: onnx.ModelProto) -> list[str]:
+    """Where the file breaks TensorRT's explicit-quantization rules (empty list: none found).
+
+    The rules (TensorRT developer guide, "Explicit Quantization"): INT8 Q/DQ are symmetric, so
+    every zero point is 0 and every scale positive and finite; a per-channel scale runs along
+    the weights' output-channel axis (0 for Conv weights, the last for MatMul weights); each
+    activation QuantizeLinear feeds DequantizeLinear; DQ outputs feed the compute ops (or
+    Shape, which reads only the dimensions).
+    """
+    problems: list[str] = []
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    weights = {t.name: t for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = _const(proto, n.input[1])
+        zero = _const(proto, n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if scale is None or not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            problems.append(f"{n.name}: scale not a positive finite constant")
+        if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
+            problems.append(f"{n.name}: zero point is not int8 0")
+        users = consumers.get(n.output[0], [])
+        if n.op_type == "QuantizeLinear":
+            if not users or any(u.op_type != "DequantizeLinear" for u in users):
+                problems.append(f"{n.name}: QuantizeLinear not followed by DequantizeLinear")
+            continue
+        if any(u.op_type not in ("Conv", "MatMul", "Gemm", "Shape") for u in users):
+            problems.append(f"{n.name}: DequantizeLinear feeds {sorted({u.op_type for u in users})}")
+        if scale is not None and scale.size > 1 and n.input[0] in weights:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            rank = len(weights[n.input[0]].dims)
+            want = {u.op_type: (0 if u.op_type == "Conv" else rank - 1) for u in users}
+            if any(axis % rank != w for w in want.values()):
+                problems.append(f"{n.name}: per-channel axis {axis} is not the output-channel axis")
+    return problems
+
+
+def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:
+    """Per op type, how many compute nodes take a dequantized input (what INT8 really covers)."""
+    dq_out = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
