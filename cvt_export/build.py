@@ -156,7 +156,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
         if "int8" in req.precisions:
             assert calib is not None
             name = FILES["int8"]
-            key = calibration.cache_key(calib, variant, fp32_sha, req.int8.method)
+            key = calibration.cache_key(calib, variant, fp32_sha, req.int8)
             calib_info = {"source": calib.source, "images": len(calib.paths), "asked": calib.asked,
                           "sha256": calib.sha256, "method": req.int8.method, "cache_key": key,
                           "files": [p.name for p in calib.paths]}
@@ -179,7 +179,8 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
                 files[name] = {**_file_entry(staged, name, "int8", written[1:]), "from": fp32_sha,
                                "calibration": calib_info,
                                "policy": {"quantized_ops": list(precision.QUANTIZED_OPS),
-                                          "excluded": "depthwise q/k/v projections, classifier",
+                                          **asdict(req.int8),
+                                          "fp32": "LayerNorm, Softmax, GELU, residual Adds, classifier",
                                           "activations": "int8 symmetric per-tensor",
                                           "weights": "int8 symmetric per-channel", "bias": "float32",
                                           "quantized_inputs_of": precision.quantized_nodes(

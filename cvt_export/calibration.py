@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import cvt_ref
+from cvt_export.precision import Int8Options
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import IMAGE_SUFFIXES, list_images
 from cvt_ref.variants import Variant
@@ -88,9 +89,10 @@ def calibration_set(folder: Path | None, size: int | None = None) -> tuple[Calib
     return CalibrationSet(tuple(chosen), tuple(sha256_file(p) for p in chosen), source, size), warning
 
 
-def cache_key(calib: CalibrationSet, variant: Variant, model_sha256: str, method: str) -> str:
+def cache_key(calib: CalibrationSet, variant: Variant, model_sha256: str, opts: Int8Options) -> str:
     parts = {
-        "images": calib.sha256, "model": model_sha256, "method": method,
+        "images": calib.sha256, "model": model_sha256, "method": opts.method, "policy": opts.policy,
+        "percentile": opts.percentile if opts.method == "percentile" else None,
         "preprocess": [variant.image_size, variant.resize_size, variant.crop, variant.mean, variant.std],
         "onnxruntime": version("onnxruntime"), "schema": 1,
     }

@@ -8,13 +8,14 @@ node and GELU as one Gelu node, which every backend here runs as a fused kernel.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -91,21 +92,33 @@ def metadata(model: CvT, variant: Variant, precision: str) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise these loggers to ERROR for a while: the libraries' advice is not for our users."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _quiet_export(model: torch.nn.Module, example: torch.Tensor, opts: ExportOptions) -> onnx.ModelProto:
     dynamic = None
     if opts.batch is None:
         dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
-    # The exporter reports progress with print() and warnings; the CLI owns the terminal.
+    # The exporter reports progress with print(), warnings and logging; the CLI owns the terminal.
     sink = io.StringIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(sink), \
+            quiet_loggers("torch.onnx", "onnxscript", "torch._dynamo", "torch.export"):
         warnings.simplefilter("ignore")
-        import contextlib
-
-        with contextlib.redirect_stdout(sink):
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opts.opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=dynamic, optimize=True, verbose=False)
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opts.opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic, optimize=True, verbose=False)
     if program is None:  # pragma: no cover - only with f= given
         raise ExportError("torch.onnx.export returned nothing")
     log.debug("exporter output: %s", sink.getvalue())

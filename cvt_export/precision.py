@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from cvt_export.onnx import INPUT_NAME, OUTPUT_NAME, ExportError, save
+from cvt_export.onnx import INPUT_NAME, OUTPUT_NAME, ExportError, quiet_loggers, save
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,18 @@ def depthwise_convs(proto: onnx.ModelProto) -> list[str]:
             and any(a.name == "group" and a.i > 1 for a in n.attribute)]
 
 
+def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """MatMuls with no weight input: q·kᵀ and attn·v."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node
+            if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+
+
+def excluded_nodes(proto: onnx.ModelProto, opts: Int8Options) -> list[str]:
+    return ([] if opts.depthwise else depthwise_convs(proto)) + \
+        ([] if opts.attention else attention_matmuls(proto)) + classifier_nodes(proto)
+
+
 def to_fp16(src: Path, dst: Path) -> list[str]:
     from onnxconverter_common import float16
 
@@ -56,8 +68,31 @@ def to_fp16(src: Path, dst: Path) -> list[str]:
         half = float16.convert_float_to_float16(
             proto, keep_io_types=True, op_block_list=list(FP32_OPS_IN_FP16),
             node_block_list=classifier_nodes(proto))
+    _keep_fp32_outputs(half, proto)
     _set_precision(half, "fp16")
     return save(half, dst)
+
+
+def _keep_fp32_outputs(half: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Undo the converter's trailing Cast-to-FP16 after a blocked (FP32) output node.
+
+    onnxconverter-common 1.14-1.16 ignores keep_io_types for a graph output produced by a node
+    in node_block_list: it appends Cast(to=FLOAT16) and declares the output FP16. Here the
+    classifier is that node, so its FP32 result is wired straight to the output again.
+    """
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    for out in half.graph.output:
+        if out.type.tensor_type.elem_type == wanted[out.name]:
+            continue
+        cast = next(n for n in half.graph.node if out.name in n.output)
+        if cast.op_type != "Cast":
+            raise ExportError(f"FP16 conversion left output {out.name} as FP16 and no Cast to undo")
+        source = cast.input[0]
+        half.graph.node.remove(cast)
+        for n in half.graph.node:
+            n.output[:] = [out.name if o == source else o for o in n.output]
+            n.input[:] = [out.name if i == source else i for i in n.input]
+        out.type.tensor_type.elem_type = wanted[out.name]
 
 
 def _set_precision(proto: onnx.ModelProto, precision: str) -> None:
@@ -68,8 +103,18 @@ def _set_precision(proto: onnx.ModelProto, precision: str) -> None:
 
 @dataclass(frozen=True)
 class Int8Options:
+    """Calibration method and Q/DQ placement; the defaults are the measured CvT policy."""
+
     method: CalibMethod = "minmax"
-    percentile: float = 99.999  # for method="percentile"
+    percentile: float = 99.999        # for method="percentile"
+    quantize_outputs: bool = False    # ORT's default places Q/DQ on Conv/MatMul outputs too
+    depthwise: bool = False           # quantize the BatchNorm-folded depthwise q/k/v convs
+    attention: bool = True            # quantize q·kᵀ and attn·v (MatMuls of two activations)
+
+    @property
+    def policy(self) -> str:
+        return (f"outputs={int(self.quantize_outputs)},depthwise={int(self.depthwise)},"
+                f"attention={int(self.attention)}")
 
 
 class _Reader:
@@ -105,28 +150,23 @@ def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, 
     method, calib_extra = _ort_method(opts)
     tmp_cache = cache if hit else cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # ORT's quantizer logs advice through the root logger
-    try:
+    with quiet_loggers(""):  # ORT's quantizer logs its advice through the root logger
         quantize_static(
             str(src), str(dst), None if hit else _Reader(images),  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=depthwise_convs(proto) + classifier_nodes(proto),
+            nodes_to_exclude=excluded_nodes(proto, opts),
             per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=method,
             calibration_cache_path=str(tmp_cache),
-            use_external_data_format=sum(t.ByteSize() for t in proto.graph.initializer) > (1 << 30),
+            use_external_data_format=src.with_name(src.name + ".data").exists(),
             extra_options={
                 "ActivationSymmetric": True, "WeightSymmetric": True,
-                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                "OpTypesToExcludeOutputQuantization": [] if opts.quantize_outputs else list(QUANTIZED_OPS),
                 "QuantizeBias": False,
                 **calib_extra,
             })
-    finally:
-        quiet.setLevel(level)
     if not hit:
         os.replace(tmp_cache, cache)
     out = onnx.load(str(dst), load_external_data=False)

@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cvt_ref
+from helpers import assert_user_error, run_cli
 
 CVT13 = cvt_ref.VARIANTS["cvt-13"]
-CLI = str(Path(sys.executable).parent / "cvt-export")
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +113,7 @@ def _hub_cache(root: Path, folder: Path, repo: str = "microsoft/cvt-13") -> Path
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env=full_env, timeout=300)
+    return run_cli("cvt-export", *args, env=env)
 
 
 def test_hub_id_loads_from_the_hub_cache_offline(tmp_path: Path, folder: Path) -> None:
@@ -235,14 +233,9 @@ def test_bad_checkpoint_gives_one_line_and_exit_2(case: str, bad: dict[str, tupl
                                                   tmp_path: Path) -> None:
     weights, variant, fragment = _spec(bad[case])
     photo = str(cvt_ref.bundled_photos()[0])
-    result = subprocess.run([CLI, "predict", photo, "--variant", variant, "--weights", weights],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
+    result = run_cli("cvt-export", "predict", photo, "--variant", variant, "--weights", weights,
+                     cwd=tmp_path)
+    assert_user_error(result, fragment)
     assert not (tmp_path / "pwned-by-checkpoint").exists()
 
 
@@ -252,7 +245,4 @@ def test_unknown_variant_and_unreadable_image_in_the_cli(tmp_path: Path) -> None
     for args, fragment in ((["--variant", "cvt-99"], "unknown variant 'cvt-99'"),
                            ([str(broken)], "cannot read it as an image"),
                            ([str(tmp_path / "missing.jpg")], "no such file")):
-        result = _cli("predict", *args)
-        assert result.returncode == 2
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and fragment in lines[0], result.stderr
+        assert_user_error(_cli("predict", *args), fragment)

@@ -1,0 +1,26 @@
+"""Running the real console scripts, as a user would, and checking the one-line error contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(tool: str, *args: str, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Exit 2, exactly one line on stderr that starts with 'error:' and says `fragment`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
