@@ -139,8 +139,12 @@ def _ort_method(opts: Int8Options) -> tuple[Any, dict[str, Any]]:
     return CalibrationMethod.Percentile, {"CalibPercentile": opts.percentile}
 
 
-def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, cache: Path) -> bool:
-    """Write the Q/DQ file; returns True if it calibrated, False if the cached ranges served."""
+def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, cache: Path,
+            *, tensorrt_rules: bool = True) -> bool:
+    """Write the Q/DQ file; returns True if it calibrated, False if the cached ranges served.
+
+    `tensorrt_rules=False` keeps a file that breaks TensorRT's rules (for measuring placements).
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     proto = onnx.load(str(src), load_external_data=False)
@@ -171,7 +175,7 @@ def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, 
         os.replace(tmp_cache, cache)
     out = onnx.load(str(dst), load_external_data=False)
     _set_precision(out, "int8")
-    problems = tensorrt_qdq_problems(out)
+    problems = tensorrt_qdq_problems(out) if tensorrt_rules else []
     if problems:
         raise ExportError(f"{dst.name}: Q/DQ placement TensorRT would refuse: {problems[0]}")
     onnx.save_model(out, str(dst))  # re-save only the header; external data stays as written
@@ -194,8 +198,9 @@ def tensorrt_qdq_problems(proto: onnx.ModelProto) -> list[str]:
     The rules (TensorRT developer guide, "Explicit Quantization"): INT8 Q/DQ are symmetric, so
     every zero point is 0 and every scale positive and finite; a per-channel scale runs along
     the weights' output-channel axis (0 for Conv weights, the last for MatMul weights); each
-    activation QuantizeLinear feeds DequantizeLinear; DQ outputs feed the compute ops (or
-    Shape, which reads only the dimensions).
+    activation QuantizeLinear feeds DequantizeLinear; and every DequantizeLinear reaches, through
+    layers TensorRT moves Q/DQ across, only Conv/MatMul/Gemm (or Shape, which reads dimensions),
+    so each Q/DQ pair is fused into an INT8 layer rather than left to run in float.
     """
     problems: list[str] = []
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -217,8 +222,9 @@ def tensorrt_qdq_problems(proto: onnx.ModelProto) -> list[str]:
             if not users or any(u.op_type != "DequantizeLinear" for u in users):
                 problems.append(f"{n.name}: QuantizeLinear not followed by DequantizeLinear")
             continue
-        if any(u.op_type not in ("Conv", "MatMul", "Gemm", "Shape") for u in users):
-            problems.append(f"{n.name}: DequantizeLinear feeds {sorted({u.op_type for u in users})}")
+        ends = _compute_consumers(n.output[0], consumers)
+        if not ends or not ends <= {"Conv", "MatMul", "Gemm", "Shape"}:
+            problems.append(f"{n.name}: DequantizeLinear reaches {sorted(ends)}, not only Conv/MatMul/Gemm")
         if scale is not None and scale.size > 1 and n.input[0] in weights:
             axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
             rank = len(weights[n.input[0]].dims)
@@ -226,6 +232,23 @@ def tensorrt_qdq_problems(proto: onnx.ModelProto) -> list[str]:
             if any(axis % rank != w for w in want.values()):
                 problems.append(f"{n.name}: per-channel axis {axis} is not the output-channel axis")
     return problems
+
+
+# Layers TensorRT moves Q/DQ across ("commuting" layers in its developer guide).
+COMMUTING = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Concat",
+             "MaxPool", "Identity"}
+
+
+def _compute_consumers(tensor: str, consumers: dict[str, list[onnx.NodeProto]]) -> set[str]:
+    """Op types a tensor reaches through commuting layers only."""
+    found: set[str] = set()
+    for user in consumers.get(tensor, []):
+        if user.op_type in COMMUTING:
+            for out in user.output:
+                found |= _compute_consumers(out, consumers)
+        else:
+            found.add(user.op_type)
+    return found
 
 
 def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:

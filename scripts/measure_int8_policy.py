@@ -80,7 +80,7 @@ def main() -> None:
                                         result.manifest["files"]["model.onnx"]["sha256"], opts)
             out = Path(tmp) / "int8.onnx"
             precision.to_int8(fp32, out, calib.load(cvt_ref.get_variant("cvt-13")), opts,
-                              calibration.cache_path(key))
+                              calibration.cache_path(key), tensorrt_rules=False)
             f_ort, f_ov, t_ort, t_ov = measure(out)
             rows.append((name, f_ort, f_ov, t_ort, t_ov))
             print(name, f_ort["cosine_min"], f_ov["cosine_min"], t_ort, t_ov, flush=True)
