@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cvt-export variants
 	$(BIN)/cvt-export predict --variant cvt-13 --weights random:0 --top 3
+	$(BIN)/cvt-export onnx --variant cvt-13 --weights random:0 --precision fp32,fp16,int8 --out artifacts/cvt-13
 
 lint: $(STAMP)
 	$(BIN)/ruff check cvt_ref cvt_export tests

@@ -387,3 +387,21 @@ def test_calibration_set_counts_and_warns(tmp_path: Path, photos: list[Path]) ->
     chosen, _ = calibration.calibration_set(tmp_path)
     with pytest.raises(cvt_ref.ImageError, match=r"broken\.jpg"):
         chosen.load(CVT13)
+
+
+def test_qdq_rule_check_flags_quantized_outputs(tmp_path: Path, photos: list[Path]) -> None:
+    """ORT's default placement (Q/DQ on outputs too) leaves DQs that reach LayerNorm: flagged."""
+    variant = CVT13.with_depths(1, 1, 1)
+    model = cvt_ref.create_model(variant, "random:5")
+    fp32 = tmp_path / "model.onnx"
+    onnx_export.export_fp32(model, variant, fp32, ExportOptions())
+    images = cvt_ref.preprocess_batch(photos[:4], variant).numpy()
+    ours, naive = tmp_path / "ours.onnx", tmp_path / "naive.onnx"
+    precision.to_int8(fp32, ours, images, precision.Int8Options(), tmp_path / "c1.json")
+    with pytest.raises(onnx_export.ExportError, match="TensorRT would refuse"):
+        precision.to_int8(fp32, naive, images, precision.Int8Options(quantize_outputs=True),
+                          tmp_path / "c2.json")
+    precision.to_int8(fp32, naive, images, precision.Int8Options(quantize_outputs=True),
+                      tmp_path / "c2.json", tensorrt_rules=False)
+    problems = precision.tensorrt_qdq_problems(onnx.load(str(naive)))
+    assert any("reaches" in p and "LayerNormalization" in p for p in problems)
