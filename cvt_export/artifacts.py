@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cvt_ref.errors import CvtError
 from cvt_ref.weights import sha256_file
@@ -57,7 +57,12 @@ def locked(out: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A private folder beside the artifacts (same file system, so renames are atomic)."""
+    """A private folder beside the artifacts (same file system, so renames are atomic).
+
+    Call under the lock: any other staging folder then belongs to a writer that was killed.
+    """
+    for stale in out.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         yield tmp
@@ -102,8 +107,47 @@ def load_manifest(out: Path) -> dict[str, Any]:
 def commit(out: Path, staged: Path, files: list[str], manifest: dict[str, Any]) -> None:
     """Move staged files into place and write the manifest last (under the lock)."""
     (out / MANIFEST).unlink(missing_ok=True)
+    mode = _file_mode()
     for name in files:
+        os.chmod(staged / name, mode)  # onnx writes external data 0600; artifacts are shared
         os.replace(staged / name, out / name)
+    _write_manifest(out, manifest)
+
+
+Precision = Literal["fp32", "fp16", "int8"]
+ONNX_FILES: dict[Precision, str] = {
+    "fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+def onnx_file(folder: Path, precision: str, *, check_hash: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The verified ONNX file of one precision in a finished export, with its manifest."""
+    manifest = load_manifest(folder)
+    name = ONNX_FILES.get(precision)  # type: ignore[call-overload]
+    if name is None:
+        raise ArtifactError(f"no ONNX artifact for precision {precision!r}; use {', '.join(ONNX_FILES)}")
+    if name not in manifest.get("files", {}):
+        raise ArtifactError(f"{folder}: has no {name}; make it with "
+                            f"`cvt-export onnx --precision {precision} --out {folder}`")
+    if check_hash and not verify(folder, manifest, name):
+        raise ArtifactError(f"{folder / name}: missing or changed since export (sha256 differs from "
+                            f"{MANIFEST}); re-run `cvt-export onnx --precision {precision} --out {folder}`")
+    return folder / name, manifest
+
+
+def update_manifest(out: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """Apply `change` to the manifest and rewrite it atomically. Call under `locked(out)`."""
+    manifest = load_manifest(out)
+    change(manifest)
+    _write_manifest(out, manifest)
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
     tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cvt_ref
 from cvt_export import artifacts, calibration, precision
 from cvt_export import onnx as onnx_export
+from cvt_export.artifacts import Precision
 from cvt_export.harness.metrics import fidelity
 from cvt_ref.errors import CvtError
 from cvt_ref.model import Activation
@@ -27,9 +28,8 @@ from cvt_ref.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
-FILES: dict[Precision, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+FILES = artifacts.ONNX_FILES
 # Below these the export is kept but the CLI warns (the acceptance bounds).
 TARGETS = {"fp16": 0.9999, "int8": 0.995}
 
@@ -212,6 +212,11 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             "calibration": files.get(FILES["int8"], {}).get("calibration"),
             "files": {n: files[n] for n in FILES.values() if n in files},
         }
+        made_from = {entry["sha256"] for entry in files.values()}
+        derived = {name: entry for name, entry in (old or {}).get("openvino", {}).items()
+                   if same_source and entry.get("from") in made_from}
+        if derived:  # OpenVINO IRs made from files that are still here stay valid
+            manifest["openvino"] = derived
         artifacts.commit(out, staged, moved, manifest)
         result.manifest = manifest
     return result

@@ -26,7 +26,7 @@ import onnx
 import torch
 
 import cvt_ref
-from cvt_ref.errors import CvtError
+from cvt_ref.errors import CvtError, first_line
 from cvt_ref.model import CvT
 from cvt_ref.variants import Variant
 
@@ -152,7 +152,7 @@ def check(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{path.name}: the ONNX checker refused the exported graph: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+                          f"{first_line(e)}") from None
 
 
 def export_fp32(model: CvT, variant: Variant, path: Path, opts: ExportOptions) -> list[str]:
@@ -164,7 +164,7 @@ def export_fp32(model: CvT, variant: Variant, path: Path, opts: ExportOptions) -
         proto = _quiet_export(folded, example, opts)
     except Exception as e:  # the exporter raises many types; the user can only report it
         raise ExportError(f"torch.onnx.export failed for {variant.name}: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
+                          f"{type(e).__name__}: {first_line(e, 300)}") from e
     proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     proto = simplify(proto)
     proto.producer_name = "cvt-export"

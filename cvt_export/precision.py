@@ -34,7 +34,12 @@ CalibMethod = Literal["minmax", "entropy", "percentile"]
 CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "MatMul")
 FP32_OPS_IN_FP16 = ("LayerNormalization", "Softmax")
-CALIB_BATCH = 8
+# One image per calibration step, statistics merged after every step (ORT's
+# CalibStridedMinMax, which despite its name serves every method): otherwise ORT keeps every
+# intermediate tensor of every image until the end (over 24 GB for CvT-W24 at 384).
+# (CalibMaxIntermediateOutputs would be the obvious option, but ORT 1.32 discards the data
+# instead of merging it.)
+CALIB_BATCH = 1
 
 
 def classifier_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -118,14 +123,20 @@ class Int8Options:
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over preprocessed images."""
+    """ONNX Runtime's CalibrationDataReader protocol over preprocessed images, with ranges."""
 
     def __init__(self, images: np.ndarray) -> None:
-        self.batches: Iterator[np.ndarray] = iter(
-            [images[i:i + CALIB_BATCH] for i in range(0, len(images), CALIB_BATCH)])
+        self.batches = [images[i:i + CALIB_BATCH] for i in range(0, len(images), CALIB_BATCH)]
+        self.current: Iterator[np.ndarray] = iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.current = iter(self.batches[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
+        batch = next(self.current, None)
         return None if batch is None else {INPUT_NAME: batch}
 
 
@@ -169,6 +180,7 @@ def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, 
                 "ActivationSymmetric": True, "WeightSymmetric": True,
                 "OpTypesToExcludeOutputQuantization": [] if opts.quantize_outputs else list(QUANTIZED_OPS),
                 "QuantizeBias": False,
+                "CalibStridedMinMax": 1,
                 **calib_extra,
             })
     if not hit:

@@ -11,3 +11,9 @@ class WeightsError(CvtError):
 
 class ImageError(CvtError):
     """An image file that cannot be opened or decoded."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """A library exception's first line: enough to act on, short enough for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

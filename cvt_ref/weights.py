@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cvt_ref.errors import WeightsError
+from cvt_ref.errors import WeightsError, first_line
 from cvt_ref.model import Activation, CvT, Stage
 from cvt_ref.variants import Variant, variants_with_architecture
 
@@ -126,11 +126,6 @@ def _unwrap(obj: object, where: str) -> Mapping[str, object]:
     raise WeightsError(f"{where}: not a state dict (found {type(obj).__name__})")
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
 def read_state_dict(path: Path) -> Mapping[str, object]:
     where = str(path)
     if not path.exists():
@@ -155,9 +150,9 @@ def read_state_dict(path: Path) -> Mapping[str, object]:
                 f"({culprit.group(0) if culprit else 'not plain tensors'}); torch.load with "
                 "weights_only=True reads tensors only. Re-save it as safetensors where you "
                 "trust its origin") from None
-        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     return _unwrap(obj, where)
 
 
@@ -227,7 +222,7 @@ def download_from_hub(repo_id: str) -> Path:
         raise WeightsError(
             f"{repo_id}: could not get it from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set and it is not cached)' if offline else ''}: "
-            f"{type(e).__name__}: {_first_line(e)}. Pass a local folder or file instead") from None
+            f"{type(e).__name__}: {first_line(e)}. Pass a local folder or file instead") from None
 
 
 # --- random weights ------------------------------------------------------------------------

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import cvt_ref
+from cvt_export import build
+from cvt_export.build import BuildRequest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may wait for the network
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -75,3 +79,50 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[cvt_ref.Var
         return cache[variant.name]
 
     return make
+
+
+# --- the cvt-13 artifacts the export and backend tests share (exported once per session) ----
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private calibration cache for the whole session (never the user's ~/.cache)."""
+    folder = tmp_path_factory.mktemp("calib-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CVT_EXPORT_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(cache: Path) -> None:
+    """Every test runs with CVT_EXPORT_CACHE pointing at the session's cache."""
+
+
+@pytest.fixture(scope="session")
+def model() -> cvt_ref.CvT:
+    return cvt_ref.create_model("cvt-13", "random:0")
+
+
+@pytest.fixture(scope="session")
+def split(photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A calibration folder of half the photos, and the other half held out."""
+    folder = tmp_path_factory.mktemp("calib")
+    for p in photos[0::2]:
+        shutil.copy(p, folder / p.name)
+    return folder, photos[1::2]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, cache: Path,
+             split: tuple[Path, list[Path]]) -> Path:
+    """cvt-13 (random:0) exported to FP32, FP16 and INT8 (calibrated on `split[0]`)."""
+    out = tmp_path_factory.mktemp("cvt-13")
+    build.build(BuildRequest("cvt-13", "random:0", precisions=("fp32", "fp16", "int8"),
+                             calib=split[0]), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(model: cvt_ref.CvT, batch_224: torch.Tensor) -> np.ndarray:
+    """The PyTorch reference's logits on the bundled photos."""
+    with torch.inference_mode():
+        return model(batch_224).numpy()

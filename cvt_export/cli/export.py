@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 import cvt_ref
+from cvt_export.backends import all_backends
 from cvt_export.build import BuildRequest, build, parse_precisions
 from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
@@ -124,6 +125,72 @@ def onnx(
     if result.calibrated is not None:
         how = "computed and cached" if result.calibrated else "reused from cache"
         stdout.print(f"INT8 calibration: {how}")
+
+
+ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", "-a", help="folder made by `cvt-export onnx`")]
+
+
+@app.command()
+def backends() -> None:
+    """Each backend, whether it can run here, and why not."""
+    table = Table()
+    for col in ("backend", "precisions", "available", "details"):
+        table.add_column(col)
+    for backend in all_backends():
+        ok, why = backend.available()
+        table.add_row(backend.name, ", ".join(backend.precisions),
+                      "[green]yes[/]" if ok else "[red]no[/]", why)
+    stdout.print(table)
+
+
+@app.command()
+@user_errors
+def openvino(
+    artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
+    precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8")] = "fp32",
+    int8_source: Annotated[str, typer.Option(
+        help="qdq: the Q/DQ ONNX as it is; nncf: NNCF PTQ on the export's calibration images")] = "qdq",
+    verbose: bool = False,
+) -> None:
+    """Write OpenVINO IR (openvino/model.*.xml/.bin) from the ONNX artifacts."""
+    setup_logging(verbose)
+    from cvt_export.backends import openvino as ov_backend
+
+    ok, why = ov_backend.BACKEND.available()
+    if not ok:
+        raise CvtError(f"openvino: {why}")
+    if int8_source not in ov_backend.INT8_SOURCES:
+        raise CvtError(f"--int8-source {int8_source!r}: use {', '.join(ov_backend.INT8_SOURCES)}")
+    for prec in parse_precisions(precision):
+        with stderr.status(f"OpenVINO IR {prec}"):
+            path = ov_backend.make_ir(artifacts, prec, int8_source)
+        stdout.print(f"{prec}: {path} ({path.with_suffix('.bin').stat().st_size / 1e6:.1f} MB weights)")
+
+
+@app.command()
+@user_errors
+def trt(
+    artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
+    precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8")] = "fp16",
+    min_batch: Annotated[int, typer.Option(help="smallest batch of the optimization profile")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="batch TensorRT tunes for")] = 8,
+    max_batch: Annotated[int, typer.Option(help="largest batch of the profile")] = 32,
+    workspace: Annotated[float | None, typer.Option(help="builder workspace limit, GiB")] = None,
+    verbose: bool = False,
+) -> None:
+    """Build (or reuse) TensorRT engines from the ONNX artifacts: strongly typed, cached."""
+    setup_logging(verbose)
+    from cvt_export.backends import tensorrt as trt_backend
+
+    ok, why = trt_backend.BACKEND.available()
+    if not ok:
+        raise CvtError(f"tensorrt: {why}")
+    opts = trt_backend.BuildOptions(min_batch, opt_batch, max_batch, workspace)
+    opts.check()
+    for prec in parse_precisions(precision):
+        with stderr.status(f"TensorRT engine {prec}"):
+            path, _, meta = trt_backend.engine_file(artifacts, prec, opts)
+        stdout.print(f"{prec}: {path} (TensorRT {meta['tensorrt']}, {meta['gpu']})")
 
 
 @app.command()

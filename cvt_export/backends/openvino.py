@@ -1,0 +1,191 @@
+"""OpenVINO: IR files made from the ONNX artifacts, compiled for the CPU with an explicit precision.
+
+OpenVINO runs an FP32 model in BF16 by default on CPUs that have BF16 units (this project's
+CI machine among them), so the inference precision hint is always set, and the runner reports
+what the plugin says it runs.
+
+IR per precision, in `<artifacts>/openvino/` and recorded in the manifest (sha256 + source):
+- fp32: `ov.convert_model(model.onnx)`; bf16 runs this IR with the bf16 hint.
+- fp16: the same with FP16-compressed weights (`save_model(compress_to_fp16=True)`); the CPU
+  computes in whatever the f16 hint resolves to (reported).
+- int8: the Q/DQ ONNX converted as it is (default: it measured better), or
+  `--int8-source nncf`: NNCF's post-training quantization (`ModelType.TRANSFORMER`) of the
+  FP32 model on the export's own calibration images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+import cvt_ref
+from cvt_export import artifacts, calibration
+from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
+from cvt_export.backends.ort import cpu_name
+from cvt_export.onnx import quiet_loggers
+from cvt_ref.errors import first_line
+from cvt_ref.weights import sha256_file
+
+log = logging.getLogger(__name__)
+
+IR_DIR = "openvino"
+HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+Int8Source = Literal["nncf", "qdq"]
+INT8_SOURCES: tuple[Int8Source, ...] = ("nncf", "qdq")
+# Measured on cvt-13 (README, reports/int8-policy-cvt-13.md): the Q/DQ file reaches cosine
+# 0.9993 on held-out photos, NNCF's PTQ at best 0.9945 (0.976 with ModelType.TRANSFORMER), at
+# the same speed.
+DEFAULT_INT8_SOURCE: Int8Source = "qdq"
+
+
+def ir_name(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str:
+    ir = "fp32" if precision == "bf16" else precision
+    return f"model.{ir}-{int8_source}.xml" if ir == "int8" else f"model.{ir}.xml"
+
+
+def _calibration_images(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """The same images the ONNX INT8 export calibrated on (checked by content hash)."""
+    info = manifest.get("calibration")
+    if not info:
+        raise BackendError(f"{folder}: no calibration set recorded; run "
+                           f"`cvt-export onnx --precision int8 --out {folder}` first")
+    source = None if info["source"] == "bundled photos" else Path(info["source"])
+    calib, _ = calibration.calibration_set(source, info.get("asked"))
+    if calib.sha256 != info["sha256"]:
+        raise BackendError(f"calibration images in {info['source']} changed since the ONNX export; "
+                           "re-run the INT8 export")
+    variant = cvt_ref.get_variant(manifest["variant"].split("[")[0])
+    if variant.image_size != manifest["source"]["image_size"]:
+        from dataclasses import replace
+
+        variant = replace(variant, image_size=manifest["source"]["image_size"])
+    return calib.load(variant)
+
+
+def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> Path:
+    """Write (or rewrite) one IR from the ONNX artifacts and record it in the manifest."""
+    import openvino as ov
+
+    ir = "fp32" if precision == "bf16" else precision
+    onnx_precision = "int8" if (ir == "int8" and int8_source == "qdq") else "fp32"
+    onnx_path, manifest = artifacts.onnx_file(folder, onnx_precision)
+    name = ir_name(precision, int8_source)
+    with artifacts.locked(folder), artifacts.staging(folder) as staged:
+        model = ov.convert_model(str(onnx_path))
+        details: dict[str, Any] = {"from": manifest["files"][onnx_path.name]["sha256"],
+                                   "onnx": onnx_path.name, "openvino": ov.__version__}
+        if ir == "int8" and int8_source == "nncf":
+            try:
+                import nncf
+            except ImportError:
+                raise BackendError("openvino: NNCF is not installed: pip install 'cvt-export[openvino]' "
+                                   "(or use --int8-source qdq)") from None
+
+            images = _calibration_images(folder, manifest)
+            with quiet_loggers("nncf"):
+                model = nncf.quantize(model, nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
+                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
+            details.update({"nncf": nncf.__version__, "calibration": manifest["calibration"]["sha256"]})
+        ov.save_model(model, str(staged / name), compress_to_fp16=(ir == "fp16"))
+        bin_name = name.replace(".xml", ".bin")
+        (folder / IR_DIR).mkdir(exist_ok=True)
+        for f in (bin_name, name):  # xml last: it is what readers look for
+            os.replace(staged / f, folder / IR_DIR / f)
+        entry = {**details, "sha256": {f: sha256_file(folder / IR_DIR / f) for f in (name, bin_name)}}
+        artifacts.update_manifest(folder, lambda m: m.setdefault(IR_DIR, {}).__setitem__(name, entry))
+    return folder / IR_DIR / name
+
+
+def ir_file(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> Path:
+    """The IR for a precision: verified against the manifest; made or remade when it is not."""
+    manifest = artifacts.load_manifest(folder)
+    name = ir_name(precision, int8_source)
+    entry = manifest.get(IR_DIR, {}).get(name)
+    path = folder / IR_DIR / name
+    if entry is not None:
+        fresh = all((folder / IR_DIR / f).is_file() and sha256_file(folder / IR_DIR / f) == digest
+                    for f, digest in entry["sha256"].items())
+        import openvino as ov
+
+        if fresh and entry.get("openvino") == ov.__version__:
+            return path
+        log.warning("%s: %s; rebuilding it from the ONNX artifact", path,
+                    "made by another OpenVINO version" if fresh else "missing, truncated or changed")
+    return make_ir(folder, precision, int8_source)
+
+
+class OpenVinoRunner(RunnerBase):
+    def __init__(self, compiled: Any, info: RunnerInfo, image_size: int, fixed: int | None) -> None:
+        super().__init__(info, image_size, fixed)
+        self.compiled: Any = compiled
+        self.request: Any = compiled.create_infer_request()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        self.request.infer({0: x})
+        # The output tensor's memory belongs to the request and is reused by the next call.
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    precisions = ("fp32", "fp16", "bf16", "int8")
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+        except ImportError:
+            return False, "OpenVINO is not installed: pip install 'cvt-export[openvino]'"
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return True, f"openvino {ov.__version__}; CPU capabilities {', '.join(caps)}"
+
+    def compile(self, folder: Path, precision: str, *, hint: str = "latency", threads: int | None = None,
+                int8_source: Int8Source = DEFAULT_INT8_SOURCE, **options: Any) -> OpenVinoRunner:
+        ok, why = self.available()
+        if not ok:
+            raise BackendError(f"openvino: {why}")
+        import openvino as ov
+
+        if precision not in self.precisions:
+            raise BackendError(f"openvino runs {', '.join(self.precisions)}, not {precision!r}")
+        if hint not in ("latency", "throughput"):
+            raise BackendError(f"openvino: performance hint {hint!r}; use latency or throughput")
+        if int8_source not in INT8_SOURCES:
+            raise BackendError(f"openvino: int8 source {int8_source!r}; use {', '.join(INT8_SOURCES)}")
+        core = ov.Core()
+        caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if precision == "bf16" and "BF16" not in caps:
+            raise BackendError(f"openvino: this CPU has no BF16 support (capabilities: {', '.join(caps)})")
+        path = ir_file(folder, precision, int8_source)
+        manifest = artifacts.load_manifest(folder)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": HINTS[precision],
+                                  "PERFORMANCE_HINT": hint.upper()}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            compiled = core.compile_model(str(path), "CPU", config)
+        except RuntimeError as e:
+            raise BackendError(f"openvino: cannot compile {path}: {first_line(e)}") from None
+        runs = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
+        executed = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(runs, runs)
+        if precision == "int8":
+            executed = f"int8 (quantized layers) + {executed}"
+        nthreads = compiled.get_property("INFERENCE_NUM_THREADS")
+        info = RunnerInfo(
+            backend=self.name, precision=precision, executed=executed,
+            device=f"CPU: {cpu_name()} ({nthreads} threads)", artifact=str(path),
+            details={"openvino": ov.__version__, "hint": hint, "capabilities": list(caps),
+                     "int8_source": int8_source if precision == "int8" else None})
+        fixed = manifest["source"]["batch"]
+        return OpenVinoRunner(compiled, info, manifest["source"]["image_size"],
+                              None if fixed == "dynamic" else int(fixed))
+
+
+BACKEND = OpenVinoBackend()
