@@ -1,21 +1,99 @@
-"""`cvt-bench`: the accuracy/latency harness. Not built yet (issue 5); it says so, exit 2."""
+"""`cvt-bench`: every backend × precision × batch on the same inputs; latency, fidelity, reports."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.table import Table
 
-from cvt_export.cli.common import EXIT_USER_ERROR, stderr
+from cvt_export.backends import BACKEND_MODULES
+from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
+from cvt_export.harness import bench as harness
+from cvt_export.harness import report as reports
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
+                  help="Benchmark CvT on every backend: latency, throughput, fidelity vs PyTorch FP32.")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Benchmark backends against the PyTorch reference (not available yet)."""
-    stderr.print("error: cvt-bench is not implemented yet; it arrives with the harness "
-                 "(export -> backends -> bench). Use `cvt-export predict` meanwhile.")
-    raise typer.Exit(EXIT_USER_ERROR)
+def _csv_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise harness.BenchError(f"{option} {text!r}: use comma-separated integers") from None
+    return values
+
+
+@app.callback()
+@user_errors
+def main_command(
+    backend: Annotated[str, typer.Option(help="trt | ort | openvino | torch | all, or a comma list")] = "all",
+    precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
+        harness.PRECISIONS),
+    batch: Annotated[str, typer.Option(help="comma list of batch sizes")] = "1,8",
+    variant: Annotated[str, typer.Option("--variant", "-v")] = "cvt-13",
+    weights: Annotated[str, typer.Option("--weights", "-w")] = "random",
+    artifacts: Annotated[Path | None, typer.Option(
+        help="artifact folder [default: artifacts/VARIANT]")] = None,
+    dataset: Annotated[Path | None, typer.Option(
+        help="image folder (ImageFolder with synset or index class folders gives accuracy)")] = None,
+    limit: Annotated[int | None, typer.Option(help="use the first N images")] = None,
+    warmup: Annotated[int, typer.Option(help="untimed calls per batch size")] = 3,
+    iters: Annotated[int | None, typer.Option(help="timed calls per batch size (else --seconds)")] = None,
+    seconds: Annotated[float, typer.Option(help="time budget per batch size")] = 2.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for every backend")] = None,
+    out: Annotated[Path | None, typer.Option(help="report folder [default: reports/VARIANT]")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="also write report.json here")] = None,
+    verbose: bool = False,
+) -> None:
+    setup_logging(verbose)
+    names = tuple(BACKEND_MODULES) if backend == "all" else tuple(b.strip() for b in backend.split(",") if b)
+    cfg = harness.BenchConfig(
+        backends=names, precisions=tuple(p.strip() for p in precision.split(",") if p.strip()),
+        batches=_csv_ints(batch, "--batch"), variant=variant, weights=weights, artifacts=artifacts,
+        dataset=dataset, limit=limit, warmup=warmup, iters=iters, seconds=seconds, threads=threads,
+        strict=backend != "all" and len(names) == 1)
+    with stderr.status("preparing") as status:
+        report = harness.run(cfg, progress=lambda text: status.update(f"running {text}"))
+    folder = out or Path("reports") / variant
+    written = reports.write_all(report, folder)
+    if json_file:
+        reports.write_json(report, json_file)
+    show(report)
+    stdout.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def show(report: dict[str, object]) -> None:
+    results = report["results"]
+    assert isinstance(results, list)
+    table = Table(title="cvt-bench (speed-up vs torch fp32 eager, same run)", title_justify="left")
+    batches = [str(b) for b in report["settings"]["batches"]]  # type: ignore[index]
+    for col in ("backend", "prec", *[f"b{b} ms" for b in batches], *[f"b{b} img/s" for b in batches],
+                f"×b{batches[-1]}", "cos min", "top-1", "runs as"):
+        table.add_column(col, justify="left" if col in ("backend", "prec", "runs as") else "right")
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        lat, fid = r["latency"], r["fidelity"]
+        table.add_row(r["backend"], r["precision"],
+                      *[f"{lat[b]['median_ms']:.1f}" for b in batches],
+                      *[f"{lat[b]['images_per_s']:.1f}" for b in batches],
+                      f"{r['speedup'].get(batches[-1], 0):.2f}", f"{fid.get('cosine_min', 1.0):.5f}",
+                      f"{100 * fid.get('top1_agreement', 1.0):.0f}%", r["executed"])
+    stdout.print(table)
+    skipped: dict[str, list[str]] = {}
+    for r in results:
+        if r["status"] != "ok":
+            skipped.setdefault(r["reason"], []).append(f"{r['backend']} {r['precision']}")
+    for reason, runs in skipped.items():
+        stdout.print(f"[dim]not run: {', '.join(runs)}: {reason}[/]", highlight=False)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
+

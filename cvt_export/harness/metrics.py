@@ -1,10 +1,12 @@
-"""Fidelity of a backend's logits against the reference's: pure numpy, always in float64.
+"""Fidelity of a backend's logits against the reference's, and accuracy: pure numpy, float64.
 
 float64 on purpose: a float32 dot product of two 1000-long logit rows can be off by 1e-4,
 which is the size of the effects these metrics exist to see.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,11 +26,75 @@ def max_abs(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(_rows(ref) - _rows(got)).max())
 
 
+def mean_abs(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(np.abs(_rows(ref) - _rows(got)).mean())
+
+
+def topk(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, largest first (ties: lower index first)."""
+    x = _rows(logits)
+    return np.argsort(-x, axis=1, kind="stable")[:, :k]
+
+
 def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
-    return float((_rows(ref).argmax(1) == _rows(got).argmax(1)).mean())
+    return float((topk(ref, 1) == topk(got, 1)).mean())
+
+
+def top5_agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    """Share of rows whose top-5 sets are equal (order ignored)."""
+    a, b = np.sort(topk(ref, 5), axis=1), np.sort(topk(got, 5), axis=1)
+    return float((a == b).all(axis=1).mean())
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = _rows(x)
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def kl_divergence(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per-row KL(softmax(ref) || softmax(got)) in nats."""
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
 
 
 def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """The summary the export records per artifact: worst-row cosine, max-abs, top-1 agreement."""
     return {"cosine_min": float(cosine(ref, got).min()), "max_abs": max_abs(ref, got),
             "top1_agreement": top1_agreement(ref, got)}
+
+
+def full_fidelity(ref: np.ndarray, got: np.ndarray, names: Sequence[str]) -> dict[str, object]:
+    """Everything the harness reports, with the worst image named (lowest cosine)."""
+    cos = cosine(ref, got)
+    kl = kl_divergence(ref, got)
+    worst = int(np.argmin(cos))
+    return {
+        "max_abs": max_abs(ref, got), "mean_abs": mean_abs(ref, got),
+        "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+        "top1_agreement": top1_agreement(ref, got), "top5_agreement": top5_agreement(ref, got),
+        "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+        "worst_image": names[worst], "worst_cosine": float(cos[worst]),
+    }
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 and top-5 accuracy against integer labels."""
+    top5 = topk(logits, 5)
+    labels = np.asarray(labels).reshape(-1, 1)
+    return {"top1": float((top5[:, :1] == labels).any(axis=1).mean()),
+            "top5": float((top5 == labels).any(axis=1).mean())}
+
+
+def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
+    """Per-batch wall-clock statistics in milliseconds, and throughput in images/s."""
+    t = np.asarray(seconds, dtype=np.float64) * 1000
+    if t.size == 0:
+        raise ValueError("no timings")
+    return {
+        "iterations": int(t.size), "median_ms": float(np.median(t)),
+        "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)),
+        "mean_ms": float(t.mean()), "min_ms": float(t.min()),
+        "stdev_ms": float(t.std(ddof=1)) if t.size > 1 else 0.0,
+        "images_per_s": float(batch * 1000 / np.median(t)),
+    }

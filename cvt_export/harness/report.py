@@ -1,0 +1,170 @@
+"""A benchmark report as files people read: report.json (schema cvt-bench/1), report.md, PNG plots.
+
+report.json schema `cvt-bench/1` (documented in the README): top-level `schema`, `created`,
+`machine` {cpu, cores, isa, os, python, libraries}, `model` {variant, weights, artifacts,
+onnx_sha256}, `inputs` {source, images, labelled, sha256, image_size}, `settings` (the
+BenchConfig), `baseline` {backend, precision}, and `results`: one object per backend ×
+precision with `status` (ok | skipped | error), `reason`, `executed`, `device`, `artifact`,
+`first_inference_s`, `peak_rss_mb`, `fidelity` {max_abs, mean_abs, cosine_min, cosine_mean,
+top1_agreement, top5_agreement, kl_mean, kl_max, worst_image, worst_cosine}, `accuracy`
+{top1, top5} or null, `batch_consistency_max_abs`, `latency` {batch: {iterations,
+median_ms, p90_ms, p99_ms, mean_ms, min_ms, stdev_ms, images_per_s}}, `speedup` {batch:
+ratio of the baseline's median to this one's}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cvt_export.harness.bench import REPORT_SCHEMA
+
+REQUIRED = {"schema", "created", "machine", "model", "inputs", "settings", "baseline", "results"}
+RESULT_KEYS = {"backend", "precision", "status", "reason", "executed", "device", "artifact",
+               "first_inference_s", "peak_rss_mb", "fidelity", "accuracy", "batch_consistency_max_abs",
+               "latency", "speedup"}
+
+
+def validate(report: dict[str, Any]) -> list[str]:
+    """Schema problems (empty list: valid). Readers call this before trusting a file."""
+    problems = []
+    if report.get("schema") != REPORT_SCHEMA:
+        problems.append(f"schema is {report.get('schema')!r}, expected {REPORT_SCHEMA!r}")
+    problems += [f"missing key {k!r}" for k in sorted(REQUIRED - set(report))]
+    for i, r in enumerate(report.get("results", [])):
+        missing = RESULT_KEYS - set(r)
+        if missing:
+            problems.append(f"results[{i}] misses {sorted(missing)}")
+        elif r["status"] == "ok" and not r["latency"]:
+            problems.append(f"results[{i}] ({r['backend']} {r['precision']}) is ok but has no latency")
+    return problems
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    _write(path, json.dumps(report, indent=2) + "\n")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, inputs, settings = report["machine"], report["inputs"], report["settings"]
+    batches = [str(b) for b in settings["batches"]]
+    lines = [
+        f"# cvt-bench: {report['model']['variant']} ({report['model']['weights']['spec']})",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, ISA {' '.join(m['isa']) or 'n/a'}; "
+        + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()) + ".",
+        f"Inputs: {inputs['images']} images from {inputs['source']} ({inputs['image_size']}px, "
+        f"sha256 {inputs['sha256'][:12]}); warm-up {settings['warmup']}, "
+        + (f"{settings['iters']} iterations" if settings["iters"] else f"{settings['seconds']} s")
+        + f" per batch size; threads {settings['threads'] or 'backend default'}. "
+        f"Speed-up: median latency of {report['baseline']['backend']} {report['baseline']['precision']} "
+        "eager divided by this row's, same run.",
+        "",
+        "## Latency and throughput",
+        "",
+        "| backend | precision | runs as | "
+        + " | ".join(f"b{b} median ms | b{b} p90 ms | b{b} img/s | b{b} speed-up" for b in batches)
+        + " | first run s |",
+        "|---|---|---|" + "---|" * (4 * len(batches)) + "---|",
+    ]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            continue
+        cells = []
+        for b in batches:
+            s = r["latency"].get(b)
+            cells += ([_fmt(s["median_ms"], ".1f"), _fmt(s["p90_ms"], ".1f"), _fmt(s["images_per_s"], ".1f"),
+                       _fmt(r["speedup"].get(b), ".2f") + "×"] if s else ["–"] * 4)
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['executed']} | " + " | ".join(cells)
+                     + f" | {_fmt(r['first_inference_s'], '.1f')} |")
+    lines += ["", "## Fidelity vs PyTorch FP32", "",
+              "| backend | precision | max-abs | mean-abs | cosine min | top-1 agree | top-5 agree | "
+              "KL mean | batch-1 vs batch max-abs | worst image | within bounds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        f = r["fidelity"]
+        if r["status"] != "ok" or not f:
+            continue
+        lines.append(f"| {r['backend']} | {r['precision']} | {f['max_abs']:.2e} | {f['mean_abs']:.2e} | "
+                     f"{f['cosine_min']:.6f} | {100 * f['top1_agreement']:.1f}% | "
+                     f"{100 * f['top5_agreement']:.1f}% | {f['kl_mean']:.2e} | "
+                     f"{_fmt(r['batch_consistency_max_abs'], '.2e')} | {f['worst_image']} | "
+                     + ("yes" if f.get("pass", True) else "**NO**: " + "; ".join(f["broken"])) + " |")
+    if inputs["labelled"]:
+        lines += ["", "## Accuracy", "", "| backend | precision | top-1 | top-5 |", "|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['precision']} | {100 * r['accuracy']['top1']:.2f}% | "
+                  f"{100 * r['accuracy']['top5']:.2f}% |" for r in report["results"] if r["accuracy"]]
+    skipped = [r for r in report["results"] if r["status"] != "ok"]
+    if skipped:
+        lines += ["", "## Not run", ""]
+        lines += [f"- {r['backend']} {r['precision']}: {r['reason']}" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """throughput.png (images/s vs batch) and tradeoff.png (speed-up vs fidelity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    color = {(r["backend"], r["precision"]): f"C{i % 10}" for i, r in enumerate(ok)}  # same in both plots
+    title = f"{report['model']['variant']} on {report['machine']['cpu']}"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in ok:
+        bs = sorted(int(b) for b in r["latency"])
+        ax.plot(bs, [r["latency"][str(b)]["images_per_s"] for b in bs], marker="o",
+                color=color[r["backend"], r["precision"]], label=f"{r['backend']} {r['precision']}")
+    ax.set(xscale="log", xlabel="batch size", ylabel="images / s", title=f"Throughput: {title}")
+    ax.set_xticks(sorted({int(b) for r in ok for b in r["latency"]}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2)
+    fig.tight_layout()
+    paths = [out / "throughput.png"]
+    fig.savefig(paths[0])
+    plt.close(fig)
+
+    largest = str(max(report["settings"]["batches"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    floor = 1e-9  # FP32 paths sit at float32 rounding; plotted at the floor
+    placed: list[tuple[float, float]] = []
+    base = (report["baseline"]["backend"], report["baseline"]["precision"])
+    for r in ok:
+        if largest not in r["speedup"] or not r["fidelity"] or (r["backend"], r["precision"]) == base:
+            continue
+        point = (max(1 - r["fidelity"]["cosine_min"], floor), r["speedup"][largest])
+        ax.scatter(*point, s=40, color=color[r["backend"], r["precision"]])
+        near = sum(1 for p in placed if abs(p[1] - point[1]) < 0.15 and abs(p[0] / point[0] - 1) < 1)
+        placed.append(point)
+        ax.annotate(f"{r['backend']} {r['precision']}", point, fontsize=8, xytext=(5, 4 - 11 * near),
+                    textcoords="offset points")
+    ax.set(xscale="log", xlabel=f"1 − worst-image cosine vs PyTorch FP32 (lower is better; floor {floor:g})",
+           ylabel=f"speed-up at batch {largest} (× torch FP32)", title=f"Speed vs fidelity: {title}")
+    ax.axhline(1, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "tradeoff.png")
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def write_all(report: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out / "report.json")
+    _write(out / "report.md", markdown(report))
+    return [out / "report.json", out / "report.md", *plots(report, out)]

@@ -1,0 +1,62 @@
+"""Wall-clock timing of a runner and the process's memory, measured the same way for everyone.
+
+Timing covers `runner(x)` only: inputs are preprocessed once beforehand and outputs are
+already host float32 arrays when the call returns (GPU runners synchronize inside).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cvt_export.harness.metrics import latency_stats
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int, iters: int | None, seconds: float,
+               min_iters: int = 3) -> list[float]:
+    """Per-call seconds after `warmup` calls: exactly `iters` calls, or as many as fit in `seconds`."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if iters is not None:
+            if len(times) >= iters:
+                break
+        elif time.perf_counter() - start >= seconds and len(times) >= min_iters:
+            break
+    return times
+
+
+def measure(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, warmup: int,
+            iters: int | None, seconds: float) -> dict[str, float]:
+    return latency_stats(time_calls(lambda: runner(x), warmup=warmup, iters=iters, seconds=seconds),
+                         batch=len(x))
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark for this process (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory since the last reset (VmHWM), in MB; None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # never reset: an upper bound

@@ -1,0 +1,180 @@
+"""cvt-bench: metrics against hand-computed cases, the report schema, a perturbed runner, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cvt_export.backends import get_backend
+from cvt_export.harness import bench, metrics, report
+from helpers import assert_user_error, run_cli
+
+# --- metrics, by hand ----------------------------------------------------------------------
+
+
+def test_cosine_max_mean_abs_by_hand() -> None:
+    ref = np.array([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]], np.float32)
+    got = np.array([[0.0, 1.0], [2.0, 2.0], [3.0, 4.5]], np.float32)
+    cos = metrics.cosine(ref, got)
+    assert cos[0] == pytest.approx(0.0) and cos[1] == pytest.approx(1.0)
+    assert cos[2] == pytest.approx((9 + 18) / (5 * math.hypot(3, 4.5)))
+    assert metrics.max_abs(ref, got) == pytest.approx(1.0)
+    assert metrics.mean_abs(ref, got) == pytest.approx((1 + 1 + 1 + 1 + 0 + 0.5) / 6)
+
+
+def test_topk_agreement_by_hand() -> None:
+    ref = np.array([[9, 8, 7, 6, 5, 0, 0], [0, 1, 2, 3, 4, 5, 6]], np.float32)
+    same_set = ref.copy()
+    same_set[0, :5] = [5, 6, 7, 8, 9]          # same top-5 set, other order, other top-1
+    assert metrics.top1_agreement(ref, same_set) == 0.5
+    assert metrics.top5_agreement(ref, same_set) == 1.0
+    other = ref.copy()
+    other[1, 0] = 100                          # row 1: new top-1, top-5 set changes
+    assert metrics.top1_agreement(ref, other) == 0.5
+    assert metrics.top5_agreement(ref, other) == 0.5
+
+
+def test_kl_divergence_by_hand() -> None:
+    p = np.array([[0.0, 0.0]])                 # softmax: [1/2, 1/2]
+    q = np.array([[math.log(3.0), 0.0]])       # softmax: [3/4, 1/4]
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert metrics.kl_divergence(p, q)[0] == pytest.approx(expected)
+    assert metrics.kl_divergence(p, p)[0] == pytest.approx(0.0)
+    big = np.array([[1000.0, 0.0]])            # no overflow in the softmax
+    assert np.isfinite(metrics.kl_divergence(big, p)).all()
+
+
+def test_accuracy_and_worst_image_by_hand() -> None:
+    logits = np.zeros((3, 10))
+    logits[0, 2] = 5
+    logits[1, 7] = 5
+    logits[1, 3] = 4
+    logits[2, 1] = 5
+    acc = metrics.accuracy(logits, np.array([2, 3, 9]))
+    assert acc["top1"] == pytest.approx(1 / 3)
+    assert acc["top5"] == pytest.approx(2 / 3)  # row 2's label 9 ties at 0 with eight others
+    noisy = logits.copy()
+    noisy[1] = -logits[1]
+    summary = metrics.full_fidelity(logits, noisy, ["a.jpg", "b.jpg", "c.jpg"])
+    assert summary["worst_image"] == "b.jpg" and summary["worst_cosine"] == pytest.approx(-1.0)
+
+
+def test_latency_stats_by_hand() -> None:
+    s = metrics.latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
+    assert s["median_ms"] == pytest.approx(2.5) and s["mean_ms"] == pytest.approx(2.5)
+    assert s["min_ms"] == pytest.approx(1.0) and s["iterations"] == 4
+    assert s["p90_ms"] == pytest.approx(3.7)  # linear interpolation at rank 2.7: 3 + 0.7
+    assert s["stdev_ms"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    assert s["images_per_s"] == pytest.approx(8 / 0.0025)
+
+
+def test_bounds_per_precision() -> None:
+    assert bench.within_bounds("fp32", {"max_abs": 2e-4}) == ["max_abs 0.0002 > 0.0001"]
+    assert bench.within_bounds("int8", {"cosine_min": 0.999}) == []
+    assert bench.within_bounds("fp16", {"cosine_min": 0.99995, "top1_agreement": 0.9})
+
+
+# --- a real run, its report and its schema -------------------------------------------------
+
+def _config(exported: Path, **kw: Any) -> bench.BenchConfig:
+    base: dict[str, Any] = {"backends": ("ort",), "precisions": ("fp32", "int8"), "batches": (1, 2),
+                            "artifacts": exported, "limit": 4, "warmup": 0, "iters": 2}
+    return bench.BenchConfig(**(base | kw))
+
+
+def test_report_schema_and_files(exported: Path, tmp_path: Path) -> None:
+    rep = bench.run(_config(exported))
+    assert report.validate(rep) == []
+    rows = {(r["backend"], r["precision"]): r for r in rep["results"]}
+    assert set(rows) == {("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")}
+    assert all(r["status"] == "ok" and set(r["latency"]) == {"1", "2"} for r in rows.values())
+    assert rows["torch", "fp32"]["speedup"]["2"] == pytest.approx(1.0)
+    assert rows["ort", "fp32"]["fidelity"]["max_abs"] <= 1e-4 and rows["ort", "fp32"]["fidelity"]["pass"]
+    assert rows["ort", "fp32"]["batch_consistency_max_abs"] <= 1e-5
+    written = report.write_all(rep, tmp_path / "out")
+    assert [p.name for p in written] == ["report.json", "report.md", "throughput.png", "tradeoff.png"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| ort | int8 |" in md and "## Fidelity vs PyTorch FP32" in md
+    for png in written[2:]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    broken = json.loads(json.dumps(rep))
+    del broken["results"][0]["latency"]
+    broken["schema"] = "cvt-bench/0"
+    problems = report.validate(broken)
+    assert any("schema" in p for p in problems) and any("misses ['latency']" in p for p in problems)
+
+
+def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], tmp_path: Path) -> None:
+    for synset, photo in (("n02123045", photos[3]), ("n03792782", photos[0])):  # tabby; mountain bike
+        (tmp_path / synset).mkdir()
+        shutil.copy(photo, tmp_path / synset / photo.name)
+    rep = bench.run(_config(exported, dataset=tmp_path, precisions=("fp32",)))
+    assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 2
+    for r in rep["results"]:
+        assert set(r["accuracy"]) == {"top1", "top5"}
+
+
+class PerturbedBackend:
+    """A real backend whose runner adds noise to the logits, as a faulty build would."""
+
+    def __init__(self, inner: Any, scale: float) -> None:
+        self.inner, self.scale = inner, scale
+        self.name, self.precisions = inner.name, inner.precisions
+
+    def available(self) -> tuple[bool, str]:
+        return self.inner.available()
+
+    def compile(self, folder: Path, precision: str, **options: Any) -> Any:
+        runner = self.inner.compile(folder, precision, **options)
+        real = runner._run
+        rng = np.random.default_rng(0)
+        runner._run = lambda x: real(x) + self.scale * rng.standard_normal((len(x), 1000))
+        return runner
+
+
+def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_get = bench.get_backend
+    monkeypatch.setattr(bench, "get_backend", lambda name: PerturbedBackend(real_get(name), 0.5)
+                        if real_get(name).name == "ort" else real_get(name))
+    rep = bench.run(_config(exported, precisions=("fp32",)))
+    ort = next(r for r in rep["results"] if r["backend"] == "ort")
+    assert not ort["fidelity"]["pass"]
+    assert ort["fidelity"]["max_abs"] > 0.5 and ort["fidelity"]["cosine_min"] < 0.99
+    assert any(b.startswith("max_abs") for b in ort["fidelity"]["broken"])
+    assert "**NO**" in report.markdown(rep)
+    torch_row = next(r for r in rep["results"] if r["backend"] == "torch")
+    assert torch_row["fidelity"]["pass"]
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def test_bad_inputs_give_one_line_and_exit_2(exported: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(exported, corrupt)
+    with (corrupt / "model.int8.onnx").open("r+b") as f:
+        f.seek(500)
+        f.write(b"garbage!")
+    art = ["--artifacts", str(exported), "--limit", "2", "--iters", "1", "--warmup", "0",
+           "--out", str(tmp_path / "rep")]
+    cases = [
+        (["--backend", "tvm", *art], "unknown backend 'tvm'"),
+        (["--backend", "ort", "--dataset", str(empty), *art], "holds no images"),
+        (["--backend", "ort", "--batch", "0", *art], "--batch 0"),
+        (["--backend", "ort", "--precision", "int8", "--artifacts", str(corrupt), "--iters", "1",
+          "--out", str(tmp_path / "rep")], "changed since export"),
+        (["--backend", "tensorrt", "--precision", "fp16", *art], "tensorrt"),
+    ]
+    if get_backend("tensorrt").available()[0]:
+        cases.pop()
+    for args, fragment in cases:
+        assert_user_error(run_cli("cvt-bench", *args), fragment)
+    assert not (tmp_path / "rep").exists()
