@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import cvt_ref
-from cvt_export import artifacts, calibration, precision
+from cvt_export import artifacts, calibration, precision, probes
 from cvt_export import onnx as onnx_export
 from cvt_export.artifacts import Precision
 from cvt_export.harness.metrics import fidelity
@@ -124,6 +124,8 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             files[fp32] = {**_file_entry(staged, fp32, "fp32", written[1:]),
                            "validation": {"backend": "onnxruntime-cpu", "images": len(images),
                                           "max_abs": errors, "tolerance": onnx_export.FP32_TOLERANCE}}
+            step("locating block outputs in the graph (probe points for drift reports)")
+            files[fp32]["probes"] = probes.locate(staged / fp32, model, images[:1])
             moved += written
             fp32_path = staged / fp32
         fp32_sha = files[fp32]["sha256"]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import cvt_ref
 from cvt_export.backends import get_backend
 from cvt_export.harness import bench, metrics, report
 from helpers import assert_user_error, run_cli
@@ -97,8 +98,13 @@ def test_report_schema_and_files(exported: Path, tmp_path: Path) -> None:
     assert rows["torch", "fp32"]["speedup"]["2"] == pytest.approx(1.0)
     assert rows["ort", "fp32"]["fidelity"]["max_abs"] <= 1e-4 and rows["ort", "fp32"]["fidelity"]["pass"]
     assert rows["ort", "fp32"]["batch_consistency_max_abs"] <= 1e-5
+    drift = rows["ort", "int8"]["drift"]
+    assert [d["point"] for d in drift][:2] == ["stage 0 block 0", "stage 1 block 0"]
+    assert drift[-1]["point"] == "logits" and len(drift) == sum(cvt_ref.VARIANTS["cvt-13"].depths) + 1
+    assert rows["ort", "int8"]["drift_located"] in [d["point"] for d in drift]
     written = report.write_all(rep, tmp_path / "out")
-    assert [p.name for p in written] == ["report.json", "report.md", "throughput.png", "tradeoff.png"]
+    assert [p.name for p in written] == ["report.json", "report.md", "throughput.png", "tradeoff.png",
+                                         "drift.png"]
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ort | int8 |" in md and "## Fidelity vs PyTorch FP32" in md
@@ -134,9 +140,16 @@ class PerturbedBackend:
     def compile(self, folder: Path, precision: str, **options: Any) -> Any:
         runner = self.inner.compile(folder, precision, **options)
         real = runner._run
-        rng = np.random.default_rng(0)
-        runner._run = lambda x: real(x) + self.scale * rng.standard_normal((len(x), 1000))
+        runner._run = lambda x: self._noisy(real(x))
         return runner
+
+    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
+              **options: Any) -> dict[str, np.ndarray]:
+        out = self.inner.probe(folder, precision, names, x, **options)
+        return out | {"logits": self._noisy(out["logits"])}  # the fault is in the head
+
+    def _noisy(self, logits: np.ndarray) -> np.ndarray:
+        return logits + self.scale * np.random.default_rng(len(logits)).standard_normal(logits.shape)
 
 
 def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,6 +164,36 @@ def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.Monke
     assert "**NO**" in report.markdown(rep)
     torch_row = next(r for r in rep["results"] if r["backend"] == "torch")
     assert torch_row["fidelity"]["pass"]
+    # located: every block output is clean, the loss appears at the logits
+    assert ort["drift_located"] == "logits"
+    assert all(d["cosine_min"] > 0.99999 for d in ort["drift"][:-1])
+
+
+def test_a_fault_inside_the_network_is_located(exported: Path, tmp_path: Path) -> None:
+    """A damaged weight in stage 2, block 3 of the ONNX file (as a bad export would leave)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cvt_ref.weights import sha256_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(exported, folder)
+    proto = onnx.load(str(folder / "model.onnx"))
+    target = "stages.2.blocks.3.attn.conv_proj_v.conv.weight"
+    tensor = next(t for t in proto.graph.initializer if t.name == target)
+    tensor.CopyFrom(numpy_helper.from_array(1.5 * numpy_helper.to_array(tensor), target))
+    onnx.save(proto, str(folder / "model.onnx"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {"model.onnx": manifest["files"]["model.onnx"]}
+    manifest["files"]["model.onnx"]["sha256"] = sha256_file(folder / "model.onnx")
+    manifest.pop("openvino", None)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rep = bench.run(_config(folder, backends=("ort", "openvino"), precisions=("fp32",)))
+    for row in rep["results"][1:]:
+        assert not row["fidelity"]["pass"], row["backend"]
+        assert row["drift_located"] == "stage 2 block 3", (row["backend"], row["drift"])
+        before = next(d for d in row["drift"] if d["point"] == "stage 2 block 2")
+        assert before["cosine_min"] > 0.99999
 
 
 # --- bad input -----------------------------------------------------------------------------

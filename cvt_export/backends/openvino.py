@@ -26,7 +26,7 @@ import cvt_ref
 from cvt_export import artifacts, calibration
 from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
 from cvt_export.backends.ort import cpu_name
-from cvt_export.onnx import quiet_loggers
+from cvt_export.onnx import OUTPUT_NAME, quiet_loggers
 from cvt_ref.errors import first_line
 from cvt_ref.weights import sha256_file
 
@@ -134,9 +134,41 @@ class OpenVinoRunner(RunnerBase):
         self.compiled = None
 
 
+def _config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": hint.upper()}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
 class OpenVinoBackend:
     name = "openvino"
     precisions = ("fp32", "fp16", "bf16", "int8")
+
+    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
+              threads: int | None = None, int8_source: Int8Source = DEFAULT_INT8_SOURCE
+              ) -> dict[str, np.ndarray]:
+        """The named intermediate tensors (those OpenVINO kept) and the logits, as float32."""
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(ir_file(folder, precision, int8_source)))
+        kept = []
+        for name in names:
+            try:
+                model.add_outputs([name])
+                kept.append(name)
+            except RuntimeError:  # fused away by the frontend: that point cannot be observed
+                log.info("openvino: tensor %s not in the IR", name)
+        compiled = core.compile_model(model, "CPU", _config(precision, "latency", threads))
+        result = compiled.create_infer_request().infer({0: x})
+        by_name = {}
+        for port, value in result.items():
+            for n in port.get_names():
+                by_name[n] = np.array(value, dtype=np.float32, copy=True)
+        out = {n: by_name[n] for n in kept if n in by_name}
+        out[OUTPUT_NAME] = np.array(result[compiled.output(0)], dtype=np.float32, copy=True)
+        return out
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -165,10 +197,7 @@ class OpenVinoBackend:
             raise BackendError(f"openvino: this CPU has no BF16 support (capabilities: {', '.join(caps)})")
         path = ir_file(folder, precision, int8_source)
         manifest = artifacts.load_manifest(folder)
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": HINTS[precision],
-                                  "PERFORMANCE_HINT": hint.upper()}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+        config = _config(precision, hint, threads)
         try:
             compiled = core.compile_model(str(path), "CPU", config)
         except RuntimeError as e:

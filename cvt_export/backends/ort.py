@@ -50,6 +50,25 @@ class OrtBackend:
     name = "ort"
     precisions = ("fp32", "fp16", "int8")
 
+    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
+              threads: int | None = None) -> dict[str, np.ndarray]:
+        """The named intermediate tensors (and the logits) for input x, as float32."""
+        import onnx
+        import onnxruntime as ort
+
+        from cvt_export.probes import with_outputs
+
+        path, _ = artifacts.onnx_file(folder, precision)
+        proto = with_outputs(onnx.load(str(path)), names)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        wanted = [*names, OUTPUT_NAME]
+        values = session.run(wanted, {INPUT_NAME: x})
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(wanted, values, strict=True)}
+
     def available(self) -> tuple[bool, str]:
         try:
             import onnxruntime as ort

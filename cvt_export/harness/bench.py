@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, build
+from cvt_export import artifacts, build, probes
 from cvt_export.backends import BACKEND_MODULES, BackendError, get_backend
 from cvt_export.backends.ort import cpu_name
 from cvt_export.harness import metrics, timing
@@ -169,6 +169,8 @@ class Result:
     batch_consistency_max_abs: float | None = None
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     speedup: dict[str, float] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    drift_located: str | None = None
 
 
 def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list[str]) -> None:
@@ -222,6 +224,27 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
     return result, logits
 
 
+DRIFT_IMAGES = 4
+
+
+def stage_drift(result: Result, folder: Path, manifest: dict[str, Any], x: np.ndarray,
+                ref_points: dict[str, np.ndarray], ref_logits: np.ndarray, threads: int | None) -> None:
+    """Each block's output on the backend vs the reference's; where the error grows most."""
+    backend = get_backend(result.backend)
+    located = manifest["files"]["model.onnx"].get("probes") or {}
+    if not hasattr(backend, "probe") or not located:
+        result.drift_located = None
+        return
+    got = backend.probe(folder, result.precision, list(located.values()), x, threads=threads)
+    rows = []
+    for key, tensor in located.items():
+        if tensor in got:
+            rows.append({"point": key, **metrics.drift(ref_points[key], got[tensor])})
+    rows.append({"point": "logits", **metrics.drift(ref_logits, got["logits"])})
+    result.drift = rows
+    result.drift_located = metrics.largest_growth([r["point"] for r in rows], [r["error"] for r in rows])
+
+
 def needed_onnx(cfg: BenchConfig) -> tuple[str, ...]:
     """The ONNX precisions the requested runs read (bf16 runs the FP32 file)."""
     wanted = {"fp32"}
@@ -259,6 +282,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None
+    probe_x = inputs.images[:DRIFT_IMAGES]
+    with get_backend("torch").compile(folder, "fp32") as torch_ref:
+        ref_points = probes.reference_probes(torch_ref.model, probe_x)  # type: ignore[attr-defined]
+        ref_probe_logits = torch_ref(probe_x)
     for backend, precision in pairs:
         progress(f"{backend} {precision}")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference)
@@ -267,6 +294,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
                 raise BenchError(f"the PyTorch FP32 reference could not run: {result.reason}")
             reference = logits
             judge(result, reference, logits, inputs.names)
+        if result.status == "ok" and (backend, precision) != BASELINE:
+            progress(f"{backend} {precision}: per-block drift")
+            stage_drift(result, folder, manifest, probe_x, ref_points, ref_probe_logits, cfg.threads)
         if cfg.strict and result.status != "ok" and len(cfg.backends) == 1:
             raise BenchError(f"{backend} {precision}: {result.reason}")
         results.append(result)
@@ -282,7 +312,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
         "inputs": {"source": inputs.source, "images": len(inputs.names),
                    "labelled": inputs.labels is not None, "sha256": inputs.sha256,
                    "image_size": int(inputs.images.shape[-1])},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                     "drift_images": len(probe_x)},
         "baseline": {"backend": BASELINE[0], "precision": BASELINE[1]},
         "results": [asdict(r) for r in results],
     }

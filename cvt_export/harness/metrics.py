@@ -86,6 +86,22 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "top5": float((top5 == labels).any(axis=1).mean())}
 
 
+def drift(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """How far an intermediate tensor is from the reference's: worst-image cosine, and its
+    `error` = 1 - cosine, the quantity whose growth along the network locates a fault."""
+    cos = float(cosine(ref, got).min())
+    scale = float(np.abs(_rows(ref)).max()) or 1.0
+    return {"cosine_min": cos, "error": max(0.0, 1.0 - cos), "rel_max_abs": max_abs(ref, got) / scale}
+
+
+def largest_growth(points: Sequence[str], errors: Sequence[float]) -> str | None:
+    """The point where the error grows most from the point before (the first point: from 0)."""
+    if not points:
+        return None
+    steps = np.diff(np.asarray([0.0, *errors], dtype=np.float64))
+    return points[int(np.argmax(steps))]
+
+
 def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
     """Per-batch wall-clock statistics in milliseconds, and throughput in images/s."""
     t = np.asarray(seconds, dtype=np.float64) * 1000

@@ -9,7 +9,9 @@ precision with `status` (ok | skipped | error), `reason`, `executed`, `device`, 
 top1_agreement, top5_agreement, kl_mean, kl_max, worst_image, worst_cosine}, `accuracy`
 {top1, top5} or null, `batch_consistency_max_abs`, `latency` {batch: {iterations,
 median_ms, p90_ms, p99_ms, mean_ms, min_ms, stdev_ms, images_per_s}}, `speedup` {batch:
-ratio of the baseline's median to this one's}.
+ratio of the baseline's median to this one's}, `drift` [{point ("stage S block B" or
+"logits"), cosine_min, error (1 - cosine_min), rel_max_abs}] on the first `settings.drift_images`
+images (ONNX Runtime and OpenVINO), and `drift_located`: the point where the error grows most.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cvt_export.harness.bench import REPORT_SCHEMA
 REQUIRED = {"schema", "created", "machine", "model", "inputs", "settings", "baseline", "results"}
 RESULT_KEYS = {"backend", "precision", "status", "reason", "executed", "device", "artifact",
                "first_inference_s", "peak_rss_mb", "fidelity", "accuracy", "batch_consistency_max_abs",
-               "latency", "speedup"}
+               "latency", "speedup", "drift", "drift_located"}
 
 
 def validate(report: dict[str, Any]) -> list[str]:
@@ -105,11 +107,33 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Accuracy", "", "| backend | precision | top-1 | top-5 |", "|---|---|---|---|"]
         lines += [f"| {r['backend']} | {r['precision']} | {100 * r['accuracy']['top1']:.2f}% | "
                   f"{100 * r['accuracy']['top5']:.2f}% |" for r in report["results"] if r["accuracy"]]
+    drifted = [r for r in report["results"] if r.get("drift")]
+    if drifted:
+        ends = _stage_ends([d["point"] for d in drifted[0]["drift"]])
+        lines += ["", "## Per-block drift (worst-image cosine vs PyTorch FP32 at each point)", "",
+                  f"On the first {report['settings'].get('drift_images', 4)} images. 'Grows most at' is the "
+                  "point where 1 − cosine rises most from the point before: where a loss starts.", "",
+                  "| backend | precision | " + " | ".join(ends) + " | grows most at |",
+                  "|---|---|" + "---|" * len(ends) + "---|"]
+        for r in drifted:
+            by_point = {d["point"]: d["cosine_min"] for d in r["drift"]}
+            lines.append(f"| {r['backend']} | {r['precision']} | "
+                         + " | ".join(_fmt(by_point.get(p), ".5f") for p in ends)
+                         + f" | {r['drift_located']} |")
     skipped = [r for r in report["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "## Not run", ""]
         lines += [f"- {r['backend']} {r['precision']}: {r['reason']}" for r in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _stage_ends(points: list[str]) -> list[str]:
+    """The last block of each stage, then the logits: the columns of the drift table."""
+    last: dict[str, str] = {}
+    for p in points:
+        if p.startswith("stage "):
+            last[p.split(" block")[0]] = p
+    return [*last.values(), "logits"]
 
 
 def plots(report: dict[str, Any], out: Path) -> list[Path]:
@@ -160,6 +184,24 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     paths.append(out / "tradeoff.png")
     fig.savefig(paths[1])
     plt.close(fig)
+
+    drifted = [r for r in ok if r.get("drift")]
+    if drifted:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+        points = [d["point"] for d in drifted[0]["drift"]]
+        for r in drifted:
+            ax.plot(range(len(r["drift"])), [max(d["error"], 1e-9) for d in r["drift"]], marker=".",
+                    color=color[r["backend"], r["precision"]], label=f"{r['backend']} {r['precision']}")
+        ax.set_xticks(range(len(points)), [p.replace("stage ", "s").replace(" block ", ".b") for p in points],
+                      rotation=60, fontsize=7)
+        ax.set(yscale="log", ylabel="1 − worst-image cosine",
+               xlabel="block output (stage.block), then logits", title=f"Drift along the network: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncols=2)
+        fig.tight_layout()
+        paths.append(out / "drift.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
     return paths
 
 
