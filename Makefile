@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/cvt-export variants
 	$(BIN)/cvt-export predict --variant cvt-13 --weights random:0 --top 3
 	$(BIN)/cvt-export onnx --variant cvt-13 --weights random:0 --precision fp32,fp16,int8 --out artifacts/cvt-13
+	$(BIN)/cvt-bench --backend all --artifacts artifacts/cvt-13 --out artifacts/cvt-13/report
 
 # TensorRT cannot be installed everywhere; its API stubs can. mypy checks backends/tensorrt.py
 # against them (patched by scripts/trt_stubs.py; never installed into the venv).

@@ -75,6 +75,15 @@ def test_latency_stats_by_hand() -> None:
     assert s["images_per_s"] == pytest.approx(8 / 0.0025)
 
 
+def test_drift_locates_the_largest_growth_by_hand() -> None:
+    points = ["s0", "s1", "s2", "logits"]
+    assert metrics.largest_growth(points, [1e-4, 2e-4, 5e-3, 6e-3]) == "s2"
+    assert metrics.largest_growth(points, [3e-3, 3e-3, 3e-3, 3e-3]) == "s0"
+    assert metrics.largest_growth(points, [1e-9, 1e-8, 1e-9, 1e-8]) is None  # rounding only
+    d = metrics.drift(np.array([[3.0, 4.0]]), np.array([[3.0, 4.0]]) * 2)
+    assert d["cosine_min"] == pytest.approx(1.0) and d["rel_max_abs"] == pytest.approx(1.0)
+
+
 def test_bounds_per_precision() -> None:
     assert bench.within_bounds("fp32", {"max_abs": 2e-4}) == ["max_abs 0.0002 > 0.0001"]
     assert bench.within_bounds("int8", {"cosine_min": 0.999}) == []

@@ -113,7 +113,7 @@ class OrtBackend:
         threads_used = threads or session.get_session_options().intra_op_num_threads or os.cpu_count()
         executed = precision
         if precision == "fp16" and device == "cpu":
-            executed = "fp16 weights; CPU EP computes in fp32 where it has no fp16 kernel"
+            executed = "fp16 (CPU EP casts to fp32 where it lacks fp16 kernels)"
         info = RunnerInfo(
             backend=self.name, precision=precision, executed=executed,
             device=f"{device}: {cpu_name() if device == 'cpu' else provider} ({threads_used} threads)",

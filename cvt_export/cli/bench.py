@@ -33,7 +33,8 @@ def main_command(
         harness.PRECISIONS),
     batch: Annotated[str, typer.Option(help="comma list of batch sizes")] = "1,8",
     variant: Annotated[str, typer.Option("--variant", "-v")] = "cvt-13",
-    weights: Annotated[str, typer.Option("--weights", "-w")] = "random",
+    weights: Annotated[str | None, typer.Option(
+        "--weights", "-w", help="[default: the artifact folder's, else random]")] = None,
     artifacts: Annotated[Path | None, typer.Option(
         help="artifact folder [default: artifacts/VARIANT]")] = None,
     dataset: Annotated[Path | None, typer.Option(
@@ -71,7 +72,8 @@ def show(report: dict[str, object]) -> None:
     batches = [str(b) for b in report["settings"]["batches"]]  # type: ignore[index]
     for col in ("backend", "prec", *[f"b{b} ms" for b in batches], *[f"b{b} img/s" for b in batches],
                 f"×b{batches[-1]}", "cos min", "top-1", "runs as"):
-        table.add_column(col, justify="left" if col in ("backend", "prec", "runs as") else "right")
+        table.add_column(col, justify="left" if col in ("backend", "prec", "runs as") else "right",
+                         no_wrap=True, overflow="ellipsis", max_width=30 if col == "runs as" else None)
     for r in results:
         if r["status"] != "ok":
             continue

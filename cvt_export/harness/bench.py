@@ -65,7 +65,7 @@ class BenchConfig:
     precisions: tuple[str, ...] = PRECISIONS
     batches: tuple[int, ...] = (1, 8)
     variant: str = "cvt-13"
-    weights: str = "random"
+    weights: str | None = None  # None: the artifact folder's own, else random
     artifacts: Path | None = None
     dataset: Path | None = None
     limit: int | None = None
@@ -227,22 +227,18 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
 DRIFT_IMAGES = 4
 
 
-def stage_drift(result: Result, folder: Path, manifest: dict[str, Any], x: np.ndarray,
+def stage_drift(result: Result, folder: Path, located: dict[str, str], x: np.ndarray,
                 ref_points: dict[str, np.ndarray], ref_logits: np.ndarray, threads: int | None) -> None:
     """Each block's output on the backend vs the reference's; where the error grows most."""
     backend = get_backend(result.backend)
-    located = manifest["files"]["model.onnx"].get("probes") or {}
     if not hasattr(backend, "probe") or not located:
-        result.drift_located = None
         return
     got = backend.probe(folder, result.precision, list(located.values()), x, threads=threads)
-    rows = []
-    for key, tensor in located.items():
-        if tensor in got:
-            rows.append({"point": key, **metrics.drift(ref_points[key], got[tensor])})
-    rows.append({"point": "logits", **metrics.drift(ref_logits, got["logits"])})
-    result.drift = rows
-    result.drift_located = metrics.largest_growth([r["point"] for r in rows], [r["error"] for r in rows])
+    pairs = [(key, ref_points[key], got[tensor]) for key, tensor in located.items() if tensor in got]
+    pairs.append(("logits", ref_logits, got["logits"]))
+    drifts = [metrics.drift(ref, out) for _, ref, out in pairs]
+    result.drift = [{"point": key, **d} for (key, _, _), d in zip(pairs, drifts, strict=True)]
+    result.drift_located = metrics.largest_growth([key for key, _, _ in pairs], [d["error"] for d in drifts])
 
 
 def needed_onnx(cfg: BenchConfig) -> tuple[str, ...]:
@@ -262,12 +258,17 @@ def prepare_artifacts(cfg: BenchConfig, step: Callable[[str], None]) -> Path:
     if cfg.artifacts is not None and manifest is None and folder.is_dir() and any(folder.iterdir()):
         raise BenchError(f"--artifacts {folder}: not a finished export (no valid manifest.json); "
                          f"re-run `cvt-export onnx --out {folder}`")
-    if manifest is not None and all(artifacts.ONNX_FILES[p] in manifest["files"]  # type: ignore[index]
-                                    for p in wanted) and cfg.artifacts is not None:
+    if manifest is not None and manifest["variant"] != cfg.variant:
+        raise BenchError(f"{folder} holds {manifest['variant']} artifacts, not {cfg.variant}; "
+                         f"pass --variant {manifest['variant']} or another --artifacts folder")
+    weights = cfg.weights or (manifest["weights"]["spec"] if manifest else "random")
+    same = manifest is not None and manifest["weights"]["spec"] == weights
+    if same and manifest and all(artifacts.ONNX_FILES[p] in manifest["files"]  # type: ignore[index]
+                                 for p in wanted):
         for p in wanted:
             artifacts.onnx_file(folder, p)  # verifies hashes: a corrupt file is refused here
         return folder
-    req = build.BuildRequest(cfg.variant, cfg.weights, precisions=wanted)  # type: ignore[arg-type]
+    req = build.BuildRequest(cfg.variant, weights, precisions=wanted)  # type: ignore[arg-type]
     build.build(req, folder, step=step)
     return folder
 
@@ -284,8 +285,12 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
     reference: np.ndarray | None = None
     probe_x = inputs.images[:DRIFT_IMAGES]
     with get_backend("torch").compile(folder, "fp32") as torch_ref:
-        ref_points = probes.reference_probes(torch_ref.model, probe_x)  # type: ignore[attr-defined]
+        ref_model = torch_ref.model  # type: ignore[attr-defined]
+        ref_points = probes.reference_probes(ref_model, probe_x)
         ref_probe_logits = torch_ref(probe_x)
+        # Folders exported before probes existed: locate them now (one run, about a second).
+        located = manifest["files"]["model.onnx"].get("probes") or probes.locate(
+            folder / "model.onnx", ref_model, probe_x[:1])
     for backend, precision in pairs:
         progress(f"{backend} {precision}")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference)
@@ -296,7 +301,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
             judge(result, reference, logits, inputs.names)
         if result.status == "ok" and (backend, precision) != BASELINE:
             progress(f"{backend} {precision}: per-block drift")
-            stage_drift(result, folder, manifest, probe_x, ref_points, ref_probe_logits, cfg.threads)
+            stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
         if cfg.strict and result.status != "ok" and len(cfg.backends) == 1:
             raise BenchError(f"{backend} {precision}: {result.reason}")
         results.append(result)

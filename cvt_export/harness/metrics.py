@@ -94,9 +94,13 @@ def drift(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     return {"cosine_min": cos, "error": max(0.0, 1.0 - cos), "rel_max_abs": max_abs(ref, got) / scale}
 
 
+DRIFT_FLOOR = 1e-6  # 1 - cosine below this is float rounding, not a loss to locate
+
+
 def largest_growth(points: Sequence[str], errors: Sequence[float]) -> str | None:
-    """The point where the error grows most from the point before (the first point: from 0)."""
-    if not points:
+    """The point where the error grows most from the point before (the first point: from 0);
+    None when no error reaches DRIFT_FLOOR."""
+    if not points or max(errors) < DRIFT_FLOOR:
         return None
     steps = np.diff(np.asarray([0.0, *errors], dtype=np.float64))
     return points[int(np.argmax(steps))]

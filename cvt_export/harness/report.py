@@ -119,7 +119,7 @@ def markdown(report: dict[str, Any]) -> str:
             by_point = {d["point"]: d["cosine_min"] for d in r["drift"]}
             lines.append(f"| {r['backend']} | {r['precision']} | "
                          + " | ".join(_fmt(by_point.get(p), ".5f") for p in ends)
-                         + f" | {r['drift_located']} |")
+                         + f" | {r['drift_located'] or 'nowhere (1 − cosine < 1e-6)'} |")
     skipped = [r for r in report["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "## Not run", ""]
@@ -187,7 +187,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
 
     drifted = [r for r in ok if r.get("drift")]
     if drifted:
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
         points = [d["point"] for d in drifted[0]["drift"]]
         for r in drifted:
             ax.plot(range(len(r["drift"])), [max(d["error"], 1e-9) for d in r["drift"]], marker=".",
@@ -197,7 +197,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set(yscale="log", ylabel="1 − worst-image cosine",
                xlabel="block output (stage.block), then logits", title=f"Drift along the network: {title}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncols=2)
+        ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
         fig.tight_layout()
         paths.append(out / "drift.png")
         fig.savefig(paths[-1])
