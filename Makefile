@@ -10,14 +10,14 @@ STUBS  := build/trt-stubs/tensorrt/__init__.pyi
 TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint pytest venv clean
+.PHONY: demo test lint pytest regress venv clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -43,6 +43,11 @@ pytest: $(STAMP) $(STUBS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The CI gate on exported artifacts: re-export cvt-13 (cached), re-run every available backend,
+# compare with the committed baseline. `make regress REGRESS_ARGS=--update` rewrites it.
+regress: $(STAMP)
+	$(BIN)/cvt-bench regress --baseline reports/baseline/cvt-13.json --out artifacts/regress-report $(REGRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 BIN = Path(sys.executable).parent
 
@@ -24,3 +27,28 @@ def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+class PerturbedBackend:
+    """A real backend whose runner adds noise to the logits, as a faulty build would."""
+
+    def __init__(self, inner: Any, scale: float) -> None:
+        self.inner, self.scale = inner, scale
+        self.name, self.precisions = inner.name, inner.precisions
+
+    def available(self) -> tuple[bool, str]:
+        return self.inner.available()
+
+    def compile(self, folder: Path, precision: str, **options: Any) -> Any:
+        runner = self.inner.compile(folder, precision, **options)
+        real = runner._run
+        runner._run = lambda x: self._noisy(real(x))
+        return runner
+
+    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
+              **options: Any) -> dict[str, np.ndarray]:
+        out = self.inner.probe(folder, precision, names, x, **options)
+        return out | {"logits": self._noisy(out["logits"])}  # the fault is in the head
+
+    def _noisy(self, logits: np.ndarray) -> np.ndarray:
+        return logits + self.scale * np.random.default_rng(len(logits)).standard_normal(logits.shape)

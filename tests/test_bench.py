@@ -14,7 +14,7 @@ import pytest
 import cvt_ref
 from cvt_export.backends import get_backend
 from cvt_export.harness import bench, metrics, report
-from helpers import assert_user_error, run_cli
+from helpers import PerturbedBackend, assert_user_error, run_cli
 
 # --- metrics, by hand ----------------------------------------------------------------------
 
@@ -134,31 +134,6 @@ def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], tmp_pa
     assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 2
     for r in rep["results"]:
         assert set(r["accuracy"]) == {"top1", "top5"}
-
-
-class PerturbedBackend:
-    """A real backend whose runner adds noise to the logits, as a faulty build would."""
-
-    def __init__(self, inner: Any, scale: float) -> None:
-        self.inner, self.scale = inner, scale
-        self.name, self.precisions = inner.name, inner.precisions
-
-    def available(self) -> tuple[bool, str]:
-        return self.inner.available()
-
-    def compile(self, folder: Path, precision: str, **options: Any) -> Any:
-        runner = self.inner.compile(folder, precision, **options)
-        real = runner._run
-        runner._run = lambda x: self._noisy(real(x))
-        return runner
-
-    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
-              **options: Any) -> dict[str, np.ndarray]:
-        out = self.inner.probe(folder, precision, names, x, **options)
-        return out | {"logits": self._noisy(out["logits"])}  # the fault is in the head
-
-    def _noisy(self, logits: np.ndarray) -> np.ndarray:
-        return logits + self.scale * np.random.default_rng(len(logits)).standard_normal(logits.shape)
 
 
 def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from cvt_export.backends import BACKEND_MODULES
 from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
+from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
 from cvt_export.harness import report as reports
 
@@ -28,6 +29,7 @@ def _csv_ints(text: str, option: str) -> tuple[int, ...]:
 @app.callback()
 @user_errors
 def main_command(
+    ctx: typer.Context,
     backend: Annotated[str, typer.Option(help="trt | ort | openvino | torch | all, or a comma list")] = "all",
     precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
         harness.PRECISIONS),
@@ -48,6 +50,8 @@ def main_command(
     json_file: Annotated[Path | None, typer.Option("--json", help="also write report.json here")] = None,
     verbose: bool = False,
 ) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
     setup_logging(verbose)
     names = tuple(BACKEND_MODULES) if backend == "all" else tuple(b.strip() for b in backend.split(",") if b)
     cfg = harness.BenchConfig(
@@ -63,6 +67,52 @@ def main_command(
         reports.write_json(report, json_file)
     show(report)
     stdout.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+@user_errors
+def regress(
+    baseline: Annotated[Path, typer.Option(help="baseline file")] = Path("reports/baseline/cvt-13.json"),
+    update: Annotated[bool, typer.Option(
+        help="rewrite the baseline deliberately, showing what moved")] = False,
+    artifacts: Annotated[Path | None, typer.Option(
+        help="use these artifacts [default: export into artifacts/regress-VARIANT, cached]")] = None,
+    max_slowdown: Annotated[float | None, typer.Option(
+        help="fail when a median latency exceeds this multiple of the baseline's")] = None,
+    iters: Annotated[int, typer.Option(help="timed calls per batch size")] = 5,
+    out: Annotated[Path | None, typer.Option(help="also write the run's report folder here")] = None,
+    verbose: bool = False,
+) -> None:
+    """Compare today's artifacts and backends with a committed baseline; exit 1 on a regression."""
+    setup_logging(verbose)
+    from cvt_export import regress as gate
+
+    if max_slowdown is not None and max_slowdown <= 1:
+        raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
+    with stderr.status("regression run") as status:
+        outcome = gate.run(baseline, update=update, artifacts_dir=artifacts, max_slowdown=max_slowdown,
+                           iters=iters,
+                           progress=lambda text: status.update(f"regression run: {text}"))
+    if out:
+        reports.write_all(outcome.report, out)
+    for line in outcome.info:
+        stdout.print(f"[dim]{line}[/]", highlight=False)
+    for f in outcome.findings:
+        style = "red" if f.kind == "fail" else "yellow"
+        stdout.print(f"[{style}]{f}[/]", highlight=False, soft_wrap=True)
+    if outcome.updated:
+        moved = "what moved is listed above" if outcome.findings else "nothing moved beyond tolerance"
+        stdout.print(f"[green]baseline written: {baseline}[/] ({moved})")
+        return
+    failures = [f for f in outcome.findings if f.kind == "fail"]
+    changes = [f for f in outcome.findings if f.kind == "change"]
+    if not outcome.findings:
+        stdout.print(f"[green]regression check passed[/] against {baseline}")
+        return
+    stdout.print(f"[red]regression check failed[/]: {len(failures)} regression(s), {len(changes)} "
+                 "unreviewed change(s); if intended, run `cvt-bench regress --update` and commit the "
+                 "baseline")
+    raise typer.Exit(1)
 
 
 def show(report: dict[str, object]) -> None:

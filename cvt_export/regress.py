@@ -1,0 +1,228 @@
+"""Regression gate for exported artifacts: today's run against a committed baseline.
+
+The baseline (reports/baseline/VARIANT.json, schema cvt-regress/1) holds the golden inputs'
+recipe and hash, the reference logits for them, each artifact's graph signature, and per
+backend × precision the fidelity figures with tolerances and a latency for information.
+`check` returns findings, each a failure or a change; the CLI prints them as a diff and
+exits 0 (all holds), 1 (a regression or an unreviewed change) or 2 (bad input).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cvt_ref
+from cvt_export import artifacts
+from cvt_export.backends import get_backend
+from cvt_export.harness import bench, metrics
+from cvt_ref.errors import CvtError
+
+SCHEMA = "cvt-regress/1"
+REFERENCE_TOLERANCE = 1e-5     # max-abs of the PyTorch reference's own logits
+COSINE_SLACK = 5e-4            # how far a worst-image cosine may fall below the baseline's
+FP32_MAX_ABS = 1e-4
+
+
+class BaselineError(CvtError):
+    """A baseline file that is missing, unreadable or of another schema."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str      # "fail" (a regression) or "change" (a difference a reviewer must accept)
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{'FAIL' if self.kind == 'fail' else 'CHANGED'} {self.what}: {self.detail}"
+
+
+def encode(a: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"dtype": "float32", "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode()}
+
+
+def decode(d: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(d["base64"]), dtype="<f4").reshape(d["shape"])
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no such baseline; create it with `cvt-bench regress --update "
+                            f"--baseline {path}`") from None
+    except (OSError, ValueError) as e:
+        raise BaselineError(f"{path}: not a readable baseline ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise BaselineError(f"{path}: not a {SCHEMA} baseline (schema {data.get('schema')!r})"
+                            if isinstance(data, dict) else f"{path}: not a {SCHEMA} baseline")
+    for key in ("variant", "weights", "export", "inputs", "reference", "graphs", "results"):
+        if key not in data:
+            raise BaselineError(f"{path}: baseline lacks {key!r}; regenerate it with --update")
+    return data
+
+
+def tolerance(precision: str, fid: dict[str, Any], images: int) -> dict[str, float]:
+    """What today's run must meet, from the baseline's figures and the precision's bounds."""
+    if precision == "fp32":
+        return {"max_abs_max": FP32_MAX_ABS, "top1_agreement_min": 1.0}
+    floor = bench.BOUNDS[precision].get("cosine_min", 0.0)
+    return {"cosine_min_min": max(floor, fid["cosine_min"] - COSINE_SLACK),
+            "top1_agreement_min": max(0.0, fid["top1_agreement"] - 1.0 / images)}
+
+
+def _result_key(r: dict[str, Any]) -> str:
+    return f"{r['backend']}/{r['precision']}"
+
+
+def make_baseline(report: dict[str, Any], manifest: dict[str, Any], reference: np.ndarray) -> dict[str, Any]:
+    images = report["inputs"]["images"]
+    results = {}
+    for r in report["results"]:
+        if r["status"] != "ok":
+            continue
+        fid = {k: r["fidelity"][k] for k in ("max_abs", "cosine_min", "top1_agreement")}
+        largest = str(max(int(b) for b in r["latency"]))
+        results[_result_key(r)] = {"fidelity": fid, "tolerance": tolerance(r["precision"], fid, images),
+                                   "executed": r["executed"], "latency_batch": int(largest),
+                                   "median_ms": r["latency"][largest]["median_ms"]}
+    return {
+        "schema": SCHEMA,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {k: report["machine"][k] for k in ("cpu", "cores", "isa", "libraries")},
+        "variant": manifest["variant"], "weights": manifest["weights"]["spec"],
+        "export": {"opset": manifest["source"]["opset"], "batch": manifest["source"]["batch"]},
+        "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
+                             "through cvt_ref.preprocess", "images": images,
+                   "sha256": report["inputs"]["sha256"]},
+        "reference": {"logits": encode(reference)},
+        "graphs": {name: entry["graph"] for name, entry in manifest["files"].items()},
+        "results": results,
+    }
+
+
+def _diff_dict(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k} {old.get(k, 0)} → {new.get(k, 0)}" for k in keys if old.get(k) != new.get(k)]
+
+
+def compare(baseline: dict[str, Any], report: dict[str, Any], manifest: dict[str, Any],
+            reference: np.ndarray, max_slowdown: float | None) -> tuple[list[Finding], list[str]]:
+    """(findings, informational lines). No findings: everything holds."""
+    found: list[Finding] = []
+    info: list[str] = []
+    if report["inputs"]["sha256"] != baseline["inputs"]["sha256"]:
+        found.append(Finding("change", "golden inputs", "the preprocessed photographs differ from the "
+                             "baseline's (preprocessing or the bundled photos changed)"))
+    else:
+        base_ref = decode(baseline["reference"]["logits"])
+        err = metrics.max_abs(base_ref, reference) if base_ref.shape == reference.shape else float("inf")
+        if err > REFERENCE_TOLERANCE:
+            found.append(Finding("fail", "PyTorch reference logits",
+                                 f"max-abs {err:.3g} from the baseline's (tolerance "
+                                 f"{REFERENCE_TOLERANCE:g}); the model code or the weights changed"))
+    for name, old in baseline["graphs"].items():
+        entry = manifest["files"].get(name)
+        if entry is None:
+            found.append(Finding("fail", name, "not produced any more"))
+            continue
+        new = entry["graph"]
+        for field in ("opset", "inputs", "outputs", "nodes", "parameters"):
+            if new.get(field) != old.get(field):
+                found.append(Finding("change", f"{name} {field}", f"{old.get(field)} → {new.get(field)}"))
+        ops = _diff_dict(old["ops"], new["ops"])
+        if ops:
+            found.append(Finding("change", f"{name} op histogram", ", ".join(ops)))
+    today = {_result_key(r): r for r in report["results"]}
+    for key, base in baseline["results"].items():
+        r = today.get(key)
+        if r is None or r["status"] != "ok":
+            info.append(f"skipped {key}: {r['reason'] if r else 'not run'}")
+            continue
+        fid, tol = r["fidelity"], base["tolerance"]
+        checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
+                  ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
+                  ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
+        for metric, value, bound, op in checks:
+            if bound is None:
+                continue
+            ok = value <= bound if op == "<=" else value >= bound
+            if not ok:
+                was = base["fidelity"][metric]
+                found.append(Finding("fail", f"{key} {metric}",
+                                     f"{was:.6g} → {value:.6g} (tolerance {op} {bound:.6g})"))
+        batch = str(base["latency_batch"])
+        if batch in r["latency"]:
+            now = r["latency"][batch]["median_ms"]
+            ratio = now / base["median_ms"]
+            info.append(f"{key}: batch {batch} median {base['median_ms']:.1f} → {now:.1f} ms ({ratio:.2f}×)")
+            if max_slowdown is not None and ratio > max_slowdown:
+                found.append(Finding("fail", f"{key} latency",
+                                     f"{ratio:.2f}× the baseline's (limit {max_slowdown:g}×)"))
+    for key in sorted(set(today) - set(baseline["results"])):
+        if today[key]["status"] == "ok":
+            info.append(f"new {key}: not in the baseline (run --update to record it)")
+    return found, info
+
+
+def write_baseline(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Outcome:
+    findings: list[Finding]
+    info: list[str]
+    report: dict[str, Any]
+    updated: bool = False
+
+
+def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_slowdown: float | None,
+        iters: int = 5, backends: tuple[str, ...] | None = None, precisions: tuple[str, ...] | None = None,
+        progress: Any = lambda s: None) -> Outcome:
+    """Re-export (cached) or use the given artifacts, re-run the backends, compare or --update.
+
+    Given artifacts are used as they are (their own weights and options): that is how a
+    changed checkpoint or export option shows up against the baseline."""
+    baseline = None if update and not baseline_path.exists() else load_baseline(baseline_path)
+    variant = baseline["variant"] if baseline else "cvt-13"
+    weights = baseline["weights"] if baseline else "random:0"
+    opset = baseline["export"]["opset"] if baseline else None
+    folder = artifacts_dir or Path("artifacts") / f"regress-{variant}"
+    if artifacts_dir is None:
+        from cvt_export import build
+        from cvt_export.onnx import DEFAULT_OPSET, ExportOptions
+
+        req = build.BuildRequest(variant, weights, precisions=("fp32", "fp16", "int8"),
+                                 options=ExportOptions(opset=opset or DEFAULT_OPSET))
+        build.build(req, folder, step=progress)
+    else:
+        found = artifacts.load_manifest(artifacts_dir)["variant"]
+        if found != variant:
+            raise BaselineError(f"{artifacts_dir} holds {found} artifacts; the baseline is for {variant}")
+    cfg = bench.BenchConfig(variant=variant, weights=None, artifacts=folder, batches=(1, 8), warmup=1,
+                            iters=iters, backends=backends or bench.BenchConfig.backends,
+                            precisions=precisions or bench.PRECISIONS)
+    report = bench.run(cfg, progress=progress)
+    manifest = artifacts.load_manifest(folder)
+    with get_backend("torch").compile(folder, "fp32") as torch_ref:
+        reference = torch_ref(bench.load_inputs(None, None, cvt_ref.get_variant(variant)).images)
+    if baseline is None or update:
+        new = make_baseline(report, manifest, reference)
+        findings, info = (compare(baseline, report, manifest, reference, None) if baseline else ([], []))
+        write_baseline(baseline_path, new)
+        return Outcome(findings, info, report, updated=True)
+    findings, info = compare(baseline, report, manifest, reference, max_slowdown)
+    return Outcome(findings, info, report)

@@ -1,0 +1,128 @@
+"""The regression gate: passes on unchanged artifacts, and each kind of change is caught.
+
+The baseline here is made from the session's cvt-13 export (random:0) by the same code path
+as `--update`; the mutations are real (another checkpoint, another opset, a noisy backend, a
+deleted file, a damaged baseline), each expected to fail with its own message and exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cvt_export import build, regress
+from cvt_export.harness import bench
+from cvt_export.onnx import ExportOptions
+from helpers import PerturbedBackend, assert_user_error, run_cli
+
+QUICK = {"backends": ("ort",), "precisions": ("fp32", "int8"), "iters": 2}
+
+
+@pytest.fixture(scope="module")
+def baseline(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("baseline") / "cvt-13.json"
+    outcome = regress.run(path, update=True, artifacts_dir=exported, max_slowdown=None, **QUICK)
+    assert outcome.updated and path.is_file()
+    return path
+
+
+def test_baseline_is_small_and_complete(baseline: Path) -> None:
+    data = regress.load_baseline(baseline)
+    assert baseline.stat().st_size < 300_000
+    assert set(data["results"]) == {"torch/fp32", "ort/fp32", "ort/int8"}
+    assert set(data["graphs"]) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    assert regress.decode(data["reference"]["logits"]).shape == (data["inputs"]["images"], 1000)
+
+
+def test_unchanged_artifacts_pass(baseline: Path, exported: Path) -> None:
+    outcome = regress.run(baseline, update=False, artifacts_dir=exported, max_slowdown=None, **QUICK)
+    assert outcome.findings == []
+
+
+def test_cli_passes_then_fails_on_a_slowdown_only_when_asked(baseline: Path, exported: Path,
+                                                           tmp_path: Path) -> None:
+    ok = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(exported),
+                 "--iters", "2")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "regression check passed" in ok.stdout
+    fast = json.loads(baseline.read_text())
+    for entry in fast["results"].values():
+        entry["median_ms"] /= 100  # a baseline 100x faster than today
+    faster = tmp_path / "fast.json"
+    faster.write_text(json.dumps(fast))
+    informed = regress.run(faster, update=False, artifacts_dir=exported, max_slowdown=None, **QUICK)
+    assert informed.findings == [] and any("ms (" in line for line in informed.info)
+    gated = regress.run(faster, update=False, artifacts_dir=exported, max_slowdown=1.3, **QUICK)
+    assert {f.what for f in gated.findings} >= {"ort/fp32 latency", "ort/int8 latency"}
+
+
+def _export(tmp_path: Path, weights: str, opset: int = 20) -> Path:
+    out = tmp_path / f"art-{weights.replace(':', '')}-{opset}"
+    build.build(build.BuildRequest("cvt-13", weights, precisions=("fp32", "fp16", "int8"),
+                                   options=ExportOptions(opset=opset)), out)
+    return out
+
+
+def test_a_changed_weight_fails(baseline: Path, tmp_path: Path) -> None:
+    other = _export(tmp_path, "random:1")
+    outcome = regress.run(baseline, update=False, artifacts_dir=other, max_slowdown=None, **QUICK)
+    fails = [f for f in outcome.findings if f.kind == "fail"]
+    reference = next(f for f in fails if f.what == "PyTorch reference logits")
+    assert "model code or the weights changed" in reference.detail
+    result = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(other),
+                     "--iters", "1")
+    assert result.returncode == 1 and "FAIL PyTorch reference logits" in result.stdout
+
+
+def test_a_changed_export_option_is_reported(baseline: Path, tmp_path: Path) -> None:
+    """opset 18: same numbers within tolerance, another graph: a change reviewers must see."""
+    other = _export(tmp_path, "random:0", opset=18)
+    outcome = regress.run(baseline, update=False, artifacts_dir=other, max_slowdown=None, **QUICK)
+    changes = {f.what: f.detail for f in outcome.findings if f.kind == "change"}
+    assert changes["model.onnx opset"] == "20 → 18"
+    assert "Gelu 13 → 0" in changes["model.onnx op histogram"]
+    assert not [f for f in outcome.findings if f.kind == "fail"]
+
+
+def test_a_perturbed_backend_fails(baseline: Path, exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = bench.get_backend
+    monkeypatch.setattr(bench, "get_backend", lambda name: PerturbedBackend(real(name), 0.05)
+                        if real(name).name == "ort" else real(name))
+    outcome = regress.run(baseline, update=False, artifacts_dir=exported, max_slowdown=None, **QUICK)
+    what = {f.what for f in outcome.findings if f.kind == "fail"}
+    assert "ort/fp32 max_abs" in what and "ort/int8 cosine_min" in what
+
+
+def test_a_deleted_artifact_is_bad_input(baseline: Path, exported: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "art"
+    shutil.copytree(exported, folder)
+    (folder / "model.int8.onnx").unlink()
+    result = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(folder))
+    assert_user_error(result, "model.int8.onnx: missing or changed")
+
+
+def test_a_corrupt_baseline_is_bad_input(exported: Path, tmp_path: Path) -> None:
+    for content, fragment in (("{not json", "not a readable baseline"),
+                              (json.dumps({"schema": "cvt-regress/0"}), "not a cvt-regress/1 baseline")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        result = run_cli("cvt-bench", "regress", "--baseline", str(bad), "--artifacts", str(exported))
+        assert_user_error(result, fragment)
+    assert_user_error(run_cli("cvt-bench", "regress", "--baseline", str(tmp_path / "none.json")),
+                      "no such baseline")
+
+
+def test_update_rewrites_and_shows_what_moved(baseline: Path, exported: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "b.json"
+    shutil.copy(baseline, copy)
+    real = bench.get_backend
+    monkeypatch.setattr(bench, "get_backend", lambda name: PerturbedBackend(real(name), 0.05)
+                        if real(name).name == "ort" else real(name))
+    outcome = regress.run(copy, update=True, artifacts_dir=exported, max_slowdown=None, **QUICK)
+    assert outcome.updated and any(f.what == "ort/fp32 max_abs" for f in outcome.findings)
+    rewritten = regress.load_baseline(copy)
+    assert rewritten["results"]["ort/fp32"]["fidelity"]["max_abs"] > 0.01
