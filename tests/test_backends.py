@@ -208,3 +208,22 @@ def test_tensorrt_stub_type_check_is_live(tmp_path: Path) -> None:
     probe.write_text(STUB_PROBE)
     bad = subprocess.run([*mypy, str(probe)], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 1 and 'has no attribute "create_builder_configg"' in bad.stdout, bad.stdout
+
+
+def test_an_ir_from_another_openvino_version_is_rebuilt(exported: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    folder = tmp_path / "art"
+    shutil.copytree(exported, folder)
+    xml = ov_backend.make_ir(folder, "fp16")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["openvino"][xml.name]["openvino"] = "2023.0.0"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        path = ov_backend.ir_file(folder, "fp16")
+    assert "made by another OpenVINO version" in caplog.text
+    import openvino as ov
+
+    entry = json.loads((folder / "manifest.json").read_text())["openvino"][path.name]
+    assert entry["openvino"] == ov.__version__
