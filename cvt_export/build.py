@@ -130,7 +130,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             fp32_path = staged / fp32
         fp32_sha = files[fp32]["sha256"]
 
-        def check(name: str, prec: Precision, path: Path, rows: list[int], note: str) -> dict[str, Any]:
+        def measure(name: str, prec: Precision, path: Path, rows: list[int], note: str) -> dict[str, Any]:
             got = onnx_export.run_ort(onnx_export.ort_session(path), images[rows])
             fid: dict[str, Any] = {"backend": "onnxruntime-cpu", **fidelity(ref[rows], got),
                                    "images": len(rows), "on": note}
@@ -150,7 +150,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
                 files[name] = {**_file_entry(staged, name, "fp16", written[1:]), "from": fp32_sha,
                                "policy": {"fp32_ops": list(precision.FP32_OPS_IN_FP16),
                                           "fp32_nodes": "classifier", "io": "float32"}}
-                files[name]["validation"] = check(name, "fp16", staged / name, list(range(len(images))),
+                files[name]["validation"] = measure(name, "fp16", staged / name, list(range(len(images))),
                                                   f"{len(images)} bundled photos")
                 moved += written
 
@@ -187,7 +187,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
                                           "weights": "int8 symmetric per-channel", "bias": "float32",
                                           "quantized_inputs_of": precision.quantized_nodes(
                                               _load_header(staged / name))}}
-                files[name]["validation"] = check(name, "int8", staged / name, rows, note)
+                files[name]["validation"] = measure(name, "int8", staged / name, rows, note)
                 moved += written
 
         result.made = [n for n in moved if n in FILES.values()]

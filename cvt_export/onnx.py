@@ -16,7 +16,7 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -63,8 +63,6 @@ class ExportOptions:
 
 def sized_variant(variant: Variant, image_size: int | None) -> Variant:
     """The variant evaluated at another resolution (CvT has no position embedding to resize)."""
-    from dataclasses import replace
-
     return variant if image_size in (None, variant.image_size) else replace(variant, image_size=image_size)
 
 

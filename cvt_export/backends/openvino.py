@@ -26,7 +26,7 @@ import cvt_ref
 from cvt_export import artifacts, calibration
 from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
 from cvt_export.backends.ort import cpu_name
-from cvt_export.onnx import OUTPUT_NAME, quiet_loggers
+from cvt_export.onnx import OUTPUT_NAME, quiet_loggers, sized_variant
 from cvt_ref.errors import first_line
 from cvt_ref.weights import sha256_file
 
@@ -58,11 +58,7 @@ def _calibration_images(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
     if calib.sha256 != info["sha256"]:
         raise BackendError(f"calibration images in {info['source']} changed since the ONNX export; "
                            "re-run the INT8 export")
-    variant = cvt_ref.get_variant(manifest["variant"].split("[")[0])
-    if variant.image_size != manifest["source"]["image_size"]:
-        from dataclasses import replace
-
-        variant = replace(variant, image_size=manifest["source"]["image_size"])
+    variant = sized_variant(cvt_ref.get_variant(manifest["variant"]), manifest["source"]["image_size"])
     return calib.load(variant)
 
 
