@@ -147,7 +147,15 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write beside the target under a private name, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
+
+
 def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -120,7 +120,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             step(f"exporting {variant.name} to ONNX (opset {opts.opset})")
             written = onnx_export.export_fp32(model, variant, staged / fp32, opts)
             step("validating on ONNX Runtime against PyTorch")
-            errors = onnx_export.validate_fp32(staged / fp32, model, images, opts.batch)
+            errors = onnx_export.validate_fp32(staged / fp32, images, ref, opts.batch)
             files[fp32] = {**_file_entry(staged, fp32, "fp32", written[1:]),
                            "validation": {"backend": "onnxruntime-cpu", "images": len(images),
                                           "max_abs": errors, "tolerance": onnx_export.FP32_TOLERANCE}}

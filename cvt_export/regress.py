@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,9 +175,7 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], manifest: dict[str
 
 def write_baseline(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    artifacts.atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 @dataclass

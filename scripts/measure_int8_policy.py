@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import numpy as np
 
 import cvt_ref
 from cvt_export import build, calibration, precision
+from cvt_export.backends.ort import cpu_name
 from cvt_export.harness.metrics import fidelity
 from cvt_export.onnx import ort_session, reference_logits, run_ort
 
@@ -85,8 +85,7 @@ def main() -> None:
             rows.append((name, f_ort, f_ov, t_ort, t_ov))
             print(name, f_ort["cosine_min"], f_ov["cosine_min"], t_ort, t_ov, flush=True)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = [
         "# INT8 Q/DQ placement on cvt-13 (random:0 weights)",
         "",

@@ -29,6 +29,12 @@ def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine in float64, written here independently of cvt_export's metrics."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
 class PerturbedBackend:
     """A real backend whose runner adds noise to the logits, as a faulty build would."""
 

@@ -21,15 +21,10 @@ from cvt_export.backends import BackendError, Runner, all_backends, get_backend
 from cvt_export.backends import openvino as ov_backend
 from cvt_export.backends import tensorrt as trt_backend
 from cvt_export.errors import CvtError
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, cosine_rows, run_cli
 
 CPU_CASES = [("torch", "fp32"), ("torch", "bf16"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8"),
              ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "bf16"), ("openvino", "int8")]
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
 
 
 def check_bounds(precision: str, ref: np.ndarray, got: np.ndarray) -> None:

@@ -27,14 +27,9 @@ from cvt_export import onnx as onnx_export
 from cvt_export.build import BuildRequest
 from cvt_export.onnx import ExportOptions
 from cvt_ref.weights import sha256_file
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, cosine_rows, run_cli
 
 CVT13 = cvt_ref.VARIANTS["cvt-13"]
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
 
 
 def ort_run(path: Path, x: np.ndarray) -> np.ndarray:

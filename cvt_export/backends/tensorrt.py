@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,9 +133,7 @@ def build_engine(onnx_path: Path, image_size: int, opts: BuildOptions, timing_ca
     if serialized is None:
         raise BackendError(f"tensorrt: building an engine from {onnx_path.name} failed "
                            "(run with --verbose for TensorRT's log)")
-    tmp = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-    os.replace(tmp, timing_cache)
+    artifacts.atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
 
@@ -163,10 +160,8 @@ def engine_file(folder: Path, precision: str, opts: BuildOptions) -> tuple[Path,
         meta = {"key": key, "onnx": onnx_path.name, "onnx_sha256": onnx_sha, "build": asdict(opts),
                 "gpu": gpu[0], "compute_capability": gpu[1], "tensorrt": trt_version,
                 "sha256": hashlib.sha256(blob).hexdigest()}
-        tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, engine_path)
-        sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+        artifacts.atomic_write(engine_path, blob)
+        artifacts.atomic_write(sidecar, json.dumps(meta, indent=2) + "\n")
     return engine_path, blob, meta
 
 

@@ -17,10 +17,10 @@ images (ONNX Runtime and OpenVINO), and `drift_located`: the point where the err
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from cvt_export.artifacts import atomic_write
 from cvt_export.harness.bench import REPORT_SCHEMA
 
 REQUIRED = {"schema", "created", "machine", "model", "inputs", "settings", "baseline", "results"}
@@ -44,14 +44,8 @@ def validate(report: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(report: dict[str, Any], path: Path) -> None:
-    _write(path, json.dumps(report, indent=2) + "\n")
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -208,5 +202,5 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
 def write_all(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "report.json")
-    _write(out / "report.md", markdown(report))
+    atomic_write(out / "report.md", markdown(report))
     return [out / "report.json", out / "report.md", *plots(report, out)]
