@@ -10,7 +10,7 @@ STUBS  := build/trt-stubs/tensorrt/__init__.pyi
 TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint pytest regress venv clean
+.PHONY: demo test check lint pytest regress venv clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,12 @@ pytest: $(STAMP) $(STUBS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The fast tier to run while working (about 2 minutes here): lint, then every test not marked slow.
+check: $(STAMP) $(STUBS)
+	$(BIN)/ruff check cvt_ref cvt_export tests scripts
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The CI gate on exported artifacts: re-export cvt-13 (cached), re-run every available backend,
 # compare with the committed baseline. `make regress REGRESS_ARGS=--update` rewrites it.

@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import cvt_ref
 from cvt_ref.errors import CvtError
-from cvt_ref.weights import sha256_file
+from cvt_ref.source import sha256_file
+from cvt_ref.variants import Variant
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -38,6 +40,22 @@ def prepare_folder(out: Path) -> Path:
     except OSError as e:
         raise ArtifactError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     return out
+
+
+def check_writable(folder: Path, what: str, hint: str = "choose another folder") -> None:
+    """Refuse, before any work, a folder this process cannot create files in (permissions, a
+    read-only file system). Tried for real: root ignores permission bits, a read-only mount not."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    except OSError as e:
+        raise ArtifactError(f"{what} {folder}: cannot write there ({e.strerror}); {hint}") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -130,8 +148,44 @@ def onnx_file(folder: Path, precision: str, *, check_hash: bool = True) -> tuple
                             f"`cvt-export onnx --precision {precision} --out {folder}`")
     if check_hash and not verify(folder, manifest, name):
         raise ArtifactError(f"{folder / name}: missing or changed since export (sha256 differs from "
-                            f"{MANIFEST}); re-run `cvt-export onnx --precision {precision} --out {folder}`")
+                            f"{MANIFEST}); re-export it from the same source: "
+                            f"`{export_command(manifest, folder, [precision])}`")
     return folder / name, manifest
+
+
+def variant_of(manifest: Mapping[str, Any]) -> Variant:
+    """The variant an artifact folder was made for: its registry entry at the exported image size,
+    with the checkpoint's own number of classes. Every reader of a manifest asks here."""
+    source = manifest.get("source", {})
+    variant = cvt_ref.get_variant(manifest["variant"]).at_size(source.get("image_size"))
+    classes = source.get("num_classes") or len(manifest.get("labels") or []) or None
+    return variant.with_classes(int(classes)) if classes else variant
+
+
+def labels_of(manifest: Mapping[str, Any]) -> list[str]:
+    """The model's own class names (a fine-tuned head's, or ImageNet-1k's)."""
+    labels = manifest.get("labels")
+    return list(labels) if labels else cvt_ref.class_names(variant_of(manifest).num_classes)
+
+
+def export_command(manifest: Mapping[str, Any], folder: Path, precisions: list[str]) -> str:
+    """The `cvt-export onnx` command that re-makes this folder's files from the same source."""
+    source = manifest.get("source", {})
+    parts = ["cvt-export onnx", f"--variant {manifest['variant']}", f"--weights {source.get('weights')}"]
+    base = cvt_ref.get_variant(manifest["variant"])
+    if source.get("image_size") not in (None, base.image_size):
+        parts.append(f"--image-size {source['image_size']}")
+    if source.get("opset") is not None:
+        parts.append(f"--opset {source['opset']}")
+    if source.get("batch") not in (None, "dynamic"):
+        parts.append(f"--batch {source['batch']}")
+    wanted = sorted(set(precisions) | {m.get("precision", "") for m in manifest.get("files", {}).values()}
+                    - {""}, key=["fp32", "fp16", "int8"].index)
+    calib = manifest.get("calibration") or {}
+    if "int8" in wanted and calib.get("source") not in (None, "bundled photos"):
+        parts.append(f"--calib {calib['source']}")
+    parts += [f"--precision {','.join(wanted)}", f"--out {folder}"]
+    return " ".join(parts)
 
 
 def update_manifest(out: Path, change: Callable[[dict[str, Any]], object]) -> None:

@@ -20,9 +20,9 @@ import numpy as np
 import cvt_ref
 from cvt_export.precision import Int8Options
 from cvt_ref.errors import CvtError
-from cvt_ref.preprocess import IMAGE_SUFFIXES, list_images
+from cvt_ref.preprocess import IMAGE_SUFFIXES, check_image, list_images
+from cvt_ref.source import sha256_file
 from cvt_ref.variants import Variant
-from cvt_ref.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def calibration_set(folder: Path | None, size: int | None = None) -> tuple[Calib
         warning = (f"calibration: {size} images asked, {source} has {len(paths)}; "
                    f"calibrating on {len(paths)}")
     chosen = spread(paths, size or len(paths))
+    for path in chosen:  # an unreadable image or a decompression bomb is refused before the export
+        check_image(path)
     return CalibrationSet(tuple(chosen), tuple(sha256_file(p) for p in chosen), source, size), warning
 
 
@@ -101,3 +103,21 @@ def cache_key(calib: CalibrationSet, variant: Variant, model_sha256: str, opts: 
 
 def cache_path(key: str) -> Path:
     return cache_dir() / "calibration" / f"{key}.json"
+
+
+def usable_cache(key: str, fallback: Path) -> tuple[Path, str | None]:
+    """The cache file for `key`, or, when the cache folder cannot be written (a path that is a
+    file, a read-only disk), a private file under `fallback` and a warning: a cache is an
+    optimisation, never a reason to fail an export."""
+    path = cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return path, None
+    except OSError as e:
+        private = fallback / ".calibration" / f"{key}.json"
+        private.parent.mkdir(parents=True, exist_ok=True)
+        return private, (f"calibration cache {cache_dir()} is not writable ({e.strerror}); "
+                         "calibrated without caching (set CVT_EXPORT_CACHE to a writable folder)")

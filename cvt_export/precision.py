@@ -26,7 +26,9 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from cvt_export.onnx import INPUT_NAME, OUTPUT_NAME, ExportError, quiet_loggers, save
+from cvt_export.exporter import ExportError, save
+from cvt_export.quiet import quiet_loggers
+from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,15 @@ FP32_OPS_IN_FP16 = ("LayerNormalization", "Softmax")
 # (CalibMaxIntermediateOutputs would be the obvious option, but ORT 1.32 discards the data
 # instead of merging it.)
 CALIB_BATCH = 1
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A precision file made from the FP32 one: the files written (the .onnx first, then any
+    external data) and, for INT8, whether it calibrated now (False: cached ranges served)."""
+
+    files: list[str]
+    calibrated: bool | None = None
 
 
 def classifier_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -64,7 +75,7 @@ def excluded_nodes(proto: onnx.ModelProto, opts: Int8Options) -> list[str]:
         ([] if opts.attention else attention_matmuls(proto)) + classifier_nodes(proto)
 
 
-def to_fp16(src: Path, dst: Path) -> list[str]:
+def to_fp16(src: Path, dst: Path) -> Derived:
     from onnxconverter_common import float16
 
     proto = onnx.load(str(src))
@@ -75,7 +86,7 @@ def to_fp16(src: Path, dst: Path) -> list[str]:
             node_block_list=classifier_nodes(proto))
     _keep_fp32_outputs(half, proto)
     _set_precision(half, "fp16")
-    return save(half, dst)
+    return Derived(save(half, dst))
 
 
 def _keep_fp32_outputs(half: onnx.ModelProto, original: onnx.ModelProto) -> None:
@@ -151,8 +162,8 @@ def _ort_method(opts: Int8Options) -> tuple[Any, dict[str, Any]]:
 
 
 def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, cache: Path,
-            *, tensorrt_rules: bool = True) -> bool:
-    """Write the Q/DQ file; returns True if it calibrated, False if the cached ranges served.
+            *, tensorrt_rules: bool = True) -> Derived:
+    """Write the Q/DQ file (its `calibrated`: False when the cached ranges served).
 
     `tensorrt_rules=False` keeps a file that breaks TensorRT's rules (for measuring placements).
     """
@@ -191,7 +202,8 @@ def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, 
     if problems:
         raise ExportError(f"{dst.name}: Q/DQ placement TensorRT would refuse: {problems[0]}")
     onnx.save_model(out, str(dst))  # re-save only the header; external data stays as written
-    return not hit
+    data = dst.with_name(dst.name + ".data")
+    return Derived([dst.name, *([data.name] if data.exists() else [])], calibrated=not hit)
 
 
 def _const(proto: onnx.ModelProto, name: str) -> np.ndarray | None:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import torch
 
+from cvt_export.runtime import ort_session
 from cvt_ref.model import CvT, Stage
 
 MATCH_TOLERANCE = 1e-4  # relative to the reference tensor's largest magnitude
@@ -46,16 +47,11 @@ def reference_probes(model: CvT, x: np.ndarray) -> dict[str, np.ndarray]:
 
 def locate(onnx_path: Path, model: CvT, x: np.ndarray) -> dict[str, str]:
     """probe key -> graph tensor name, for every block output found in the file."""
-    import onnxruntime as ort
-
     proto = onnx.load(str(onnx_path))
     floats = [vi.name for vi in onnx.shape_inference.infer_shapes(proto).graph.value_info
               if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     proto = with_outputs(proto, floats)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = ort_session(proto.SerializeToString(), optimization="none")  # keep every tensor as named
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: x}), strict=True))
     order = {n: i for i, node in enumerate(proto.graph.node) for n in node.output}

@@ -18,16 +18,14 @@ from typing import Any
 
 import numpy as np
 
-import cvt_ref
-from cvt_export import artifacts
-from cvt_export.backends import get_backend
-from cvt_export.harness import bench, metrics
+from cvt_export import artifacts, metrics, validate
+from cvt_export.backends.torch import reference_model
+from cvt_export.harness import bench
 from cvt_ref.errors import CvtError
 
 SCHEMA = "cvt-regress/1"
 REFERENCE_TOLERANCE = 1e-5     # max-abs of the PyTorch reference's own logits
 COSINE_SLACK = 5e-4            # how far a worst-image cosine may fall below the baseline's
-FP32_MAX_ABS = 1e-4
 
 
 class BaselineError(CvtError):
@@ -50,7 +48,20 @@ def encode(a: np.ndarray) -> dict[str, Any]:
 
 
 def decode(d: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(d["base64"]), dtype="<f4").reshape(d["shape"])
+    return np.frombuffer(base64.b64decode(d["base64"], validate=True), dtype="<f4").reshape(d["shape"])
+
+
+def check_arrays(data: dict[str, Any], path: Path) -> None:
+    """The stored reference logits decode to a finite float32[images, classes] array."""
+    try:
+        ref = decode(data["reference"]["logits"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BaselineError(f"{path}: reference logits are corrupt ({type(e).__name__}: {e}); "
+                            "regenerate the baseline with --update") from None
+    images = data["inputs"].get("images")
+    if ref.ndim != 2 or ref.shape[0] != images or not np.isfinite(ref).all():
+        raise BaselineError(f"{path}: reference logits have shape {list(ref.shape)} for {images} images "
+                            "or are not finite; regenerate the baseline with --update")
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
@@ -67,16 +78,30 @@ def load_baseline(path: Path) -> dict[str, Any]:
     for key in ("variant", "weights", "export", "inputs", "reference", "graphs", "results"):
         if key not in data:
             raise BaselineError(f"{path}: baseline lacks {key!r}; regenerate it with --update")
+    check_arrays(data, path)
     return data
 
 
 def tolerance(precision: str, fid: dict[str, Any], images: int) -> dict[str, float]:
     """What today's run must meet, from the baseline's figures and the precision's bounds."""
+    bounds = metrics.BOUNDS[precision]
+    top1_floor = bounds.get("top1_agreement", 0.0)
     if precision == "fp32":
-        return {"max_abs_max": FP32_MAX_ABS, "top1_agreement_min": 1.0}
-    floor = bench.BOUNDS[precision].get("cosine_min", 0.0)
-    return {"cosine_min_min": max(floor, fid["cosine_min"] - COSINE_SLACK),
-            "top1_agreement_min": max(0.0, fid["top1_agreement"] - 1.0 / images)}
+        return {"max_abs_max": bounds["max_abs"], "top1_agreement_min": top1_floor}
+    return {"cosine_min_min": max(bounds.get("cosine_min", 0.0), fid["cosine_min"] - COSINE_SLACK),
+            "top1_agreement_min": max(top1_floor, fid["top1_agreement"] - 1.0 / images)}
+
+
+def floored(precision: str, tol: dict[str, float]) -> dict[str, float]:
+    """A stored tolerance never looser than the precision's bounds (a baseline may predate them)."""
+    bounds = metrics.BOUNDS.get(precision, {})
+    out = dict(tol)
+    if "max_abs" in bounds and "max_abs_max" in out:
+        out["max_abs_max"] = min(out["max_abs_max"], bounds["max_abs"])
+    for metric in ("cosine_min", "top1_agreement"):
+        if metric in bounds and f"{metric}_min" in out:
+            out[f"{metric}_min"] = max(out[f"{metric}_min"], bounds[metric])
+    return out
 
 
 def _result_key(r: dict[str, Any]) -> str:
@@ -96,10 +121,11 @@ def make_baseline(report: dict[str, Any], manifest: dict[str, Any], reference: n
                                    "median_ms": r["latency"][largest]["median_ms"]}
     return {
         "schema": SCHEMA,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {k: report["machine"][k] for k in ("cpu", "cores", "isa", "libraries")},
         "variant": manifest["variant"], "weights": manifest["weights"]["spec"],
-        "export": {"opset": manifest["source"]["opset"], "batch": manifest["source"]["batch"]},
+        "export": {"opset": manifest["source"]["opset"], "batch": manifest["source"]["batch"],
+                   "image_size": manifest["source"]["image_size"]},
         "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
                              "through cvt_ref.preprocess", "images": images,
                    "sha256": report["inputs"]["sha256"]},
@@ -144,10 +170,16 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], manifest: dict[str
     today = {_result_key(r): r for r in report["results"]}
     for key, base in baseline["results"].items():
         r = today.get(key)
-        if r is None or r["status"] != "ok":
-            info.append(f"skipped {key}: {r['reason'] if r else 'not run'}")
+        if r is None:
+            info.append(f"not run {key}: not asked for (--backend/--precision)")
             continue
-        fid, tol = r["fidelity"], base["tolerance"]
+        if r["status"] == "error":  # the SDK is here and the artifact no longer runs on it
+            found.append(Finding("fail", key, f"no longer runs: {r['reason']}"))
+            continue
+        if r["status"] != "ok":
+            info.append(f"skipped {key}: {r['reason']}")
+            continue
+        fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
         checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
                   ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
                   ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
@@ -170,6 +202,8 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], manifest: dict[str
     for key in sorted(set(today) - set(baseline["results"])):
         if today[key]["status"] == "ok":
             info.append(f"new {key}: not in the baseline (run --update to record it)")
+        elif today[key]["status"] == "error":
+            found.append(Finding("fail", key, f"does not run: {today[key]['reason']}"))
     return found, info
 
 
@@ -196,14 +230,18 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
     baseline = None if update and not baseline_path.exists() else load_baseline(baseline_path)
     variant = baseline["variant"] if baseline else "cvt-13"
     weights = baseline["weights"] if baseline else "random:0"
-    opset = baseline["export"]["opset"] if baseline else None
+    export = baseline["export"] if baseline else {}
     folder = artifacts_dir or Path("artifacts") / f"regress-{variant}"
     if artifacts_dir is None:
         from cvt_export import build
-        from cvt_export.onnx import DEFAULT_OPSET, ExportOptions
+        from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
 
-        req = build.BuildRequest(variant, weights, precisions=("fp32", "fp16", "int8"),
-                                 options=ExportOptions(opset=opset or DEFAULT_OPSET))
+        batch = export.get("batch", "dynamic")
+        opts = ExportOptions(opset=export.get("opset") or DEFAULT_OPSET, image_size=export.get("image_size"),
+                             batch=None if batch in (None, "dynamic") else int(batch))
+        # The folder is the gate's own cache: replacing what another baseline left there is fine.
+        req = build.BuildRequest(variant, weights, precisions=("fp32", "fp16", "int8"), options=opts,
+                                 force=True)
         build.build(req, folder, step=progress)
     else:
         found = artifacts.load_manifest(artifacts_dir)["variant"]
@@ -214,8 +252,8 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
                             precisions=precisions or bench.PRECISIONS)
     report = bench.run(cfg, progress=progress)
     manifest = artifacts.load_manifest(folder)
-    with get_backend("torch").compile(folder, "fp32") as torch_ref:
-        reference = torch_ref(bench.load_inputs(None, None, cvt_ref.get_variant(variant)).images)
+    inputs = bench.load_inputs(None, None, artifacts.variant_of(manifest))
+    reference = validate.reference_logits(reference_model(folder, manifest), inputs.images)
     if baseline is None or update:
         new = make_baseline(report, manifest, reference)
         findings, info = (compare(baseline, report, manifest, reference, None) if baseline else ([], []))

@@ -14,18 +14,13 @@ so original checkpoints load with a stage-prefix rename only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvt_ref.source import Activation, WeightsSource
 from cvt_ref.variants import StageSpec, Variant
 
-if TYPE_CHECKING:
-    from cvt_ref.weights import WeightsSource
-
-Activation = Literal["gelu", "quick_gelu"]
 LN_EPS = 1e-5
 
 

@@ -12,13 +12,16 @@ Beyond the original (decided here, see README): EXIF orientation is applied firs
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cvt_ref.errors import ImageError
 from cvt_ref.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -30,6 +33,9 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused, too many pixels to decode safely ({e}); resize it "
+                         "first") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -83,10 +89,14 @@ def preprocess(image: Image.Image | str | Path, variant: str | Variant) -> torch
     mean = np.asarray(v.mean, dtype=np.float32)
     std = np.asarray(v.std, dtype=np.float32)
     x = (x - mean) / std
+    import torch  # here, not at import: `import cvt_ref` stays light for report and manifest readers
+
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def preprocess_batch(images: list[Image.Image | str | Path], variant: str | Variant) -> torch.Tensor:
+    import torch
+
     return torch.stack([preprocess(image, variant) for image in images])
 
 
@@ -95,7 +105,23 @@ def list_images(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ImageError(f"{root}: not a folder")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def check_image(path: Path) -> None:
+    """Open the header only: an unreadable file or a decompression bomb is refused in
+    milliseconds, before any long job starts (the pixels are decoded later)."""
+    try:
+        with Image.open(path):
+            pass
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused, too many pixels to decode safely ({e}); resize it "
+                         "first") from None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read it as an image ({e})") from None
 
 
 def bundled_photos() -> list[Path]:

@@ -83,6 +83,21 @@ class Variant:
             return int(self.image_size / self.crop_pct)
         return self.image_size
 
+    def at_size(self, image_size: int | None) -> Variant:
+        """The variant evaluated at another square resolution (CvT has no position embedding to
+        resize). Same name: the weights are the same; the published figures no longer apply."""
+        if image_size in (None, self.image_size):
+            return self
+        return replace(self, image_size=image_size, published=None)
+
+    def with_classes(self, num_classes: int) -> Variant:
+        """The variant with another classifier head (a fine-tuned checkpoint's own classes)."""
+        if num_classes == self.num_classes:
+            return self
+        if num_classes < 1:
+            raise CvtError(f"{self.name}: a classifier needs at least one class, not {num_classes}")
+        return replace(self, num_classes=num_classes, published=None)
+
     def with_depths(self, *depths: int) -> Variant:
         """A reduced-depth copy (same widths, fewer blocks): quick tests of big variants."""
         stages = tuple(replace(s, depth=d) for s, d in zip(self.stages, depths, strict=True))

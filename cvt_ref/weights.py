@@ -21,14 +21,14 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cvt_ref.errors import WeightsError, first_line
-from cvt_ref.model import Activation, CvT, Stage
+from cvt_ref.model import CvT, Stage
+from cvt_ref.source import Activation, WeightsSource, sha256_file
 from cvt_ref.variants import Variant, variants_with_architecture
 
 log = logging.getLogger(__name__)
@@ -36,19 +36,9 @@ log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_TIMEOUT_S = 10.0
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SHARD_FILES = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """What was loaded, for manifests and reports."""
-
-    spec: str                 # what the user passed
-    kind: str                 # random | transformers | original | native
-    activation: Activation    # the activation the checkpoint was trained with
-    sha256: str | None = None  # of the weights file; None for random
-    path: Path | None = None
-    id2label: Mapping[int, str] | None = field(default=None, repr=False)
 
 
 # --- key maps: checkpoint key -> our key -------------------------------------------------
@@ -106,14 +96,6 @@ def to_native_keys(state: Mapping[str, object], where: str) -> tuple[StateDict, 
 
 # --- reading files -------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _unwrap(obj: object, where: str) -> Mapping[str, object]:
     """Training scripts wrap state dicts as {'state_dict': ...} or {'model': ...}."""
     if isinstance(obj, Mapping):
@@ -126,17 +108,39 @@ def _unwrap(obj: object, where: str) -> Mapping[str, object]:
     raise WeightsError(f"{where}: not a state dict (found {type(obj).__name__})")
 
 
+SAFETENSORS_MAGIC_MAX = 100_000_000  # a safetensors header length above this is not one
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with a little-endian u64 header length and a JSON object."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return (len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= SAFETENSORS_MAGIC_MAX
+            and head[8:9] == b"{")
+
+
+def _read_safetensors(path: Path) -> Mapping[str, object]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_state_dict(path: Path) -> Mapping[str, object]:
     where = str(path)
     if not path.exists():
         raise WeightsError(f"{where}: no such file or folder")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{where}: not a readable safetensors file ({e})") from None
+    if path.is_dir():
+        raise WeightsError(f"{where}: a folder, not a weights file")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.suffix == ".safetensors" or _is_safetensors(path):  # the content decides, not the name
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for the user here
             warnings.simplefilter("ignore")
@@ -154,6 +158,38 @@ def read_state_dict(path: Path) -> Mapping[str, object]:
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise WeightsError(f"{where}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     return _unwrap(obj, where)
+
+
+
+
+def _weights_sha256(path: Path) -> str:
+    """The file's sha256; for a shard index, one digest over the index and every shard it lists."""
+    if not path.name.endswith(".index.json"):
+        return sha256_file(path)
+    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    joined = "\n".join([sha256_file(path), *(sha256_file(path.parent / s) for s in shards)])
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _read_sharded(index: Path) -> Mapping[str, object]:
+    """A sharded transformers save: an index mapping each tensor to one of several files."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
+    state: dict[str, object] = {}
+    for name in shards:
+        shard = index.parent / name
+        if not shard.is_file():
+            raise WeightsError(f"{index}: lists {name}, which is not in {index.parent}")
+        part = read_state_dict(shard)
+        state.update(part)
+    missing = [k for k in weight_map if k not in state]
+    if missing:
+        raise WeightsError(f"{index}: {len(missing)} tensors listed but not in the shards "
+                           f"(first: {', '.join(missing[:3])})")
+    return state
 
 
 def _read_hf_config(folder: Path) -> dict[str, object]:
@@ -202,9 +238,9 @@ def _folder_weights(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    if (folder / "model.safetensors.index.json").exists():
-        raise WeightsError(f"{folder}: sharded checkpoints are not supported; "
-                           "save with save_pretrained(max_shard_size='10GB')")
+    for index in SHARD_INDEXES:
+        if (folder / index).is_file():
+            return folder / index
     raise WeightsError(f"{folder}: holds no {' or '.join(WEIGHT_FILES)}")
 
 
@@ -215,7 +251,8 @@ def download_from_hub(repo_id: str) -> Path:
     except ImportError:  # pragma: no cover - a core dependency
         raise WeightsError("huggingface_hub is not installed; pip install huggingface_hub") from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", *WEIGHT_FILES],
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", *WEIGHT_FILES, *SHARD_INDEXES,
+                                                                  *SHARD_FILES],
                                       etag_timeout=HUB_TIMEOUT_S))
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
@@ -303,18 +340,34 @@ def load_state_strict(model: CvT, state: StateDict, where: str) -> None:
     model.load_state_dict(floats, strict=False)
 
 
-def resolve(spec: str | Path) -> tuple[Callable[[CvT], None], WeightsSource, Mapping[str, object] | None]:
-    """Turn a weights spec into (loader, source, hf_config) without building the model yet."""
+def _config_classes(config: Mapping[str, object]) -> int | None:
+    labels = config.get("id2label")
+    n = config.get("num_labels", len(labels) if isinstance(labels, Mapping) else None)
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
+
+
+def looks_like_path(text: str) -> bool:
+    """A spec that names a local file (a suffix, or ./ ../ / ~), not a hub id like microsoft/cvt-13."""
+    return text.startswith((".", "/", "~")) or Path(text).suffix.lower() in (
+        ".pth", ".pt", ".bin", ".safetensors", ".json", ".ckpt")
+
+
+def resolve(spec: str | Path) -> tuple[Callable[[CvT], None], WeightsSource, Mapping[str, object] | None,
+                                       int | None]:
+    """Turn a weights spec into (loader, source, hf_config, num_classes) without building the model.
+
+    num_classes is the checkpoint's own (its config's num_labels, else its head's rows); None
+    for random weights, which take the variant's."""
     text = str(spec)
     if text == "random" or text.startswith("random:"):
         seed_text = text.partition(":")[2] or "0"
         if not seed_text.isdigit():
             raise WeightsError(f"{text!r}: the seed must be a non-negative integer (random:SEED)")
         seed = int(seed_text)
-        return (lambda m: init_random(m, seed)), WeightsSource(text, "random", "gelu"), None
+        return (lambda m: init_random(m, seed)), WeightsSource(text, "random", "gelu"), None, None
 
     path = Path(text).expanduser()
-    if not path.exists() and HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if not path.exists() and HUB_ID.match(text) and not looks_like_path(text):
         path = download_from_hub(text)
     config: Mapping[str, object] | None = None
     if path.is_dir():
@@ -324,11 +377,16 @@ def resolve(spec: str | Path) -> tuple[Callable[[CvT], None], WeightsSource, Map
         config = _read_hf_config(path)
         path = _folder_weights(path)
     elif not path.exists():
-        raise WeightsError(f"{text}: no such file or folder (and not a hub id like microsoft/cvt-13)")
+        hint = "" if looks_like_path(text) else " (and not a hub id like microsoft/cvt-13)"
+        raise WeightsError(f"{text}: no such file or folder{hint}")
 
     state, kind = to_native_keys(read_state_dict(path), str(path))
     # The original code trains with QuickGELU; transformers' port uses exact GELU.
     activation: Activation = "quick_gelu" if kind == "original" else "gelu"
-    source = WeightsSource(text, kind, activation, sha256_file(path), path,
+    source = WeightsSource(text, kind, activation, _weights_sha256(path), path,
                            _id2label(config) if config else None)
-    return (lambda m: load_state_strict(m, state, str(path))), source, config
+    head = state.get("head.weight")
+    classes = _config_classes(config) if config else None
+    if classes is None and head is not None and head.dim() == 2:
+        classes = int(head.shape[0])
+    return (lambda m: load_state_strict(m, state, str(path))), source, config, classes

@@ -22,9 +22,10 @@ import numpy as np
 
 import cvt_ref
 from cvt_export import build, calibration, precision
-from cvt_export.backends.ort import cpu_name
-from cvt_export.harness.metrics import fidelity
-from cvt_export.onnx import ort_session, reference_logits, run_ort
+from cvt_export.machine import cpu_name
+from cvt_export.metrics import fidelity
+from cvt_export.runtime import ort_session, run_logits
+from cvt_export.validate import reference_logits
 
 POLICIES = {
     "ORT default: Conv+MatMul inputs and outputs, depthwise too":
@@ -67,9 +68,9 @@ def main() -> None:
     def measure(path: Path) -> tuple[dict[str, float], dict[str, float], float, float]:
         session = ort_session(path)
         compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        f_ort = fidelity(ref, run_ort(session, held))
+        f_ort = fidelity(ref, run_logits(session, held))
         f_ov = fidelity(ref, np.array(compiled(held)[0], copy=True))
-        return f_ort, f_ov, median_ms(lambda: run_ort(session, x8)), median_ms(lambda: compiled(x8))
+        return f_ort, f_ov, median_ms(lambda: run_logits(session, x8)), median_ms(lambda: compiled(x8))
 
     rows = []
     _, _, ort32, ov32 = measure(fp32)

@@ -21,6 +21,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may wait fo
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that run OpenVINO carry the `openvino` marker (by name or parameter), so
+    `-m "not openvino"` deselects them; where OpenVINO is not installed they skip with the reason."""
+    import importlib.util
+
+    missing = importlib.util.find_spec("openvino") is None
+    for item in items:
+        if "openvino" in item.nodeid.lower():
+            item.add_marker(pytest.mark.openvino)
+        if missing and item.get_closest_marker("openvino"):
+            item.add_marker(pytest.mark.skip(reason="OpenVINO is not installed: "
+                                                    "pip install 'cvt-export[openvino]'"))
+
+
 @torch.no_grad()
 def scramble(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random weights where every term matters: O(1) attention scores, non-trivial norms and
@@ -119,6 +133,37 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache: Path,
     build.build(BuildRequest("cvt-13", "random:0", precisions=("fp32", "fp16", "int8"),
                              calib=split[0]), out)
     return out
+
+
+def copy_artifacts(folder: Path, where: Path, name: str = "artifacts-copy") -> Path:
+    """A private copy of an artifact folder: tests that write into one (CLI runs, damage, rebuilt
+    derived files) never touch the session's shared export, so test order does not matter."""
+    copy = where / name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+@pytest.fixture
+def exported_copy(exported: Path, tmp_path: Path) -> Path:
+    return copy_artifacts(exported, tmp_path)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a read-only mount (a bind mount with ro): permission bits do not stop root,
+    a read-only file system does. Skipped where mounting is not allowed."""
+    import subprocess
+
+    src, ro = tmp_path / "ro-src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    made = subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(ro)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {made.stderr.strip()}")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
 
 
 @pytest.fixture(scope="session")

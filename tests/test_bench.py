@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import copy_artifacts
 
 import cvt_ref
+from cvt_export import metrics
 from cvt_export.backends import get_backend
-from cvt_export.harness import bench, metrics, report
+from cvt_export.harness import bench, report
 from helpers import PerturbedBackend, assert_user_error, run_cli
 
 # --- metrics, by hand ----------------------------------------------------------------------
@@ -84,10 +86,18 @@ def test_drift_locates_the_largest_growth_by_hand() -> None:
     assert d["cosine_min"] == pytest.approx(1.0) and d["rel_max_abs"] == pytest.approx(1.0)
 
 
-def test_bounds_per_precision() -> None:
-    assert bench.within_bounds("fp32", {"max_abs": 2e-4}) == ["max_abs 0.0002 > 0.0001"]
-    assert bench.within_bounds("int8", {"cosine_min": 0.999}) == []
-    assert bench.within_bounds("fp16", {"cosine_min": 0.99995, "top1_agreement": 0.9})
+def test_bounds_per_precision_name_what_breaks() -> None:
+    assert metrics.within_bounds("fp32", {"max_abs": 2e-4, "top1_agreement": 1.0}) == [
+        "max_abs 0.0002 > 0.0001"]
+    assert metrics.within_bounds("fp32", {"max_abs": 1e-6, "top1_agreement": 0.5}) == [
+        "top1_agreement 0.5 < 1"]
+    assert metrics.within_bounds("int8", {"cosine_min": 0.999, "top1_agreement": 0.95}) == []
+    assert metrics.within_bounds("int8", {"cosine_min": 0.99, "top1_agreement": 0.8}) == [
+        "cosine_min 0.99 < 0.995", "top1_agreement 0.8 < 0.9"]
+    assert metrics.within_bounds("fp16", {"cosine_min": 0.99995, "top1_agreement": 0.9}) == [
+        "top1_agreement 0.9 < 1"]
+    assert metrics.within_bounds("bf16", {"cosine_min": float("nan"), "top1_agreement": 1.0}) == [
+        "cosine_min nan < 0.999"]
 
 
 # --- a real run, its report and its schema -------------------------------------------------
@@ -126,14 +136,36 @@ def test_report_schema_and_files(exported: Path, tmp_path: Path) -> None:
     assert any("schema" in p for p in problems) and any("misses ['latency']" in p for p in problems)
 
 
-def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], tmp_path: Path) -> None:
-    for synset, photo in (("n02123045", photos[3]), ("n03792782", photos[0])):  # tabby; mountain bike
-        (tmp_path / synset).mkdir()
-        shutil.copy(photo, tmp_path / synset / photo.name)
-    rep = bench.run(_config(exported, dataset=tmp_path, precisions=("fp32",)))
-    assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 2
+def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], reference: np.ndarray,
+                                      tmp_path: Path) -> None:
+    """Class folders named after the reference's own predictions: three photos in the folder of
+    their top-1 class, one in the folder of its *least* likely class, so the exact accuracy is
+    known without the code under test (top-1 3/4, top-5 3/4)."""
+    labels = cvt_ref.imagenet_labels()
+    order = np.argsort(-reference.astype(np.float64), axis=1)
+    picks = [(0, order[0, 0]), (1, order[1, 0]), (2, order[2, 0]), (3, order[3, -1])]
+    for row, cls in picks:
+        folder = tmp_path / "named" / labels[cls]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos[row], folder / photos[row].name)
+    (tmp_path / "named" / ".DS_Store").write_bytes(b"\0\1")  # hidden files are not images
+    rep = bench.run(_config(exported, dataset=tmp_path / "named", precisions=("fp32",)))
+    assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 4
     for r in rep["results"]:
-        assert set(r["accuracy"]) == {"top1", "top5"}
+        assert r["accuracy"] == {"top1": 0.75, "top5": 0.75}, r["backend"]
+    # synset folders (the ImageNet layout) give the same classes
+    (tmp_path / "synsets").mkdir()
+    synset = cvt_ref.imagenet_synsets()[order[0, 0]]
+    (tmp_path / "synsets" / synset).mkdir()
+    shutil.copy(photos[0], tmp_path / "synsets" / synset / photos[0].name)
+    rep = bench.run(_config(exported, dataset=tmp_path / "synsets", precisions=("fp32",), backends=()))
+    assert rep["results"][0]["accuracy"] == {"top1": 1.0, "top5": 1.0}
+    # folders that are not the model's classes: no accuracy, and the report says why
+    (tmp_path / "other" / "my-cats").mkdir(parents=True)
+    shutil.copy(photos[0], tmp_path / "other" / "my-cats" / photos[0].name)
+    rep = bench.run(_config(exported, dataset=tmp_path / "other", precisions=("fp32",), backends=()))
+    assert not rep["inputs"]["labelled"] and rep["results"][0]["accuracy"] is None
+    assert "my-cats" in rep["inputs"]["accuracy_note"]
 
 
 def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,7 +190,7 @@ def test_a_fault_inside_the_network_is_located(exported: Path, tmp_path: Path) -
     import onnx
     from onnx import numpy_helper
 
-    from cvt_ref.weights import sha256_file
+    from cvt_ref.source import sha256_file
 
     folder = tmp_path / "damaged"
     shutil.copytree(exported, folder)
@@ -190,8 +222,8 @@ def test_bad_inputs_give_one_line_and_exit_2(exported: Path, tmp_path: Path) -> 
     with (corrupt / "model.int8.onnx").open("r+b") as f:
         f.seek(500)
         f.write(b"garbage!")
-    art = ["--artifacts", str(exported), "--limit", "2", "--iters", "1", "--warmup", "0",
-           "--out", str(tmp_path / "rep")]
+    art = ["--artifacts", str(copy_artifacts(exported, tmp_path)), "--limit", "2", "--iters", "1",
+           "--warmup", "0", "--out", str(tmp_path / "rep")]
     cases = [
         (["--backend", "tvm", *art], "unknown backend 'tvm'"),
         (["--backend", "ort", "--dataset", str(empty), *art], "holds no images"),

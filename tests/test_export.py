@@ -22,11 +22,11 @@ import torch
 from onnx import numpy_helper
 
 import cvt_ref
-from cvt_export import artifacts, build, calibration, precision
-from cvt_export import onnx as onnx_export
+from cvt_export import artifacts, build, calibration, metrics, precision
+from cvt_export import exporter as onnx_export
 from cvt_export.build import BuildRequest
-from cvt_export.onnx import ExportOptions
-from cvt_ref.weights import sha256_file
+from cvt_export.exporter import ExportOptions
+from cvt_ref.source import sha256_file
 from helpers import assert_user_error, cosine_rows, run_cli
 
 CVT13 = cvt_ref.VARIANTS["cvt-13"]
@@ -228,9 +228,9 @@ def test_a_failed_validation_leaves_the_previous_export_valid(exported: Path, tm
     shutil.copytree(exported, out)
     (out / ".staging-from-a-killed-export").mkdir()  # a writer killed mid-way leaves this
     before = {p.name: sha256_file(p) for p in out.iterdir() if p.is_file()}
-    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 1e-12)  # any real export now "fails"
+    monkeypatch.setitem(metrics.BOUNDS["fp32"], "max_abs", 1e-12)  # any real export now "fails"
     with pytest.raises(onnx_export.ExportError, match="differs from PyTorch"):
-        build.build(BuildRequest("cvt-13", "random:1"), out)
+        build.build(BuildRequest("cvt-13", "random:1", force=True), out)
     assert {p.name: sha256_file(p) for p in out.iterdir() if p.is_file()} == before
     assert not list(out.glob(".staging-*"))
     empty = tmp_path / "fresh"
@@ -268,7 +268,7 @@ def test_every_variant_exports_and_validates(name: str, tmp_path: Path) -> None:
 def test_opset_17_fixed_batch_and_image_size(tmp_path: Path) -> None:
     variant = CVT13.with_depths(1, 1, 1)
     model = cvt_ref.create_model(variant, "random:4")
-    sized = onnx_export.sized_variant(variant, 160)
+    sized = variant.at_size(160)
     path = tmp_path / "model.onnx"
     onnx_export.export_fp32(model, sized, path, ExportOptions(opset=17, batch=3, image_size=160))
     proto = onnx.load(str(path))
@@ -333,9 +333,8 @@ def test_calibration_set_counts_and_warns(tmp_path: Path, photos: list[Path]) ->
     chosen, warning = calibration.calibration_set(tmp_path, 5)
     assert len(chosen.paths) == 3 and warning is not None and "5 images asked" in warning
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    chosen, _ = calibration.calibration_set(tmp_path)
-    with pytest.raises(cvt_ref.ImageError, match=r"broken\.jpg"):
-        chosen.load(CVT13)
+    with pytest.raises(cvt_ref.ImageError, match=r"broken\.jpg"):  # refused before any export work
+        calibration.calibration_set(tmp_path)
 
 
 def test_qdq_rule_check_flags_quantized_outputs(tmp_path: Path, photos: list[Path]) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import copy_artifacts
 
 from cvt_export import build, regress
+from cvt_export.exporter import ExportOptions
 from cvt_export.harness import bench
-from cvt_export.onnx import ExportOptions
+from cvt_ref.source import sha256_file
 from helpers import PerturbedBackend, assert_user_error, run_cli
 
 QUICK = {"backends": ("ort",), "precisions": ("fp32", "int8"), "iters": 2}
@@ -44,7 +47,8 @@ def test_unchanged_artifacts_pass(baseline: Path, exported: Path) -> None:
 
 def test_cli_passes_then_fails_on_a_slowdown_only_when_asked(baseline: Path, exported: Path,
                                                            tmp_path: Path) -> None:
-    ok = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(exported),
+    ok = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts",
+                 str(copy_artifacts(exported, tmp_path)),
                  "--iters", "2")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "regression check passed" in ok.stdout
@@ -109,7 +113,7 @@ def test_a_corrupt_baseline_is_bad_input(exported: Path, tmp_path: Path) -> None
                               (json.dumps({"schema": "cvt-regress/0"}), "not a cvt-regress/1 baseline")):
         bad = tmp_path / "bad.json"
         bad.write_text(content)
-        result = run_cli("cvt-bench", "regress", "--baseline", str(bad), "--artifacts", str(exported))
+        result = run_cli("cvt-bench", "regress", "--baseline", str(bad), "--artifacts", str(tmp_path))
         assert_user_error(result, fragment)
     assert_user_error(run_cli("cvt-bench", "regress", "--baseline", str(tmp_path / "none.json")),
                       "no such baseline")
@@ -126,3 +130,58 @@ def test_update_rewrites_and_shows_what_moved(baseline: Path, exported: Path, tm
     assert outcome.updated and any(f.what == "ort/fp32 max_abs" for f in outcome.findings)
     rewritten = regress.load_baseline(copy)
     assert rewritten["results"]["ort/fp32"]["fidelity"]["max_abs"] > 0.01
+
+
+def _unloadable(exported: Path, tmp_path: Path) -> Path:
+    """A recorded artifact the backend cannot load (as after an SDK upgrade that drops an op):
+    the file is damaged and the manifest records the damaged file's sha256, so only the
+    backend itself can notice."""
+    folder = copy_artifacts(exported, tmp_path)
+    path = folder / "model.int8.onnx"
+    path.write_bytes(b"not an onnx file" * 64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.int8.onnx"]["sha256"] = sha256_file(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_backend_that_no_longer_loads_fails_the_gate(baseline: Path, exported: Path,
+                                                      tmp_path: Path) -> None:
+    folder = _unloadable(exported, tmp_path)
+    outcome = regress.run(baseline, update=False, artifacts_dir=folder, max_slowdown=None, **QUICK)
+    fail = next(f for f in outcome.findings if f.what == "ort/int8")
+    assert fail.kind == "fail" and "no longer runs" in fail.detail and "ort: cannot load" in fail.detail
+    result = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(folder),
+                     "--iters", "1", "--backend", "ort", "--precision", "int8")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL ort/int8: no longer runs" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_an_absent_sdk_only_skips(baseline: Path, exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Absent:
+        def __init__(self, inner: Any) -> None:
+            self.name, self.precisions, self.inner = inner.name, inner.precisions, inner
+
+        def available(self) -> tuple[bool, str]:
+            return False, "onnxruntime is not installed"
+
+    real = bench.get_backend
+    monkeypatch.setattr(bench, "get_backend", lambda name: Absent(real(name))
+                        if real(name).name == "ort" else real(name))
+    outcome = regress.run(baseline, update=False, artifacts_dir=exported, max_slowdown=None, **QUICK)
+    assert outcome.findings == []
+    assert "skipped ort/int8: onnxruntime is not installed" in outcome.info
+
+
+def test_a_baseline_with_corrupt_arrays_is_bad_input(baseline: Path, tmp_path: Path) -> None:
+    data = json.loads(baseline.read_text())
+    for name, change in (("garbage", lambda d: d["reference"]["logits"].update(base64="!!not base64!!")),
+                         ("shape", lambda d: d["reference"]["logits"].update(shape=[3, 7]))):
+        broken = json.loads(json.dumps(data))
+        change(broken)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(broken))
+        with pytest.raises(regress.BaselineError, match="reference logits"):
+            regress.load_baseline(path)
+        assert_user_error(run_cli("cvt-bench", "regress", "--baseline", str(path), "--artifacts",
+                                  str(tmp_path)), "reference logits")

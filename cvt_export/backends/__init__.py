@@ -1,20 +1,26 @@
 """Backends turn an artifact folder into a Runner; the harness only ever talks to runners.
 
 A backend is a small object (Polygraphy's shape): `available()` says whether its SDK and
-device are here and, if not, why; `compile(folder, precision, **options)` returns a Runner.
-A Runner is a context manager (resources live between enter and exit) and a callable
-`float32[B,3,H,W] -> float32[B,1000]`; it checks inputs against what the artifact declares
-and reports the precision and device it really ran on. Each backend's SDK is imported
-inside its own file, only when used, so `import cvt_export` needs none of them.
+device are here and, if not, why; `compile(folder, precision, *, options...)` checks the
+artifact and the options (explicit keywords: a misspelt one is a TypeError) and returns a
+Runner. A Runner has a lifecycle: its resources (session, compiled model, engine context)
+are created when it is entered (or on its first call) and freed when it exits; used after
+exit it raises BackendError. It is a callable `float32[B,3,H,W] -> float32[B,N]` that checks
+its input against what the artifact declares (`inputs`: name, shape with the dynamic batch
+named, dtype; and finiteness: a NaN or Inf row is refused, naming the rows), and it reports
+the precision and device it really ran on. Backends that can expose per-block outputs
+implement the `Probing` protocol. Each SDK is imported inside its own backend file, only when
+used, so `import cvt_export` needs none of them.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,7 +28,13 @@ from cvt_ref.errors import CvtError
 
 
 class BackendError(CvtError):
-    """A backend that is missing, or an artifact it cannot run."""
+    """A backend that is missing, or an artifact or input it cannot run."""
+
+
+class BackendUnavailable(BackendError):
+    """What this backend needs is not here: its SDK, the device, or the hardware feature a
+    precision needs (CUDA for torch FP16, BF16 units). A benchmark lists it as skipped; any
+    other BackendError (cannot load, compile or run the artifact) is an error."""
 
 
 @dataclass
@@ -35,9 +47,37 @@ class RunnerInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output as the artifact declares it: a str dimension is dynamic (e.g. "batch")."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shape[0] if isinstance(self.shape[0], int) else None
+
+
+def onnx_io(manifest: Mapping[str, Any], onnx_name: str) -> tuple[TensorSpec, TensorSpec]:
+    """The input and output specs an ONNX artifact's manifest entry records."""
+    graph = manifest["files"][onnx_name]["graph"]
+
+    def spec(d: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
+
+    return spec(graph["inputs"][0]), spec(graph["outputs"][0])
+
+
 @runtime_checkable
 class Runner(Protocol):
     info: RunnerInfo
+    inputs: TensorSpec
+    outputs: TensorSpec
+
+    @property
+    def active(self) -> bool: ...
 
     def __enter__(self) -> Runner: ...
 
@@ -53,43 +93,92 @@ class Backend(Protocol):
 
     def available(self) -> tuple[bool, str]: ...
 
-    def compile(self, folder: Path, precision: str, **options: Any) -> Runner: ...
+    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+                check_finite: bool = True) -> Runner: ...
+
+
+@runtime_checkable
+class Probing(Protocol):
+    """A backend that can return intermediate tensors (per-block drift)."""
+
+    def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
+              threads: int | None = None) -> dict[str, np.ndarray]: ...
+
+
+State = Literal["ready", "active", "closed"]
 
 
 class RunnerBase:
-    """Shared input checks and context-manager plumbing; subclasses implement `_run`."""
+    """Lifecycle and input checks; subclasses implement `_activate`, `_deactivate` and `_run`."""
 
     info: RunnerInfo
 
-    def __init__(self, info: RunnerInfo, image_size: int, fixed_batch: int | None = None) -> None:
+    def __init__(self, info: RunnerInfo, inputs: TensorSpec, outputs: TensorSpec, *,
+                 check_finite: bool = True) -> None:
         self.info = info
-        self.image_size = image_size
-        self.fixed_batch = fixed_batch
+        self.inputs = inputs
+        self.outputs = outputs
+        self.check_finite = check_finite
+        self._state: State = "ready"
+
+    @property
+    def active(self) -> bool:
+        return self._state == "active"
+
+    def activate(self) -> None:
+        if self._state != "active":
+            self._activate()
+            self._state = "active"
+
+    def deactivate(self) -> None:
+        if self._state == "active":
+            self._deactivate()
+        self._state = "closed"
 
     def __enter__(self) -> RunnerBase:
+        self.activate()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        self.deactivate()
 
-    def close(self) -> None:
-        """Free what the runner holds (sessions, compiled models, device memory)."""
+    def _activate(self) -> None:
+        """Create what the runner holds (sessions, compiled models, device memory)."""
+
+    def _deactivate(self) -> None:
+        """Free what the runner holds."""
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
-        want = (3, self.image_size, self.image_size)
-        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1:] != want or x.shape[0] < 1:
-            got = getattr(x, "shape", type(x).__name__)
-            raise BackendError(f"{self.info.backend}: input must be float32[B, {want[0]}, {want[1]}, "
-                               f"{want[2]}], got {got}")
-        if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
-            raise BackendError(f"{self.info.backend}: {self.info.artifact} was exported for batch "
-                               f"{self.fixed_batch}, got {x.shape[0]}")
-        if x.dtype != np.float32:
-            raise BackendError(f"{self.info.backend}: input must be float32, got {x.dtype}")
+        name = self.info.backend
+        if not isinstance(x, np.ndarray):
+            hint = "; pass tensor.numpy()" if type(x).__module__.startswith("torch") else ""
+            raise BackendError(f"{name}: input must be a numpy.ndarray, got {type(x).__module__}."
+                               f"{type(x).__name__}{hint}")
+        want = self.inputs.shape
+        text = f"{self.inputs.dtype}[{', '.join(map(str, want))}]"
+        if x.ndim != len(want) or x.shape[0] < 1 or tuple(x.shape[1:]) != tuple(want[1:]):
+            raise BackendError(f"{name}: input must be {text}, got shape {tuple(x.shape)}")
+        fixed = self.inputs.fixed_batch
+        if fixed is not None and x.shape[0] != fixed:
+            raise BackendError(f"{name}: {self.info.artifact} was exported for batch {fixed}, "
+                               f"got {x.shape[0]}")
+        if x.dtype != np.dtype(self.inputs.dtype):
+            raise BackendError(f"{name}: input must be {text}, got dtype {x.dtype}")
+        if self.check_finite:
+            finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+            if not finite.all():
+                rows = np.flatnonzero(~finite).tolist()
+                raise BackendError(f"{name}: input rows {rows[:8]}{' ...' if len(rows) > 8 else ''} "
+                                   "hold NaN or Inf (check the preprocessing; pass check_finite=False "
+                                   "to run them anyway)")
         return np.ascontiguousarray(x)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._state == "closed":
+            raise BackendError(f"{self.info.backend}: runner used after it was closed (outside its "
+                               "`with` block); enter it again or compile a new one")
+        self.activate()  # first call outside `with`: resources are created now
         return np.asarray(self._run(self.check_input(x)), dtype=np.float32)
 
     def _run(self, x: np.ndarray) -> np.ndarray:

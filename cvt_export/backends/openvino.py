@@ -22,13 +22,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-import cvt_ref
 from cvt_export import artifacts, calibration
-from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
-from cvt_export.backends.ort import cpu_name
-from cvt_export.onnx import OUTPUT_NAME, quiet_loggers, sized_variant
+from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, onnx_io
+from cvt_export.machine import cpu_name
+from cvt_export.quiet import quiet_loggers
+from cvt_export.runtime import OUTPUT_NAME
 from cvt_ref.errors import first_line
-from cvt_ref.weights import sha256_file
+from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ INT8_SOURCES: tuple[Int8Source, ...] = ("nncf", "qdq")
 # 0.9993 on held-out photos, NNCF's PTQ at best 0.9945 (0.976 with ModelType.TRANSFORMER), at
 # the same speed.
 DEFAULT_INT8_SOURCE: Int8Source = "qdq"
+DERIVED_HINT = ("the OpenVINO IR is made beside the ONNX files; copy the folder somewhere writable, "
+                "or run `cvt-export openvino` once where it is writable")
 
 
 def ir_name(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str:
@@ -58,8 +60,7 @@ def _calibration_images(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
     if calib.sha256 != info["sha256"]:
         raise BackendError(f"calibration images in {info['source']} changed since the ONNX export; "
                            "re-run the INT8 export")
-    variant = sized_variant(cvt_ref.get_variant(manifest["variant"]), manifest["source"]["image_size"])
-    return calib.load(variant)
+    return calib.load(artifacts.variant_of(manifest))
 
 
 def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> Path:
@@ -70,8 +71,12 @@ def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8
     onnx_precision = "int8" if (ir == "int8" and int8_source == "qdq") else "fp32"
     onnx_path, manifest = artifacts.onnx_file(folder, onnx_precision)
     name = ir_name(precision, int8_source)
+    artifacts.check_writable(folder, "artifact folder", DERIVED_HINT)
     with artifacts.locked(folder), artifacts.staging(folder) as staged:
-        model = ov.convert_model(str(onnx_path))
+        try:
+            model = ov.convert_model(str(onnx_path))
+        except Exception as e:  # the frontend raises its own types for files it cannot read
+            raise BackendError(f"openvino: cannot convert {onnx_path}: {first_line(e)}") from None
         details: dict[str, Any] = {"from": manifest["files"][onnx_path.name]["sha256"],
                                    "onnx": onnx_path.name, "openvino": ov.__version__}
         if ir == "int8" and int8_source == "nncf":
@@ -96,38 +101,71 @@ def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8
     return folder / IR_DIR / name
 
 
+def ir_stale(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str | None:
+    """Why the recorded IR for a precision cannot be used as it is (None: it can): missing,
+    truncated, made from another ONNX file (a re-export) or by another OpenVINO version."""
+    import openvino as ov
+
+    manifest = artifacts.load_manifest(folder)
+    entry = manifest.get(IR_DIR, {}).get(ir_name(precision, int8_source))
+    if entry is None:
+        return "not made yet"
+    source = manifest.get("files", {}).get(entry.get("onnx", ""), {}).get("sha256")
+    fresh = all((folder / IR_DIR / f).is_file() and sha256_file(folder / IR_DIR / f) == digest
+                for f, digest in entry["sha256"].items())
+    if not fresh:
+        return "missing, truncated or changed"
+    if source is None or entry.get("from") != source:
+        return "made from another export of its ONNX source"
+    if entry.get("openvino") != ov.__version__:
+        return "made by another OpenVINO version"
+    return None
+
+
 def ir_file(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> Path:
     """The IR for a precision: verified against the manifest; made or remade when it is not."""
-    manifest = artifacts.load_manifest(folder)
-    name = ir_name(precision, int8_source)
-    entry = manifest.get(IR_DIR, {}).get(name)
-    path = folder / IR_DIR / name
-    if entry is not None:
-        fresh = all((folder / IR_DIR / f).is_file() and sha256_file(folder / IR_DIR / f) == digest
-                    for f, digest in entry["sha256"].items())
-        import openvino as ov
-
-        if fresh and entry.get("openvino") == ov.__version__:
-            return path
-        log.warning("%s: %s; rebuilding it from the ONNX artifact", path,
-                    "made by another OpenVINO version" if fresh else "missing, truncated or changed")
+    why = ir_stale(folder, precision, int8_source)
+    path = folder / IR_DIR / ir_name(precision, int8_source)
+    if why is None:
+        return path
+    if why != "not made yet":
+        log.warning("%s: %s; rebuilding it from the ONNX artifact", path, why)
     return make_ir(folder, precision, int8_source)
 
 
 class OpenVinoRunner(RunnerBase):
-    def __init__(self, compiled: Any, info: RunnerInfo, image_size: int, fixed: int | None) -> None:
-        super().__init__(info, image_size, fixed)
-        self.compiled: Any = compiled
-        self.request: Any = compiled.create_infer_request()
+    def __init__(self, path: Path, config: dict[str, Any], info: RunnerInfo, manifest: dict[str, Any],
+                 onnx_name: str, *, check_finite: bool) -> None:
+        super().__init__(info, *onnx_io(manifest, onnx_name), check_finite=check_finite)
+        self.path, self.config = path, config
+        self.compiled: Any = None
+        self.request: Any = None
+
+    def _activate(self) -> None:
+        import openvino as ov
+
+        try:
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", self.config)
+        except RuntimeError as e:
+            raise BackendError(f"openvino: cannot compile {self.path}: {first_line(e)}") from None
+        self.request = self.compiled.create_infer_request()
+        hint = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        runs = hint.replace("<Type: '", "").rstrip("'>")
+        executed = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(runs, runs)
+        if self.info.precision == "int8":
+            executed = f"int8 (quantized layers) + {executed}"
+        self.info.executed = executed
+        threads = self.compiled.get_property("INFERENCE_NUM_THREADS")
+        self.info.device = f"CPU: {cpu_name()} ({threads} threads)"
+
+    def _deactivate(self) -> None:
+        self.request = None
+        self.compiled = None
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: x})
         # The output tensor's memory belongs to the request and is reused by the next call.
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
-
-    def close(self) -> None:
-        self.request = None
-        self.compiled = None
 
 
 def _config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
@@ -141,14 +179,14 @@ class OpenVinoBackend:
     name = "openvino"
     precisions = ("fp32", "fp16", "bf16", "int8")
 
-    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
+    def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None, int8_source: Int8Source = DEFAULT_INT8_SOURCE
               ) -> dict[str, np.ndarray]:
         """The named intermediate tensors (those OpenVINO kept) and the logits, as float32."""
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(ir_file(folder, precision, int8_source)))
+        model = core.read_model(str(ir_file(Path(folder), precision, int8_source)))
         kept = []
         for name in names:
             try:
@@ -174,43 +212,39 @@ class OpenVinoBackend:
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         return True, f"openvino {ov.__version__}; CPU capabilities {', '.join(caps)}"
 
-    def compile(self, folder: Path, precision: str, *, hint: str = "latency", threads: int | None = None,
-                int8_source: Int8Source = DEFAULT_INT8_SOURCE, **options: Any) -> OpenVinoRunner:
+    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+                check_finite: bool = True, hint: str = "latency",
+                int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> OpenVinoRunner:
+        """`hint`: OpenVINO's performance hint, latency or throughput; `int8_source`: qdq (the Q/DQ
+        ONNX file) or nncf (NNCF's PTQ of the FP32 IR on the export's calibration images)."""
         ok, why = self.available()
         if not ok:
-            raise BackendError(f"openvino: {why}")
+            raise BackendUnavailable(f"openvino: {why}")
         import openvino as ov
 
+        folder = Path(folder)
         if precision not in self.precisions:
             raise BackendError(f"openvino runs {', '.join(self.precisions)}, not {precision!r}")
         if hint not in ("latency", "throughput"):
             raise BackendError(f"openvino: performance hint {hint!r}; use latency or throughput")
         if int8_source not in INT8_SOURCES:
             raise BackendError(f"openvino: int8 source {int8_source!r}; use {', '.join(INT8_SOURCES)}")
-        core = ov.Core()
-        caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if threads is not None and threads < 1:
+            raise BackendError(f"openvino: threads={threads}; use 1 or more (or None for its default)")
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if precision == "bf16" and "BF16" not in caps:
-            raise BackendError(f"openvino: this CPU has no BF16 support (capabilities: {', '.join(caps)})")
+            raise BackendUnavailable(f"openvino: this CPU has no BF16 support (capabilities: "
+                                     f"{', '.join(caps)})")
         path = ir_file(folder, precision, int8_source)
         manifest = artifacts.load_manifest(folder)
-        config = _config(precision, hint, threads)
-        try:
-            compiled = core.compile_model(str(path), "CPU", config)
-        except RuntimeError as e:
-            raise BackendError(f"openvino: cannot compile {path}: {first_line(e)}") from None
-        runs = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
-        executed = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(runs, runs)
-        if precision == "int8":
-            executed = f"int8 (quantized layers) + {executed}"
-        nthreads = compiled.get_property("INFERENCE_NUM_THREADS")
+        onnx_name = manifest[IR_DIR][path.name]["onnx"]
         info = RunnerInfo(
-            backend=self.name, precision=precision, executed=executed,
-            device=f"CPU: {cpu_name()} ({nthreads} threads)", artifact=str(path),
+            backend=self.name, precision=precision, executed=precision,
+            device=f"CPU: {cpu_name()}", artifact=str(path),
             details={"openvino": ov.__version__, "hint": hint, "capabilities": list(caps),
                      "int8_source": int8_source if precision == "int8" else None})
-        fixed = manifest["source"]["batch"]
-        return OpenVinoRunner(compiled, info, manifest["source"]["image_size"],
-                              None if fixed == "dynamic" else int(fixed))
+        return OpenVinoRunner(path, _config(precision, hint, threads), info, manifest, onnx_name,
+                              check_finite=check_finite)
 
 
 BACKEND = OpenVinoBackend()

@@ -1,12 +1,15 @@
 """ONNX Runtime: the CPU EP with every graph optimization (CUDA / TensorRT EPs when installed).
 
 The session's optimized graph is saved beside the artifacts (`ort/<file>.<ep>.opt.onnx`) so
-a user can open what really runs. Threads: ORT's default is one per physical core; pass
-`threads=` to pin it for comparable runs.
+a user can open what really runs; a sidecar records the sha256 of the file it was made from
+and its own, so a re-export or a truncated copy makes it be written again. Threads: ORT's
+default is one per physical core; pass `threads=` to pin it for comparable runs.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,57 +17,83 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
-from cvt_export.onnx import INPUT_NAME, OUTPUT_NAME
+from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, onnx_io
+from cvt_export.machine import cpu_name
+from cvt_export.runtime import CPU, INPUT_NAME, OUTPUT_NAME, ort_session
 from cvt_ref.errors import first_line
+from cvt_ref.source import sha256_file
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+OPT_DIR = "ort"
 
 
-def cpu_name() -> str:
+def optimized_copy(folder: Path, path: Path, device: str, source_sha: str) -> tuple[Path, Path | None]:
+    """(where the optimized graph lives, where ORT should write it now or None if it is current)."""
+    saved = folder / OPT_DIR / f"{path.stem}.{device}.opt.onnx"
+    record = saved.with_suffix(".json")
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
+        meta = json.loads(record.read_text())
+        if meta.get("from") == source_sha and saved.is_file() and sha256_file(saved) == meta.get("sha256"):
+            return saved, None
+    except (OSError, ValueError):
         pass
-    import platform
-
-    return platform.processor() or "CPU"
+    try:
+        saved.parent.mkdir(exist_ok=True)
+        artifacts.check_writable(saved.parent, "optimized-graph folder")
+    except (OSError, artifacts.ArtifactError):
+        log.warning("ort: %s is not writable; the optimized graph is not saved", saved.parent)
+        return saved, None
+    return saved, saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
 
 
 class OrtRunner(RunnerBase):
-    def __init__(self, session: Any, info: RunnerInfo, image_size: int, fixed: int | None) -> None:
-        super().__init__(info, image_size, fixed)
-        self.session: Any = session
+    def __init__(self, path: Path, provider: str, threads: int | None, info: RunnerInfo,
+                 manifest: dict[str, Any], *, check_finite: bool, save: tuple[Path, Path | None],
+                 source_sha: str) -> None:
+        super().__init__(info, *onnx_io(manifest, path.name), check_finite=check_finite)
+        self.path, self.provider, self.threads = path, provider, threads
+        self.save, self.source_sha = save, source_sha
+        self.session: Any = None
+
+    def _activate(self) -> None:
+        saved, tmp = self.save
+        try:
+            self.session = ort_session(self.path, provider=self.provider, threads=self.threads,
+                                       optimized_path=tmp)
+        except Exception as e:  # ORT raises its own types for bad files
+            raise BackendError(f"ort: cannot load {self.path}: {first_line(e)}") from None
+        if tmp is not None and tmp.exists():
+            os.replace(tmp, saved)
+            record = {"from": self.source_sha, "sha256": sha256_file(saved)}
+            artifacts.atomic_write(saved.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+            self.save = (saved, None)
+        used = self.threads or self.session.get_session_options().intra_op_num_threads or os.cpu_count()
+        self.info.details["threads"] = used
+        self.info.device = f"{self.info.device.rsplit(' (', 1)[0]} ({used} threads)"
+
+    def _deactivate(self) -> None:
+        self.session = None
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-
-    def close(self) -> None:
-        self.session = None
 
 
 class OrtBackend:
     name = "ort"
     precisions = ("fp32", "fp16", "int8")
 
-    def probe(self, folder: Path, precision: str, names: list[str], x: np.ndarray,
+    def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None) -> dict[str, np.ndarray]:
         """The named intermediate tensors (and the logits) for input x, as float32."""
         import onnx
-        import onnxruntime as ort
 
         from cvt_export.probes import with_outputs
 
-        path, _ = artifacts.onnx_file(folder, precision)
+        path, _ = artifacts.onnx_file(Path(folder), precision)
         proto = with_outputs(onnx.load(str(path)), names)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        session = ort_session(proto.SerializeToString(), threads=threads)
         wanted = [*names, OUTPUT_NAME]
         values = session.run(wanted, {INPUT_NAME: x})
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(wanted, values, strict=True)}
@@ -76,52 +105,40 @@ class OrtBackend:
             return False, "onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)"
         return True, f"onnxruntime {ort.__version__}; providers {', '.join(ort.get_available_providers())}"
 
-    def compile(self, folder: Path, precision: str, *, device: str = "cpu", threads: int | None = None,
-                **options: Any) -> OrtRunner:
+    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+                check_finite: bool = True, device: str = "cpu") -> OrtRunner:
+        """`device`: cpu, cuda or tensorrt (ORT's execution providers; the last two need onnxruntime-gpu)."""
         ok, why = self.available()
         if not ok:
-            raise BackendError(f"ort: {why}")
+            raise BackendUnavailable(f"ort: {why}")
         import onnxruntime as ort
 
+        folder = Path(folder)
         if precision not in self.precisions:
             raise BackendError(f"ort runs {', '.join(self.precisions)}, not {precision!r}")
+        if threads is not None and threads < 1:
+            raise BackendError(f"ort: threads={threads}; use 1 or more (or None for ORT's default)")
         provider = PROVIDERS.get(device)
         if provider is None:
             raise BackendError(f"ort: unknown device {device!r}; use {', '.join(PROVIDERS)}")
         if provider not in ort.get_available_providers():
-            raise BackendError(f"ort: {provider} is not in this onnxruntime build "
+            raise BackendUnavailable(f"ort: {provider} is not in this onnxruntime build "
                                f"({ort.get_available_providers()}); install onnxruntime-gpu")
         path, manifest = artifacts.onnx_file(folder, precision)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        saved = folder / "ort" / f"{path.stem}.{device}.opt.onnx"
-        if not saved.exists():
-            saved.parent.mkdir(exist_ok=True)
-            tmp = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
-            so.optimized_model_filepath = str(tmp)
-        try:
-            session = ort.InferenceSession(str(path), so, providers=[provider])
-        except Exception as e:  # ORT raises its own types for bad files
-            raise BackendError(f"ort: cannot load {path}: {first_line(e)}") from None
-        if so.optimized_model_filepath and Path(so.optimized_model_filepath).exists():
-            os.replace(so.optimized_model_filepath, saved)
-        fixed = manifest["source"]["batch"]
-        threads_used = threads or session.get_session_options().intra_op_num_threads or os.cpu_count()
+        source_sha = manifest["files"][path.name]["sha256"]
+        save = optimized_copy(folder, path, device, source_sha)
         executed = precision
         if precision == "fp16" and device == "cpu":
             executed = "fp16 (CPU EP casts to fp32 where it lacks fp16 kernels)"
+        where = cpu_name() if device == "cpu" else provider
         info = RunnerInfo(
             backend=self.name, precision=precision, executed=executed,
-            device=f"{device}: {cpu_name() if device == 'cpu' else provider} ({threads_used} threads)",
+            device=f"{device}: {where} ({threads or 'default'} threads)",
             artifact=str(path),
             details={"onnxruntime": ort.__version__, "provider": provider,
-                     "optimized_model": str(saved), "threads": threads_used})
-        return OrtRunner(session, info, manifest["source"]["image_size"],
-                         None if fixed == "dynamic" else int(fixed))
+                     "optimized_model": str(save[0]), "threads": threads})
+        return OrtRunner(path, provider, threads, info, manifest, check_finite=check_finite, save=save,
+                         source_sha=source_sha)
 
 
 BACKEND = OrtBackend()

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
-from cvt_export.onnx import INPUT_NAME, OUTPUT_NAME
-from cvt_ref.weights import sha256_file
+from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, onnx_io
+from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
+from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _require_trt() -> str:
     try:
         import tensorrt
     except ImportError:
-        raise BackendError(f"tensorrt: TensorRT is not installed: {INSTALL}") from None
+        raise BackendUnavailable(f"tensorrt: TensorRT is not installed: {INSTALL}") from None
     return str(tensorrt.__version__)
 
 
@@ -73,9 +73,9 @@ def _gpu() -> tuple[str, str]:
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a core dependency
-        raise BackendError("tensorrt: the runner needs torch with CUDA for device buffers") from None
+        raise BackendUnavailable("tensorrt: the runner needs torch with CUDA for device buffers") from None
     if not torch.cuda.is_available():
-        raise BackendError("tensorrt: no CUDA GPU visible (torch.cuda.is_available() is False); "
+        raise BackendUnavailable("tensorrt: no CUDA GPU visible (torch.cuda.is_available() is False); "
                            "TensorRT needs an NVIDIA GPU and driver")
     major, minor = torch.cuda.get_device_capability(0)
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
@@ -168,18 +168,25 @@ def engine_file(folder: Path, precision: str, opts: BuildOptions) -> tuple[Path,
 class TensorRTRunner(RunnerBase):
     """Device buffers through torch; input shape set per call; optional CUDA graph per batch."""
 
-    def __init__(self, engine: trt.ICudaEngine, info: RunnerInfo, image_size: int, opts: BuildOptions,
-                 cuda_graph: bool) -> None:
-        super().__init__(info, image_size)
+    def __init__(self, engine: trt.ICudaEngine, info: RunnerInfo, manifest: dict[str, Any], onnx_name: str,
+                 opts: BuildOptions, cuda_graph: bool, *, check_finite: bool) -> None:
+        super().__init__(info, *onnx_io(manifest, onnx_name), check_finite=check_finite)
         import torch
 
         self.torch = torch
         self.engine: trt.ICudaEngine | None = engine
-        self._context: trt.IExecutionContext | None = engine.create_execution_context()
-        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        self._context: trt.IExecutionContext | None = None
+        self.stream: Any = None
         self.opts = opts
         self.cuda_graph = cuda_graph
         self.graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self.num_classes = int(self.outputs.shape[-1])
+
+    def _activate(self) -> None:
+        if self.engine is None:
+            raise BackendError("tensorrt: the engine was released; compile again")
+        self._context = self.engine.create_execution_context()
+        self.stream = self.torch.cuda.Stream()  # type: ignore[no-untyped-call]
 
     @property
     def context(self) -> trt.IExecutionContext:
@@ -189,7 +196,7 @@ class TensorRTRunner(RunnerBase):
 
     def _bind(self, x_dev: Any) -> Any:
         batch = int(x_dev.shape[0])
-        out = self.torch.empty((batch, 1000), dtype=self.torch.float32, device="cuda")
+        out = self.torch.empty((batch, self.num_classes), dtype=self.torch.float32, device="cuda")
         self.context.set_input_shape(INPUT_NAME, tuple(x_dev.shape))
         self.context.set_tensor_address(INPUT_NAME, int(x_dev.data_ptr()))
         self.context.set_tensor_address(OUTPUT_NAME, int(out.data_ptr()))
@@ -224,10 +231,10 @@ class TensorRTRunner(RunnerBase):
         self.stream.synchronize()
         return np.asarray(result.numpy(), dtype=np.float32)
 
-    def close(self) -> None:
+    def _deactivate(self) -> None:
         self.graphs.clear()
         self._context = None
-        self.engine = None
+        self.stream = None
 
 
 class TensorRTBackend:
@@ -242,9 +249,12 @@ class TensorRTBackend:
             return False, str(e).removeprefix("tensorrt: ")
         return True, f"TensorRT {version} on {gpu[0]} (sm {gpu[1]})"
 
-    def compile(self, folder: Path, precision: str, *, min_batch: int = 1, opt_batch: int = 8,
-                max_batch: int = 32, workspace_gib: float | None = None, cuda_graph: bool = False,
-                **options: Any) -> TensorRTRunner:
+    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+                check_finite: bool = True, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32,
+                workspace_gib: float | None = None, cuda_graph: bool = False) -> TensorRTRunner:
+        """Batch range of the engine's one optimization profile, builder workspace, CUDA graphs per
+        batch size; `threads` is accepted for a uniform interface and has no effect on a GPU."""
+        folder = Path(folder)
         if precision not in self.precisions:
             raise BackendError(f"tensorrt runs {', '.join(self.precisions)}, not {precision!r}")
         opts = BuildOptions(min_batch, opt_batch, max_batch, workspace_gib)
@@ -268,7 +278,8 @@ class TensorRTBackend:
                           device=f"cuda:0 {gpu[0]} (sm {gpu[1]})", artifact=str(path),
                           details={"tensorrt": trt_version, "build": asdict(opts),
                                    "cuda_graph": cuda_graph})
-        return TensorRTRunner(engine, info, manifest["source"]["image_size"], opts, cuda_graph)
+        return TensorRTRunner(engine, info, manifest, meta["onnx"], opts, cuda_graph,
+                              check_finite=check_finite)
 
 
 BACKEND = TensorRTBackend()

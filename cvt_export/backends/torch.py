@@ -1,24 +1,29 @@
 """PyTorch: the reference in FP32, and the paths a user would compare against.
 
-The model comes from the artifact folder's manifest (variant, weights, activation), so the
-reference the harness compares with is the one the ONNX files were exported from; a weights
-file whose sha256 differs from the manifest's is refused.
+The model comes from the artifact folder's manifest (variant, weights, activation, image size,
+classes), so the reference the harness compares with is the one the ONNX files were exported
+from; a weights file whose sha256 differs from the manifest's is refused.
 - fp32: eager, as in `cvt_ref` (BatchNorm kept, exactly the reference).
 - bf16: the model cast to bfloat16 (CPU with BF16 support, or CUDA).
 - fp16: CUDA only.
 - `compile=True`: `torch.compile` (inductor) on any of them.
+`threads=` applies to this runner's calls only: torch's process-wide thread count is restored
+after each call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export.backends import BackendError, RunnerBase, RunnerInfo
-from cvt_export.backends.ort import cpu_name
+from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, TensorSpec
+from cvt_export.machine import cpu_name
+from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
+from cvt_ref.model import CvT
 
 
 def cpu_has_bf16() -> bool:
@@ -30,26 +35,56 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-class TorchRunner(RunnerBase):
-    def __init__(self, model: Any, dtype: Any, device: str, info: RunnerInfo, image_size: int) -> None:
-        super().__init__(info, image_size)
-        self.model: Any = model
-        self.dtype = dtype
-        self.device = device
+def reference_model(folder: Path, manifest: Mapping[str, Any] | None = None) -> CvT:
+    """The FP32 PyTorch model an artifact folder was exported from (weights checked by sha256)."""
+    import cvt_ref
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    manifest = manifest or artifacts.load_manifest(folder)
+    weights = manifest["weights"]
+    variant = artifacts.variant_of(manifest)
+    model = cvt_ref.create_model(variant, weights["spec"], activation=weights["activation"])
+    if model.weights is not None and weights["sha256"] and model.weights.sha256 != weights["sha256"]:
+        raise BackendError(f"torch: {weights['spec']} is not the file {folder} was exported from "
+                           "(sha256 differs); re-export or pass the original weights")
+    return model
+
+
+class TorchRunner(RunnerBase):
+    def __init__(self, folder: Path, manifest: Mapping[str, Any], dtype: Any, device: str,
+                 compile: bool, threads: int | None, info: RunnerInfo, *, check_finite: bool) -> None:
+        variant = artifacts.variant_of(manifest)
+        size = variant.image_size
+        super().__init__(info, TensorSpec(INPUT_NAME, ("batch", 3, size, size)),
+                         TensorSpec(OUTPUT_NAME, ("batch", variant.num_classes)), check_finite=check_finite)
+        self.folder, self.manifest = folder, manifest
+        self.dtype, self.device, self.compile, self.threads = dtype, device, compile, threads
+        self.model: Any = None
+
+    def _activate(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
-            return out.float().cpu().numpy()
+        module: Any = reference_model(self.folder, self.manifest).to(device=self.device, dtype=self.dtype)
+        self.model = torch.compile(module) if self.compile else module
 
-    def close(self) -> None:
+    def _deactivate(self) -> None:
         self.model = None
         if self.device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
+                return out.float().cpu().numpy()
+        finally:
+            torch.set_num_threads(before)
 
 
 class TorchBackend:
@@ -63,39 +98,33 @@ class TorchBackend:
         bf16 = "CPU BF16 supported" if cpu_has_bf16() else "no CPU BF16"
         return True, f"torch {torch.__version__}; {gpu}; {bf16}"
 
-    def compile(self, folder: Path, precision: str, *, device: str = "cpu", compile: bool = False,
-                threads: int | None = None, **options: Any) -> TorchRunner:
+    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+                check_finite: bool = True, device: str = "cpu", compile: bool = False) -> TorchRunner:
+        """`device`: cpu or cuda; `compile`: run through torch.compile (inductor)."""
         import torch
 
-        import cvt_ref
-
+        folder = Path(folder)
         if precision not in self.precisions:
             raise BackendError(f"torch runs {', '.join(self.precisions)}, not {precision!r}")
+        if device not in ("cpu", "cuda"):
+            raise BackendError(f"torch: unknown device {device!r}; use cpu or cuda")
+        if threads is not None and threads < 1:
+            raise BackendError(f"torch: threads={threads}; use 1 or more (or None for torch's default)")
         if device == "cuda" and not torch.cuda.is_available():
-            raise BackendError("torch: no CUDA device here (torch.cuda.is_available() is False)")
+            raise BackendUnavailable("torch: no CUDA device here (torch.cuda.is_available() is False)")
         if precision == "fp16" and device != "cuda":
-            raise BackendError("torch: fp16 runs on CUDA only; use bf16 on the CPU")
+            raise BackendUnavailable("torch: fp16 runs on CUDA only; use bf16 on the CPU")
         if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
-            raise BackendError("torch: this CPU has no BF16 support in oneDNN")
+            raise BackendUnavailable("torch: this CPU has no BF16 support in oneDNN")
         manifest = artifacts.load_manifest(folder)
-        weights = manifest["weights"]
-        model = cvt_ref.create_model(manifest["variant"], weights["spec"], activation=weights["activation"])
-        if model.weights is not None and weights["sha256"] and model.weights.sha256 != weights["sha256"]:
-            raise BackendError(f"torch: {weights['spec']} is not the file {folder} was exported from "
-                               "(sha256 differs); re-export or pass the original weights")
-        if threads:
-            torch.set_num_threads(threads)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        module: Any = model.to(device=device, dtype=dtype).eval()
-        if compile:
-            module = torch.compile(module)
         where = (f"cuda:0 {torch.cuda.get_device_name(0)}" if device == "cuda"
-                 else f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)")
+                 else f"CPU: {cpu_name()} ({threads or torch.get_num_threads()} threads)")
         info = RunnerInfo(backend=self.name, precision=precision,
                           executed=f"{precision} ({'torch.compile' if compile else 'eager'})",
-                          device=where, artifact=f"{weights['spec']} ({manifest['variant']})",
+                          device=where, artifact=f"{manifest['weights']['spec']} ({manifest['variant']})",
                           details={"torch": torch.__version__, "compile": compile})
-        return TorchRunner(module, dtype, device, info, manifest["source"]["image_size"])
+        return TorchRunner(folder, manifest, dtype, device, compile, threads, info, check_finite=check_finite)
 
 
 BACKEND = TorchBackend()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.backends import BACKEND_MODULES
 from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
@@ -15,7 +16,42 @@ from cvt_export.harness import bench as harness
 from cvt_export.harness import report as reports
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
-                  help="Benchmark CvT on every backend: latency, throughput, fidelity vs PyTorch FP32.")
+                  help="""Benchmark CvT on every backend: latency, throughput, fidelity vs PyTorch FP32.
+
+Examples:
+
+  cvt-bench --backend ort,openvino --precision fp32,int8 --batch 1,8
+
+  cvt-bench --artifacts artifacts/mine --dataset ~/val --limit 500 --out reports/mine
+
+  cvt-bench regress --backend ort --precision int8
+""")
+
+
+def _backends(text: str) -> tuple[str, ...]:
+    return tuple(BACKEND_MODULES) if text == "all" else tuple(b.strip() for b in text.split(",") if b.strip())
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def output_folder(folder: Path) -> None:
+    """Refuse, before a benchmark runs, a report folder that cannot be made or written."""
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"--out {folder}: is a file, not a folder; choose a folder path")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ArtifactError(f"--out {folder}: {existing} is a file, not a folder")
+    check_writable(existing, "--out")
+
+
+def output_file(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise ArtifactError(f"{option} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ArtifactError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
+    check_writable(path.parent, option)
 
 
 def _csv_ints(text: str, option: str) -> tuple[int, ...]:
@@ -34,7 +70,8 @@ def main_command(
     precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
         harness.PRECISIONS),
     batch: Annotated[str, typer.Option(help="comma list of batch sizes")] = "1,8",
-    variant: Annotated[str, typer.Option("--variant", "-v")] = "cvt-13",
+    variant: Annotated[str, typer.Option("--variant", "-v", help="variant to export when --artifacts "
+                                         "has no export yet")] = "cvt-13",
     weights: Annotated[str | None, typer.Option(
         "--weights", "-w", help="[default: the artifact folder's, else random]")] = None,
     artifacts: Annotated[Path | None, typer.Option(
@@ -45,23 +82,27 @@ def main_command(
     warmup: Annotated[int, typer.Option(help="untimed calls per batch size")] = 3,
     iters: Annotated[int | None, typer.Option(help="timed calls per batch size (else --seconds)")] = None,
     seconds: Annotated[float, typer.Option(help="time budget per batch size")] = 2.0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for every backend")] = None,
-    out: Annotated[Path | None, typer.Option(help="report folder [default: reports/VARIANT]")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for every backend (>= 1)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="report folder [default: ARTIFACTS/report]")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="also write report.json here")] = None,
-    verbose: bool = False,
+    verbose: Annotated[bool, typer.Option(help="log what each step does")] = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
     setup_logging(verbose)
-    names = tuple(BACKEND_MODULES) if backend == "all" else tuple(b.strip() for b in backend.split(",") if b)
+    names = _backends(backend)
+    folder = out or (artifacts or Path("artifacts") / variant) / "report"
+    output_folder(folder)  # a report that cannot be written is refused now, not after the run
+    if json_file:
+        output_file(json_file, "--json")
     cfg = harness.BenchConfig(
-        backends=names, precisions=tuple(p.strip() for p in precision.split(",") if p.strip()),
+        backends=names, precisions=_precisions(precision),
         batches=_csv_ints(batch, "--batch"), variant=variant, weights=weights, artifacts=artifacts,
         dataset=dataset, limit=limit, warmup=warmup, iters=iters, seconds=seconds, threads=threads,
         strict=backend != "all" and len(names) == 1)
     with stderr.status("preparing") as status:
         report = harness.run(cfg, progress=lambda text: status.update(f"running {text}"))
-    folder = out or Path("reports") / variant
     written = reports.write_all(report, folder)
     if json_file:
         reports.write_json(report, json_file)
@@ -80,18 +121,36 @@ def regress(
     max_slowdown: Annotated[float | None, typer.Option(
         help="fail when a median latency exceeds this multiple of the baseline's")] = None,
     iters: Annotated[int, typer.Option(help="timed calls per batch size")] = 5,
+    backend: Annotated[str, typer.Option(
+        help="trt | ort | openvino | torch | all, or a comma list; baseline entries not asked for "
+             "are listed as not run")] = "all",
+    precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
+        harness.PRECISIONS),
     out: Annotated[Path | None, typer.Option(help="also write the run's report folder here")] = None,
-    verbose: bool = False,
+    verbose: Annotated[bool, typer.Option(help="log what each step does")] = False,
 ) -> None:
-    """Compare today's artifacts and backends with a committed baseline; exit 1 on a regression."""
+    """Compare today's artifacts and backends with a committed baseline; exit 1 on a regression
+    (or a backend that no longer runs), 2 on bad input.
+
+    Examples: `cvt-bench regress`; `cvt-bench regress --artifacts my-export/ --max-slowdown 1.3`;
+    `cvt-bench regress --update` (rewrites the baseline, showing what moved).
+    """
     setup_logging(verbose)
     from cvt_export import regress as gate
 
     if max_slowdown is not None and max_slowdown <= 1:
         raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
+    if iters < 1:
+        raise CvtError(f"--iters {iters}: must be >= 1")
+    if out:
+        output_folder(out)
+    if update:
+        output_folder(baseline.parent)
+    names = _backends(backend)
+    harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
     with stderr.status("regression run") as status:
         outcome = gate.run(baseline, update=update, artifacts_dir=artifacts, max_slowdown=max_slowdown,
-                           iters=iters,
+                           iters=iters, backends=names, precisions=_precisions(precision),
                            progress=lambda text: status.update(f"regression run: {text}"))
     if out:
         reports.write_all(outcome.report, out)
@@ -134,12 +193,13 @@ def show(report: dict[str, object]) -> None:
                       f"{r['speedup'].get(batches[-1], 0):.2f}", f"{fid.get('cosine_min', 1.0):.5f}",
                       f"{100 * fid.get('top1_agreement', 1.0):.0f}%", r["executed"])
     stdout.print(table)
-    skipped: dict[str, list[str]] = {}
+    not_run: dict[tuple[str, str], list[str]] = {}
     for r in results:
         if r["status"] != "ok":
-            skipped.setdefault(r["reason"], []).append(f"{r['backend']} {r['precision']}")
-    for reason, runs in skipped.items():
-        stdout.print(f"[dim]not run: {', '.join(runs)}: {reason}[/]", highlight=False)
+            not_run.setdefault((r["status"], r["reason"]), []).append(f"{r['backend']} {r['precision']}")
+    for (status, reason), runs in not_run.items():
+        style, label = ("red", "error") if status == "error" else ("dim", "not run")
+        stdout.print(f"[{style}]{label}: {', '.join(runs)}: {reason}[/]", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

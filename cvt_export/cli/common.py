@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +15,8 @@ from cvt_export.errors import CvtError
 P = ParamSpec("P")
 R = TypeVar("R")
 EXIT_USER_ERROR = 2
+
+VerboseOpt = Annotated[bool, typer.Option(help="log what each step does (INFO level)")]
 
 stdout = Console()
 stderr = Console(stderr=True)

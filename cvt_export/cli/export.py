@@ -13,9 +13,9 @@ from rich.table import Table
 import cvt_ref
 from cvt_export.backends import all_backends
 from cvt_export.build import BuildRequest, build, parse_precisions
-from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
-from cvt_export.onnx import DEFAULT_OPSET, ExportOptions
+from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
 from cvt_export.precision import CALIB_METHODS, Int8Options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -38,9 +38,16 @@ def predict(
         help="gelu | quick_gelu; default: what the checkpoint was trained with")] = None,
     top: Annotated[int, typer.Option(min=1, max=1000, help="classes shown per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Top-k ImageNet classes for each image, from the PyTorch reference model."""
+    """Top-k classes for each image (the checkpoint's own labels), from the PyTorch reference model.
+
+    Examples:
+
+      cvt-export predict photo.jpg --weights microsoft/cvt-13 --top 3
+
+      cvt-export predict a.jpg b.png --weights ./my-finetuned-cvt --json
+    """
     setup_logging(verbose)
     paths = images or cvt_ref.bundled_photos()
     batch = cvt_ref.preprocess_batch(list(paths), variant)  # reads every image before the model
@@ -49,7 +56,7 @@ def predict(
                                 model.weights.id2label if model.weights else None)
     with torch.inference_mode():
         probs = model(batch).softmax(-1)
-    values, indices = probs.topk(top, dim=-1)
+    values, indices = probs.topk(min(top, len(names)), dim=-1)
     tops = [[(int(i), names[int(i)], float(v)) for v, i in zip(vs, ix, strict=True)]
             for vs, ix in zip(values, indices, strict=True)]
     if as_json:
@@ -86,9 +93,18 @@ def onnx(
         help="INT8 calibration image folder [default: half of the bundled photos]")] = None,
     calib_size: Annotated[int | None, typer.Option(help="calibrate on N images spread over --calib")] = None,
     calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
-    verbose: bool = False,
+    force: Annotated[bool, typer.Option(
+        help="replace an export of another source (weights, variant, size...) in --out")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Export to ONNX (FP32, and FP16 / INT8 on request), validate, and write a manifest."""
+    """Export to ONNX (FP32, and FP16 / INT8 on request), validate, and write a manifest.
+
+    Examples:
+
+      cvt-export onnx --variant cvt-13 --weights microsoft/cvt-13 --precision fp32,fp16,int8
+
+      cvt-export onnx --weights ./my-finetuned-cvt --image-size 160 --calib ~/calib --out artifacts/mine
+    """
     setup_logging(verbose)
     if calib_method not in CALIB_METHODS:
         raise CvtError(f"--calib-method {calib_method!r}: use {', '.join(CALIB_METHODS)}")
@@ -102,7 +118,7 @@ def onnx(
         variant=variant, weights=weights, activation=activation,  # type: ignore[arg-type]
         options=ExportOptions(opset=opset, batch=fixed, image_size=image_size),
         precisions=precisions, calib=calib, calib_size=calib_size,
-        int8=Int8Options(method=calib_method))
+        int8=Int8Options(method=calib_method), force=force)
     folder = out or Path("artifacts") / variant
     with stderr.status("starting") as status:
         result = build(req, folder, step=lambda text: status.update(text))
@@ -132,7 +148,10 @@ ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", "-a", help="folder ma
 
 @app.command()
 def backends() -> None:
-    """Each backend, whether it can run here, and why not."""
+    """Each backend, whether it can run here, and why not.
+
+    Example: cvt-export backends
+    """
     table = Table()
     for col in ("backend", "precisions", "available", "details"):
         table.add_column(col)
@@ -150,9 +169,16 @@ def openvino(
     precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8")] = "fp32",
     int8_source: Annotated[str, typer.Option(
         help="qdq: the Q/DQ ONNX as it is; nncf: NNCF PTQ on the export's calibration images")] = "qdq",
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Write OpenVINO IR (openvino/model.*.xml/.bin) from the ONNX artifacts."""
+    """Write OpenVINO IR (openvino/model.*.xml/.bin) from the ONNX artifacts.
+
+    Examples:
+
+      cvt-export openvino --artifacts artifacts/cvt-13 --precision fp32,int8
+
+      cvt-export openvino --precision int8 --int8-source nncf
+    """
     setup_logging(verbose)
     from cvt_export.backends import openvino as ov_backend
 
@@ -176,9 +202,12 @@ def trt(
     opt_batch: Annotated[int, typer.Option(help="batch TensorRT tunes for")] = 8,
     max_batch: Annotated[int, typer.Option(help="largest batch of the profile")] = 32,
     workspace: Annotated[float | None, typer.Option(help="builder workspace limit, GiB")] = None,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Build (or reuse) TensorRT engines from the ONNX artifacts: strongly typed, cached."""
+    """Build (or reuse) TensorRT engines from the ONNX artifacts: strongly typed, cached.
+
+    Example: cvt-export trt --artifacts artifacts/cvt-13 --precision fp16,int8 --max-batch 64
+    """
     setup_logging(verbose)
     from cvt_export.backends import tensorrt as trt_backend
 
@@ -195,7 +224,10 @@ def trt(
 
 @app.command()
 def variants() -> None:
-    """The registered variants with their published figures."""
+    """The registered variants with their published figures.
+
+    Example: cvt-export variants
+    """
     table = Table()
     for col in ("variant", "image", "eval resize", "dims", "depths", "heads", "hub id",
                 "params (M)", "GFLOPs", "top-1"):

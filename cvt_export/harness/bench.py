@@ -10,49 +10,27 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
-import platform
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, build, probes
-from cvt_export.backends import BACKEND_MODULES, BackendError, get_backend
-from cvt_export.backends.ort import cpu_name
-from cvt_export.harness import metrics, timing
+from cvt_export import artifacts, build, machine, metrics, probes, validate
+from cvt_export.backends import BACKEND_MODULES, BackendError, BackendUnavailable, Probing, get_backend
+from cvt_export.backends.torch import reference_model
+from cvt_export.harness import timing
+from cvt_export.harness.report import REPORT_SCHEMA, Result
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images
 
 log = logging.getLogger(__name__)
 
-REPORT_SCHEMA = "cvt-bench/1"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BASELINE = ("torch", "fp32")
-# What "matches the reference" means per precision (the export issue's bounds; BF16 has three
-# fewer mantissa bits than FP16). A result outside them is flagged in every output.
-BOUNDS: dict[str, dict[str, float]] = {
-    "fp32": {"max_abs": 1e-4},
-    "fp16": {"cosine_min": 0.9999, "top1_agreement": 1.0},
-    "bf16": {"cosine_min": 0.999, "top1_agreement": 1.0},
-    "int8": {"cosine_min": 0.995},
-}
-
-
-def within_bounds(precision: str, fid: dict[str, Any]) -> list[str]:
-    """The bounds a fidelity summary breaks (empty: it passes)."""
-    broken = []
-    for key, bound in BOUNDS[precision].items():
-        value = fid[key]
-        if (value > bound) if key == "max_abs" else (value < bound):
-            broken.append(f"{key} {value:.6g} {'>' if key == 'max_abs' else '<'} {bound:g}")
-    return broken
 
 
 class BenchError(CvtError):
@@ -87,6 +65,9 @@ class BenchConfig:
             raise BenchError(f"--iters {self.iters}: must be >= 1")
         if self.seconds <= 0 or self.warmup < 0:
             raise BenchError("--seconds must be > 0 and --warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"--threads {self.threads}: use 1 or more (leave it out for each "
+                             "backend's default)")
         for name in self.backends:
             get_backend(name)  # unknown names fail here, before any work
 
@@ -95,21 +76,26 @@ class BenchConfig:
 class Inputs:
     names: list[str]
     images: np.ndarray          # float32[N,3,H,W], through the reference preprocessing
-    labels: np.ndarray | None   # int[N] when the dataset has class folders
+    labels: np.ndarray | None   # int[N] when the dataset's class folders name the model's classes
     source: str
     sha256: str
+    accuracy_note: str = ""     # why there are no labels, when a dataset was given
 
 
-def _label_of(folder_name: str, synsets: dict[str, int]) -> int | None:
-    if folder_name in synsets:
-        return synsets[folder_name]
-    if folder_name.isdigit() and int(folder_name) < 1000:
-        return int(folder_name)
-    return None
+def class_index(labels: list[str]) -> dict[str, int]:
+    """Folder name -> class index: the model's own label names (case-insensitive), then, for
+    ImageNet-1k heads, WordNet synsets; a plain number is taken as the index itself."""
+    index = {name.lower(): i for i, name in enumerate(labels)}
+    if len(labels) == 1000:
+        index.update({s.lower(): i for i, s in enumerate(cvt_ref.imagenet_synsets())})
+    index.update({str(i): i for i in range(len(labels))})
+    return index
 
 
-def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Variant) -> Inputs:
-    """Bundled photographs, or an image folder (ImageFolder layout gives labels)."""
+def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Variant,
+                labels: list[str] | None = None) -> Inputs:
+    """Bundled photographs, or an image folder (ImageFolder layout, folders named after the
+    model's classes, gives labels and accuracy)."""
     if dataset is None:
         paths, source = cvt_ref.bundled_photos(), "bundled photos"
     else:
@@ -119,65 +105,31 @@ def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Varian
         if not paths:
             raise BenchError(f"--dataset {dataset}: holds no images")
     paths = paths[:limit] if limit else paths
-    labels = None
+    found_labels, note = None, ""
     if dataset is not None:
-        synsets = {s: i for i, s in enumerate(cvt_ref.imagenet_synsets())}
-        found = [_label_of(p.parent.name, synsets) if p.parent != dataset else None for p in paths]
-        if all(label is not None for label in found):
-            labels = np.asarray(found, dtype=np.int64)
+        index = class_index(labels or cvt_ref.class_names(variant.num_classes))
+        folders = [p.parent.name if p.parent != dataset else None for p in paths]
+        unknown = sorted({f for f in folders if f is not None and f.lower() not in index})
+        if None in folders:
+            note = "accuracy skipped: some images are not in class folders (ImageFolder layout)"
+        elif unknown:
+            note = (f"accuracy skipped: class folders {', '.join(unknown[:3])}"
+                    f"{' ...' if len(unknown) > 3 else ''} are not the model's labels, synsets or "
+                    f"class indices 0..{variant.num_classes - 1}")
+        else:
+            found_labels = np.asarray([index[f.lower()] for f in folders if f is not None], dtype=np.int64)
     images = cvt_ref.preprocess_batch(list(paths), variant).numpy()
     digest = hashlib.sha256(images.tobytes()).hexdigest()
     names = [str(p.relative_to(dataset)) if dataset else p.name for p in paths]
-    return Inputs(names, images, labels, source, digest)
-
-
-def machine() -> dict[str, Any]:
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                          "amx_bf16", "amx_int8", "amx_tile", "avx_vnni")
-                flags = [f for f in wanted if f in have]
-                break
-    except OSError:
-        pass
-    libs = {}
-    for name in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt", "numpy"):
-        try:
-            libs[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "isa": flags, "os": platform.platform(),
-            "python": sys.version.split()[0], "libraries": libs}
-
-
-@dataclass
-class Result:
-    backend: str
-    precision: str
-    status: str = "ok"                 # ok | skipped | error
-    reason: str = ""
-    executed: str = ""
-    device: str = ""
-    artifact: str = ""
-    first_inference_s: float | None = None
-    peak_rss_mb: float | None = None
-    fidelity: dict[str, Any] = field(default_factory=dict)
-    accuracy: dict[str, float] | None = None
-    batch_consistency_max_abs: float | None = None
-    latency: dict[str, dict[str, float]] = field(default_factory=dict)
-    speedup: dict[str, float] = field(default_factory=dict)
-    drift: list[dict[str, Any]] = field(default_factory=list)
-    drift_located: str | None = None
+    return Inputs(names, images, found_labels, source, digest, note)
 
 
 def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list[str]) -> None:
     """Fidelity against the reference, and whether it is within the precision's bounds."""
     result.fidelity = metrics.full_fidelity(reference, logits, names)
-    broken = within_bounds(result.precision, result.fidelity)
-    result.fidelity.update({"bounds": BOUNDS[result.precision], "pass": not broken, "broken": broken})
+    broken = metrics.within_bounds(result.precision, result.fidelity)
+    result.fidelity.update({"bounds": dict(metrics.BOUNDS[result.precision]), "pass": not broken,
+                            "broken": broken})
 
 
 def _run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
@@ -197,25 +149,29 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
         return result, None
     timing.reset_peak_rss()
     t0 = time.perf_counter()
-    try:
-        runner = b.compile(folder, precision, threads=cfg.threads)
-    except BackendError as e:
+    try:  # the backend is here: a failure to load, compile or run the artifact is an error
+        with b.compile(folder, precision, threads=cfg.threads) as runner:
+            runner(inputs.images[:cfg.batches[0]])
+            result.first_inference_s = time.perf_counter() - t0
+            info = runner.info
+            result.executed, result.device, result.artifact = info.executed, info.device, info.artifact
+            largest = max(cfg.batches)
+            logits = _run_all(runner, inputs.images, largest)
+            head = inputs.images[:largest]
+            alone = np.concatenate([runner(head[i:i + 1]) for i in range(len(head))])
+            result.batch_consistency_max_abs = metrics.max_abs(alone, logits[:len(head)])
+            for batch in cfg.batches:
+                x = np.resize(inputs.images, (batch, *inputs.images.shape[1:]))
+                result.latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
+                                                            seconds=cfg.seconds)
+    except BackendUnavailable as e:  # the SDK, device or hardware feature is not here
         result.status, result.reason = "skipped", str(e)
+        result.latency = {}
         return result, None
-    with runner:
-        runner(inputs.images[:cfg.batches[0]])
-        result.first_inference_s = time.perf_counter() - t0
-        info = runner.info
-        result.executed, result.device, result.artifact = info.executed, info.device, info.artifact
-        largest = max(cfg.batches)
-        logits = _run_all(runner, inputs.images, largest)
-        head = inputs.images[:largest]
-        alone = np.concatenate([runner(head[i:i + 1]) for i in range(len(head))])
-        result.batch_consistency_max_abs = metrics.max_abs(alone, logits[:len(head)])
-        for batch in cfg.batches:
-            x = np.resize(inputs.images, (batch, *inputs.images.shape[1:]))
-            result.latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
-                                                        seconds=cfg.seconds)
+    except BackendError as e:
+        result.status, result.reason = "error", str(e)
+        result.latency = {}
+        return result, None
     result.peak_rss_mb = timing.peak_rss_mb()
     if reference is not None:
         judge(result, reference, logits, inputs.names)
@@ -231,7 +187,7 @@ def stage_drift(result: Result, folder: Path, located: dict[str, str], x: np.nda
                 ref_points: dict[str, np.ndarray], ref_logits: np.ndarray, threads: int | None) -> None:
     """Each block's output on the backend vs the reference's; where the error grows most."""
     backend = get_backend(result.backend)
-    if not hasattr(backend, "probe") or not located:
+    if not isinstance(backend, Probing) or not located:
         return
     got = backend.probe(folder, result.precision, list(located.values()), x, threads=threads)
     pairs = [(key, ref_points[key], got[tensor]) for key, tensor in located.items() if tensor in got]
@@ -268,29 +224,46 @@ def prepare_artifacts(cfg: BenchConfig, step: Callable[[str], None]) -> Path:
         for p in wanted:
             artifacts.onnx_file(folder, p)  # verifies hashes: a corrupt file is refused here
         return folder
-    req = build.BuildRequest(cfg.variant, weights, precisions=wanted)  # type: ignore[arg-type]
+    if same and manifest:  # add the missing precisions with the folder's own export settings
+        req = build.request_from_manifest(manifest, wanted)  # type: ignore[arg-type]
+    else:
+        req = build.BuildRequest(cfg.variant, weights, precisions=wanted)  # type: ignore[arg-type]
     build.build(req, folder, step=step)
     return folder
+
+
+def _derived_files_writable(cfg: BenchConfig, folder: Path) -> None:
+    """OpenVINO IRs are made beside the ONNX files on first use: on a read-only folder without
+    current IRs, say so before anything runs (not after the other backends' minutes)."""
+    if "openvino" not in {get_backend(b).name for b in cfg.backends}:
+        return
+    from cvt_export.backends import openvino as ov
+
+    if not ov.BACKEND.available()[0]:
+        return
+    if any(ov.ir_stale(folder, p) for p in cfg.precisions if p in ov.BACKEND.precisions):
+        artifacts.check_writable(folder, "--artifacts", ov.DERIVED_HINT)
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     cfg.check()
     folder = prepare_artifacts(cfg, progress)
     manifest = artifacts.load_manifest(folder)
-    variant = cvt_ref.get_variant(manifest["variant"])
-    inputs = load_inputs(cfg.dataset, cfg.limit, variant)
+    _derived_files_writable(cfg, folder)
+    variant = artifacts.variant_of(manifest)
+    inputs = load_inputs(cfg.dataset, cfg.limit, variant, artifacts.labels_of(manifest))
     pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None
     probe_x = inputs.images[:DRIFT_IMAGES]
-    with get_backend("torch").compile(folder, "fp32") as torch_ref:
-        ref_model = torch_ref.model  # type: ignore[attr-defined]
-        ref_points = probes.reference_probes(ref_model, probe_x)
-        ref_probe_logits = torch_ref(probe_x)
-        # Folders exported before probes existed: locate them now (one run, about a second).
-        located = manifest["files"]["model.onnx"].get("probes") or probes.locate(
-            folder / "model.onnx", ref_model, probe_x[:1])
+    ref_model = reference_model(folder, manifest)
+    ref_points = probes.reference_probes(ref_model, probe_x)
+    ref_probe_logits = validate.reference_logits(ref_model, probe_x)
+    # Folders exported before probes existed: locate them now (one run, about a second).
+    located = manifest["files"]["model.onnx"].get("probes") or probes.locate(
+        folder / "model.onnx", ref_model, probe_x[:1])
+    del ref_model
     for backend, precision in pairs:
         progress(f"{backend} {precision}")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference)
@@ -310,12 +283,13 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
         r.speedup = {b: base[b]["median_ms"] / s["median_ms"] for b, s in r.latency.items() if b in base}
     return {
         "schema": REPORT_SCHEMA,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine.describe(),
         "model": {"variant": manifest["variant"], "weights": manifest["weights"], "artifacts": str(folder),
                   "onnx_sha256": manifest["files"]["model.onnx"]["sha256"]},
         "inputs": {"source": inputs.source, "images": len(inputs.names),
-                   "labelled": inputs.labels is not None, "sha256": inputs.sha256,
+                   "labelled": inputs.labels is not None, "accuracy_note": inputs.accuracy_note,
+                   "sha256": inputs.sha256,
                    "image_size": int(inputs.images.shape[-1])},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "drift_images": len(probe_x)},

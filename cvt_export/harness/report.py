@@ -17,11 +17,33 @@ images (ONNX Runtime and OpenVINO), and `drift_located`: the point where the err
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cvt_export.artifacts import atomic_write
-from cvt_export.harness.bench import REPORT_SCHEMA
+
+REPORT_SCHEMA = "cvt-bench/1"
+
+
+@dataclass
+class Result:
+    backend: str
+    precision: str
+    status: str = "ok"                 # ok | skipped | error
+    reason: str = ""
+    executed: str = ""
+    device: str = ""
+    artifact: str = ""
+    first_inference_s: float | None = None
+    peak_rss_mb: float | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    accuracy: dict[str, float] | None = None
+    batch_consistency_max_abs: float | None = None
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    speedup: dict[str, float] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    drift_located: str | None = None
 
 REQUIRED = {"schema", "created", "machine", "model", "inputs", "settings", "baseline", "results"}
 RESULT_KEYS = {"backend", "precision", "status", "reason", "executed", "device", "artifact",
@@ -117,7 +139,7 @@ def markdown(report: dict[str, Any]) -> str:
     skipped = [r for r in report["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "## Not run", ""]
-        lines += [f"- {r['backend']} {r['precision']}: {r['reason']}" for r in skipped]
+        lines += [f"- {r['backend']} {r['precision']} ({r['status']}): {r['reason']}" for r in skipped]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvt_export.harness.metrics import latency_stats
+from cvt_export.metrics import latency_stats
 
 
 def time_calls(fn: Callable[[], object], *, warmup: int, iters: int | None, seconds: float,

@@ -1,4 +1,6 @@
-"""Fidelity of a backend's logits against the reference's, and accuracy: pure numpy, float64.
+"""Fidelity of a backend's logits against the reference's, accuracy, and the bounds that say
+what "matches the reference" means: pure numpy, float64, a leaf module (export, the harness
+and the regression gate all import it; it imports nothing of the project).
 
 float64 on purpose: a float32 dot product of two 1000-long logit rows can be off by 1e-4,
 which is the size of the effects these metrics exist to see.
@@ -6,9 +8,36 @@ which is the size of the effects these metrics exist to see.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+# The one table of pass/fail bounds per precision, against PyTorch FP32 on the same images.
+# Export refuses an FP32 file and warns for FP16/INT8 outside them; cvt-bench flags a result
+# outside them; the regression gate never lets a tolerance fall below them. BF16 has three
+# fewer mantissa bits than FP16. INT8's top-1 bound allows one flip in ten: random weights give
+# near-flat logits whose top-1 flips under any quantization (trained heads agree far better).
+BOUNDS: Mapping[str, Mapping[str, float]] = {
+    "fp32": {"max_abs": 1e-4, "top1_agreement": 1.0},
+    "fp16": {"cosine_min": 0.9999, "top1_agreement": 1.0},
+    "bf16": {"cosine_min": 0.999, "top1_agreement": 1.0},
+    "int8": {"cosine_min": 0.995, "top1_agreement": 0.9},
+}
+UPPER = frozenset({"max_abs"})  # bounds that are maxima; every other bound is a minimum
+
+
+def within_bounds(precision: str, fid: Mapping[str, Any]) -> list[str]:
+    """The bounds a fidelity summary breaks, each as "metric value op bound" (empty: it passes).
+    A figure that is not finite breaks its bound."""
+    broken = []
+    for key, bound in BOUNDS[precision].items():
+        value = float(fid[key])
+        upper = key in UPPER
+        ok = np.isfinite(value) and (value <= bound if upper else value >= bound)
+        if not ok:
+            broken.append(f"{key} {value:.6g} {'>' if upper else '<'} {bound:g}")
+    return broken
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

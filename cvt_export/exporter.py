@@ -1,4 +1,4 @@
-"""Reference CvT -> checked, simplified, self-describing FP32 ONNX, validated against PyTorch.
+"""Reference CvT -> checked, simplified, self-describing FP32 ONNX (`validate` then measures it).
 
 Exporter: `torch.onnx.export(..., dynamo=True)`. It is PyTorch's maintained exporter (the
 TorchScript one is deprecated), it takes the batch axis as a declared `Dim` rather than
@@ -15,8 +15,8 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -26,17 +26,16 @@ import onnx
 import torch
 
 import cvt_ref
+from cvt_export.quiet import quiet_loggers
+from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_ref.errors import CvtError, first_line
 from cvt_ref.model import CvT
 from cvt_ref.variants import Variant
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "logits"
 MIN_OPSET = 17          # LayerNormalization is one node from 17 on
 DEFAULT_OPSET = 20      # Gelu is one node from 20 on
-FP32_TOLERANCE = 1e-4   # max-abs logits vs PyTorch; above it the export is refused
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a side file (protobuf's 2 GiB cap)
 MAX_BATCH = 4096
 
@@ -61,11 +60,6 @@ class ExportOptions:
             raise ExportError(f"--image-size {self.image_size}: use a multiple of 16 in 64..2048")
 
 
-def sized_variant(variant: Variant, image_size: int | None) -> Variant:
-    """The variant evaluated at another resolution (CvT has no position embedding to resize)."""
-    return variant if image_size in (None, variant.image_size) else replace(variant, image_size=image_size)
-
-
 def tool_versions() -> dict[str, str]:
     names = ("torch", "onnx", "onnxscript", "onnxslim", "onnxruntime", "onnxconverter-common")
     return {n: version(n) for n in names}
@@ -85,23 +79,10 @@ def metadata(model: CvT, variant: Variant, precision: str) -> dict[str, str]:
         "cvt.preprocess": json.dumps({
             "resize": variant.resize_size, "crop": variant.crop, "interpolation": "bicubic",
             "scale": 1 / 255, "mean": list(variant.mean), "std": list(variant.std), "layout": "NCHW RGB"}),
+        "cvt.num_classes": str(variant.num_classes),
         "cvt.labels": json.dumps(names),
         "cvt.tools": json.dumps(tool_versions()),
     }
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """Raise these loggers to ERROR for a while: the libraries' advice is not for our users."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _quiet_export(model: torch.nn.Module, example: torch.Tensor, opts: ExportOptions) -> onnx.ModelProto:
@@ -171,49 +152,6 @@ def export_fp32(model: CvT, variant: Variant, path: Path, opts: ExportOptions) -
     files = save(proto, path)
     check(path)
     return files
-
-
-def ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def run_ort(session: Any, batch: np.ndarray) -> np.ndarray:
-    return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float32)
-
-
-def reference_logits(model: CvT, batch: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(batch)).numpy()
-
-
-def validation_batches(n: int, fixed: int | None) -> list[slice]:
-    """Row ranges to validate on: batch 1 twice and one larger batch (or the fixed size)."""
-    if fixed is not None:
-        return [slice(0, fixed)]
-    return [slice(0, 1), slice(1, 2), slice(0, min(n, 8))]
-
-
-def validate_fp32(path: Path, images: np.ndarray, ref: np.ndarray, batch: int | None) -> dict[str, float]:
-    """Max-abs logits error of the file on ONNX Runtime vs the reference logits `ref` of `images`,
-    per batch size."""
-    if batch is not None and len(images) < batch:  # repeat rows; np.resize repeats both alike
-        images = np.resize(images, (batch, *images.shape[1:]))
-        ref = np.resize(ref, (batch, *ref.shape[1:]))
-    session = ort_session(path)
-    errors: dict[str, float] = {}
-    for rows in validation_batches(len(images), batch):
-        got = run_ort(session, images[rows])
-        key = f"batch{rows.stop - rows.start}"
-        errors[key] = max(errors.get(key, 0.0), float(np.abs(got - ref[rows]).max()))
-    worst = max(errors.values())
-    if not np.isfinite(worst) or worst > FP32_TOLERANCE:
-        raise ExportError(f"{path.name} on ONNX Runtime differs from PyTorch by max-abs {worst:.3g} "
-                          f"(> {FP32_TOLERANCE:g}); the export is not kept")
-    return errors
 
 
 def _dims(t: onnx.ValueInfoProto) -> list[int | str]:

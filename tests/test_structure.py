@@ -1,0 +1,126 @@
+"""The structure the code relies on: one bounds table that export, bench and regress all obey,
+imports that run one way, light modules that stay light."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvt_export import build, exporter, metrics, regress, validate
+from cvt_export.harness import bench
+from cvt_export.harness.report import Result
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cvt_export"
+
+
+def _beyond(precision: str) -> dict[str, float]:
+    """A fidelity summary that breaks every bound of the precision by a hair."""
+    fid: dict[str, float] = {"max_abs": 0.0, "cosine_min": 1.0, "top1_agreement": 1.0}
+    for key, bound in metrics.BOUNDS[precision].items():
+        fid[key] = bound * 1.0001 if key in metrics.UPPER else bound - 1e-4
+    return fid
+
+
+@pytest.mark.parametrize("precision", list(metrics.BOUNDS))
+def test_bench_and_regress_obey_the_one_bounds_table(precision: str) -> None:
+    at = {"max_abs": 0.0, "cosine_min": 1.0, "top1_agreement": 1.0, **metrics.BOUNDS[precision]}
+    assert metrics.within_bounds(precision, at) == []
+    broken = metrics.within_bounds(precision, _beyond(precision))
+    assert [b.split()[0] for b in broken] == list(metrics.BOUNDS[precision])
+    # cvt-bench flags the same rows, naming the same bounds
+    ref = np.eye(4, 10, dtype=np.float32) * 5
+    result = Result("ort", precision)
+    bench.judge(result, ref, ref, ["a", "b", "c", "d"])
+    assert result.fidelity["pass"] and result.fidelity["bounds"] == dict(metrics.BOUNDS[precision])
+    # the regression gate never lets a tolerance fall below the table, even from a lax baseline
+    lax = {"max_abs_max": 1.0, "cosine_min_min": 0.0, "top1_agreement_min": 0.0}
+    made = regress.tolerance(precision, {"cosine_min": 0.0, "top1_agreement": 0.0}, 10)
+    assert all(made[f"{k}_max" if k in metrics.UPPER else f"{k}_min"] == v
+               for k, v in metrics.BOUNDS[precision].items())  # a new baseline starts at the table
+    floor = regress.floored(precision, {k: lax[k] for k in made})
+    for key, bound in metrics.BOUNDS[precision].items():
+        name = f"{key}_max" if key in metrics.UPPER else f"{key}_min"
+        assert floor[name] == bound
+
+
+def test_export_obeys_the_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """validate (what export keeps or warns about) reads the same table at call time."""
+    ref = np.eye(3, 10, dtype=np.float32) * 5
+    monkeypatch.setattr(validate, "ort_session", lambda path: None)
+    monkeypatch.setattr(validate, "run_logits", lambda session, x: ref + 0.5)  # max-abs 0.5
+    with pytest.raises(exporter.ExportError, match=r"max_abs 0.5 > 0.0001"):
+        validate.validate_fp32(tmp_path / "model.onnx", np.zeros((3, 3, 8, 8), np.float32), ref, 3)
+    monkeypatch.setitem(metrics.BOUNDS["fp32"], "max_abs", 1.0)
+    assert validate.validate_fp32(tmp_path / "model.onnx", np.zeros((3, 3, 8, 8), np.float32), ref, 3)
+    near = ref + 0.05 * np.eye(3, 10, k=1, dtype=np.float32)  # cosine 0.99995 per row
+    monkeypatch.setattr(validate, "run_logits", lambda session, x: near)
+    fid, warning = validate.measure(tmp_path / "m.onnx", "int8", np.zeros((3, 3, 8, 8), np.float32), ref,
+                                    [0, 1, 2], "3 images")
+    assert fid["bounds"] == dict(metrics.BOUNDS["int8"]) and warning is None
+    monkeypatch.setitem(metrics.BOUNDS["int8"], "cosine_min", 0.99999)
+    _, warning = validate.measure(tmp_path / "m.onnx", "int8", np.zeros((3, 3, 8, 8), np.float32), ref,
+                                  [0, 1, 2], "3 images")
+    assert warning is not None and "cosine_min" in warning
+
+
+def test_no_other_module_keeps_its_own_bounds() -> None:
+    for module in (exporter, validate, build, bench, regress):
+        names = {n for n in vars(module) if n.isupper()}
+        assert not names & {"FP32_TOLERANCE", "TARGETS", "BOUNDS", "FP32_MAX_ABS"}, module.__name__
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_nothing_below_the_harness_imports_it() -> None:
+    above = {"harness", "regress.py", "cli"}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in above:
+            continue
+        bad = [m for m in _imports(path) if m.startswith("cvt_export.harness")]
+        assert not bad, f"{rel} imports {bad}"
+
+
+def test_leaf_modules_import_nothing_of_the_project() -> None:
+    for name in ("metrics.py", "machine.py", "runtime.py", "quiet.py"):
+        project = [m for m in _imports(PACKAGE / name) if m.startswith(("cvt_export", "cvt_ref"))]
+        assert project == [], f"{name} imports {project}"
+    for name in ("source.py", "errors.py", "variants.py", "labels.py"):
+        heavy = [m for m in _imports(ROOT / "cvt_ref" / name) if m.split(".")[0] in ("torch", "cvt_export")]
+        assert heavy == [], f"cvt_ref/{name} imports {heavy}"
+
+
+def test_reports_and_manifests_are_read_without_torch() -> None:
+    code = ("import sys; import cvt_export.harness.report, cvt_export.metrics, cvt_export.artifacts; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_one_place_makes_an_onnx_runtime_session() -> None:
+    makers = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py")
+              if "InferenceSession(" in p.read_text()]
+    assert makers == [Path("runtime.py")]
+
+
+def test_profiler_output_is_not_tracked() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert "onnxruntime_profile" not in tracked

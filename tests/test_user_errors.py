@@ -1,0 +1,150 @@
+"""Bad input from a user: one line, exit 2, no traceback, checked before the work, nothing left
+behind that looks valid. And what is not an error: a cache that cannot be written, hidden files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_artifacts
+from safetensors.torch import save_file
+
+import cvt_ref
+from cvt_export import calibration
+from helpers import assert_user_error, run_cli
+
+
+def bomb_png(path: Path, side: int = 20000) -> Path:
+    """A PNG whose header claims side x side pixels (400 megapixels at 20000): PIL refuses it as
+    a decompression bomb when it opens the header, so the file needs no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_in_predict_and_calib(tmp_path: Path, photos: list[Path]) -> None:
+    bomb = bomb_png(tmp_path / "bomb.png")
+    assert_user_error(run_cli("cvt-export", "predict", str(bomb)), "too many pixels")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(bomb, calib / "bomb.png")
+    shutil.copy(photos[0], calib / photos[0].name)
+    out = tmp_path / "out"
+    assert_user_error(run_cli("cvt-export", "onnx", "--precision", "int8", "--calib", str(calib),
+                              "--out", str(out)), "too many pixels")
+    assert not out.exists()  # refused before the export made anything
+
+
+def test_export_into_a_read_only_folder(readonly_dir: Path) -> None:
+    for out, fragment in ((readonly_dir, "cannot write there"), (readonly_dir / "sub", "cannot create")):
+        assert_user_error(run_cli("cvt-export", "onnx", "--out", str(out)), fragment)
+    assert not any(readonly_dir.iterdir())
+
+
+def test_derived_files_on_a_read_only_artifact_folder(exported: Path, readonly_dir: Path,
+                                                      tmp_path: Path) -> None:
+    src = readonly_dir.parent / "ro-src"  # the mount shows this folder read-only
+    folder = copy_artifacts(exported, src, "art")
+    shutil.rmtree(folder / "openvino", ignore_errors=True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("openvino", None)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    art = readonly_dir / "art"
+    assert_user_error(run_cli("cvt-export", "openvino", "--artifacts", str(art)), "copy the folder")
+    rep = tmp_path / "rep"
+    assert_user_error(run_cli("cvt-bench", "--backend", "openvino", "--precision", "fp32", "--artifacts",
+                              str(art), "--out", str(rep), "--iters", "1"), "copy the folder")
+    assert not rep.exists()
+
+
+def test_report_outputs_are_checked_before_the_run(exported: Path, tmp_path: Path,
+                                                   readonly_dir: Path) -> None:
+    folder = copy_artifacts(exported, tmp_path)
+    shutil.rmtree(folder / "ort", ignore_errors=True)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    base = ["--backend", "ort", "--precision", "fp32", "--artifacts", str(folder), "--iters", "1"]
+    cases = [
+        (["--out", str(a_file)], "is a file"),
+        (["--out", str(tmp_path / "rep"), "--json", str(tmp_path / "missing" / "r.json")], "does not exist"),
+        (["--out", str(readonly_dir / "rep")], "cannot write there"),
+        (["--out", str(tmp_path / "rep"), "--threads", "0"], "--threads 0"),
+    ]
+    for args, fragment in cases:
+        assert_user_error(run_cli("cvt-bench", *base, *args), fragment)
+    assert not (folder / "ort").exists()  # no backend ran
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "cache-is-a-file"
+    not_a_folder.write_text("")
+    out = tmp_path / "out"
+    result = run_cli("cvt-export", "onnx", "--precision", "int8", "--out", str(out),
+                     env={"CVT_EXPORT_CACHE": str(not_a_folder)})
+    assert result.returncode == 0, result.stderr
+    assert "not writable" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "model.int8.onnx").is_file() and (out / "manifest.json").is_file()
+
+
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path: Path) -> None:
+    result = run_cli("cvt-export", "predict", "--weights", "models/cvt13.pth", cwd=tmp_path)
+    assert_user_error(result, "models/cvt13.pth: no such file or folder")
+    assert "hub" not in result.stderr
+
+
+def test_safetensors_content_is_recognised_whatever_the_name(hf_folder: object, tmp_path: Path,
+                                                             batch_224: torch.Tensor) -> None:
+    folder = hf_folder(cvt_ref.get_variant("cvt-13"))  # type: ignore[operator]
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    renamed = tmp_path / "weights.pt"
+    save_file(state, renamed)
+    a = cvt_ref.create_model("cvt-13", folder)
+    b = cvt_ref.create_model("cvt-13", renamed)
+    with torch.inference_mode():
+        assert torch.equal(a(batch_224[:1]), b(batch_224[:1]))
+
+
+def test_hidden_files_in_image_folders_are_skipped(tmp_path: Path, photos: list[Path]) -> None:
+    shutil.copy(photos[0], tmp_path / photos[0].name)
+    (tmp_path / f"._{photos[0].name}").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS resource fork
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / ".thumbs").mkdir()
+    shutil.copy(photos[1], tmp_path / ".thumbs" / photos[1].name)
+    calib, _ = calibration.calibration_set(tmp_path)
+    assert [p.name for p in calib.paths] == [photos[0].name]
+
+
+def test_every_command_documents_its_options_and_shows_an_example() -> None:
+    import click
+    import typer
+
+    from cvt_export.cli import bench as bench_cli
+    from cvt_export.cli import export as export_cli
+
+    for app, name in ((export_cli.app, "cvt-export"), (bench_cli.app, "cvt-bench")):
+        group = typer.main.get_command(app)
+        commands = dict(getattr(group, "commands", {}))
+        if name == "cvt-bench":
+            commands[name] = group
+        for cmd_name, cmd in commands.items():
+            assert "Example" in (cmd.help or ""), f"{name} {cmd_name}: no example in --help"
+            for param in cmd.params:
+                if isinstance(param, click.Option) and param.name != "help":
+                    assert param.help, f"{name} {cmd_name} --{param.name}: no description"
+
+
+@pytest.mark.parametrize("command", [["predict"], ["onnx"], ["backends"], ["openvino"], ["trt"],
+                                     ["variants"]])
+def test_help_runs(command: list[str]) -> None:
+    result = run_cli("cvt-export", *command, "--help")
+    assert result.returncode == 0 and "Example" in result.stdout
