@@ -95,6 +95,7 @@ def test_a_changed_artifact_is_refused(exported: Path, tmp_path: Path) -> None:
         get_backend("ort").compile(folder, "fp32")
 
 
+@pytest.mark.slow
 def test_openvino_ir_is_recorded_and_a_truncated_one_is_rebuilt(exported: Path, tmp_path: Path,
                                                                  batch_224: torch.Tensor,
                                                                  reference: np.ndarray) -> None:
@@ -114,6 +115,7 @@ def test_openvino_ir_is_recorded_and_a_truncated_one_is_rebuilt(exported: Path, 
     assert np.abs(got - reference[:2]).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_nncf_and_qdq_int8_both_run(exported: Path, model: cvt_ref.CvT,
                                     split: tuple[Path, list[Path]]) -> None:
     x = cvt_ref.preprocess_batch(list(split[1]), "cvt-13").numpy()
@@ -175,6 +177,7 @@ def test_tensorrt_matches_reference(precision: str, exported: Path, model: cvt_r
     assert np.abs(alone - got).max() <= (1e-4 if precision == "fp32" else 2e-2)  # TensorRT #1697
 
 
+@pytest.mark.slow
 def test_tensorrt_missing_gives_one_line(exported: Path, tmp_path: Path) -> None:
     missing = _trt_missing()
     if missing is None:
@@ -192,6 +195,7 @@ config = trt.Builder(logger).create_builder_configg()
 """
 
 
+@pytest.mark.slow
 def test_tensorrt_stub_type_check_is_live(tmp_path: Path) -> None:
     """mypy against the patched stubs: the backend passes and a misspelt API fails.
 
@@ -210,6 +214,7 @@ def test_tensorrt_stub_type_check_is_live(tmp_path: Path) -> None:
     assert bad.returncode == 1 and 'has no attribute "create_builder_configg"' in bad.stdout, bad.stdout
 
 
+@pytest.mark.slow
 def test_an_ir_from_another_openvino_version_is_rebuilt(exported: Path, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     import shutil

@@ -108,6 +108,7 @@ def _config(exported: Path, **kw: Any) -> bench.BenchConfig:
     return bench.BenchConfig(**(base | kw))
 
 
+@pytest.mark.slow
 def test_report_schema_and_files(exported: Path, tmp_path: Path) -> None:
     rep = bench.run(_config(exported))
     assert report.validate(rep) == []
@@ -136,6 +137,7 @@ def test_report_schema_and_files(exported: Path, tmp_path: Path) -> None:
     assert any("schema" in p for p in problems) and any("misses ['latency']" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], reference: np.ndarray,
                                       tmp_path: Path) -> None:
     """Class folders named after the reference's own predictions: three photos in the folder of
@@ -185,6 +187,7 @@ def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.Monke
     assert all(d["cosine_min"] > 0.99999 for d in ort["drift"][:-1])
 
 
+@pytest.mark.slow
 def test_a_fault_inside_the_network_is_located(exported: Path, tmp_path: Path) -> None:
     """A damaged weight in stage 2, block 3 of the ONNX file (as a bad export would leave)."""
     import onnx
@@ -214,6 +217,7 @@ def test_a_fault_inside_the_network_is_located(exported: Path, tmp_path: Path) -
 
 # --- bad input -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_and_exit_2(exported: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -53,7 +53,7 @@ RUNNERS = {"onnxruntime": ort_run, "openvino": ov_run}
 
 # --- FP32 --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", RUNNERS)
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])
 def test_fp32_matches_reference_at_batch_1_and_8(exported: Path, batch_224: torch.Tensor,
                                                  reference: np.ndarray, backend: str) -> None:
     run = RUNNERS[backend]
@@ -193,6 +193,7 @@ def _scales(path: Path) -> dict[str, np.ndarray]:
             if n.op_type == "QuantizeLinear"}
 
 
+@pytest.mark.slow
 def test_calibration_cache_is_reused_and_keyed(exported: Path, split: tuple[Path, list[Path]],
                                                tmp_path: Path, cache: Path) -> None:
     manifest = json.loads((exported / "manifest.json").read_text())
@@ -222,6 +223,7 @@ def test_calibration_cache_is_reused_and_keyed(exported: Path, split: tuple[Path
 
 # --- the folder ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failed_validation_leaves_the_previous_export_valid(exported: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "keep"
@@ -251,6 +253,7 @@ def test_a_second_writer_is_refused(tmp_path: Path) -> None:
 
 # --- every variant, and the options ---------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(cvt_ref.VARIANTS))
 def test_every_variant_exports_and_validates(name: str, tmp_path: Path) -> None:
     variant = cvt_ref.VARIANTS[name].with_depths(1, 1, 1)
@@ -284,6 +287,7 @@ def test_opset_17_fixed_batch_and_image_size(tmp_path: Path) -> None:
 
 # --- the command line --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_exports_then_adds_a_precision_without_exporting_again(tmp_path: Path) -> None:
     out = tmp_path / "art"
     first = run_cli("cvt-export", "onnx", "--variant", "cvt-13", "--weights", "random:0",
@@ -300,6 +304,7 @@ def test_cli_exports_then_adds_a_precision_without_exporting_again(tmp_path: Pat
     assert manifest["files"]["model.fp16.onnx"]["from"] == onnx_sha
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_give_one_line_and_exit_2(tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
@@ -337,6 +342,7 @@ def test_calibration_set_counts_and_warns(tmp_path: Path, photos: list[Path]) ->
         calibration.calibration_set(tmp_path)
 
 
+@pytest.mark.slow
 def test_qdq_rule_check_flags_quantized_outputs(tmp_path: Path, photos: list[Path]) -> None:
     """ORT's default placement (Q/DQ on outputs too) leaves DQs that reach LayerNorm: flagged."""
     variant = CVT13.with_depths(1, 1, 1)

@@ -29,7 +29,7 @@ def ref_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("name", ["cvt-13", "cvt-13-384"])
+@pytest.mark.parametrize("name", ["cvt-13", pytest.param("cvt-13-384", marks=pytest.mark.slow)])
 def test_full_size_parity_with_transformers_on_photos(
         name: str, photos: list[Path], hf_folder: Callable[[cvt_ref.Variant], Path]) -> None:
     variant = cvt_ref.VARIANTS[name]
@@ -70,6 +70,7 @@ def test_architecture_of_every_variant_matches_transformers(name: str) -> None:
     assert {k: tuple(v.shape) for k, v in mapped.items()} == _meta_shapes(ours)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cvt-21", "cvt-21-384-22k", "cvt-w24-384-22k"])
 def test_reduced_depth_parity_for_the_other_architectures(name: str, batch_224: torch.Tensor,
                                                            photos: list[Path]) -> None:

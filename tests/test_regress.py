@@ -21,6 +21,8 @@ from cvt_export.harness import bench
 from cvt_ref.source import sha256_file
 from helpers import PerturbedBackend, assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # the whole backend x precision matrix, several times
+
 QUICK = {"backends": ("ort",), "precisions": ("fp32", "int8"), "iters": 2}
 
 

@@ -49,6 +49,7 @@ def test_export_into_a_read_only_folder(readonly_dir: Path) -> None:
     assert not any(readonly_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_derived_files_on_a_read_only_artifact_folder(exported: Path, readonly_dir: Path,
                                                       tmp_path: Path) -> None:
     src = readonly_dir.parent / "ro-src"  # the mount shows this folder read-only
@@ -65,6 +66,7 @@ def test_derived_files_on_a_read_only_artifact_folder(exported: Path, readonly_d
     assert not rep.exists()
 
 
+@pytest.mark.slow
 def test_report_outputs_are_checked_before_the_run(exported: Path, tmp_path: Path,
                                                    readonly_dir: Path) -> None:
     folder = copy_artifacts(exported, tmp_path)
@@ -83,6 +85,7 @@ def test_report_outputs_are_checked_before_the_run(exported: Path, tmp_path: Pat
     assert not (folder / "ort").exists()  # no backend ran
 
 
+@pytest.mark.slow
 def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path: Path) -> None:
     not_a_folder = tmp_path / "cache-is-a-file"
     not_a_folder.write_text("")
@@ -145,6 +148,7 @@ def test_every_command_documents_its_options_and_shows_an_example() -> None:
 
 @pytest.mark.parametrize("command", [["predict"], ["onnx"], ["backends"], ["openvino"], ["trt"],
                                      ["variants"]])
+@pytest.mark.slow
 def test_help_runs(command: list[str]) -> None:
     result = run_cli("cvt-export", *command, "--help")
     assert result.returncode == 0 and "Example" in result.stdout

@@ -116,6 +116,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return run_cli("cvt-export", *args, env=env)
 
 
+@pytest.mark.slow
 def test_hub_id_loads_from_the_hub_cache_offline(tmp_path: Path, folder: Path) -> None:
     """The real huggingface_hub code path, with the cache as the hub would have left it."""
     cache = _hub_cache(tmp_path / "hub", folder)
@@ -127,6 +128,7 @@ def test_hub_id_loads_from_the_hub_cache_offline(tmp_path: Path, folder: Path) -
     assert json.loads(via_hub.stdout)["results"] == json.loads(via_folder.stdout)["results"]
 
 
+@pytest.mark.slow
 def test_hub_id_offline_and_not_cached_fails_fast(tmp_path: Path) -> None:
     start = time.monotonic()
     result = _cli("predict", "--weights", "microsoft/cvt-13",
@@ -228,6 +230,7 @@ def test_bad_checkpoint_raises_weights_error(case: str, bad: dict[str, tuple[str
     assert not (tmp_path / "pwned-by-checkpoint").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD)
 def test_bad_checkpoint_gives_one_line_and_exit_2(case: str, bad: dict[str, tuple[str, str]],
                                                   tmp_path: Path) -> None:
@@ -239,6 +242,7 @@ def test_bad_checkpoint_gives_one_line_and_exit_2(case: str, bad: dict[str, tupl
     assert not (tmp_path / "pwned-by-checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_unknown_variant_and_unreadable_image_in_the_cli(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
