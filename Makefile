@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 STUBS  := build/trt-stubs/tensorrt/__init__.pyi
 TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
+# tritonserver (2.51) with the Python backend, from PyPI. --no-deps: its Python API pins NumPy < 2
+# and is not used; only the binary is (cvt_export/triton/server.py).
+PYTRITON ?= nvidia-pytriton==0.7.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test check lint pytest regress venv clean
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps "$(PYTRITON)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -79,8 +79,23 @@ def resize_and_crop(image: Image.Image, variant: Variant) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(image: Image.Image | str | Path, variant: str | Variant) -> torch.Tensor:
-    """-> float32[3, H, W], normalized; raises ImageError for a file it cannot read."""
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """Encoded bytes (JPEG, PNG, ...) -> a decoded image, with the same checks as a file: what a
+    server receives from a client."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refused, too many pixels to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot read it as an image ({e})") from None
+
+
+def preprocess_array(image: Image.Image | str | Path, variant: str | Variant) -> np.ndarray:
+    """-> float32[3, H, W] numpy, normalized (no torch: what a serving process needs)."""
     v = get_variant(variant)
     if not isinstance(image, Image.Image):
         image = load_image(image)
@@ -89,9 +104,14 @@ def preprocess(image: Image.Image | str | Path, variant: str | Variant) -> torch
     mean = np.asarray(v.mean, dtype=np.float32)
     std = np.asarray(v.std, dtype=np.float32)
     x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(image: Image.Image | str | Path, variant: str | Variant) -> torch.Tensor:
+    """-> float32[3, H, W], normalized; raises ImageError for a file it cannot read."""
     import torch  # here, not at import: `import cvt_ref` stays light for report and manifest readers
 
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return torch.from_numpy(preprocess_array(image, variant))
 
 
 def preprocess_batch(images: list[Image.Image | str | Path], variant: str | Variant) -> torch.Tensor:

@@ -16,6 +16,7 @@ import pytest
 from conftest import copy_artifacts
 
 from cvt_export import build, regress
+from cvt_export.artifacts import Precision
 from cvt_export.exporter import ExportOptions
 from cvt_export.harness import bench
 from cvt_ref.source import sha256_file
@@ -50,8 +51,8 @@ def test_unchanged_artifacts_pass(baseline: Path, exported: Path) -> None:
 def test_cli_passes_then_fails_on_a_slowdown_only_when_asked(baseline: Path, exported: Path,
                                                            tmp_path: Path) -> None:
     ok = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts",
-                 str(copy_artifacts(exported, tmp_path)),
-                 "--iters", "2")
+                 str(copy_artifacts(exported, tmp_path)), "--iters", "2", "--backend", "ort",
+                 "--precision", "fp32,int8")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "regression check passed" in ok.stdout
     fast = json.loads(baseline.read_text())
@@ -65,21 +66,23 @@ def test_cli_passes_then_fails_on_a_slowdown_only_when_asked(baseline: Path, exp
     assert {f.what for f in gated.findings} >= {"ort/fp32 latency", "ort/int8 latency"}
 
 
-def _export(tmp_path: Path, weights: str, opset: int = 20) -> Path:
+def _export(tmp_path: Path, weights: str, opset: int = 20,
+            precisions: tuple[Precision, ...] = ("fp32", "fp16", "int8")) -> Path:
     out = tmp_path / f"art-{weights.replace(':', '')}-{opset}"
-    build.build(build.BuildRequest("cvt-13", weights, precisions=("fp32", "fp16", "int8"),
+    build.build(build.BuildRequest("cvt-13", weights, precisions=precisions,
                                    options=ExportOptions(opset=opset)), out)
     return out
 
 
 def test_a_changed_weight_fails(baseline: Path, tmp_path: Path) -> None:
-    other = _export(tmp_path, "random:1")
-    outcome = regress.run(baseline, update=False, artifacts_dir=other, max_slowdown=None, **QUICK)
+    other = _export(tmp_path, "random:1", precisions=("fp32",))
+    outcome = regress.run(baseline, update=False, artifacts_dir=other, max_slowdown=None,
+                          **(QUICK | {"precisions": ("fp32",)}))
     fails = [f for f in outcome.findings if f.kind == "fail"]
     reference = next(f for f in fails if f.what == "PyTorch reference logits")
     assert "model code or the weights changed" in reference.detail
     result = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(other),
-                     "--iters", "1")
+                     "--iters", "1", "--backend", "ort", "--precision", "fp32")
     assert result.returncode == 1 and "FAIL PyTorch reference logits" in result.stdout
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.backends import BACKEND_MODULES
-from cvt_export.cli.common import setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
 from cvt_export.harness import report as reports
@@ -172,6 +172,61 @@ def regress(
                  "unreviewed change(s); if intended, run `cvt-bench regress --update` and commit the "
                  "baseline")
     raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def triton(
+    url: Annotated[str, typer.Option(help="HOST:PORT of the server (HTTP or gRPC port per --protocol)")],
+    model: Annotated[str, typer.Option(help="the classifier model taking pixel_values")] = "cvt",
+    artifacts: Annotated[Path, typer.Option(
+        help="the artifact folder the served model was made from (its reference and bounds)")] = Path(
+        "artifacts/cvt-13"),
+    precision: Annotated[str, typer.Option(help="the served precision: whose bounds apply")] = "fp32",
+    protocol: Annotated[str, typer.Option(help="http | grpc")] = "http",
+    concurrency: Annotated[str, typer.Option(help="comma list of concurrent clients")] = "1,4,16",
+    requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 200,
+    json_file: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure a model served by Triton like a backend: the bundled photos' logits against the PyTorch
+    reference, client latency p50/p90/p99 and throughput per concurrency, and Triton's statistics
+    (queue vs compute time, executed batch sizes).
+
+    Example: cvt-bench triton --url 127.0.0.1:8000 --model cvt-classifier --precision int8 --concurrency 1,8
+    """
+    setup_logging(verbose)
+    from cvt_export.triton.load import Target, bench_served
+
+    levels = _csv_ints(concurrency, "--concurrency")
+    if not levels or min(levels) < 1 or requests < 1:
+        raise CvtError("--concurrency and --requests must be >= 1")
+    if json_file:
+        output_file(json_file, "--json")
+    target = Target(url, model, protocol)
+    try:
+        target.client().is_server_ready()
+    except Exception as e:  # connection refused, DNS... from either client library
+        raise CvtError(f"--url {url}: no Triton server answers ({type(e).__name__}: {e})") from None
+    with stderr.status(f"measuring {model} at {url}"):
+        report = bench_served(target, artifacts, precision, levels, requests)
+    fid = report["fidelity"]
+    stdout.print(f"fidelity vs PyTorch FP32: worst cosine {fid['cosine_min']:.5f}, "
+                 f"max-abs {fid['max_abs']:.3g}, top-1 {100 * fid['top1_agreement']:.0f}% — "
+                 + ("within bounds" if fid["pass"] else "OUTSIDE bounds: " + "; ".join(fid["broken"])))
+    table = Table(title=f"{model} over {protocol} ({report['machine']['cpu']})", title_justify="left")
+    for col in ("concurrency", "img/s", "p50 ms", "p90 ms", "p99 ms", "executed batches", "queue ms",
+                "compute ms"):
+        table.add_column(col, justify="right")
+    for r in report["runs"]:
+        lat, srv = r["latency_ms"], r["server"]
+        table.add_row(str(r["concurrency"]), f"{r['images_per_s']:.1f}", f"{lat['median_ms']:.1f}",
+                      f"{lat['p90_ms']:.1f}", f"{lat['p99_ms']:.1f}",
+                      ", ".join(f"{b}×{n}" for b, n in srv["executed_batches"].items()),
+                      f"{srv['queue_ms_per_request']:.1f}", f"{srv['compute_ms_per_request']:.1f}")
+    stdout.print(table)
+    if json_file:
+        reports.write_json(report, json_file)
 
 
 def show(report: dict[str, object]) -> None:

@@ -223,6 +223,85 @@ def trt(
 
 
 @app.command()
+@user_errors
+def triton(
+    artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
+    out: Annotated[Path, typer.Option(help="model repository folder (created; other models kept)")] = Path(
+        "triton-repo"),
+    name: Annotated[str, typer.Option(help="model name clients call")] = "cvt",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | int8 (bf16: python runtime)")] = "fp32",
+    runtime: Annotated[str, typer.Option(
+        help="python (this project's runner inside Triton; runs on a CPU-only host) | onnxruntime | "
+             "openvino | tensorrt (native Triton backends)")] = "python",
+    python_backend: Annotated[str, typer.Option(
+        help="runner the python runtime uses: ort | openvino")] = "ort",
+    max_batch: Annotated[int, typer.Option(help="max_batch_size (dynamic batching up to it)")] = 32,
+    instances: Annotated[int, typer.Option(help="model instances (instance_group count)")] = 1,
+    gpu: Annotated[bool, typer.Option(help="KIND_GPU instances (native runtimes on a GPU host)")] = False,
+    accelerator: Annotated[str | None, typer.Option(
+        help="onnxruntime runtime on GPU: tensorrt | cuda execution accelerator")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per python-runtime instance")] = None,
+    preprocess: Annotated[bool, typer.Option(
+        help="add NAME-preprocess and an ensemble NAME: clients send encoded image bytes")] = False,
+    labels: Annotated[bool, typer.Option(
+        help="label file on the output: Triton's classification extension returns top-k labels")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write a Triton Inference Server model repository from an artifact folder, checked against
+    Triton's ModelConfig schema and the model files.
+
+    Examples:
+
+      cvt-export triton --artifacts artifacts/cvt-13 --precision int8 --preprocess --labels --out repo
+
+      cvt-export triton --runtime onnxruntime --gpu --accelerator tensorrt --precision fp16 --out repo
+    """
+    setup_logging(verbose)
+    from cvt_export.triton.repository import RepoOptions, write_repository
+
+    opts = RepoOptions(name=name, precision=precision, runtime=runtime,  # type: ignore[arg-type]
+                       python_backend=python_backend, max_batch=max_batch, instances=instances, gpu=gpu,
+                       accelerator=accelerator, threads=threads, preprocess=preprocess, labels=labels)
+    with stderr.status("writing the model repository"):
+        record = write_repository(artifacts, out, opts)
+    stdout.print(f"wrote {', '.join(record['models'])} in {out} ({runtime}, {precision}); "
+                 f"serve it with `cvt-export serve {out}`")
+
+
+@app.command()
+@user_errors
+def serve(
+    repository: Annotated[Path, typer.Argument(help="model repository written by `cvt-export triton`")],
+    http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1 (0: a free one)")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1 (0: a free one)")] = 8001,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve a repository with the tritonserver binary of PyPI's nvidia-pytriton, on 127.0.0.1,
+    until interrupted (GPU hosts: the NGC container's `tritonserver --model-repository REPO`).
+
+    Example: cvt-export serve triton-repo --http-port 8000 --grpc-port 8001
+    """
+    setup_logging(verbose)
+    import time
+
+    from cvt_export.triton.server import Server, free_port
+
+    server = Server(repository, http_port=http_port or free_port(), grpc_port=grpc_port or free_port())
+    with stderr.status("starting tritonserver"):
+        server.start()
+    stdout.print(f"serving {repository}: HTTP {server.http_url}, gRPC {server.grpc_url} (log {server.log}); "
+                 "Ctrl-C stops it")
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
+        raise CvtError(f"tritonserver stopped: {server.last_error()}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@app.command()
 def variants() -> None:
     """The registered variants with their published figures.
 

@@ -1,0 +1,404 @@
+"""An artifact folder -> a Triton model repository, every config checked before it is kept.
+
+Configs are built as Triton's own `ModelConfig` protobuf (from `tritonclient`), written as
+text, then parsed back and checked against the model file they describe (IO names, dims,
+dtypes, batch limits). The repository is made in a staging folder and renamed into place, with
+`cvt-repository.json` (the manifest's source, the sha256 of every model file, the artifact's
+fidelity figures) written last.
+
+Runtimes:
+- `python`: the project's ORT or OpenVINO runner inside Triton's Python backend (what runs on a
+  CPU-only machine with PyPI's tritonserver); the artifact folder's needed files are copied into
+  the version folder, and the model code is imported from `cvt_export.triton.python_model`.
+- `onnxruntime`: `platform: "onnxruntime_onnx"`, the precision's ONNX file (optionally with
+  the TensorRT or CUDA execution accelerator for GPU instances).
+- `openvino`: `backend: "openvino"`, the IR this project makes (`cvt-export openvino`).
+- `tensorrt`: `platform: "tensorrt_plan"`, the engine from `cvt-export trt`, batch limits from its
+  optimization profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cvt_export import artifacts
+from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
+from cvt_export.triton import TritonError
+from cvt_ref.source import sha256_file
+
+Runtime = Literal["python", "onnxruntime", "openvino", "tensorrt"]
+RUNTIMES: tuple[Runtime, ...] = ("python", "onnxruntime", "openvino", "tensorrt")
+RECORD = "cvt-repository.json"
+IMAGE_INPUT = "image"
+LABELS_FILE = "labels.txt"
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    name: str = "cvt"
+    precision: str = "fp32"
+    runtime: Runtime = "python"
+    python_backend: str = "ort"        # the runner the python runtime uses: ort | openvino
+    max_batch: int = 32
+    preferred_batch: tuple[int, ...] = (4, 8, 16)
+    queue_delay_us: int = 2000
+    instances: int = 1
+    gpu: bool = False                  # KIND_GPU instances (native runtimes on a GPU host)
+    accelerator: str | None = None     # onnxruntime on GPU: "tensorrt" or "cuda"
+    threads: int | None = None
+    preprocess: bool = False
+    labels: bool = False
+
+    def check(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise TritonError(f"--runtime {self.runtime!r}: use {', '.join(RUNTIMES)}")
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            raise TritonError(f"--name {self.name!r}: a model name without spaces or slashes")
+        if not 1 <= self.max_batch <= 4096:
+            raise TritonError(f"--max-batch {self.max_batch}: use 1..4096")
+        if self.instances < 1:
+            raise TritonError(f"--instances {self.instances}: use 1 or more")
+        if self.python_backend not in ("ort", "openvino"):
+            raise TritonError(f"python runtime backend {self.python_backend!r}: use ort or openvino")
+        if self.accelerator not in (None, "tensorrt", "cuda"):
+            raise TritonError(f"--accelerator {self.accelerator!r}: use tensorrt or cuda")
+        if self.runtime == "openvino" and self.precision not in ("fp32", "fp16", "int8"):
+            raise TritonError(f"openvino runtime serves fp32, fp16, int8 IRs, not {self.precision!r}")
+
+
+def _pb() -> Any:
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise TritonError("tritonclient is not installed: pip install 'cvt-export[triton]'") from None
+    return model_config_pb2
+
+
+def _text(config: Any) -> str:
+    from google.protobuf import text_format
+
+    return str(text_format.MessageToString(config))
+
+
+def parse_config(path: Path) -> Any:
+    """A config.pbtxt parsed by Triton's schema: a misspelt field or a wrong type is refused."""
+    from google.protobuf import text_format
+
+    config = _pb().ModelConfig()
+    try:
+        text_format.Parse(path.read_text(), config)
+    except (text_format.ParseError, OSError) as e:
+        raise TritonError(f"{path}: not a valid Triton ModelConfig ({e})") from None
+    return config
+
+
+def _io(pb: Any, message: Any, name: str, dims: list[int], dtype: str = "TYPE_FP32") -> Any:
+    io = message(name=name, data_type=getattr(pb, dtype))
+    io.dims.extend(dims)
+    return io
+
+
+def _scheduling(pb: Any, config: Any, opts: RepoOptions) -> None:
+    config.dynamic_batching.preferred_batch_size.extend(
+        b for b in opts.preferred_batch if b <= opts.max_batch)
+    config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
+    group = config.instance_group.add()
+    group.count = opts.instances
+    group.kind = pb.ModelInstanceGroup.KIND_GPU if opts.gpu else pb.ModelInstanceGroup.KIND_CPU
+
+
+def _warmup(pb: Any, config: Any, size: int, data_file: str | None) -> None:
+    """One real input at batch 1 (a bundled photo's pixels) before the model takes traffic."""
+    warm = config.model_warmup.add(name="photo", batch_size=1)
+    item = warm.inputs[INPUT_NAME]
+    item.data_type = pb.TYPE_FP32
+    item.dims.extend([3, size, size])
+    if data_file:
+        item.input_data_file = data_file
+    else:
+        item.random_data = True
+
+
+def classifier_config(name: str, opts: RepoOptions, size: int, classes: int, *, labels: bool,
+                      warmup_file: str | None) -> Any:
+    pb = _pb()
+    config = pb.ModelConfig(name=name, max_batch_size=opts.max_batch)
+    if opts.runtime == "python":
+        config.backend = "python"
+        for key, value in (("backend", opts.python_backend), ("precision", opts.precision),
+                           ("threads", str(opts.threads or ""))):
+            config.parameters[key].string_value = value
+    elif opts.runtime == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        if opts.accelerator:
+            acc = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
+            acc.name = opts.accelerator
+            if opts.accelerator == "tensorrt" and opts.precision == "fp16":
+                acc.parameters["precision_mode"] = "FP16"
+    elif opts.runtime == "openvino":
+        config.backend = "openvino"
+    else:
+        config.platform = "tensorrt_plan"
+    config.input.append(_io(pb, pb.ModelInput, INPUT_NAME, [3, size, size]))
+    output = _io(pb, pb.ModelOutput, OUTPUT_NAME, [classes])
+    if labels:
+        output.label_filename = LABELS_FILE
+    config.output.append(output)
+    _scheduling(pb, config, opts)
+    _warmup(pb, config, size, warmup_file)
+    return config
+
+
+def preprocess_config(name: str, opts: RepoOptions, size: int) -> Any:
+    pb = _pb()
+    config = pb.ModelConfig(name=name, backend="python", max_batch_size=opts.max_batch)
+    config.input.append(_io(pb, pb.ModelInput, IMAGE_INPUT, [-1], "TYPE_UINT8"))
+    config.output.append(_io(pb, pb.ModelOutput, INPUT_NAME, [3, size, size]))
+    group = config.instance_group.add()
+    group.count = opts.instances
+    group.kind = pb.ModelInstanceGroup.KIND_CPU
+    return config
+
+
+def ensemble_config(name: str, opts: RepoOptions, classes: int, classifier: str, pre: str) -> Any:
+    pb = _pb()
+    config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch)
+    config.input.append(_io(pb, pb.ModelInput, IMAGE_INPUT, [-1], "TYPE_UINT8"))
+    output = _io(pb, pb.ModelOutput, OUTPUT_NAME, [classes])
+    if opts.labels:
+        output.label_filename = LABELS_FILE
+    config.output.append(output)
+    first = config.ensemble_scheduling.step.add(model_name=pre, model_version=-1)
+    first.input_map[IMAGE_INPUT] = IMAGE_INPUT
+    first.output_map[INPUT_NAME] = "pixels"
+    second = config.ensemble_scheduling.step.add(model_name=classifier, model_version=-1)
+    second.input_map[INPUT_NAME] = "pixels"
+    second.output_map[OUTPUT_NAME] = OUTPUT_NAME
+    return config
+
+
+def python_path() -> list[str]:
+    """Where this environment's packages are: Triton's Python stub ignores PYTHONPATH."""
+    import cvt_export
+
+    project = str(Path(cvt_export.__file__).resolve().parents[1])
+    return [project, *site.getsitepackages()]
+
+
+def _model_py(cls: str) -> str:
+    paths = os.pathsep.join(python_path())
+    return (
+        '"""Generated by cvt-export: the project\'s own code runs here (cvt_export.triton.python_model).\n\n'
+        "Triton's Python stub ignores PYTHONPATH; CVT_EXPORT_PYTHONPATH (else the environment that\n"
+        'generated this repository) says where cvt_export and its dependencies are installed."""\n'
+        "import os\nimport sys\n\n"
+        f"_PATHS = os.environ.get(\"CVT_EXPORT_PYTHONPATH\") or {paths!r}\n"
+        "for _p in reversed([p for p in _PATHS.split(os.pathsep) if p]):\n"
+        "    if _p not in sys.path:\n"
+        "        sys.path.insert(0, _p)\n\n"
+        f"from cvt_export.triton.python_model import {cls} as TritonPythonModel  # noqa: E402\n\n"
+        '__all__ = ["TritonPythonModel"]\n')
+
+
+def _copy_artifact(folder: Path, manifest: dict[str, Any], precision: str, dst: Path) -> list[str]:
+    """The manifest and the precision's ONNX file(s) (+ the FP32 one a BF16 run reads)."""
+    dst.mkdir(parents=True)
+    names = {artifacts.ONNX_FILES.get(precision, "model.onnx")}  # type: ignore[call-overload]
+    copied = []
+    for name in sorted(names):
+        entry = manifest["files"][name]
+        for f in [name, *entry.get("data_files", {})]:
+            shutil.copy2(folder / f, dst / f)
+            copied.append(f)
+    kept = {**manifest, "files": {n: manifest["files"][n] for n in names}}
+    kept.pop("openvino", None)
+    (dst / artifacts.MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
+    return copied
+
+
+def _warmup_data(variant: Any, dst: Path) -> str:
+    """A bundled photo's preprocessed pixels, raw float32, for Triton's model warm-up."""
+    from cvt_ref.preprocess import bundled_photos, preprocess_array
+
+    data = preprocess_array(bundled_photos()[0], variant).astype("<f4")
+    (dst / "warmup").mkdir(exist_ok=True)
+    (dst / "warmup" / "pixels.f32").write_bytes(data.tobytes())
+    return "pixels.f32"
+
+
+def write_repository(folder: Path, out: Path, opts: RepoOptions) -> dict[str, Any]:
+    """Write (replace) the models of `opts.name` in the repository `out`; returns the record."""
+    opts.check()
+    manifest = artifacts.load_manifest(folder)
+    variant = artifacts.variant_of(manifest)
+    labels = artifacts.labels_of(manifest)
+    size, classes = variant.image_size, variant.num_classes
+    onnx_precision = "fp32" if opts.precision == "bf16" else opts.precision
+    onnx_path, _ = artifacts.onnx_file(folder, onnx_precision)  # verified against the manifest
+    if out.exists() and not out.is_dir():
+        raise TritonError(f"--out {out}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.check_writable(out, "--out")
+    classifier = f"{opts.name}-classifier" if opts.preprocess else opts.name
+    staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        files: dict[str, str] = {}
+        version = staged / classifier / "1"
+        version.mkdir(parents=True)
+        warm = _warmup_data(variant, staged / classifier)
+        model_file = _write_model(folder, manifest, onnx_path, opts, version)
+        config = classifier_config(classifier, opts, size, classes,
+                                   labels=opts.labels and not opts.preprocess, warmup_file=warm)
+        if model_file:
+            config.default_model_filename = model_file
+        (staged / classifier / "config.pbtxt").write_text(_text(config))
+        if opts.labels:
+            (staged / classifier / LABELS_FILE).write_text("\n".join(labels) + "\n")
+        names = [classifier]
+        if opts.preprocess:
+            pre = f"{opts.name}-preprocess"
+            (staged / pre / "1").mkdir(parents=True)
+            (staged / pre / "1" / "model.py").write_text(_model_py("Preprocess"))
+            _copy_manifest_only(manifest, staged / pre / "1" / "artifacts")
+            (staged / pre / "config.pbtxt").write_text(_text(preprocess_config(pre, opts, size)))
+            (staged / opts.name / "1").mkdir(parents=True)  # an ensemble's version folder is empty
+            (staged / opts.name / "config.pbtxt").write_text(
+                _text(ensemble_config(opts.name, opts, classes, classifier, pre)))
+            if opts.labels:
+                (staged / opts.name / LABELS_FILE).write_text("\n".join(labels) + "\n")
+            names += [pre, opts.name]
+        for path in sorted(staged.rglob("*")):
+            if path.is_file():
+                files[str(path.relative_to(staged))] = sha256_file(path)
+        validate_repository(staged, names, manifest)
+        record = {"schema": 1, "name": opts.name, "models": names, "options": asdict(opts),
+                  "source": manifest["source"], "artifact": str(folder),
+                  "fidelity": manifest["files"][onnx_path.name].get("validation"),
+                  "files": files}
+        for name in names:
+            shutil.rmtree(out / name, ignore_errors=True)
+            os.replace(staged / name, out / name)
+        artifacts.atomic_write(out / f"{opts.name}.{RECORD}", json.dumps(record, indent=2) + "\n")
+        return record
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _copy_manifest_only(manifest: dict[str, Any], dst: Path) -> None:
+    dst.mkdir(parents=True)
+    kept = {**{k: v for k, v in manifest.items() if k != "openvino"}, "files": {}}
+    (dst / artifacts.MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
+
+
+def _write_model(folder: Path, manifest: dict[str, Any], onnx_path: Path, opts: RepoOptions,
+                 version: Path) -> str | None:
+    """The runtime's model file(s) in the version folder; returns a non-default file name."""
+    if opts.runtime == "python":
+        (version / "model.py").write_text(_model_py("Classifier"))
+        _copy_artifact(folder, manifest, opts.precision, version / "artifacts")
+        return None
+    if opts.runtime == "onnxruntime":
+        entry = manifest["files"][onnx_path.name]
+        for f in [onnx_path.name, *entry.get("data_files", {})]:
+            shutil.copy2(folder / f, version / ("model.onnx" if f == onnx_path.name else f))
+        return None
+    if opts.runtime == "openvino":
+        from cvt_export.backends import openvino as ov
+
+        ir = ov.ir_file(folder, opts.precision)
+        shutil.copy2(ir, version / "model.xml")
+        shutil.copy2(ir.with_suffix(".bin"), version / "model.bin")
+        return None
+    from cvt_export.backends import tensorrt as trt
+
+    path, _, meta = trt.engine_file(folder, opts.precision, trt.BuildOptions(max_batch=opts.max_batch))
+    shutil.copy2(path, version / "model.plan")
+    (version / "model.plan.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return None
+
+
+_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_UINT8": "uint8", "TYPE_INT64": "int64"}
+
+
+def _declared(config: Any, pb: Any) -> dict[str, tuple[str, list[int]]]:
+    return {io.name: (pb.DataType.Name(io.data_type), list(io.dims))
+            for io in [*config.input, *config.output]}
+
+
+def validate_repository(repo: Path, names: list[str], manifest: dict[str, Any]) -> None:
+    """Each model's config parses under Triton's schema and agrees with its model file."""
+    pb = _pb()
+    for name in names:
+        path = repo / name / "config.pbtxt"
+        config = parse_config(path)
+        if config.name != name:
+            raise TritonError(f"{path}: name {config.name!r} is not its folder's {name!r}")
+        declared = _declared(config, pb)
+        for io in [*config.output]:
+            if io.label_filename and not (repo / name / io.label_filename).is_file():
+                raise TritonError(f"{path}: label file {io.label_filename} is missing")
+        version = repo / name / "1"
+        if config.platform == "onnxruntime_onnx":
+            _check_onnx(path, version / "model.onnx", declared, config.max_batch_size)
+        elif config.backend == "python" and (version / "artifacts").is_dir():
+            python_manifest = artifacts.load_manifest(version / "artifacts")
+            onnx_name = next(iter(python_manifest["files"]), None)
+            if onnx_name is not None:
+                _check_onnx(path, version / "artifacts" / onnx_name, declared, config.max_batch_size)
+        elif config.backend == "openvino":
+            _check_ir(path, version / "model.xml", declared)
+        elif config.platform == "tensorrt_plan":
+            meta = json.loads((version / "model.plan.json").read_text())
+            if config.max_batch_size > meta["build"]["max_batch"]:
+                raise TritonError(f"{path}: max_batch_size {config.max_batch_size} exceeds the engine "
+                                  f"profile's {meta['build']['max_batch']}")
+        elif config.platform == "ensemble":
+            steps = [s.model_name for s in config.ensemble_scheduling.step]
+            missing = [s for s in steps if not (repo / s / "config.pbtxt").is_file()]
+            if missing:
+                raise TritonError(f"{path}: ensemble step models missing: {', '.join(missing)}")
+
+
+def _check_onnx(config_path: Path, model: Path, declared: dict[str, tuple[str, list[int]]],
+                max_batch: int) -> None:
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if value.name not in declared:
+            raise TritonError(f"{config_path}: declares no {value.name!r}, which {model.name} has")
+        dtype, dims = declared[value.name]
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+        if _NUMPY.get(dtype) != np_dtype:
+            raise TritonError(f"{config_path}: {value.name} is {dtype}, the model file has {np_dtype}")
+        shape = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        batch, rest = shape[0], shape[1:]
+        if rest != dims:
+            raise TritonError(f"{config_path}: {value.name} dims {dims}, the model file has {rest}")
+        if isinstance(batch, int) and batch and max_batch > batch:
+            raise TritonError(f"{config_path}: max_batch_size {max_batch} but {model.name} has a fixed "
+                              f"batch of {batch}")
+
+
+def _check_ir(config_path: Path, model: Path, declared: dict[str, tuple[str, list[int]]]) -> None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return  # the schema check stands; the IR is checked where OpenVINO is installed
+    ir = ov.Core().read_model(str(model))
+    for port in [*ir.inputs, *ir.outputs]:
+        names = port.get_names() & set(declared)
+        if not names:
+            raise TritonError(f"{config_path}: the IR's {port.get_any_name()!r} is not declared")
+        dims = declared[next(iter(names))][1]
+        shape = port.get_partial_shape()
+        rest = [d.get_length() if d.is_static else -1 for d in list(shape)[1:]]
+        if rest != dims:
+            raise TritonError(f"{config_path}: {next(iter(names))} dims {dims}, the IR has {rest}")
