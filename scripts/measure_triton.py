@@ -20,7 +20,7 @@ import numpy as np
 from cvt_export import artifacts, build, machine
 from cvt_export.backends import get_backend
 from cvt_export.harness import timing
-from cvt_export.triton.load import Target, bench_served
+from cvt_export.harness.served import Target, bench_served
 from cvt_export.triton.repository import RepoOptions, write_repository
 from cvt_export.triton.server import Server
 

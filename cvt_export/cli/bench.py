@@ -196,7 +196,7 @@ def triton(
     Example: cvt-bench triton --url 127.0.0.1:8000 --model cvt-classifier --precision int8 --concurrency 1,8
     """
     setup_logging(verbose)
-    from cvt_export.triton.load import Target, bench_served
+    from cvt_export.harness.served import Target, bench_served
 
     levels = _csv_ints(concurrency, "--concurrency")
     if not levels or min(levels) < 1 or requests < 1:

@@ -1,5 +1,6 @@
-"""Measure a served model as clients see it: fidelity of the answers, latency and throughput per
-concurrency, and Triton's own statistics (queue vs compute time, executed batch sizes).
+"""Measure a model served by Triton as clients see it (the harness for a remote backend):
+fidelity of the answers, latency and throughput per concurrency, and Triton's own statistics
+(queue vs compute time, executed batch sizes).
 
 Requests are bounded in number (and each in time); the clients are threads of this process,
 so on a small machine they compete with the server for the same cores (the report says how
