@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import cvt_ref
+from cvt_export import artifacts
 from cvt_export.precision import Int8Options
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import IMAGE_SUFFIXES, check_image, list_images
@@ -112,12 +113,11 @@ def usable_cache(key: str, fallback: Path) -> tuple[Path, str | None]:
     path = cache_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        artifacts.check_writable(path.parent, "calibration cache")
         return path, None
-    except OSError as e:
+    except (OSError, artifacts.ArtifactError) as e:
         private = fallback / ".calibration" / f"{key}.json"
         private.parent.mkdir(parents=True, exist_ok=True)
-        return private, (f"calibration cache {cache_dir()} is not writable ({e.strerror}); "
+        why = e.strerror if isinstance(e, OSError) else "cannot write there"
+        return private, (f"calibration cache {cache_dir()} is not writable ({why}); "
                          "calibrated without caching (set CVT_EXPORT_CACHE to a writable folder)")

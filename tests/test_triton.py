@@ -171,6 +171,8 @@ def test_native_runtime_repositories_are_checked(exported: Path, tmp_path: Path)
     bad.write_text(good.replace("dims: 1000", "dims: 1001"))
     with pytest.raises(TritonError, match=r"logits dims \[1001\]"):
         validate_repository(repo, ["onnxruntime-int8"], manifest)
+    with pytest.raises(TritonError, match="runner runs fp32, fp16, int8"):  # ORT has no BF16 path
+        write_repository(folder, repo, RepoOptions(name="bf16", precision="bf16"))
     shutil.rmtree(repo)
     # TensorRT engines are made by `cvt-export trt`, which needs TensorRT and a GPU
     result = run_cli("cvt-export", "triton", "--artifacts", str(folder), "--runtime", "tensorrt",

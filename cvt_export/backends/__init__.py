@@ -105,6 +105,12 @@ class Probing(Protocol):
               threads: int | None = None) -> dict[str, np.ndarray]: ...
 
 
+def check_threads(backend: str, threads: int | None) -> None:
+    """`threads=` is a positive count, or None for the SDK's own default."""
+    if threads is not None and threads < 1:
+        raise BackendError(f"{backend}: threads={threads}; use 1 or more (or None for its default)")
+
+
 State = Literal["ready", "active", "closed"]
 
 

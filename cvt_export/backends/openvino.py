@@ -23,7 +23,14 @@ from typing import Any, Literal
 import numpy as np
 
 from cvt_export import artifacts, calibration
-from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, onnx_io
+from cvt_export.backends import (
+    BackendError,
+    BackendUnavailable,
+    RunnerBase,
+    RunnerInfo,
+    check_threads,
+    onnx_io,
+)
 from cvt_export.machine import cpu_name
 from cvt_export.quiet import quiet_loggers
 from cvt_export.runtime import OUTPUT_NAME
@@ -229,8 +236,7 @@ class OpenVinoBackend:
             raise BackendError(f"openvino: performance hint {hint!r}; use latency or throughput")
         if int8_source not in INT8_SOURCES:
             raise BackendError(f"openvino: int8 source {int8_source!r}; use {', '.join(INT8_SOURCES)}")
-        if threads is not None and threads < 1:
-            raise BackendError(f"openvino: threads={threads}; use 1 or more (or None for its default)")
+        check_threads(self.name, threads)
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if precision == "bf16" and "BF16" not in caps:
             raise BackendUnavailable(f"openvino: this CPU has no BF16 support (capabilities: "

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, onnx_io
+from cvt_export.backends import (
+    BackendError,
+    BackendUnavailable,
+    RunnerBase,
+    RunnerInfo,
+    check_threads,
+    onnx_io,
+)
 from cvt_export.machine import cpu_name
 from cvt_export.runtime import CPU, INPUT_NAME, OUTPUT_NAME, ort_session
 from cvt_ref.errors import first_line
@@ -116,8 +123,7 @@ class OrtBackend:
         folder = Path(folder)
         if precision not in self.precisions:
             raise BackendError(f"ort runs {', '.join(self.precisions)}, not {precision!r}")
-        if threads is not None and threads < 1:
-            raise BackendError(f"ort: threads={threads}; use 1 or more (or None for ORT's default)")
+        check_threads(self.name, threads)
         provider = PROVIDERS.get(device)
         if provider is None:
             raise BackendError(f"ort: unknown device {device!r}; use {', '.join(PROVIDERS)}")

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, TensorSpec
+from cvt_export.backends import (
+    BackendError,
+    BackendUnavailable,
+    RunnerBase,
+    RunnerInfo,
+    TensorSpec,
+    check_threads,
+)
 from cvt_export.machine import cpu_name
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_ref.model import CvT
@@ -76,15 +83,21 @@ class TorchRunner(RunnerBase):
     def _run(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        if not self.threads:
+            return self._forward(x)
         before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode():
-                out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
-                return out.float().cpu().numpy()
+            return self._forward(x)
         finally:
             torch.set_num_threads(before)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
+            return out.float().cpu().numpy()
 
 
 class TorchBackend:
@@ -108,8 +121,7 @@ class TorchBackend:
             raise BackendError(f"torch runs {', '.join(self.precisions)}, not {precision!r}")
         if device not in ("cpu", "cuda"):
             raise BackendError(f"torch: unknown device {device!r}; use cpu or cuda")
-        if threads is not None and threads < 1:
-            raise BackendError(f"torch: threads={threads}; use 1 or more (or None for torch's default)")
+        check_threads(self.name, threads)
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("torch: no CUDA device here (torch.cuda.is_available() is False)")
         if precision == "fp16" and device != "cuda":

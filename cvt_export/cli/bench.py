@@ -86,7 +86,7 @@ def main_command(
     out: Annotated[Path | None, typer.Option(
         help="report folder [default: ARTIFACTS/report]")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="also write report.json here")] = None,
-    verbose: Annotated[bool, typer.Option(help="log what each step does")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
@@ -127,7 +127,7 @@ def regress(
     precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
         harness.PRECISIONS),
     out: Annotated[Path | None, typer.Option(help="also write the run's report folder here")] = None,
-    verbose: Annotated[bool, typer.Option(help="log what each step does")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Compare today's artifacts and backends with a committed baseline; exit 1 on a regression
     (or a backend that no longer runs), 2 on bad input.

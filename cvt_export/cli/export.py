@@ -229,7 +229,8 @@ def triton(
     out: Annotated[Path, typer.Option(help="model repository folder (created; other models kept)")] = Path(
         "triton-repo"),
     name: Annotated[str, typer.Option(help="model name clients call")] = "cvt",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | int8 (bf16: python runtime)")] = "fp32",
+    precision: Annotated[str, typer.Option(
+        help="fp32 | fp16 | bf16 | int8 (bf16: python runtime with --python-backend openvino)")] = "fp32",
     runtime: Annotated[str, typer.Option(
         help="python (this project's runner inside Triton; runs on a CPU-only host) | onnxruntime | "
              "openvino | tensorrt (native Triton backends)")] = "python",

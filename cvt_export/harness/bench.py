@@ -164,13 +164,9 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
                 x = np.resize(inputs.images, (batch, *inputs.images.shape[1:]))
                 result.latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
                                                             seconds=cfg.seconds)
-    except BackendUnavailable as e:  # the SDK, device or hardware feature is not here
-        result.status, result.reason = "skipped", str(e)
-        result.latency = {}
-        return result, None
-    except BackendError as e:
-        result.status, result.reason = "error", str(e)
-        result.latency = {}
+    except BackendError as e:  # BackendUnavailable: the SDK, device or hardware feature is not here
+        result.status = "skipped" if isinstance(e, BackendUnavailable) else "error"
+        result.reason, result.latency = str(e), {}
         return result, None
     result.peak_rss_mb = timing.peak_rss_mb()
     if reference is not None:
@@ -241,8 +237,11 @@ def _derived_files_writable(cfg: BenchConfig, folder: Path) -> None:
 
     if not ov.BACKEND.available()[0]:
         return
-    if any(ov.ir_stale(folder, p) for p in cfg.precisions if p in ov.BACKEND.precisions):
+    try:  # cheap, and the common case: a writable folder can take any IR that must be made
         artifacts.check_writable(folder, "--artifacts", ov.DERIVED_HINT)
+    except artifacts.ArtifactError:
+        if any(ov.ir_stale(folder, p) for p in cfg.precisions if p in ov.BACKEND.precisions):
+            raise
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:

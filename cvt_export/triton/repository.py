@@ -71,6 +71,13 @@ class RepoOptions:
             raise TritonError(f"--accelerator {self.accelerator!r}: use tensorrt or cuda")
         if self.runtime == "openvino" and self.precision not in ("fp32", "fp16", "int8"):
             raise TritonError(f"openvino runtime serves fp32, fp16, int8 IRs, not {self.precision!r}")
+        if self.runtime == "python":
+            from cvt_export.backends import get_backend
+
+            runs = get_backend(self.python_backend).precisions
+            if self.precision not in runs:
+                raise TritonError(f"--precision {self.precision}: the python runtime's {self.python_backend} "
+                                  f"runner runs {', '.join(runs)}")
 
 
 def _pb() -> Any:
@@ -207,20 +214,15 @@ def _model_py(cls: str) -> str:
         '__all__ = ["TritonPythonModel"]\n')
 
 
-def _copy_artifact(folder: Path, manifest: dict[str, Any], precision: str, dst: Path) -> list[str]:
-    """The manifest and the precision's ONNX file(s) (+ the FP32 one a BF16 run reads)."""
+def _copy_artifact(folder: Path, manifest: dict[str, Any], onnx_path: Path, dst: Path) -> None:
+    """The manifest (trimmed to it) and the ONNX file (with its external data) the runner reads."""
     dst.mkdir(parents=True)
-    names = {artifacts.ONNX_FILES.get(precision, "model.onnx")}  # type: ignore[call-overload]
-    copied = []
-    for name in sorted(names):
-        entry = manifest["files"][name]
-        for f in [name, *entry.get("data_files", {})]:
-            shutil.copy2(folder / f, dst / f)
-            copied.append(f)
-    kept = {**manifest, "files": {n: manifest["files"][n] for n in names}}
+    entry = manifest["files"][onnx_path.name]
+    for f in [onnx_path.name, *entry.get("data_files", {})]:
+        shutil.copy2(folder / f, dst / f)
+    kept = {**manifest, "files": {onnx_path.name: entry}}
     kept.pop("openvino", None)
     (dst / artifacts.MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
-    return copied
 
 
 def _warmup_data(variant: Any, dst: Path) -> str:
@@ -259,7 +261,7 @@ def write_repository(folder: Path, out: Path, opts: RepoOptions) -> dict[str, An
         if model_file:
             config.default_model_filename = model_file
         (staged / classifier / "config.pbtxt").write_text(_text(config))
-        if opts.labels:
+        if opts.labels and not opts.preprocess:  # with an ensemble, the label file is on its output
             (staged / classifier / LABELS_FILE).write_text("\n".join(labels) + "\n")
         names = [classifier]
         if opts.preprocess:
@@ -302,7 +304,7 @@ def _write_model(folder: Path, manifest: dict[str, Any], onnx_path: Path, opts: 
     """The runtime's model file(s) in the version folder; returns a non-default file name."""
     if opts.runtime == "python":
         (version / "model.py").write_text(_model_py("Classifier"))
-        _copy_artifact(folder, manifest, opts.precision, version / "artifacts")
+        _copy_artifact(folder, manifest, onnx_path, version / "artifacts")
         return None
     if opts.runtime == "onnxruntime":
         entry = manifest["files"][onnx_path.name]

@@ -22,7 +22,6 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +103,7 @@ class Server:
                 "--exit-on-error", "true", "--strict-readiness", "true"]
 
     def start(self) -> Server:
-        if not (self.repository / "").is_dir():
+        if not self.repository.is_dir():
             raise TritonError(f"{self.repository}: no such model repository")
         self._work = Path(tempfile.mkdtemp(prefix="cvt-triton-"))
         backends = backend_folder(self._work)
@@ -154,10 +153,3 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def serving(repository: Path, **kwargs: object) -> Iterator[Server]:
-    server = Server(repository, **kwargs)  # type: ignore[arg-type]
-    with server:
-        yield server
