@@ -132,9 +132,11 @@ def commit(out: Path, staged: Path, files: list[str], manifest: dict[str, Any]) 
     _write_manifest(out, manifest)
 
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "mixed"]
+# "mixed": INT8 except the blocks `cvt-export tune` keeps in float (made by tune, not by export).
 ONNX_FILES: dict[Precision, str] = {
-    "fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+    "fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
+    "mixed": "model.mixed.onnx"}
 
 
 def onnx_file(folder: Path, precision: str, *, check_hash: bool = True) -> tuple[Path, dict[str, Any]]:
@@ -144,8 +146,9 @@ def onnx_file(folder: Path, precision: str, *, check_hash: bool = True) -> tuple
     if name is None:
         raise ArtifactError(f"no ONNX artifact for precision {precision!r}; use {', '.join(ONNX_FILES)}")
     if name not in manifest.get("files", {}):
-        raise ArtifactError(f"{folder}: has no {name}; make it with "
-                            f"`cvt-export onnx --precision {precision} --out {folder}`")
+        how = (f"cvt-export tune --artifacts {folder}" if precision == "mixed"
+               else f"cvt-export onnx --precision {precision} --out {folder}")
+        raise ArtifactError(f"{folder}: has no {name}; make it with `{how}`")
     if check_hash and not verify(folder, manifest, name):
         raise ArtifactError(f"{folder / name}: missing or changed since export (sha256 differs from "
                             f"{MANIFEST}); re-export it from the same source: "
@@ -180,7 +183,10 @@ def export_command(manifest: Mapping[str, Any], folder: Path, precisions: list[s
     if source.get("batch") not in (None, "dynamic"):
         parts.append(f"--batch {source['batch']}")
     wanted = sorted(set(precisions) | {m.get("precision", "") for m in manifest.get("files", {}).values()}
-                    - {""}, key=["fp32", "fp16", "int8"].index)
+                    - {"", "mixed"}, key=["fp32", "fp16", "int8"].index)
+    stress = source.get("outliers") or {}
+    if stress:
+        parts.append(f"--outliers {stress['channels']} --outlier-seed {stress['seed']}")
     calib = manifest.get("calibration") or {}
     if "int8" in wanted and calib.get("source") not in (None, "bundled photos"):
         parts.append(f"--calib {calib['source']}")

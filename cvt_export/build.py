@@ -28,6 +28,7 @@ import cvt_ref
 from cvt_export import artifacts, calibration, precision, probes, validate
 from cvt_export.artifacts import Precision
 from cvt_export.exporter import ExportOptions, export_fp32, graph_summary, tool_versions
+from cvt_export.smoothing import smoothed
 from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
 from cvt_ref.source import Activation, sha256_file
@@ -39,7 +40,7 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 FILES = artifacts.ONNX_FILES
 # Source fields that name *what* was exported; a change of tool versions alone re-exports quietly.
 IDENTITY = ("variant", "image_size", "num_classes", "weights", "weights_sha256", "activation",
-            "opset", "batch")
+            "outliers", "opset", "batch")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class BuildRequest:
     calib_size: int | None = None
     int8: precision.Int8Options = field(default_factory=precision.Int8Options)
     force: bool = False  # replace an export of another source in the same folder
+    outliers: int = 0    # cvt_ref's function-preserving outlier stress (channels per site)
+    outlier_seed: int = 0
 
 
 @dataclass
@@ -104,8 +107,10 @@ def request_from_manifest(manifest: Mapping[str, Any], precisions: tuple[Precisi
     calib = manifest.get("calibration") or {}
     opts = ExportOptions(opset=source["opset"], batch=None if batch == "dynamic" else int(batch),
                          image_size=source.get("image_size"))
+    stress = source.get("outliers") or {}
     return BuildRequest(manifest["variant"], source["weights"], activation=source.get("activation"),
                         options=opts, precisions=precisions,
+                        outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0),
                         calib=(None if calib.get("source") in (None, "bundled photos")
                                else Path(calib["source"])),
                         calib_size=calib.get("asked"))
@@ -127,10 +132,17 @@ def source_of(model: CvT, variant: Variant, opts: ExportOptions) -> dict[str, An
     return {
         "variant": variant.name, "image_size": variant.image_size, "num_classes": variant.num_classes,
         "weights": model.weights.spec, "weights_sha256": model.weights.sha256,
-        "activation": model.activation, "opset": opts.opset,
+        "activation": model.activation, "opset": opts.opset, "outliers": outliers_of(model),
         "batch": opts.batch if opts.batch is not None else "dynamic",
         "tools": tool_versions(), "cvt_export": version("cvt-export"),
     }
+
+
+def outliers_of(model: CvT) -> dict[str, Any] | None:
+    """The stress applied (channels, seed, factor range), for the manifest; None: none."""
+    spec = model.outliers
+    return None if spec is None else {"channels": spec.channels, "seed": spec.seed,
+                                      "low": spec.low, "high": spec.high, "share": spec.share}
 
 
 def source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -184,18 +196,84 @@ def held_out_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tupl
     return list(range(len(photos))), f"{len(photos)} bundled photos, all used for calibration"
 
 
+def int8_source(job: Job, fp32_path: Path, pixels: np.ndarray | None, opts: precision.Int8Options,
+                where: Path, step: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
+    """The FP32 file Q/DQ is placed on: the export itself, or (SmoothQuant on) the export of the
+    migrated model (same function, flatter activations), written to `where`."""
+    if opts.smooth is None:
+        return fp32_path, None
+    assert pixels is not None
+    step(f"SmoothQuant migration (strength {opts.smooth}) and FP32 export of the smoothed model")
+    smooth_model, summary = smoothed(job.model, pixels, opts.smooth)
+    src = where / ".model.smoothed.onnx"
+    export_fp32(smooth_model, job.variant, src, job.opts)
+    return src, summary
+
+
+class Int8Remaker:
+    """Re-makes a folder's INT8 file with some nodes left in float (`cvt-export tune`): same
+    model, calibration images, cached ranges and migration as the export recorded, so the only
+    difference between candidates is where Q/DQ sits. Use as a context manager; `scratch` holds
+    the smoothed FP32 file meanwhile."""
+
+    def __init__(self, folder: Path, manifest: Mapping[str, Any], scratch: Path) -> None:
+        entry = manifest["files"].get(FILES["int8"])
+        if entry is None:
+            raise artifacts.ArtifactError(f"{folder}: has no {FILES['int8']}; make it first with "
+                                          f"`{artifacts.export_command(manifest, folder, ['int8'])}`")
+        self.folder, self.manifest, self.scratch = folder, manifest, scratch
+        policy = entry["policy"]
+        self.opts = precision.Int8Options(**{k: policy[k] for k in (
+            "method", "percentile", "quantize_outputs", "depthwise", "attention") if k in policy},
+            smooth=policy.get("smooth"))
+        self.info = entry["calibration"]
+        self.src = folder / FILES["fp32"]
+        self.pixels: np.ndarray | None = None
+        self.cache = scratch / "calibration.json"
+
+    def __enter__(self) -> Int8Remaker:
+        req = request_from_manifest(self.manifest, ("int8",))
+        calib, _ = calibration.calibration_set(req.calib, req.calib_size)
+        if calib.sha256 != self.info["sha256"]:
+            raise calibration.CalibrationError(
+                f"calibration images in {self.info['source']} changed since the INT8 export; re-export")
+        model = cvt_ref.create_model(req.variant, req.weights, activation=req.activation,
+                                     outliers=req.outliers, outlier_seed=req.outlier_seed)
+        variant = model.variant.at_size(req.options.image_size)
+        self.pixels = calib.load(variant)
+        self.cache, _ = calibration.usable_cache(self.info["cache_key"], self.scratch)
+        job = Job(model, variant, req.options, [], self.pixels[:0], np.zeros((0, 1)), self.scratch)
+        self.src, _ = int8_source(job, self.src, self.pixels, self.opts, self.scratch, lambda s: None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.scratch.glob(".model.smoothed.onnx*"):
+            f.unlink()
+
+    def make(self, keep: tuple[str, ...], dst: Path) -> list[str]:
+        """Write the Q/DQ file with `keep` nodes unquantized; returns its files."""
+        from dataclasses import replace
+
+        return precision.to_int8(self.src, dst, self.pixels, replace(self.opts, keep=keep), self.cache).files
+
+
 def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
               opts: precision.Int8Options, info: dict[str, Any], step: Callable[[str], None]) -> Made:
     name = FILES["int8"]
     cache, cache_warning = calibration.usable_cache(info["cache_key"], job.staged)
     step("calibrating INT8" if not cache.is_file() else "INT8 from cached calibration")
-    pixels = calib.load(job.variant) if not cache.is_file() else None
-    derived = precision.to_int8(fp32_path, job.staged / name, pixels, opts, cache)
+    pixels = calib.load(job.variant) if not cache.is_file() or opts.smooth is not None else None
+    src, smoothing = int8_source(job, fp32_path, pixels, opts, job.staged, step)
+    derived = precision.to_int8(src, job.staged / name, pixels, opts, cache)
+    if src != fp32_path:
+        for f in src.parent.glob(src.name + "*"):
+            f.unlink()
     import onnx
 
     header = onnx.load(str(job.staged / name), load_external_data=False)
     entry = {**file_entry(job.staged, derived.files, "int8"), "from": fp32_sha, "calibration": info,
              "policy": {"quantized_ops": list(precision.QUANTIZED_OPS), **asdict(opts),
+                        "smoothing": smoothing,
                         "fp32": "LayerNorm, Softmax, GELU, residual Adds, classifier",
                         "activations": "int8 symmetric per-tensor",
                         "weights": "int8 symmetric per-channel", "bias": "float32",
@@ -243,7 +321,8 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
     try:
         artifacts.check_writable(out, "--out")
         step(f"loading {req.weights}")
-        model = cvt_ref.create_model(req.variant, req.weights, activation=req.activation)
+        model = cvt_ref.create_model(req.variant, req.weights, activation=req.activation,
+                                     outliers=req.outliers, outlier_seed=req.outlier_seed)
     except BaseException:
         if not existed:  # nothing of ours may be left behind for a failed start
             artifacts.remove_if_empty(out)
@@ -300,7 +379,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             key = calibration.cache_key(calib, variant, fp32_sha, req.int8)
             info = {"source": calib.source, "images": len(calib.paths), "asked": calib.asked,
                     "sha256": calib.sha256, "method": req.int8.method, "cache_key": key,
-                    "files": [p.name for p in calib.paths]}
+                    "files": [p.name for p in calib.paths], "digests": list(calib.digests)}
             if not kept(FILES["int8"], fp32_sha=fp32_sha, calib_key=key):
                 made = make_int8(job, fp32_path, fp32_sha, calib, req.int8, info, step)
                 result.calibrated = made.calibrated

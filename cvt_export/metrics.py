@@ -8,7 +8,9 @@ which is the size of the effects these metrics exist to see.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ BOUNDS: Mapping[str, Mapping[str, float]] = {
     "fp16": {"cosine_min": 0.9999, "top1_agreement": 1.0},
     "bf16": {"cosine_min": 0.999, "top1_agreement": 1.0},
     "int8": {"cosine_min": 0.995, "top1_agreement": 0.9},
+    "mixed": {"cosine_min": 0.995, "top1_agreement": 0.9},  # at least INT8's; tune adds its budget
 }
 UPPER = frozenset({"max_abs"})  # bounds that are maxima; every other bound is a minimum
 
@@ -38,6 +41,47 @@ def within_bounds(precision: str, fid: Mapping[str, Any]) -> list[str]:
         if not ok:
             broken.append(f"{key} {value:.6g} {'>' if upper else '<'} {bound:g}")
     return broken
+
+
+# --- budgets: the user's own bounds (cvt-export tune, cvt-bench --budget) -----------------------
+
+BUDGET_METRICS = {"cosine": "cosine_min", "top1-agreement": "top1_agreement", "top1-drop": "top1_drop"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One bound on held-out fidelity: cosine (worst image), top1-agreement (share), or
+    top1-drop (accuracy points lost against PyTorch FP32; needs a labelled --dataset)."""
+
+    metric: str
+    op: str
+    value: float
+
+    def holds(self, fid: Mapping[str, float]) -> bool:
+        got = fid.get(BUDGET_METRICS[self.metric])
+        if got is None or not np.isfinite(got):
+            return False
+        return got >= self.value if self.op == ">=" else got <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse "cosine>=0.999"; a ValueError says how to write one."""
+    m = re.fullmatch(r"\s*([a-z0-9-]+)\s*(>=|<=)\s*([0-9.eE+-]+)\s*", text)
+    if not m or m.group(1) not in BUDGET_METRICS:
+        raise ValueError(f"--budget {text!r}: write METRIC>=X or METRIC<=X with METRIC one of "
+                        f"{', '.join(BUDGET_METRICS)} (e.g. \"cosine>=0.999\", \"top1-drop<=0.5\")")
+    metric, op, value = m.group(1), m.group(2), float(m.group(3))
+    if (metric == "top1-drop") != (op == "<="):
+        raise ValueError(f"--budget {text!r}: {metric} takes {'<=' if metric == 'top1-drop' else '>='}")
+    return Budget(metric, op, value)
+
+
+def within(budgets: Sequence[Budget], fid: Mapping[str, float]) -> bool:
+    return all(b.holds(fid) for b in budgets)
+
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ Adds, the BatchNorm-folded depthwise projections and the classifier stay FP32.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -72,7 +74,7 @@ def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
 
 def excluded_nodes(proto: onnx.ModelProto, opts: Int8Options) -> list[str]:
     return ([] if opts.depthwise else depthwise_convs(proto)) + \
-        ([] if opts.attention else attention_matmuls(proto)) + classifier_nodes(proto)
+        ([] if opts.attention else attention_matmuls(proto)) + classifier_nodes(proto) + list(opts.keep)
 
 
 def to_fp16(src: Path, dst: Path) -> Derived:
@@ -126,11 +128,13 @@ class Int8Options:
     quantize_outputs: bool = False    # ORT's default places Q/DQ on Conv/MatMul outputs too
     depthwise: bool = False           # quantize the BatchNorm-folded depthwise q/k/v convs
     attention: bool = True            # quantize q·kᵀ and attn·v (MatMuls of two activations)
+    smooth: float | None = 0.5        # SmoothQuant migration strength (cvt_export.smoothing); None: off
+    keep: tuple[str, ...] = ()        # graph nodes left in float (tune's per-block choices)
 
     @property
     def policy(self) -> str:
         return (f"outputs={int(self.quantize_outputs)},depthwise={int(self.depthwise)},"
-                f"attention={int(self.attention)}")
+                f"attention={int(self.attention)},smooth={self.smooth}")
 
 
 class _Reader:
@@ -176,7 +180,8 @@ def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, 
     method, calib_extra = _ort_method(opts)
     tmp_cache = cache if hit else cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with quiet_loggers(""):  # ORT's quantizer logs its advice through the root logger
+    # ORT's quantizer logs its advice through the root logger and prints histogram progress.
+    with quiet_loggers(""), contextlib.redirect_stdout(io.StringIO()):
         quantize_static(
             str(src), str(dst), None if hit else _Reader(images),  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ,

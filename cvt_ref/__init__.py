@@ -38,13 +38,17 @@ def __getattr__(name: str) -> Any:
 
 
 def create_model(variant: str | Variant, weights: str | Path = "random", *,
-                 activation: Activation | None = None) -> CvT:
+                 activation: Activation | None = None, outliers: int = 0, outlier_seed: int = 0) -> CvT:
     """The one door to a reference model, in eval mode.
 
     `activation` defaults to what the checkpoint was trained with: QuickGELU for original
     Microsoft checkpoints, exact GELU for transformers checkpoints and random weights. The
     number of classes comes from the checkpoint (a fine-tuned head keeps its own), and the
     variant's image size from `variant` (use `Variant.at_size` for another resolution).
+
+    `outliers=K` gives K channels of each rescalable activation in a seeded third of the blocks
+    a 10-100x larger range, as trained transformers have, without changing the logits
+    (`cvt_ref.rescale.stress`): the stress that per-tensor INT8 must survive.
     """
     from cvt_ref.model import CvT
     from cvt_ref.weights import check_hf_config, resolve
@@ -57,7 +61,15 @@ def create_model(variant: str | Variant, weights: str | Path = "random", *,
         v = v.with_classes(num_classes)
     if config is not None:
         check_hf_config(config, v, str(source.spec))
+    if outliers < 0:
+        raise CvtError(f"outliers={outliers}: must be 0 (none) or a number of channels")
     model = CvT(v, activation or source.activation)
     load(model)
     model.weights = source
+    if outliers:
+        from cvt_ref.rescale import OutlierSpec, stress
+
+        spec = OutlierSpec(outliers, seed=outlier_seed)
+        stress(model, spec)
+        model.outliers = spec
     return model.eval()

@@ -14,11 +14,16 @@ so original checkpoints load with a stage-prefix rename only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cvt_ref.source import Activation, WeightsSource
+
+if TYPE_CHECKING:
+    from cvt_ref.rescale import OutlierSpec
 from cvt_ref.variants import StageSpec, Variant
 
 LN_EPS = 1e-5
@@ -192,6 +197,7 @@ class CvT(nn.Module):
         self.variant = variant
         self.activation: Activation = activation
         self.weights: WeightsSource | None = None  # set by create_model: where the weights came from
+        self.outliers: OutlierSpec | None = None   # set by create_model: the outlier stress applied
         stages, in_channels = [], 3
         for spec in variant.stages:
             stages.append(Stage(in_channels, spec, activation))

@@ -40,7 +40,7 @@ from cvt_ref.source import sha256_file
 log = logging.getLogger(__name__)
 
 IR_DIR = "openvino"
-HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32", "mixed": "f32"}
 Int8Source = Literal["nncf", "qdq"]
 INT8_SOURCES: tuple[Int8Source, ...] = ("nncf", "qdq")
 # Measured on cvt-13 (README, reports/int8-policy-cvt-13.md): the Q/DQ file reaches cosine
@@ -75,7 +75,8 @@ def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8
     import openvino as ov
 
     ir = "fp32" if precision == "bf16" else precision
-    onnx_precision = "int8" if (ir == "int8" and int8_source == "qdq") else "fp32"
+    onnx_precision = ("int8" if (ir == "int8" and int8_source == "qdq") else
+                      "mixed" if ir == "mixed" else "fp32")
     onnx_path, manifest = artifacts.onnx_file(folder, onnx_precision)
     name = ir_name(precision, int8_source)
     artifacts.check_writable(folder, "artifact folder", DERIVED_HINT)
@@ -159,7 +160,7 @@ class OpenVinoRunner(RunnerBase):
         hint = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         runs = hint.replace("<Type: '", "").rstrip("'>")
         executed = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(runs, runs)
-        if self.info.precision == "int8":
+        if self.info.precision in ("int8", "mixed"):
             executed = f"int8 (quantized layers) + {executed}"
         self.info.executed = executed
         threads = self.compiled.get_property("INFERENCE_NUM_THREADS")
@@ -184,7 +185,7 @@ def _config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
 
 class OpenVinoBackend:
     name = "openvino"
-    precisions = ("fp32", "fp16", "bf16", "int8")
+    precisions = ("fp32", "fp16", "bf16", "int8", "mixed")
 
     def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None, int8_source: Int8Source = DEFAULT_INT8_SOURCE

@@ -89,7 +89,7 @@ class OrtRunner(RunnerBase):
 
 class OrtBackend:
     name = "ort"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = ("fp32", "fp16", "int8", "mixed")
 
     def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None) -> dict[str, np.ndarray]:

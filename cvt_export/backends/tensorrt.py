@@ -239,7 +239,7 @@ class TensorRTRunner(RunnerBase):
 
 class TensorRTBackend:
     name = "tensorrt"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = ("fp32", "fp16", "int8", "mixed")
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -49,7 +49,9 @@ def reference_model(folder: Path, manifest: Mapping[str, Any] | None = None) -> 
     manifest = manifest or artifacts.load_manifest(folder)
     weights = manifest["weights"]
     variant = artifacts.variant_of(manifest)
-    model = cvt_ref.create_model(variant, weights["spec"], activation=weights["activation"])
+    stress = manifest.get("source", {}).get("outliers") or {}
+    model = cvt_ref.create_model(variant, weights["spec"], activation=weights["activation"],
+                                 outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0))
     if model.weights is not None and weights["sha256"] and model.weights.sha256 != weights["sha256"]:
         raise BackendError(f"torch: {weights['spec']} is not the file {folder} was exported from "
                            "(sha256 differs); re-export or pass the original weights")

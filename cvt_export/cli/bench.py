@@ -8,11 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cvt_export import metrics
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.backends import BACKEND_MODULES
 from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
+from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
@@ -86,10 +88,17 @@ def main_command(
     out: Annotated[Path | None, typer.Option(
         help="report folder [default: ARTIFACTS/report]")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="also write report.json here")] = None,
+    budget: Annotated[list[str] | None, typer.Option(
+        help='the recommendation\'s fidelity bound, repeatable: "cosine>=0.999", '
+        '"top1-agreement>=0.99" [default: each precision\'s bounds]')] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    try:
+        budgets = [metrics.parse_budget(b) for b in budget or []]
+    except ValueError as e:
+        raise harness.BenchError(str(e)) from None
     setup_logging(verbose)
     names = _backends(backend)
     folder = out or (artifacts or Path("artifacts") / variant) / "report"
@@ -103,10 +112,15 @@ def main_command(
         strict=backend != "all" and len(names) == 1)
     with stderr.status("preparing") as status:
         report = harness.run(cfg, progress=lambda text: status.update(f"running {text}"))
+    report["recommendation"] = recommend.recommend(report, budgets)
     written = reports.write_all(report, folder)
+    recommend.write(report["recommendation"], folder / "recommendation.json")
+    written.append(folder / "recommendation.json")
     if json_file:
         reports.write_json(report, json_file)
     show(report)
+    for line in recommend.markdown(report["recommendation"])[1:]:
+        stdout.print(line.replace("**", "").replace("## ", ""))
     stdout.print("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -93,8 +93,16 @@ def onnx(
         help="INT8 calibration image folder [default: half of the bundled photos]")] = None,
     calib_size: Annotated[int | None, typer.Option(help="calibrate on N images spread over --calib")] = None,
     calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
+    smooth: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="INT8: SmoothQuant migration strength (share of each activation "
+        "channel's range moved into the weights)")] = 0.5,
+    no_smooth: Annotated[bool, typer.Option("--no-smooth", help="INT8: no SmoothQuant migration")] = False,
     force: Annotated[bool, typer.Option(
         help="replace an export of another source (weights, variant, size...) in --out")] = False,
+    outliers: Annotated[int, typer.Option(
+        min=0, help="stress test: give K channels per LayerNorm/v output in a third of the blocks "
+        "a 10-100x range, as trained models have; the logits do not change")] = 0,
+    outlier_seed: Annotated[int, typer.Option(min=0, help="which blocks and channels --outliers picks")] = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Export to ONNX (FP32, and FP16 / INT8 on request), validate, and write a manifest.
@@ -104,6 +112,8 @@ def onnx(
       cvt-export onnx --variant cvt-13 --weights microsoft/cvt-13 --precision fp32,fp16,int8
 
       cvt-export onnx --weights ./my-finetuned-cvt --image-size 160 --calib ~/calib --out artifacts/mine
+
+      cvt-export onnx --weights random:0 --outliers 4 --precision int8 --out artifacts/stressed
     """
     setup_logging(verbose)
     if calib_method not in CALIB_METHODS:
@@ -118,7 +128,8 @@ def onnx(
         variant=variant, weights=weights, activation=activation,  # type: ignore[arg-type]
         options=ExportOptions(opset=opset, batch=fixed, image_size=image_size),
         precisions=precisions, calib=calib, calib_size=calib_size,
-        int8=Int8Options(method=calib_method), force=force)
+        int8=Int8Options(method=calib_method, smooth=None if no_smooth else smooth), force=force,
+        outliers=outliers, outlier_seed=outlier_seed)
     folder = out or Path("artifacts") / variant
     with stderr.status("starting") as status:
         result = build(req, folder, step=lambda text: status.update(text))
@@ -195,6 +206,65 @@ def openvino(
 
 @app.command()
 @user_errors
+def tune(
+    artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
+    backend: Annotated[str, typer.Option(
+        help="ort | openvino: where candidates run and are timed")] = "openvino",
+    budget: Annotated[list[str] | None, typer.Option(
+        help='fidelity bound on held-out images, repeatable: "cosine>=0.999", '
+        '"top1-agreement>=0.99", "top1-drop<=0.5" (needs --dataset)')] = None,
+    objective: Annotated[str, typer.Option(help="latency-b1 | throughput-b8")] = "throughput-b8",
+    dataset: Annotated[Path | None, typer.Option(
+        help="held-out images (ImageFolder with class folders gives top1-drop) [default: bundled "
+        "photos not used for calibration]")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="use the first N images of --dataset")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the backend")] = None,
+    seconds: Annotated[float, typer.Option(help="timing budget per timed configuration")] = 2.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fastest INT8/float mix within a fidelity budget: writes model.mixed.onnx, tune.md, tune.json.
+
+    Per-block sensitivity (one block in INT8 at a time), then a greedy search that keeps the
+    most sensitive blocks in float until the budget holds; every candidate is built and timed on
+    the backend, beside the folder's FP32, FP16/BF16 and INT8 files.
+
+    Examples:
+
+      cvt-export tune --artifacts artifacts/cvt-13 --backend openvino --budget "cosine>=0.9995"
+
+      cvt-export tune --backend ort --budget "top1-drop<=0.5" --dataset ~/val --objective latency-b1
+    """
+    setup_logging(verbose)
+    from cvt_export import tune as tuning
+
+    budgets = [tuning.parse_budget(b) for b in budget or []]
+    with stderr.status("tune") as status:
+        result = tuning.tune(artifacts, backend, budgets, objective, dataset=dataset, limit=limit,
+                             threads=threads, seconds=seconds, step=lambda text: status.update(text))
+    from cvt_export.artifacts import atomic_write
+
+    text = tuning.markdown(result)
+    atomic_write(artifacts / "tune.md", text)
+    atomic_write(artifacts / "tune.json", json.dumps(tuning.summary(result), indent=2) + "\n")
+    table = Table(title=f"{artifacts}: {result.backend}, {result.objective}, budget "
+                  f"{', '.join(result.budgets)} on {result.held_out}", title_justify="left")
+    for col in ("configuration", "float blocks", "cosine min", "within", "median ms", "img/s"):
+        table.add_column(col)
+    for c in result.configs:
+        table.add_row(c.name + (" (chosen)" if c is result.chosen else ""),
+                      str(len(c.kept)) if c.kept else "–",
+                      f"{c.fidelity['cosine_min']:.6f}", "yes" if c.within else "no",
+                      f"{c.speed['median_ms']:.1f}" if c.speed else "–",
+                      f"{c.speed['images_per_s']:.1f}" if c.speed else "–")
+    stdout.print(table)
+    stdout.print(result.message)
+    if result.mixed_written:
+        stdout.print(f"wrote {artifacts / 'model.mixed.onnx'}; decisions in manifest.json and "
+                     f"{artifacts / 'tune.md'}")
+
+
+@app.command()
+@user_errors
 def trt(
     artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
     precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8")] = "fp16",
@@ -246,6 +316,11 @@ def triton(
         help="add NAME-preprocess and an ensemble NAME: clients send encoded image bytes")] = False,
     labels: Annotated[bool, typer.Option(
         help="label file on the output: Triton's classification extension returns top-k labels")] = False,
+    from_recommendation: Annotated[Path | None, typer.Option(
+        help="recommendation.json from cvt-bench: its artifacts, backend and precision for --objective "
+        "(replace --artifacts, --precision, --runtime/--python-backend)")] = None,
+    objective: Annotated[str, typer.Option(help="with --from-recommendation: latency-b1 | throughput-b8")
+                         ] = "throughput-b8",
     verbose: VerboseOpt = False,
 ) -> None:
     """Write a Triton Inference Server model repository from an artifact folder, checked against
@@ -256,10 +331,24 @@ def triton(
       cvt-export triton --artifacts artifacts/cvt-13 --precision int8 --preprocess --labels --out repo
 
       cvt-export triton --runtime onnxruntime --gpu --accelerator tensorrt --precision fp16 --out repo
+
+      cvt-export triton --from-recommendation artifacts/cvt-13/report/recommendation.json --out repo
     """
     setup_logging(verbose)
     from cvt_export.triton.repository import RepoOptions, write_repository
 
+    if from_recommendation is not None:
+        from cvt_export.harness import recommend
+
+        pick = recommend.read(from_recommendation, objective)
+        artifacts, precision = Path(pick["artifacts"]), pick["precision"]
+        if pick["backend"] == "tensorrt":
+            runtime = "tensorrt"
+        elif pick["backend"] in ("ort", "openvino"):
+            runtime, python_backend = "python", pick["backend"]
+        else:
+            raise CvtError(f"{from_recommendation}: recommends {pick['backend']} {precision}, which "
+                           "Triton does not serve; re-run cvt-bench without that backend")
     opts = RepoOptions(name=name, precision=precision, runtime=runtime,  # type: ignore[arg-type]
                        python_backend=python_backend, max_batch=max_batch, instances=instances, gpu=gpu,
                        accelerator=accelerator, threads=threads, preprocess=preprocess, labels=labels)

@@ -11,8 +11,8 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ from cvt_export.harness import timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images
+from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")  # mixed: when `cvt-export tune` made it
 BASELINE = ("torch", "fp32")
 
 
@@ -80,6 +81,7 @@ class Inputs:
     source: str
     sha256: str
     accuracy_note: str = ""     # why there are no labels, when a dataset was given
+    paths: list[Path] = field(default_factory=list)
 
 
 def class_index(labels: list[str]) -> dict[str, int]:
@@ -121,15 +123,39 @@ def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Varian
     images = cvt_ref.preprocess_batch(list(paths), variant).numpy()
     digest = hashlib.sha256(images.tobytes()).hexdigest()
     names = [str(p.relative_to(dataset)) if dataset else p.name for p in paths]
-    return Inputs(names, images, found_labels, source, digest, note)
+    return Inputs(names, images, found_labels, source, digest, note, list(paths))
 
 
-def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list[str]) -> None:
-    """Fidelity against the reference, and whether it is within the precision's bounds."""
+def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list[str],
+          held: list[int] | None = None) -> None:
+    """Fidelity against the reference, and whether it is within the precision's bounds; with
+    `held` (rows not used for calibration, when some were), also the fidelity on those alone."""
     result.fidelity = metrics.full_fidelity(reference, logits, names)
     broken = metrics.within_bounds(result.precision, result.fidelity)
     result.fidelity.update({"bounds": dict(metrics.BOUNDS[result.precision]), "pass": not broken,
                             "broken": broken})
+    if held:
+        result.fidelity["held_out"] = {**metrics.fidelity(reference[held], logits[held]), "images": len(held)}
+
+
+def held_out_rows(inputs: Inputs, manifest: Mapping[str, Any]) -> tuple[list[int] | None, str]:
+    """Rows of the inputs not used for INT8 calibration (None: none were used), and a note.
+    Matched by content (sha256 of the file) when the manifest records the calibration files'
+    digests, else by file name within the same source."""
+    calib = manifest.get("calibration") or {}
+    if calib.get("digests") and inputs.paths:
+        digests = set(calib["digests"])
+        rows = [i for i, p in enumerate(inputs.paths) if sha256_file(p) not in digests]
+    elif calib and calib.get("source") == inputs.source:
+        used = set(calib.get("files", []))
+        rows = [i for i, n in enumerate(inputs.names) if Path(n).name not in used]
+    else:
+        rows = list(range(len(inputs.names)))
+    if len(rows) == len(inputs.names):
+        return None, f"{len(inputs.names)} images of {inputs.source} (none used for calibration)"
+    if not rows:
+        return None, f"{len(inputs.names)} images of {inputs.source}, all used for calibration"
+    return rows, f"{len(rows)} images of {inputs.source} not used for calibration"
 
 
 def _run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
@@ -137,7 +163,8 @@ def _run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, bat
 
 
 def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: BenchConfig,
-              reference: np.ndarray | None) -> tuple[Result, np.ndarray | None]:
+              reference: np.ndarray | None, held: list[int] | None = None
+              ) -> tuple[Result, np.ndarray | None]:
     result = Result(backend, precision)
     b = get_backend(backend)
     if precision not in b.precisions:
@@ -170,7 +197,7 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
         return result, None
     result.peak_rss_mb = timing.peak_rss_mb()
     if reference is not None:
-        judge(result, reference, logits, inputs.names)
+        judge(result, reference, logits, inputs.names, held)
     if inputs.labels is not None:
         result.accuracy = metrics.accuracy(logits, inputs.labels)
     return result, logits
@@ -251,10 +278,13 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
     _derived_files_writable(cfg, folder)
     variant = artifacts.variant_of(manifest)
     inputs = load_inputs(cfg.dataset, cfg.limit, variant, artifacts.labels_of(manifest))
-    pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions]
+    have_mixed = artifacts.ONNX_FILES["mixed"] in manifest["files"]
+    pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions
+             if p != "mixed" or have_mixed or cfg.precisions == ("mixed",)]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None
+    held, held_note = held_out_rows(inputs, manifest)
     probe_x = inputs.images[:DRIFT_IMAGES]
     ref_model = reference_model(folder, manifest)
     ref_points = probes.reference_probes(ref_model, probe_x)
@@ -265,12 +295,12 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
     del ref_model
     for backend, precision in pairs:
         progress(f"{backend} {precision}")
-        result, logits = bench_one(backend, precision, folder, inputs, cfg, reference)
+        result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, held)
         if (backend, precision) == BASELINE:
             if logits is None:
                 raise BenchError(f"the PyTorch FP32 reference could not run: {result.reason}")
             reference = logits
-            judge(result, reference, logits, inputs.names)
+            judge(result, reference, logits, inputs.names, held)
         if result.status == "ok" and (backend, precision) != BASELINE:
             progress(f"{backend} {precision}: per-block drift")
             stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
@@ -288,7 +318,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
                   "onnx_sha256": manifest["files"]["model.onnx"]["sha256"]},
         "inputs": {"source": inputs.source, "images": len(inputs.names),
                    "labelled": inputs.labels is not None, "accuracy_note": inputs.accuracy_note,
-                   "sha256": inputs.sha256,
+                   "sha256": inputs.sha256, "held_out_note": held_note,
                    "image_size": int(inputs.images.shape[-1])},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "drift_images": len(probe_x)},

@@ -140,6 +140,10 @@ def markdown(report: dict[str, Any]) -> str:
     if skipped:
         lines += ["", "## Not run", ""]
         lines += [f"- {r['backend']} {r['precision']} ({r['status']}): {r['reason']}" for r in skipped]
+    if report.get("recommendation"):
+        from cvt_export.harness.recommend import markdown as recommendation
+
+        lines += recommendation(report["recommendation"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,75 @@
+"""SmoothQuant's migration (Xiao et al., 2023) for CvT, folded into the weights before Q/DQ.
+
+Per-tensor INT8 activations fail when a few channels are 10-100x larger than the rest (as in
+trained transformers): the scale follows the outliers and the other channels round to a few
+levels. Weights are quantized per output channel, so they can absorb range along their input
+axis. For every rescalable activation (`cvt_ref.rescale.SITES`: LayerNorm outputs feeding q/k/v
+and fc1, and v feeding the output projection) each channel j is divided by
+
+    s_j = max|X_j|^a / max|W_j|^(1-a)      (a = the migration strength, 0.5 by default)
+
+and the readers' input columns multiplied by it: the FP32 function is unchanged, the
+activation's channels are flattened and the weights take part of the spread. max|X_j| comes
+from the calibration images only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from cvt_ref.model import CvT
+from cvt_ref.rescale import SITES, blocks, channel_ranges, consumers, rescale
+
+BATCH = 4
+FLOOR = 1e-5  # a channel never seen active keeps a finite factor
+
+
+def factors(model: CvT, images: np.ndarray, strength: float) -> dict[str, dict[str, torch.Tensor]]:
+    """Per block and site, s [C] (divide the activation by it)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"migration strength {strength} must be in [0, 1]")
+    peaks: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(0, len(images), BATCH):
+        got = channel_ranges(model, torch.from_numpy(images[i:i + BATCH]))
+        for name, sites in got.items():
+            for site, peak in sites.items():
+                old = peaks.setdefault(name, {}).get(site)
+                peaks[name][site] = peak if old is None else torch.maximum(old, peak)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, block in blocks(model):
+        out[name] = {}
+        for site in SITES:
+            x = peaks[name][site].double().clamp_min(FLOOR)
+            w = torch.stack([lin.weight.detach().abs().amax(0) for lin in consumers(block, site)])
+            w = w.amax(0).double().clamp_min(FLOOR)
+            out[name][site] = (x ** strength / w ** (1 - strength)).clamp_min(FLOOR)
+    return out
+
+
+def smoothed(model: CvT, images: np.ndarray, strength: float) -> tuple[CvT, dict[str, Any]]:
+    """A copy of `model` with the migration applied, and a summary for the manifest: per site
+    kind, the largest ratio of a channel's range to the median channel's, before and after."""
+    found = factors(model, images, strength)
+    out = copy.deepcopy(model)
+    for name, block in blocks(out):
+        for site in SITES:
+            rescale(block, site, 1.0 / found[name][site])
+    before = _spread(model, images[:BATCH])
+    after = _spread(out, images[:BATCH])
+    return out, {"strength": strength, "sites": list(SITES),
+                 "outlier_ratio_before": before, "outlier_ratio_after": after}
+
+
+def _spread(model: CvT, x: np.ndarray) -> dict[str, float]:
+    """Per site kind, the worst block's max-channel / median-channel range."""
+    ranges = channel_ranges(model, torch.from_numpy(x))
+    worst: dict[str, float] = {}
+    for sites in ranges.values():
+        for site, peak in sites.items():
+            ratio = float(peak.max() / peak.median().clamp_min(FLOOR))
+            worst[site] = round(max(worst.get(site, 0.0), ratio), 1)
+    return worst

@@ -1,0 +1,363 @@
+"""`cvt-export tune`: the fastest INT8/float mix of a folder's model within a fidelity budget.
+
+1. Units: each transformer block (its Conv/MatMul nodes, found between consecutive probe points,
+   so the stage's patch embedding belongs to the stage's first block).
+2. Sensitivity: one candidate per unit with only that unit quantized (the rest float); its
+   error is 1 - cosine_min of the logits on held-out images.
+3. Search (greedy, said so in the report): keep the k most sensitive units in float, k = 0, 1,
+   2, ..., and stop at the first candidate within the budget. Every candidate is a real Q/DQ
+   file (same calibration ranges and SmoothQuant migration as the export), compiled and run on
+   the target backend; the accepted one is timed there, beside the folder's FP32, FP16/BF16 and
+   INT8 files in the same run.
+4. Result: `model.mixed.onnx` (when an INT8 mix is within the budget and faster than the best
+   float configuration that is) with the decisions in the manifest, and `tune.md` / `tune.json`.
+
+Held-out images decide the budget: the bundled photos (or --dataset images) not used for
+calibration. Kept units run in FP32 (on OpenVINO with the f32 inference hint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from cvt_export import artifacts, build, machine, metrics, validate
+from cvt_export.backends import BackendUnavailable, get_backend
+from cvt_export.backends.torch import reference_model
+from cvt_export.errors import CvtError
+from cvt_export.harness import timing
+from cvt_export.metrics import Budget, within
+from cvt_export.precision import QUANTIZED_OPS
+
+log = logging.getLogger(__name__)
+
+MIXED = artifacts.ONNX_FILES["mixed"]
+OBJECTIVES = {"latency-b1": 1, "throughput-b8": 8}  # objective -> the batch size it is timed at
+FLOAT_CHOICES = {"ort": ("fp32", "fp16"), "openvino": ("fp32", "bf16", "fp16")}
+
+
+class TuneError(CvtError):
+    """A backend tune cannot drive, a folder without INT8, no held-out images."""
+
+
+def parse_budget(text: str) -> Budget:
+    try:
+        return metrics.parse_budget(text)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
+
+
+# --- units ---------------------------------------------------------------------------------
+
+def block_nodes(proto: onnx.ModelProto, located: Mapping[str, str]) -> dict[str, list[str]]:
+    """Probe key ("stage S block B") -> the Conv/MatMul nodes computing that block: those the
+    block's output depends on and the previous block's output does not."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    def ancestors(tensor: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [tensor]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            stack.extend(node.input)
+        return seen
+
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    units: dict[str, list[str]] = {}
+    done: set[str] = set()
+    for key, tensor in located.items():
+        mine = ancestors(tensor) - done
+        done |= mine
+        units[key] = sorted(n for n in mine if ops[n] in QUANTIZED_OPS)
+    return units
+
+
+# --- measuring one configuration -----------------------------------------------------------
+
+@dataclass
+class Measured:
+    name: str                 # fp32 | fp16 | bf16 | int8 | mixed[k] ...
+    precision: str
+    kept: list[str] = field(default_factory=list)
+    fidelity: dict[str, float] = field(default_factory=dict)
+    speed: dict[str, float] | None = None  # latency_stats at the objective's batch
+    within: bool = False
+
+
+@dataclass
+class Held:
+    """Held-out images, PyTorch FP32's logits on them, and labels when the dataset has them."""
+
+    images: np.ndarray
+    reference: np.ndarray
+    labels: np.ndarray | None
+    note: str
+
+
+def fidelity(held: Held, logits: np.ndarray) -> dict[str, float]:
+    fid = metrics.fidelity(held.reference, logits)
+    if held.labels is not None:
+        ref_acc = metrics.accuracy(held.reference, held.labels)["top1"]
+        fid["top1"] = metrics.accuracy(logits, held.labels)["top1"]
+        fid["top1_drop"] = 100 * (ref_acc - fid["top1"])
+    return fid
+
+
+def held_out(folder: Path, manifest: Mapping[str, Any], dataset: Path | None, limit: int | None) -> Held:
+    from cvt_export.harness.bench import held_out_rows, load_inputs
+
+    inputs = load_inputs(dataset, limit, artifacts.variant_of(manifest), artifacts.labels_of(manifest))
+    rows, note = held_out_rows(inputs, manifest)
+    if rows is None:
+        rows = list(range(len(inputs.names)))
+    if not rows or "all used for calibration" in note:
+        raise TuneError(f"no held-out images: every image of {inputs.source} was used for calibration; "
+                        "pass --dataset with other images")
+    images = inputs.images[rows]
+    reference = validate.reference_logits(reference_model(folder, dict(manifest)), images)
+    labels = inputs.labels[rows] if inputs.labels is not None else None
+    return Held(images, reference, labels, note)
+
+
+def run_config(backend: str, folder: Path, precision: str, held: Held, batch: int, threads: int | None,
+               seconds: float, timed: Callable[[dict[str, float]], bool] = lambda fid: True
+               ) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Fidelity on the held-out images and, when `timed(fidelity)`, latency at `batch`."""
+    with get_backend(backend).compile(folder, precision, threads=threads) as runner:
+        logits = np.concatenate([runner(held.images[i:i + 8]) for i in range(0, len(held.images), 8)])
+        fid = fidelity(held, logits)
+        speed = None
+        if timed(fid):
+            x = np.resize(held.images, (batch, *held.images.shape[1:]))
+            speed = timing.measure(runner, x, warmup=2, iters=None, seconds=seconds)
+    return fid, speed
+
+
+def better(objective: str, a: Measured, b: Measured | None) -> bool:
+    """Whether a is faster than b for the objective (b None: a wins)."""
+    if b is None or b.speed is None:
+        return True
+    assert a.speed is not None
+    return a.speed["median_ms"] < b.speed["median_ms"] if objective == "latency-b1" \
+        else a.speed["images_per_s"] > b.speed["images_per_s"]
+
+
+# --- the search ----------------------------------------------------------------------------
+
+@dataclass
+class TuneResult:
+    backend: str
+    objective: str
+    budgets: list[str]
+    held_out: str
+    sensitivity: dict[str, float]
+    configs: list[Measured]
+    chosen: Measured | None
+    best_float: Measured | None
+    mixed_written: bool
+    message: str
+
+
+def tune(folder: Path, backend: str, budgets: Sequence[Budget], objective: str = "throughput-b8", *,
+         dataset: Path | None = None, limit: int | None = None, threads: int | None = None,
+         seconds: float = 2.0, step: Callable[[str], None] = lambda s: None) -> TuneResult:
+    if objective not in OBJECTIVES:
+        raise TuneError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
+    b = get_backend(backend)
+    if b.name not in FLOAT_CHOICES:
+        raise TuneError(f"--backend {backend}: tune drives {', '.join(FLOAT_CHOICES)} here "
+                        "(TensorRT reads the same model.mixed.onnx)")
+    ok, why = b.available()
+    if not ok:
+        raise TuneError(f"--backend {b.name}: {why}")
+    if not budgets:
+        raise TuneError("give at least one --budget, e.g. --budget \"cosine>=0.999\"")
+    manifest = artifacts.load_manifest(folder)
+    if any(x.metric == "top1-drop" for x in budgets) and dataset is None:
+        raise TuneError("--budget top1-drop needs --dataset (a labelled image folder)")
+    artifacts.check_writable(folder, "--artifacts")
+    batch = OBJECTIVES[objective]
+    step("reference logits on held-out images")
+    held = held_out(folder, manifest, dataset, limit)
+    if any(x.metric == "top1-drop" for x in budgets) and held.labels is None:
+        raise TuneError(f"--budget top1-drop needs labels: {dataset} is not an ImageFolder of the "
+                        "model's classes")
+
+    configs: list[Measured] = []
+    for prec in (*FLOAT_CHOICES[b.name], "int8"):
+        if prec == "int8" and artifacts.ONNX_FILES["int8"] not in manifest["files"]:
+            raise TuneError(f"{folder}: has no model.int8.onnx; make it first with "
+                            f"`{artifacts.export_command(manifest, folder, ['int8'])}`")
+        if prec == "fp16" and artifacts.ONNX_FILES["fp16"] not in manifest["files"]:
+            continue
+        step(f"{b.name} {prec}: fidelity and speed")
+        try:
+            fid, speed = run_config(b.name, folder, prec, held, batch, threads, seconds)
+        except BackendUnavailable as e:  # BF16 on a CPU without it
+            log.info("tune: %s %s skipped: %s", b.name, prec, e)
+            continue
+        configs.append(Measured(prec, prec, [], fid, speed, within(budgets, fid)))
+
+    sensitivity: dict[str, float] = {}
+    int8_within = any(c.precision == "int8" and c.within for c in configs)
+    found = None if int8_within else _search(folder, manifest, b.name, budgets, held, batch, threads,
+                                                    seconds, configs, sensitivity, step)
+    return _decide(folder, b.name, objective, budgets, held, configs, sensitivity, found)
+
+
+def _search(folder: Path, manifest: Mapping[str, Any], backend: str, budgets: Sequence[Budget], held: Held,
+            batch: int, threads: int | None, seconds: float, configs: list[Measured],
+            sensitivity: dict[str, float], step: Callable[[str], None]) -> Measured | None:
+    """Sensitivity per block, then the greedy search; the first mix within the budget (its
+    file copied to `.model.mixed.onnx.tmp` in the folder), or None."""
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    units = block_nodes(proto, manifest["files"]["model.onnx"]["probes"])
+    names = list(units)
+    scratch = folder / ".tune"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    found: Measured | None = None
+    try:
+        _link_scratch(folder, scratch, manifest)
+        step("preparing the INT8 source (calibration ranges, SmoothQuant migration)")
+        with build.Int8Remaker(folder, manifest, scratch) as remaker:
+
+            def candidate(kept: list[str], timed: Callable[[dict[str, float]], bool]
+                          ) -> tuple[dict[str, float], dict[str, float] | None]:
+                keep = tuple(n for u in kept for n in units[u])
+                files = remaker.make(keep, scratch / MIXED)
+                _record_mixed(scratch, files)
+                return run_config(backend, scratch, "mixed", held, batch, threads, seconds, timed)
+
+            for i, unit in enumerate(names):
+                step(f"sensitivity {i + 1}/{len(names)}: {unit} alone in INT8")
+                fid, _ = candidate([u for u in names if u != unit], timed=lambda f: False)
+                sensitivity[unit] = max(0.0, 1.0 - fid["cosine_min"])
+            order = sorted(names, key=lambda u: -sensitivity[u])
+            for k in range(1, len(names)):
+                kept = order[:k]
+                step(f"greedy: {k} most sensitive block(s) in float")
+                fid, speed = candidate(kept, timed=lambda f: within(budgets, f))
+                configs.append(Measured(f"mixed ({k} float)", "mixed", kept, fid, speed,
+                                        within(budgets, fid)))
+                if configs[-1].within:
+                    found = configs[-1]
+                    shutil.copy(scratch / MIXED, folder / f".{MIXED}.tmp")
+                    break
+    except BaseException:
+        (folder / f".{MIXED}.tmp").unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return found
+
+
+def _decide(folder: Path, backend: str, objective: str, budgets: Sequence[Budget], held: Held,
+            configs: list[Measured], sensitivity: dict[str, float], found: Measured | None) -> TuneResult:
+    """The fastest configuration within the budget: INT8, the mix, or a float file."""
+    floats = [c for c in configs if c.precision in FLOAT_CHOICES[backend] and c.within]
+    best_float = None
+    for c in floats:
+        if better(objective, c, best_float):
+            best_float = c
+    int8 = next(c for c in configs if c.precision == "int8")
+    chosen: Measured | None = None
+    for c in [int8, *([found] if found else [])]:
+        if c.within and better(objective, c, chosen):
+            chosen = c
+    if chosen is not None and best_float is not None and not better(objective, chosen, best_float):
+        chosen = None
+    written = False
+    tmp = folder / f".{MIXED}.tmp"
+    if chosen is not None and chosen is found:
+        message = (f"{chosen.name} is within {', '.join(map(str, budgets))} and the fastest for "
+                   f"{objective}")
+        written = True
+    elif chosen is not None:
+        message = f"INT8 everywhere is within the budget and the fastest for {objective}; no mix needed"
+    elif best_float is not None:
+        message = (f"no INT8 mix within {', '.join(map(str, budgets))} beats {best_float.name}; "
+                   f"deploy {best_float.name}")
+    else:
+        message = f"nothing on {backend} is within {', '.join(map(str, budgets))} on {held.note}"
+    result = TuneResult(backend, objective, [str(x) for x in budgets], held.note, sensitivity, configs,
+                        chosen or best_float, best_float, written, message)
+    if written:
+        _commit_mixed(folder, tmp, result)
+    tmp.unlink(missing_ok=True)
+    return result
+
+
+def _link_scratch(folder: Path, scratch: Path, manifest: Mapping[str, Any]) -> None:
+    """A private artifact folder for candidates: the same manifest and FP32 files (hard links)."""
+    fp32 = manifest["files"]["model.onnx"]
+    for name in ["model.onnx", *fp32.get("data_files", {})]:
+        os.link(folder / name, scratch / name)
+    kept = {"model.onnx": fp32}
+    data = {**{k: v for k, v in manifest.items() if k not in ("files", "openvino")}, "files": kept}
+    artifacts.atomic_write(scratch / artifacts.MANIFEST, json.dumps(data, indent=1) + "\n")
+
+
+def _record_mixed(folder: Path, files: list[str]) -> None:
+    """Record a new candidate in the scratch folder; its previous IR is no longer its own."""
+    entry = build.file_entry(folder, files, "mixed")
+
+    def change(m: dict[str, Any]) -> None:
+        m["files"][MIXED] = entry
+        m.pop("openvino", None)
+
+    artifacts.update_manifest(folder, change)
+
+
+def _commit_mixed(folder: Path, tmp: Path, result: TuneResult) -> None:
+    """The chosen mix into the artifact folder, its decisions in the manifest (under the lock)."""
+    with artifacts.locked(folder):
+        manifest = artifacts.load_manifest(folder)
+        os.replace(tmp, folder / MIXED)
+        entry = build.file_entry(folder, [MIXED], "mixed")
+        entry.update({"from": manifest["files"]["model.onnx"]["sha256"], "tune": summary(result)})
+        artifacts.update_manifest(folder, lambda m: m["files"].__setitem__(MIXED, entry))
+
+
+def summary(result: TuneResult) -> dict[str, Any]:
+    """What tune decided, for the manifest and tune.json."""
+    def one(c: Measured) -> dict[str, Any]:
+        return {"name": c.name, "precision": c.precision, "float_blocks": c.kept,
+                "within_budget": c.within, "fidelity": c.fidelity, "speed": c.speed}
+
+    return {"backend": result.backend, "objective": result.objective, "budget": result.budgets,
+            "held_out": result.held_out, "search": "greedy: most sensitive blocks kept in float first",
+            "sensitivity": result.sensitivity, "configs": [one(c) for c in result.configs],
+            "chosen": result.chosen.name if result.chosen else None, "message": result.message,
+            "machine": machine.describe()}
+
+
+def markdown(result: TuneResult) -> str:
+    lines = [f"# cvt-export tune: {result.backend}, {result.objective}", "",
+             f"Budget {', '.join(result.budgets)} on {result.held_out}. Search: greedy (the most "
+             "sensitive blocks are kept in float first; it stops at the first mix within the budget).", "",
+             "| configuration | float blocks | cosine min | top-1 agreement | within budget | "
+             "median ms | images/s |", "|---|---|---|---|---|---|---|"]
+    for c in result.configs:
+        speed = (f"{c.speed['median_ms']:.1f} | {c.speed['images_per_s']:.1f}" if c.speed else "– | –")
+        lines.append(f"| {c.name}{' **(chosen)**' if c is result.chosen else ''} | "
+                     f"{', '.join(c.kept) or '–'} | {c.fidelity['cosine_min']:.6f} | "
+                     f"{100 * c.fidelity['top1_agreement']:.0f}% | {'yes' if c.within else 'no'} | {speed} |")
+    lines += ["", "Per-block sensitivity (1 − cosine min with only that block in INT8):", "",
+              "| block | error |", "|---|---|"]
+    lines += [f"| {u} | {e:.2e} |" for u, e in sorted(result.sensitivity.items(), key=lambda kv: -kv[1])]
+    lines += ["", f"**{result.message}**", ""]
+    return "\n".join(lines)
+

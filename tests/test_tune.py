@@ -1,0 +1,157 @@
+"""Budgets, tune's per-block units and search, and the recommendation cvt-bench writes.
+
+Oracles: the PyTorch model on held-out photos (run here, not through tune), ONNX Runtime run
+directly on the written file, and the report's own rows for the recommendation (recomputed
+here with bounds written in this file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import copy_artifacts
+
+import cvt_ref
+from cvt_export import metrics
+from cvt_export.precision import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
+from cvt_export.tune import block_nodes
+from helpers import assert_user_error, cosine_rows, run_cli
+
+
+def test_budgets_parse_and_judge() -> None:
+    b = metrics.parse_budget("cosine>=0.999")
+    assert (b.metric, b.op, b.value) == ("cosine", ">=", 0.999)
+    assert b.holds({"cosine_min": 0.9995}) and not b.holds({"cosine_min": 0.998})
+    assert not b.holds({"cosine_min": float("nan")})
+    drop = metrics.parse_budget("top1-drop <= 0.5")
+    assert drop.holds({"top1_drop": 0.4}) and not drop.holds({"top1_drop": 1.0})
+    assert not drop.holds({})  # no labels: the bound cannot hold
+    for bad in ("cosine>0.9", "latency<=3", "cosine<=0.9", "top1-drop>=1", "cosine>=x"):
+        with pytest.raises(ValueError):
+            metrics.parse_budget(bad)
+
+
+def test_blocks_partition_the_quantizable_nodes(exported: Path) -> None:
+    manifest = json.loads((exported / "manifest.json").read_text())
+    proto = onnx.load(str(exported / "model.onnx"), load_external_data=False)
+    units = block_nodes(proto, manifest["files"]["model.onnx"]["probes"])
+    assert list(units) == [f"stage {s} block {b}" for s, d in enumerate((1, 2, 10)) for b in range(d)]
+    names = [n for nodes in units.values() for n in nodes]
+    assert len(names) == len(set(names))  # no node in two blocks
+    everything = {n.name for n in proto.graph.node if n.op_type in QUANTIZED_OPS}
+    head = {n.name for n in proto.graph.node if "logits" in n.output}
+    assert everything - set(names) <= head  # only the classifier is outside the blocks
+    # each block: 3 patch-embedding convs in total, q/k/v depthwise (3), q/k/v/out + 2 MLP + 2
+    # attention MatMuls (8) per block
+    assert all(len(nodes) in (11, 12) for nodes in units.values()), {k: len(v) for k, v in units.items()}
+
+
+def test_tune_refuses_bad_input(exported_copy: Path, tmp_path: Path) -> None:
+    folder = str(exported_copy)
+    assert_user_error(run_cli("cvt-export", "tune", "--artifacts", folder, "--budget", "cos>=1"), "--budget")
+    assert_user_error(run_cli("cvt-export", "tune", "--artifacts", str(exported_copy), "--backend", "torch",
+                              "--budget", "cosine>=0.99"), "tune drives")
+    assert_user_error(run_cli("cvt-export", "tune", "--artifacts", str(exported_copy),
+                              "--budget", "top1-drop<=0.5"), "needs --dataset")
+    assert_user_error(run_cli("cvt-export", "tune", "--artifacts", str(tmp_path / "nothing"),
+                              "--budget", "cosine>=0.99"), "no such artifact folder")
+    assert not (exported_copy / "model.mixed.onnx").exists()
+    assert_user_error(run_cli("cvt-export", "triton", "--from-recommendation", str(tmp_path / "r.json"),
+                              "--out", str(tmp_path / "repo")), "cannot read")
+
+
+@pytest.mark.slow
+def test_tune_meets_the_budget_on_the_stressed_model(
+        tmp_path: Path, split: tuple[Path, list[Path]], model: cvt_ref.CvT) -> None:
+    folder = tmp_path / "stressed"
+    assert run_cli("cvt-export", "onnx", "--weights", "random:0", "--outliers", "4", "--precision", "int8",
+                   "--calib", str(split[0]), "--out", str(folder)).returncode == 0
+    budget = 0.9995
+    done = run_cli("cvt-export", "tune", "--artifacts", str(folder), "--backend", "ort",
+                   "--budget", f"cosine>={budget}", "--seconds", "1")
+    assert done.returncode == 0, done.stderr
+    assert "mixed" in done.stdout
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["files"]["model.mixed.onnx"]
+    decided = entry["tune"]
+    assert decided["budget"] == [f"cosine>={budget:g}"] and decided["search"].startswith("greedy")
+    kept = next(c for c in decided["configs"] if c["name"] == decided["chosen"])["float_blocks"]
+    assert 0 < len(kept) < 13
+    assert len(decided["sensitivity"]) == 13
+    assert not list(folder.glob(".tune*")) and not list(folder.glob(".*.tmp"))
+    assert (folder / "tune.md").read_text().count("|") > 20
+    # Independent: ONNX Runtime on the written file vs PyTorch on the held-out photos.
+    import onnxruntime as ort
+
+    held = cvt_ref.preprocess_batch(list(split[1]), "cvt-13")
+    with torch.inference_mode():
+        ref = model(held).numpy()
+    session = ort.InferenceSession(str(folder / "model.mixed.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: held.numpy()})[0]
+    assert cosine_rows(ref, got).min() >= budget
+    mixed = onnx.load(str(folder / "model.mixed.onnx"))
+    assert not tensorrt_qdq_problems(mixed)
+    full = quantized_nodes(onnx.load(str(folder / "model.int8.onnx")))
+    assert sum(quantized_nodes(mixed).values()) < sum(full.values())  # the kept blocks are float
+    # the tuned row beside the others in cvt-bench's report
+    report = tmp_path / "r.json"
+    bench = run_cli("cvt-bench", "--backend", "ort", "--precision", "fp32,int8,mixed", "--artifacts",
+                    str(folder), "--batch", "8", "--iters", "2", "--warmup", "1", "--json", str(report))
+    assert bench.returncode == 0, bench.stderr
+    rows = {r["precision"]: r for r in json.loads(report.read_text())["results"] if r["backend"] == "ort"}
+    assert rows["mixed"]["status"] == "ok"
+    assert rows["mixed"]["fidelity"]["held_out"]["cosine_min"] >= budget
+
+
+BOUNDS = {"fp32": (None, 1.0), "fp16": (0.9999, 1.0), "bf16": (0.999, 1.0), "int8": (0.995, 0.9)}
+
+
+def _ok(row: dict) -> bool:  # type: ignore[type-arg]
+    fid = row["fidelity"].get("held_out") or row["fidelity"]
+    cos, top1 = BOUNDS[row["precision"]]
+    if cos is None:
+        return bool(fid["max_abs"] <= 1e-4 and fid["top1_agreement"] >= top1)
+    return bool(fid["cosine_min"] >= cos and fid["top1_agreement"] >= top1)
+
+
+@pytest.mark.slow
+def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_path: Path) -> None:
+    folder = copy_artifacts(exported, tmp_path)
+    out = tmp_path / "report"
+    bench = run_cli("cvt-bench", "--backend", "ort,openvino", "--precision", "fp32,bf16,int8",
+                    "--artifacts", str(folder), "--batch", "1,8", "--iters", "3", "--warmup", "1",
+                    "--out", str(out))
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads((out / "report.json").read_text())
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec == report["recommendation"]
+    rows = [r for r in report["results"] if r["status"] == "ok" and r["backend"] != "torch" and _ok(r)]
+    b8 = max(rows, key=lambda r: r["latency"]["8"]["images_per_s"])
+    b1 = min(rows, key=lambda r: r["latency"]["1"]["median_ms"])
+    pick = rec["objectives"]
+    for objective, row in (("throughput-b8", b8), ("latency-b1", b1)):
+        got = pick[objective]
+        assert (got["backend"], got["precision"]) == (row["backend"], row["precision"])
+    assert np.isclose(pick["throughput-b8"]["images_per_s"], b8["latency"]["8"]["images_per_s"])
+    assert "## Recommendation" in (out / "report.md").read_text()
+    # a budget nothing quantized can meet: the pick is a float row
+    strict = tmp_path / "strict"
+    bench = run_cli("cvt-bench", "--backend", "ort", "--precision", "fp32,int8", "--artifacts", str(folder),
+                    "--batch", "8", "--iters", "2", "--warmup", "1", "--budget", "cosine>=0.99999",
+                    "--out", str(strict))
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads((strict / "recommendation.json").read_text())["objectives"]["throughput-b8"][
+        "precision"] == "fp32"
+    # Triton takes the recommendation: the repository serves that backend and precision
+    repo = tmp_path / "repo"
+    made = run_cli("cvt-export", "triton", "--from-recommendation", str(out / "recommendation.json"),
+                   "--out", str(repo))
+    assert made.returncode == 0, made.stderr
+    record = json.loads((repo / "cvt.cvt-repository.json").read_text())
+    assert record["options"]["precision"] == b8["precision"]
+    assert record["options"]["python_backend"] == b8["backend"]
