@@ -4,8 +4,9 @@
    so the stage's patch embedding belongs to the stage's first block).
 2. Sensitivity: one candidate per unit with only that unit quantized (the rest float); its
    error is 1 - cosine_min of the logits on held-out images.
-3. Search (greedy, said so in the report): keep the k most sensitive units in float, k = 0, 1,
-   2, ..., and stop at the first candidate within the budget. Every candidate is a real Q/DQ
+3. Search (greedy, said so in the report): keep the k most sensitive units in float, k = 1,
+   2, ..., and stop at the first candidate within the budget (no search when INT8 everywhere,
+   k = 0, already is). Every candidate is a real Q/DQ
    file (same calibration ranges and SmoothQuant migration as the export), compiled and run on
    the target backend; the accepted one is timed there, beside the folder's FP32, FP16/BF16 and
    INT8 files in the same run.
@@ -34,14 +35,15 @@ from cvt_export import artifacts, build, machine, metrics, validate
 from cvt_export.backends import BackendUnavailable, get_backend
 from cvt_export.backends.torch import reference_model
 from cvt_export.errors import CvtError
-from cvt_export.harness import timing
+from cvt_export.harness import recommend, timing
 from cvt_export.metrics import Budget, within
 from cvt_export.precision import QUANTIZED_OPS
 
 log = logging.getLogger(__name__)
 
 MIXED = artifacts.ONNX_FILES["mixed"]
-OBJECTIVES = {"latency-b1": 1, "throughput-b8": 8}  # objective -> the batch size it is timed at
+# objective -> the batch size it is timed at (the objectives are the recommendation's)
+OBJECTIVES = {name: int(batch) for name, (batch, _) in recommend.OBJECTIVES.items()}
 FLOAT_CHOICES = {"ort": ("fp32", "fp16"), "openvino": ("fp32", "bf16", "fp16")}
 
 
