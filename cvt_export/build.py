@@ -28,7 +28,7 @@ import cvt_ref
 from cvt_export import artifacts, calibration, precision, probes, validate
 from cvt_export.artifacts import Precision
 from cvt_export.exporter import ExportOptions, export_fp32, graph_summary, tool_versions
-from cvt_export.smoothing import smoothed
+from cvt_export.smoothing import migrated_file, smoothed
 from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
 from cvt_ref.source import Activation, sha256_file
@@ -92,12 +92,14 @@ class Job:
     staged: Path
 
 
-def parse_precisions(text: str) -> tuple[Precision, ...]:
+def parse_precisions(text: str, allowed: tuple[Precision, ...] = PRECISIONS) -> tuple[Precision, ...]:
+    """`allowed`: what the command takes (export makes fp32/fp16/int8; readers also take the
+    mixed file `cvt-export tune` made)."""
     wanted = [p.strip().lower() for p in text.split(",") if p.strip()]
-    bad = [p for p in wanted if p not in PRECISIONS]
+    bad = [p for p in wanted if p not in allowed]
     if bad or not wanted:
-        raise CvtError(f"--precision {text!r}: use a comma-separated list of {', '.join(PRECISIONS)}")
-    return tuple(p for p in PRECISIONS if p in wanted)
+        raise CvtError(f"--precision {text!r}: use a comma-separated list of {', '.join(allowed)}")
+    return tuple(p for p in allowed if p in wanted)
 
 
 def request_from_manifest(manifest: Mapping[str, Any], precisions: tuple[Precision, ...]) -> BuildRequest:
@@ -196,17 +198,20 @@ def held_out_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tupl
     return list(range(len(photos))), f"{len(photos)} bundled photos, all used for calibration"
 
 
-def int8_source(job: Job, fp32_path: Path, pixels: np.ndarray | None, opts: precision.Int8Options,
-                where: Path, step: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
+def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_path: Path,
+                pixels: np.ndarray | None, opts: precision.Int8Options, where: Path,
+                step: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
     """The FP32 file Q/DQ is placed on: the export itself, or (SmoothQuant on) the export of the
     migrated model (same function, flatter activations), written to `where`."""
     if opts.smooth is None:
         return fp32_path, None
     assert pixels is not None
-    step(f"SmoothQuant migration (strength {opts.smooth}) and FP32 export of the smoothed model")
-    smooth_model, summary = smoothed(job.model, pixels, opts.smooth)
+    step(f"SmoothQuant migration (strength {opts.smooth})")
+    smooth_model, summary = smoothed(model, pixels, opts.smooth)
     src = where / ".model.smoothed.onnx"
-    export_fp32(smooth_model, job.variant, src, job.opts)
+    if not migrated_file(fp32_path, model, smooth_model, src, pixels[:2]):
+        step("FP32 export of the migrated model")
+        export_fp32(smooth_model, variant, src, export_opts)
     return src, summary
 
 
@@ -242,8 +247,8 @@ class Int8Remaker:
         variant = model.variant.at_size(req.options.image_size)
         self.pixels = calib.load(variant)
         self.cache, _ = calibration.usable_cache(self.info["cache_key"], self.scratch)
-        job = Job(model, variant, req.options, [], self.pixels[:0], np.zeros((0, 1)), self.scratch)
-        self.src, _ = int8_source(job, self.src, self.pixels, self.opts, self.scratch, lambda s: None)
+        self.src, _ = int8_source(model, variant, req.options, self.src, self.pixels, self.opts,
+                                  self.scratch, lambda s: None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -263,7 +268,7 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
     cache, cache_warning = calibration.usable_cache(info["cache_key"], job.staged)
     step("calibrating INT8" if not cache.is_file() else "INT8 from cached calibration")
     pixels = calib.load(job.variant) if not cache.is_file() or opts.smooth is not None else None
-    src, smoothing = int8_source(job, fp32_path, pixels, opts, job.staged, step)
+    src, smoothing = int8_source(job.model, job.variant, job.opts, fp32_path, pixels, opts, job.staged, step)
     derived = precision.to_int8(src, job.staged / name, pixels, opts, cache)
     if src != fp32_path:
         for f in src.parent.glob(src.name + "*"):

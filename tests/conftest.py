@@ -135,6 +135,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache: Path,
     return out
 
 
+@pytest.fixture(scope="session")
+def stressed(tmp_path_factory: pytest.TempPathFactory, cache: Path, split: tuple[Path, list[Path]]) -> Path:
+    """cvt-13 (random:0) with the outlier stress (4 channels per site), FP32 and INT8 (default
+    policy: SmoothQuant migration), calibrated on `split[0]`."""
+    out = tmp_path_factory.mktemp("cvt-13-stressed")
+    build.build(BuildRequest("cvt-13", "random:0", precisions=("fp32", "int8"), calib=split[0],
+                             outliers=4), out)
+    return out
+
+
 def copy_artifacts(folder: Path, where: Path, name: str = "artifacts-copy") -> Path:
     """A private copy of an artifact folder: tests that write into one (CLI runs, damage, rebuilt
     derived files) never touch the session's shared export, so test order does not matter."""

@@ -94,37 +94,31 @@ def test_bad_outlier_count_is_refused() -> None:
 def test_stressed_export_on_ort_and_openvino(
         tmp_path: Path, photos: list[Path], split: tuple[Path, list[Path]],
         hf_folder: Callable[[cvt_ref.Variant], Path]) -> None:
-    """FP32 of the stressed model = transformers; INT8 without migration loses clearly and its
-    drift grows most at a stressed block; with migration (the default) INT8 is as good as on the
-    unstressed model (these scrambled transformers weights give 0.988 unstressed; random:0's
-    0.999 bound is the next test)."""
+    """FP32 of the stressed model = transformers on both executors; INT8 without the migration
+    loses clearly and its drift grows most at a stressed block (the migrated INT8 is the next
+    test's, on random:0: these scrambled transformers weights give INT8 0.988 even unstressed)."""
     folder = hf_folder(cvt_ref.VARIANTS["cvt-13"])
     held_out = cvt_ref.preprocess_batch(list(split[1]), "cvt-13")
     every = cvt_ref.preprocess_batch(list(photos), "cvt-13")
     ref_all, ref_held = hf_logits(folder, every), hf_logits(folder, held_out)
-    common = ["onnx", "--weights", str(folder), "--outliers", str(STRESSED), "--precision", "int8",
-              "--calib", str(split[0])]
-    smooth, naive = tmp_path / "smooth", tmp_path / "naive"
-    assert run_cli("cvt-export", *common, "--out", str(smooth)).returncode == 0
-    assert run_cli("cvt-export", *common, "--no-smooth", "--out", str(naive)).returncode == 0
-    manifest = json.loads((smooth / "manifest.json").read_text())
+    naive = tmp_path / "naive"
+    assert run_cli("cvt-export", "onnx", "--weights", str(folder), "--outliers", str(STRESSED),
+                   "--precision", "int8", "--calib", str(split[0]), "--no-smooth",
+                   "--out", str(naive)).returncode == 0
+    manifest = json.loads((naive / "manifest.json").read_text())
     assert manifest["source"]["outliers"]["channels"] == STRESSED
-    assert manifest["files"]["model.int8.onnx"]["policy"]["smoothing"]["strength"] == 0.5
-    assert not tensorrt_qdq_problems(onnx.load(str(smooth / "model.int8.onnx")))
+    assert manifest["files"]["model.int8.onnx"]["policy"]["smoothing"] is None
     hot = {k for k, v in site_ratios(cvt_ref.create_model("cvt-13", folder, outliers=STRESSED),
                                      every[:2]).items() if v >= 10}
     for backend in ("ort", "openvino"):
         b = get_backend(backend)
         if not b.available()[0]:
             pytest.skip(b.available()[1])
-        with b.compile(smooth, "fp32") as run:
+        with b.compile(naive, "fp32") as run:
             assert np.abs(run(every.numpy()) - ref_all).max() <= 1e-4
         with b.compile(naive, "int8") as run:
             bad = cosine_rows(ref_held, run(held_out.numpy())).min()
-        with b.compile(smooth, "int8") as run:
-            good = cosine_rows(ref_held, run(held_out.numpy())).min()
         assert bad < 0.9, (backend, bad)
-        assert good >= 0.98, (backend, good)
     report = tmp_path / "naive.json"
     bench = run_cli("cvt-bench", "--backend", "ort", "--precision", "int8", "--artifacts", str(naive),
                     "--batch", "1", "--iters", "2", "--warmup", "1", "--json", str(report))
@@ -135,12 +129,14 @@ def test_stressed_export_on_ort_and_openvino(
 
 @pytest.mark.slow
 def test_migrated_int8_reaches_0999_on_stressed_random_weights(
-        tmp_path: Path, exported: Path, split: tuple[Path, list[Path]], model: cvt_ref.CvT) -> None:
+        stressed: Path, split: tuple[Path, list[Path]], model: cvt_ref.CvT) -> None:
     """random:0 with the stress: INT8 on held-out photos within cosine 0.999 of the unstressed
-    model (itself checked against transformers in test_model), on ORT and OpenVINO."""
-    out = tmp_path / "stressed"
-    assert run_cli("cvt-export", "onnx", "--weights", "random:0", "--outliers", str(STRESSED),
-                   "--precision", "int8", "--calib", str(split[0]), "--out", str(out)).returncode == 0
+    model (itself checked against transformers in test_model), on ORT and OpenVINO; the file
+    still passes TensorRT's Q/DQ rules."""
+    out = stressed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["model.int8.onnx"]["policy"]["smoothing"]["strength"] == 0.5
+    assert not tensorrt_qdq_problems(onnx.load(str(out / "model.int8.onnx")))
     held_out = cvt_ref.preprocess_batch(list(split[1]), "cvt-13")
     with torch.inference_mode():
         ref = model(held_out).numpy()

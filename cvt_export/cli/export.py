@@ -12,7 +12,7 @@ from rich.table import Table
 
 import cvt_ref
 from cvt_export.backends import all_backends
-from cvt_export.build import BuildRequest, build, parse_precisions
+from cvt_export.build import PRECISIONS, BuildRequest, build, parse_precisions
 from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
@@ -177,7 +177,7 @@ def backends() -> None:
 @user_errors
 def openvino(
     artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
-    precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8")] = "fp32",
+    precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8, mixed")] = "fp32",
     int8_source: Annotated[str, typer.Option(
         help="qdq: the Q/DQ ONNX as it is; nncf: NNCF PTQ on the export's calibration images")] = "qdq",
     verbose: VerboseOpt = False,
@@ -198,7 +198,7 @@ def openvino(
         raise CvtError(f"openvino: {why}")
     if int8_source not in ov_backend.INT8_SOURCES:
         raise CvtError(f"--int8-source {int8_source!r}: use {', '.join(ov_backend.INT8_SOURCES)}")
-    for prec in parse_precisions(precision):
+    for prec in parse_precisions(precision, (*PRECISIONS, "mixed")):
         with stderr.status(f"OpenVINO IR {prec}"):
             path = ov_backend.make_ir(artifacts, prec, int8_source)
         stdout.print(f"{prec}: {path} ({path.with_suffix('.bin').stat().st_size / 1e6:.1f} MB weights)")
@@ -267,7 +267,7 @@ def tune(
 @user_errors
 def trt(
     artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
-    precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8")] = "fp16",
+    precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8, mixed")] = "fp16",
     min_batch: Annotated[int, typer.Option(help="smallest batch of the optimization profile")] = 1,
     opt_batch: Annotated[int, typer.Option(help="batch TensorRT tunes for")] = 8,
     max_batch: Annotated[int, typer.Option(help="largest batch of the profile")] = 32,
@@ -286,7 +286,7 @@ def trt(
         raise CvtError(f"tensorrt: {why}")
     opts = trt_backend.BuildOptions(min_batch, opt_batch, max_batch, workspace)
     opts.check()
-    for prec in parse_precisions(precision):
+    for prec in parse_precisions(precision, (*PRECISIONS, "mixed")):
         with stderr.status(f"TensorRT engine {prec}"):
             path, _, meta = trt_backend.engine_file(artifacts, prec, opts)
         stdout.print(f"{prec}: {path} (TensorRT {meta['tensorrt']}, {meta['gpu']})")
