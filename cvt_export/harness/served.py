@@ -20,6 +20,7 @@ from cvt_export import metrics
 from cvt_export.triton import TritonError
 
 TIMEOUT_S = 60.0
+STATS_SETTLE_S = 5.0  # longest wait for the server statistics to count every answered request
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,13 @@ def run_concurrency(target: Target, images: np.ndarray, concurrency: int, reques
         for times in pool.map(worker, range(concurrency), timeout=requests * TIMEOUT_S):
             latencies.extend(times)
     elapsed = time.perf_counter() - start
+    # Triton records a request's statistics after its response leaves (inside an ensemble, after
+    # the ensemble answered): wait, bounded, until every answered request is counted.
+    deadline = time.monotonic() + STATS_SETTLE_S
     after = _stats(monitor, watch, target.protocol)
+    while after["requests"] - before["requests"] < len(latencies) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = _stats(monitor, watch, target.protocol)
     executed = {b: after["batches"].get(b, 0) - before["batches"].get(b, 0) for b in after["batches"]}
     done = after["requests"] - before["requests"]
     stats = metrics.latency_stats(latencies, batch=1)
