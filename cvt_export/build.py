@@ -191,8 +191,7 @@ def make_fp16(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], No
 
 def held_out_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tuple[list[int], str]:
     """Bundled photos not used for calibration (all of them, said so, when every one was)."""
-    digests = set(calib.digests)
-    rows = [i for i, p in enumerate(photos) if sha256_file(p) not in digests]
+    rows = calibration.unused_rows(photos, calib.digests)
     if rows:
         return rows, f"{len(rows)} bundled photos not used for calibration"
     return list(range(len(photos))), f"{len(photos)} bundled photos, all used for calibration"
@@ -218,15 +217,16 @@ def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_p
 class Int8Remaker:
     """Re-makes a folder's INT8 file with some nodes left in float (`cvt-export tune`): same
     model, calibration images, cached ranges and migration as the export recorded, so the only
-    difference between candidates is where Q/DQ sits. Use as a context manager; `scratch` holds
-    the smoothed FP32 file meanwhile."""
+    difference between candidates is where Q/DQ sits. `model`: the folder's PyTorch model, its
+    weights already checked against the manifest. Use as a context manager; `scratch` holds the
+    smoothed FP32 file meanwhile."""
 
-    def __init__(self, folder: Path, manifest: Mapping[str, Any], scratch: Path) -> None:
+    def __init__(self, folder: Path, manifest: Mapping[str, Any], model: CvT, scratch: Path) -> None:
         entry = manifest["files"].get(FILES["int8"])
         if entry is None:
             raise artifacts.ArtifactError(f"{folder}: has no {FILES['int8']}; make it first with "
                                           f"`{artifacts.export_command(manifest, folder, ['int8'])}`")
-        self.folder, self.manifest, self.scratch = folder, manifest, scratch
+        self.folder, self.manifest, self.model, self.scratch = folder, manifest, model, scratch
         policy = entry["policy"]
         self.opts = precision.Int8Options(**{k: policy[k] for k in (
             "method", "percentile", "quantize_outputs", "depthwise", "attention") if k in policy},
@@ -234,7 +234,7 @@ class Int8Remaker:
         self.info = entry["calibration"]
         self.src = folder / FILES["fp32"]
         self.pixels: np.ndarray | None = None
-        self.cache = scratch / "calibration.json"
+        self.cache: Path | None = None  # the calibration ranges, once entered
 
     def __enter__(self) -> Int8Remaker:
         req = request_from_manifest(self.manifest, ("int8",))
@@ -242,12 +242,10 @@ class Int8Remaker:
         if calib.sha256 != self.info["sha256"]:
             raise calibration.CalibrationError(
                 f"calibration images in {self.info['source']} changed since the INT8 export; re-export")
-        model = cvt_ref.create_model(req.variant, req.weights, activation=req.activation,
-                                     outliers=req.outliers, outlier_seed=req.outlier_seed)
-        variant = model.variant.at_size(req.options.image_size)
+        variant = self.model.variant
         self.pixels = calib.load(variant)
         self.cache, _ = calibration.usable_cache(self.info["cache_key"], self.scratch)
-        self.src, _ = int8_source(model, variant, req.options, self.src, self.pixels, self.opts,
+        self.src, _ = int8_source(self.model, variant, req.options, self.src, self.pixels, self.opts,
                                   self.scratch, lambda s: None)
         return self
 
@@ -259,6 +257,7 @@ class Int8Remaker:
         """Write the Q/DQ file with `keep` nodes unquantized; returns its files."""
         from dataclasses import replace
 
+        assert self.cache is not None, "use Int8Remaker as a context manager"
         return precision.to_int8(self.src, dst, self.pixels, replace(self.opts, keep=keep), self.cache).files
 
 

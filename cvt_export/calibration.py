@@ -92,6 +92,12 @@ def calibration_set(folder: Path | None, size: int | None = None) -> tuple[Calib
     return CalibrationSet(tuple(chosen), tuple(sha256_file(p) for p in chosen), source, size), warning
 
 
+def unused_rows(paths: list[Path], digests: list[str] | tuple[str, ...]) -> list[int]:
+    """Indices of the files whose content (sha256) is not among the calibration images'."""
+    used = set(digests)
+    return [i for i, p in enumerate(paths) if sha256_file(p) not in used]
+
+
 def cache_key(calib: CalibrationSet, variant: Variant, model_sha256: str, opts: Int8Options) -> str:
     parts = {
         "images": calib.sha256, "model": model_sha256, "method": opts.method, "policy": opts.policy,

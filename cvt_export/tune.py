@@ -36,8 +36,10 @@ from cvt_export.backends import BackendUnavailable, get_backend
 from cvt_export.backends.torch import reference_model
 from cvt_export.errors import CvtError
 from cvt_export.harness import recommend, timing
+from cvt_export.harness.bench import run_all
 from cvt_export.metrics import Budget, within
 from cvt_export.precision import QUANTIZED_OPS
+from cvt_ref.model import CvT
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class Held:
     reference: np.ndarray
     labels: np.ndarray | None
     note: str
+    model: CvT  # the folder's PyTorch model (weights checked by sha256): the reference and the remaker's
 
 
 def fidelity(held: Held, logits: np.ndarray) -> dict[str, float]:
@@ -128,9 +131,10 @@ def held_out(folder: Path, manifest: Mapping[str, Any], dataset: Path | None, li
         raise TuneError(f"no held-out images: every image of {inputs.source} was used for calibration; "
                         "pass --dataset with other images")
     images = inputs.images[rows]
-    reference = validate.reference_logits(reference_model(folder, dict(manifest)), images)
+    model = reference_model(folder, dict(manifest))
+    reference = validate.reference_logits(model, images)
     labels = inputs.labels[rows] if inputs.labels is not None else None
-    return Held(images, reference, labels, note)
+    return Held(images, reference, labels, note, model)
 
 
 def run_config(backend: str, folder: Path, precision: str, held: Held, batch: int, threads: int | None,
@@ -138,7 +142,7 @@ def run_config(backend: str, folder: Path, precision: str, held: Held, batch: in
                ) -> tuple[dict[str, float], dict[str, float] | None]:
     """Fidelity on the held-out images and, when `timed(fidelity)`, latency at `batch`."""
     with get_backend(backend).compile(folder, precision, threads=threads) as runner:
-        logits = np.concatenate([runner(held.images[i:i + 8]) for i in range(0, len(held.images), 8)])
+        logits = run_all(runner, held.images, 8)
         fid = fidelity(held, logits)
         speed = None
         if timed(fid):
@@ -234,7 +238,7 @@ def _search(folder: Path, manifest: Mapping[str, Any], backend: str, budgets: Se
     try:
         _link_scratch(folder, scratch, manifest)
         step("preparing the INT8 source (calibration ranges, SmoothQuant migration)")
-        with build.Int8Remaker(folder, manifest, scratch) as remaker:
+        with build.Int8Remaker(folder, manifest, held.model, scratch) as remaker:
 
             def candidate(kept: list[str], timed: Callable[[dict[str, float]], bool]
                           ) -> tuple[dict[str, float], dict[str, float] | None]:

@@ -19,14 +19,13 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, build, machine, metrics, probes, validate
+from cvt_export import artifacts, build, calibration, machine, metrics, probes, validate
 from cvt_export.backends import BACKEND_MODULES, BackendError, BackendUnavailable, Probing, get_backend
 from cvt_export.backends.torch import reference_model
 from cvt_export.harness import timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images
-from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +143,7 @@ def held_out_rows(inputs: Inputs, manifest: Mapping[str, Any]) -> tuple[list[int
     digests, else by file name within the same source."""
     calib = manifest.get("calibration") or {}
     if calib.get("digests") and inputs.paths:
-        digests = set(calib["digests"])
-        rows = [i for i, p in enumerate(inputs.paths) if sha256_file(p) not in digests]
+        rows = calibration.unused_rows(inputs.paths, calib["digests"])
     elif calib and calib.get("source") == inputs.source:
         used = set(calib.get("files", []))
         rows = [i for i, n in enumerate(inputs.names) if Path(n).name not in used]
@@ -158,7 +156,7 @@ def held_out_rows(inputs: Inputs, manifest: Mapping[str, Any]) -> tuple[list[int
     return rows, f"{len(rows)} images of {inputs.source} not used for calibration"
 
 
-def _run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
+def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
@@ -183,7 +181,7 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
             info = runner.info
             result.executed, result.device, result.artifact = info.executed, info.device, info.artifact
             largest = max(cfg.batches)
-            logits = _run_all(runner, inputs.images, largest)
+            logits = run_all(runner, inputs.images, largest)
             head = inputs.images[:largest]
             alone = np.concatenate([runner(head[i:i + 1]) for i in range(len(head))])
             result.batch_consistency_max_abs = metrics.max_abs(alone, logits[:len(head)])
