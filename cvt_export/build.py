@@ -25,18 +25,17 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, calibration, precision, probes, validate
-from cvt_export.artifacts import Precision
+from cvt_export import artifacts, calibration, precision, precisions, probes, validate
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.exporter import ExportOptions, export_fp32, graph_summary, tool_versions
 from cvt_export.smoothing import migrated_file, smoothed
-from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
 from cvt_ref.source import Activation, sha256_file
 from cvt_ref.variants import Variant
 
 log = logging.getLogger(__name__)
 
-PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[str, ...] = precisions.EXPORTED
 FILES = artifacts.ONNX_FILES
 # Source fields that name *what* was exported; a change of tool versions alone re-exports quietly.
 IDENTITY = ("variant", "image_size", "num_classes", "weights", "weights_sha256", "activation",
@@ -49,7 +48,7 @@ class BuildRequest:
     weights: str = "random"
     activation: Activation | None = None
     options: ExportOptions = field(default_factory=ExportOptions)
-    precisions: tuple[Precision, ...] = ("fp32",)
+    precisions: tuple[str, ...] = ("fp32",)
     calib: Path | None = None
     calib_size: int | None = None
     int8: precision.Int8Options = field(default_factory=precision.Int8Options)
@@ -92,33 +91,23 @@ class Job:
     staged: Path
 
 
-def parse_precisions(text: str, allowed: tuple[Precision, ...] = PRECISIONS) -> tuple[Precision, ...]:
-    """`allowed`: what the command takes (export makes fp32/fp16/int8; readers also take the
-    mixed file `cvt-export tune` made)."""
-    wanted = [p.strip().lower() for p in text.split(",") if p.strip()]
-    bad = [p for p in wanted if p not in allowed]
-    if bad or not wanted:
-        raise CvtError(f"--precision {text!r}: use a comma-separated list of {', '.join(allowed)}")
-    return tuple(p for p in allowed if p in wanted)
-
-
-def request_from_manifest(manifest: Mapping[str, Any], precisions: tuple[Precision, ...]) -> BuildRequest:
+def request_from_folder(folder: ArtifactFolder, wanted: tuple[str, ...]) -> BuildRequest:
     """A request that re-makes (or adds to) a folder from its own recorded source and settings."""
-    source = manifest["source"]
+    source = folder.source
     batch = source.get("batch", "dynamic")
-    calib = manifest.get("calibration") or {}
+    calib = folder.calibration or {}
     opts = ExportOptions(opset=source["opset"], batch=None if batch == "dynamic" else int(batch),
                          image_size=source.get("image_size"))
     stress = source.get("outliers") or {}
-    return BuildRequest(manifest["variant"], source["weights"], activation=source.get("activation"),
-                        options=opts, precisions=precisions,
+    return BuildRequest(folder.variant_name, source["weights"], activation=source.get("activation"),
+                        options=opts, precisions=wanted,
                         outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0),
                         calib=(None if calib.get("source") in (None, "bundled photos")
                                else Path(calib["source"])),
                         calib_size=calib.get("asked"))
 
 
-def file_entry(folder: Path, files: list[str], prec: Precision) -> dict[str, Any]:
+def file_entry(folder: Path, files: list[str], prec: str) -> dict[str, Any]:
     name, data_files = files[0], files[1:]
     return {
         "precision": prec,
@@ -153,12 +142,15 @@ def source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def reusable(old_entry: Mapping[str, Any] | None, *, same_source: bool, fp32_sha: str | None = None,
-             calib_key: str | None = None) -> bool:
+             calib_key: str | None = None, int8_sha: str | None = None) -> bool:
     """Whether an old manifest entry may be kept (before its files are verified by sha256): same
-    source; a derived file made from today's FP32 file; INT8 from the same calibration."""
+    source; a derived file made from today's FP32 file; INT8 from the same calibration; tune's
+    mix re-made from today's INT8 file (same calibration ranges, migration and placement)."""
     if old_entry is None or not same_source:
         return False
     if fp32_sha is not None and old_entry.get("from") != fp32_sha:
+        return False
+    if int8_sha is not None and old_entry.get("int8_from") != int8_sha:
         return False
     return calib_key is None or old_entry.get("calibration", {}).get("cache_key") == calib_key
 
@@ -189,8 +181,9 @@ def make_fp16(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], No
     return Made(name, entry, derived.files, warning)
 
 
-def held_out_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tuple[list[int], str]:
-    """Bundled photos not used for calibration (all of them, said so, when every one was)."""
+def validation_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tuple[list[int], str]:
+    """The bundled photos an export validates INT8 on: those not used for calibration (all of
+    them, said so, when every one was). Not bench's `held_out_rows`, which may be empty."""
     rows = calibration.unused_rows(photos, calib.digests)
     if rows:
         return rows, f"{len(rows)} bundled photos not used for calibration"
@@ -221,23 +214,20 @@ class Int8Remaker:
     weights already checked against the manifest. Use as a context manager; `scratch` holds the
     smoothed FP32 file meanwhile."""
 
-    def __init__(self, folder: Path, manifest: Mapping[str, Any], model: CvT, scratch: Path) -> None:
-        entry = manifest["files"].get(FILES["int8"])
-        if entry is None:
-            raise artifacts.ArtifactError(f"{folder}: has no {FILES['int8']}; make it first with "
-                                          f"`{artifacts.export_command(manifest, folder, ['int8'])}`")
-        self.folder, self.manifest, self.model, self.scratch = folder, manifest, model, scratch
+    def __init__(self, folder: ArtifactFolder, model: CvT, scratch: Path) -> None:
+        entry = folder.entry("int8")  # an ArtifactError that says how to make it
+        self.folder, self.model, self.scratch = folder, model, scratch
         policy = entry["policy"]
         self.opts = precision.Int8Options(**{k: policy[k] for k in (
             "method", "percentile", "quantize_outputs", "depthwise", "attention") if k in policy},
             smooth=policy.get("smooth"))
         self.info = entry["calibration"]
-        self.src = folder / FILES["fp32"]
+        self.src = folder.onnx("fp32")
         self.pixels: np.ndarray | None = None
         self.cache: Path | None = None  # the calibration ranges, once entered
 
     def __enter__(self) -> Int8Remaker:
-        req = request_from_manifest(self.manifest, ("int8",))
+        req = request_from_folder(self.folder, ("int8",))
         calib, _ = calibration.calibration_set(req.calib, req.calib_size)
         if calib.sha256 != self.info["sha256"]:
             raise calibration.CalibrationError(
@@ -282,7 +272,7 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
                         "activations": "int8 symmetric per-tensor",
                         "weights": "int8 symmetric per-channel", "bias": "float32",
                         "quantized_inputs_of": precision.quantized_nodes(header)}}
-    rows, note = held_out_rows(job.photos, calib)
+    rows, note = validation_rows(job.photos, calib)
     entry["validation"], warning = validate.measure(job.staged / name, "int8", job.images, job.ref,
                                                     rows, note)
     warning = "; ".join(w for w in (cache_warning, warning) if w) or None
@@ -307,9 +297,9 @@ def manifest_for(source: dict[str, Any], model: CvT, variant: Variant, opts: Exp
                        "mean": list(variant.mean), "std": list(variant.std)},
         "calibration": files.get(FILES["int8"], {}).get("calibration"),
         "files": {n: files[n] for n in FILES.values() if n in files},
+        # OpenVINO IRs made from files that are still here stay valid
+        **({artifacts.IR_KEY: derived} if derived else {}),
     }
-    if derived:  # OpenVINO IRs made from files that are still here stay valid
-        manifest["openvino"] = derived
     return manifest
 
 
@@ -333,13 +323,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
         raise
     variant = model.variant.at_size(opts.image_size)
     source = source_of(model, variant, opts)
-    old = artifacts.read_manifest(out)
-    if old is not None and not req.force:
-        changes = source_changes(old.get("source", {}), source)
-        if changes:
-            raise artifacts.ArtifactError(
-                f"{out} holds an export of another source ({'; '.join(changes)}); pass --force to "
-                "replace it (its files are deleted) or choose another --out")
+    _refuse_other_source(ArtifactFolder.existing(out), out, source, req.force)  # before the minute of work
     result = BuildResult(out=out, manifest={})
     if calib_warning:
         result.warnings.append(calib_warning)
@@ -349,17 +333,18 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
     ref = validate.reference_logits(model, images)
 
     with artifacts.locked(out), artifacts.staging(out) as staged:
-        old = artifacts.read_manifest(out)
-        same_source = old is not None and old.get("source") == source
+        old = ArtifactFolder.existing(out)  # again, under the lock: what another writer left
+        _refuse_other_source(old, out, source, req.force)
+        same_source = old is not None and old.source == source
         job = Job(model, variant, opts, photos, images, ref, staged)
         files: dict[str, Any] = {}
         moved: list[str] = []
 
-        def kept(name: str, **rule: Any) -> bool:
-            entry = (old or {}).get("files", {}).get(name)
-            if reusable(entry, same_source=same_source, **rule) and artifacts.verify(out, old or {}, name):
-                files[name] = entry
-                result.reused.append(name)
+        def kept(prec: str, **rule: Any) -> bool:
+            entry = old.entry(prec) if old is not None and old.has(prec) else None
+            if reusable(entry, same_source=same_source, **rule) and old is not None and old.verify(prec):
+                files[FILES[prec]] = entry
+                result.reused.append(FILES[prec])
                 return True
             return False
 
@@ -371,12 +356,12 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
                 result.warnings.append(made.warning)
 
         fp32 = FILES["fp32"]
-        if not kept(fp32):
+        if not kept("fp32"):
             add(make_fp32(job, step))
         fp32_path = (staged if fp32 in result.made else out) / fp32
         fp32_sha = files[fp32]["sha256"]
 
-        if "fp16" in req.precisions and not kept(FILES["fp16"], fp32_sha=fp32_sha):
+        if "fp16" in req.precisions and not kept("fp16", fp32_sha=fp32_sha):
             add(make_fp16(job, fp32_path, fp32_sha, step))
         if "int8" in req.precisions:
             assert calib is not None
@@ -384,20 +369,41 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             info = {"source": calib.source, "images": len(calib.paths), "asked": calib.asked,
                     "sha256": calib.sha256, "method": req.int8.method, "cache_key": key,
                     "files": [p.name for p in calib.paths], "digests": list(calib.digests)}
-            if not kept(FILES["int8"], fp32_sha=fp32_sha, calib_key=key):
+            if not kept("int8", fp32_sha=fp32_sha, calib_key=key):
                 made = make_int8(job, fp32_path, fp32_sha, calib, req.int8, info, step)
                 result.calibrated = made.calibrated
                 add(made)
-        for name in set(FILES.values()) - set(files):  # other precisions made earlier from this model
-            kept(name, fp32_sha=fp32_sha)
-        # Files of another source, or that no longer verify, must not outlive the manifest.
-        for stale in set((old or {}).get("files", {})) - set(files):
-            for f in [stale, *old["files"][stale].get("data_files", {})]:  # type: ignore[index]
-                (out / f).unlink(missing_ok=True)
+        for prec in set(precisions.EXPORTED) - {p for p in precisions.FILES if FILES[p] in files}:
+            kept(prec, fp32_sha=fp32_sha)  # other precisions made earlier from this model
+        if FILES["int8"] in files:  # tune's mix stays only while the INT8 file it was made from does
+            mixed_kept = kept("mixed", fp32_sha=fp32_sha, int8_sha=files[FILES["int8"]]["sha256"])
+            if not mixed_kept and old is not None and old.has("mixed"):
+                result.warnings.append(f"{FILES['mixed']} removed: it was made from another INT8 file; "
+                                       f"re-run `cvt-export tune --artifacts {out}`")
+        # Files of another source, or that no longer verify, must not outlive the manifest: it
+        # goes first, so a folder killed half-way never verifies with them missing.
+        stale = [] if old is None else [f for p in precisions.FILES if old.has(p) and FILES[p] not in files
+                                        for f in old.file_names(p)]
+        if stale:
+            assert old is not None
+            (out / artifacts.MANIFEST).unlink(missing_ok=True)
+            for f in stale:
+                old.file(f).unlink(missing_ok=True)
         made_from = {entry["sha256"] for entry in files.values()}
-        derived = {name: entry for name, entry in (old or {}).get("openvino", {}).items()
+        derived = {name: entry for name, entry in (old.irs() if old is not None else {}).items()
                    if same_source and entry.get("from") in made_from}
         manifest = manifest_for(source, model, variant, opts, files, derived)
         artifacts.commit(out, staged, moved, manifest)
         result.manifest = manifest
     return result
+
+
+def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: Mapping[str, Any],
+                         force: bool) -> None:
+    if old is None or force:
+        return
+    changes = source_changes(old.source, source)
+    if changes:
+        raise artifacts.ArtifactError(
+            f"{out} holds an export of another source ({'; '.join(changes)}); pass --force to "
+            "replace it (its files are deleted) or choose another --out")

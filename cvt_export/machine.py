@@ -48,6 +48,18 @@ def isa() -> list[str]:
     return [f for f in ISA_FLAGS if f in have]
 
 
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_dot_exact() -> bool:
+    """Whether this CPU's INT8 dot products accumulate in 32 bits (VNNI or AMX). x86 CPUs without
+    them multiply u8·s8 pairs into 16-bit sums (VPMADDUBSW), which saturate for full-range INT8
+    weights: runtimes must then use 7-bit weights or u8·u8 kernels. Other architectures: True."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    return any(f in isa() for f in INT8_DOT_FLAGS)
+
+
 def libraries() -> dict[str, str]:
     found = {}
     for name in LIBRARIES:

@@ -46,6 +46,9 @@ def within_bounds(precision: str, fid: Mapping[str, Any]) -> list[str]:
 # --- budgets: the user's own bounds (cvt-export tune, cvt-bench --budget) -----------------------
 
 BUDGET_METRICS = {"cosine": "cosine_min", "top1-agreement": "top1_agreement", "top1-drop": "top1_drop"}
+# What a budget can be met within: a cosine or a share above 1, or a negative accuracy drop
+# (asking the quantized model to beat the reference) can never hold; >= -1 is always true.
+BUDGET_RANGES = {"cosine": (-1.0, 1.0), "top1-agreement": (0.0, 1.0), "top1-drop": (0.0, 100.0)}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ def parse_budget(text: str) -> Budget:
     metric, op, value = m.group(1), m.group(2), float(m.group(3))
     if (metric == "top1-drop") != (op == "<="):
         raise ValueError(f"--budget {text!r}: {metric} takes {'<=' if metric == 'top1-drop' else '>='}")
+    low, high = BUDGET_RANGES[metric]
+    if not (np.isfinite(value) and low <= value <= high):
+        raise ValueError(f"--budget {text!r}: {metric} can only be met between {low:g} and {high:g}; "
+                         f"{value:g} is impossible (e.g. \"cosine>=0.999\", \"top1-drop<=0.5\")")
     return Budget(metric, op, value)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts, metrics, validate
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends.torch import reference_model
 from cvt_export.harness import bench
 from cvt_ref.errors import CvtError
@@ -78,8 +79,55 @@ def load_baseline(path: Path) -> dict[str, Any]:
     for key in ("variant", "weights", "export", "inputs", "reference", "graphs", "results"):
         if key not in data:
             raise BaselineError(f"{path}: baseline lacks {key!r}; regenerate it with --update")
+    check_types(data, path)
     check_arrays(data, path)
     return data
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def check_types(data: dict[str, Any], path: Path) -> None:
+    """Every field the gate reads has the type it needs, before anything runs: a baseline edited
+    by hand (a string where a number belongs) is bad input, not a regression."""
+    def bad(where: str, want: str) -> BaselineError:
+        return BaselineError(f"{path}: {where} must be {want}; fix it or regenerate the baseline "
+                             "with --update")
+
+    for key in ("variant", "weights"):
+        if not isinstance(data[key], str):
+            raise bad(key, "a string")
+    for key in ("export", "inputs", "reference", "graphs", "results"):
+        if not isinstance(data[key], dict):
+            raise bad(key, "an object")
+    images, digest = data["inputs"].get("images"), data["inputs"].get("sha256")
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise bad("inputs.images", "a positive integer")
+    if not isinstance(digest, str):
+        raise bad("inputs.sha256", "a string")
+    for name, graph in data["graphs"].items():
+        if not isinstance(graph, dict) or not isinstance(graph.get("ops", {}), dict):
+            raise bad(f"graphs[{name!r}]", "an object with an 'ops' object")
+    for key, entry in data["results"].items():
+        where = f"results[{key!r}]"
+        if not isinstance(entry, dict) or key.count("/") != 1:
+            raise bad(where, "an object keyed BACKEND/PRECISION")
+        precision = key.split("/")[1]
+        if precision not in metrics.BOUNDS:
+            raise bad(f"{where} precision", f"one of {', '.join(metrics.BOUNDS)}")
+        for group in ("fidelity", "tolerance"):
+            figures = entry.get(group)
+            if not isinstance(figures, dict) or not all(_number(v) for v in figures.values()):
+                raise bad(f"{where}.{group}", "an object of finite numbers")
+        for metric in ("max_abs", "cosine_min", "top1_agreement"):
+            if metric not in entry["fidelity"]:
+                raise bad(f"{where}.fidelity.{metric}", "a number")
+        batch, median = entry.get("latency_batch"), entry.get("median_ms")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise bad(f"{where}.latency_batch", "a positive integer")
+        if not isinstance(median, int | float) or not _number(median) or median <= 0:
+            raise bad(f"{where}.median_ms", "a positive number")
 
 
 def tolerance(precision: str, fid: dict[str, Any], images: int) -> dict[str, float]:
@@ -108,7 +156,7 @@ def _result_key(r: dict[str, Any]) -> str:
     return f"{r['backend']}/{r['precision']}"
 
 
-def make_baseline(report: dict[str, Any], manifest: dict[str, Any], reference: np.ndarray) -> dict[str, Any]:
+def make_baseline(report: dict[str, Any], folder: ArtifactFolder, reference: np.ndarray) -> dict[str, Any]:
     images = report["inputs"]["images"]
     results = {}
     for r in report["results"]:
@@ -123,14 +171,13 @@ def make_baseline(report: dict[str, Any], manifest: dict[str, Any], reference: n
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {k: report["machine"][k] for k in ("cpu", "cores", "isa", "libraries")},
-        "variant": manifest["variant"], "weights": manifest["weights"]["spec"],
-        "export": {"opset": manifest["source"]["opset"], "batch": manifest["source"]["batch"],
-                   "image_size": manifest["source"]["image_size"]},
+        "variant": folder.variant_name, "weights": folder.weights_spec,
+        "export": {k: folder.source.get(k) for k in ("opset", "batch", "image_size")},
         "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
                              "through cvt_ref.preprocess", "images": images,
                    "sha256": report["inputs"]["sha256"]},
         "reference": {"logits": encode(reference)},
-        "graphs": {name: entry["graph"] for name, entry in manifest["files"].items()},
+        "graphs": {name: entry["graph"] for name, entry in folder.files().items()},
         "results": results,
     }
 
@@ -140,7 +187,7 @@ def _diff_dict(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k} {old.get(k, 0)} → {new.get(k, 0)}" for k in keys if old.get(k) != new.get(k)]
 
 
-def compare(baseline: dict[str, Any], report: dict[str, Any], manifest: dict[str, Any],
+def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFolder,
             reference: np.ndarray, max_slowdown: float | None) -> tuple[list[Finding], list[str]]:
     """(findings, informational lines). No findings: everything holds."""
     found: list[Finding] = []
@@ -155,8 +202,9 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], manifest: dict[str
             found.append(Finding("fail", "PyTorch reference logits",
                                  f"max-abs {err:.3g} from the baseline's (tolerance "
                                  f"{REFERENCE_TOLERANCE:g}); the model code or the weights changed"))
+    files = folder.files()
     for name, old in baseline["graphs"].items():
-        entry = manifest["files"].get(name)
+        entry = files.get(name)
         if entry is None:
             found.append(Finding("fail", name, "not produced any more"))
             continue
@@ -244,20 +292,39 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
                                  force=True)
         build.build(req, folder, step=progress)
     else:
-        found = artifacts.load_manifest(artifacts_dir)["variant"]
-        if found != variant:
-            raise BaselineError(f"{artifacts_dir} holds {found} artifacts; the baseline is for {variant}")
+        given = ArtifactFolder.open(artifacts_dir)
+        if given.variant_name != variant:
+            raise BaselineError(f"{artifacts_dir} holds {given.variant_name} artifacts; the baseline is "
+                                f"for {variant}")
+        if baseline is not None:
+            same_model(baseline, given, baseline_path)
     cfg = bench.BenchConfig(variant=variant, weights=None, artifacts=folder, batches=(1, 8), warmup=1,
                             iters=iters, backends=backends or bench.BenchConfig.backends,
                             precisions=precisions or bench.PRECISIONS)
     report = bench.run(cfg, progress=progress)
-    manifest = artifacts.load_manifest(folder)
-    inputs = bench.load_inputs(None, None, artifacts.variant_of(manifest))
-    reference = validate.reference_logits(reference_model(folder, manifest), inputs.images)
+    made = ArtifactFolder.open(folder)
+    inputs = bench.load_inputs(None, None, made.variant)
+    reference = validate.reference_logits(reference_model(made), inputs.images)
     if baseline is None or update:
-        new = make_baseline(report, manifest, reference)
-        findings, info = (compare(baseline, report, manifest, reference, None) if baseline else ([], []))
+        new = make_baseline(report, made, reference)
+        findings, info = (compare(baseline, report, made, reference, None) if baseline else ([], []))
         write_baseline(baseline_path, new)
         return Outcome(findings, info, report, updated=True)
-    findings, info = compare(baseline, report, manifest, reference, max_slowdown)
+    findings, info = compare(baseline, report, made, reference, max_slowdown)
     return Outcome(findings, info, report)
+
+
+def same_model(baseline: dict[str, Any], folder: ArtifactFolder, path: Path) -> None:
+    """A baseline made for other weights or another head is the wrong baseline (exit 2), not a
+    regression of this model: say so before anything runs."""
+    if baseline["weights"] != folder.weights_spec:
+        raise BaselineError(f"{path} was made for weights {baseline['weights']}; {folder.path} holds "
+                            f"{folder.weights_spec}. Use that folder's own baseline, or --update")
+    classes = decode(baseline["reference"]["logits"]).shape[1]
+    if classes != folder.variant.num_classes:
+        raise BaselineError(f"{path} has {classes} classes; {folder.path} has "
+                            f"{folder.variant.num_classes}. Use that folder's own baseline, or --update")
+    size = baseline["export"].get("image_size")
+    if size not in (None, folder.image_size):
+        raise BaselineError(f"{path} was made at image size {size}; {folder.path} is {folder.image_size}. "
+                            "Use that folder's own baseline, or --update")

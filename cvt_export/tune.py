@@ -19,7 +19,6 @@ calibration. Kept units run in FP32 (on OpenVINO with the f32 inference hint).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ import numpy as np
 import onnx
 
 from cvt_export import artifacts, build, machine, metrics, validate
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BackendUnavailable, get_backend
 from cvt_export.backends.torch import reference_model
 from cvt_export.errors import CvtError
@@ -44,6 +44,7 @@ from cvt_ref.model import CvT
 log = logging.getLogger(__name__)
 
 MIXED = artifacts.ONNX_FILES["mixed"]
+SCRATCH_PREFIX = ".tune-"
 # objective -> the batch size it is timed at (the objectives are the recommendation's)
 OBJECTIVES = {name: int(batch) for name, (batch, _) in recommend.OBJECTIVES.items()}
 FLOAT_CHOICES = {"ort": ("fp32", "fp16"), "openvino": ("fp32", "bf16", "fp16")}
@@ -120,25 +121,26 @@ def fidelity(held: Held, logits: np.ndarray) -> dict[str, float]:
     return fid
 
 
-def held_out(folder: Path, manifest: Mapping[str, Any], dataset: Path | None, limit: int | None) -> Held:
+def held_out(folder: ArtifactFolder, dataset: Path | None, limit: int | None) -> Held:
     from cvt_export.harness.bench import held_out_rows, load_inputs
 
-    inputs = load_inputs(dataset, limit, artifacts.variant_of(manifest), artifacts.labels_of(manifest))
-    rows, note = held_out_rows(inputs, manifest)
-    if rows is None:
+    inputs = load_inputs(dataset, limit, folder.variant, folder.labels)
+    rows, note = held_out_rows(inputs, folder)
+    if rows is None:  # none of them calibrated
         rows = list(range(len(inputs.names)))
-    if not rows or "all used for calibration" in note:
+    if not rows:
         raise TuneError(f"no held-out images: every image of {inputs.source} was used for calibration; "
                         "pass --dataset with other images")
     images = inputs.images[rows]
-    model = reference_model(folder, dict(manifest))
+    model = reference_model(folder)
     reference = validate.reference_logits(model, images)
     labels = inputs.labels[rows] if inputs.labels is not None else None
     return Held(images, reference, labels, note, model)
 
 
-def run_config(backend: str, folder: Path, precision: str, held: Held, batch: int, threads: int | None,
-               seconds: float, timed: Callable[[dict[str, float]], bool] = lambda fid: True
+def run_config(backend: str, folder: ArtifactFolder, precision: str, held: Held, batch: int,
+               threads: int | None, seconds: float,
+               timed: Callable[[dict[str, float]], bool] = lambda fid: True
                ) -> tuple[dict[str, float], dict[str, float] | None]:
     """Fidelity on the held-out images and, when `timed(fidelity)`, latency at `batch`."""
     with get_backend(backend).compile(folder, precision, threads=threads) as runner:
@@ -176,9 +178,14 @@ class TuneResult:
     message: str
 
 
-def tune(folder: Path, backend: str, budgets: Sequence[Budget], objective: str = "throughput-b8", *,
-         dataset: Path | None = None, limit: int | None = None, threads: int | None = None,
-         seconds: float = 2.0, step: Callable[[str], None] = lambda s: None) -> TuneResult:
+def tune(folder: ArtifactFolder | Path, backend: str, budgets: Sequence[Budget],
+         objective: str = "throughput-b8", *, dataset: Path | None = None, limit: int | None = None,
+         threads: int | None = None, seconds: float = 2.0,
+         step: Callable[[str], None] = lambda s: None) -> TuneResult:
+    """Search and, when a mix wins, write it; the folder's lock is held from start to end (a
+    second tune, an export or a bench of the same folder is refused meanwhile)."""
+    if seconds <= 0:
+        raise TuneError(f"--seconds {seconds}: must be > 0")
     if objective not in OBJECTIVES:
         raise TuneError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
     b = get_backend(backend)
@@ -190,60 +197,77 @@ def tune(folder: Path, backend: str, budgets: Sequence[Budget], objective: str =
         raise TuneError(f"--backend {b.name}: {why}")
     if not budgets:
         raise TuneError("give at least one --budget, e.g. --budget \"cosine>=0.999\"")
-    manifest = artifacts.load_manifest(folder)
+    folder = artifacts.as_folder(folder)
     if any(x.metric == "top1-drop" for x in budgets) and dataset is None:
         raise TuneError("--budget top1-drop needs --dataset (a labelled image folder)")
-    artifacts.check_writable(folder, "--artifacts")
+    artifacts.check_writable(folder.path, "--artifacts")
+    with folder.lock():
+        _remove_leftovers(folder)
+        return _tune(folder, b.name, budgets, objective, dataset, limit, threads, seconds, step)
+
+
+def _remove_leftovers(folder: ArtifactFolder) -> None:
+    """Under the lock, scratch folders and part-written mixes are a killed tune's: ours to remove."""
+    for stale in folder.path.glob(f"{SCRATCH_PREFIX}*"):
+        if stale.is_dir() and ((stale / artifacts.SCRATCH_MANIFEST).exists() or not any(stale.iterdir())):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder.file(f".{MIXED}.tmp").unlink(missing_ok=True)
+
+
+def _tune(folder: ArtifactFolder, backend: str, budgets: Sequence[Budget], objective: str,
+          dataset: Path | None, limit: int | None, threads: int | None, seconds: float,
+          step: Callable[[str], None]) -> TuneResult:
+    b = get_backend(backend)
     batch = OBJECTIVES[objective]
     step("reference logits on held-out images")
-    held = held_out(folder, manifest, dataset, limit)
+    held = held_out(folder, dataset, limit)
     if any(x.metric == "top1-drop" for x in budgets) and held.labels is None:
         raise TuneError(f"--budget top1-drop needs labels: {dataset} is not an ImageFolder of the "
                         "model's classes")
 
     configs: list[Measured] = []
     for prec in (*FLOAT_CHOICES[b.name], "int8"):
-        if prec == "int8" and artifacts.ONNX_FILES["int8"] not in manifest["files"]:
-            raise TuneError(f"{folder}: has no model.int8.onnx; make it first with "
-                            f"`{artifacts.export_command(manifest, folder, ['int8'])}`")
-        if prec == "fp16" and artifacts.ONNX_FILES["fp16"] not in manifest["files"]:
+        if prec == "int8" and not folder.has("int8"):
+            raise TuneError(f"{folder.path}: has no model.int8.onnx; make it first with "
+                            f"`{folder.export_command(['int8'])}`")
+        if prec == "fp16" and not folder.has("fp16"):
             continue
         step(f"{b.name} {prec}: fidelity and speed")
         try:
             fid, speed = run_config(b.name, folder, prec, held, batch, threads, seconds)
-        except BackendUnavailable as e:  # BF16 on a CPU without it
+        except BackendUnavailable as e:  # BF16 on a CPU without it; INT8 without VNNI
+            if prec == "int8":
+                raise TuneError(f"--backend {b.name}: {e}") from None
             log.info("tune: %s %s skipped: %s", b.name, prec, e)
             continue
         configs.append(Measured(prec, prec, [], fid, speed, within(budgets, fid)))
 
     sensitivity: dict[str, float] = {}
     int8_within = any(c.precision == "int8" and c.within for c in configs)
-    found = None if int8_within else _search(folder, manifest, b.name, budgets, held, batch, threads,
-                                                    seconds, configs, sensitivity, step)
+    found = None if int8_within else _search(folder, b.name, budgets, held, batch, threads,
+                                             seconds, configs, sensitivity, step)
     return _decide(folder, b.name, objective, budgets, held, configs, sensitivity, found)
 
 
-def _search(folder: Path, manifest: Mapping[str, Any], backend: str, budgets: Sequence[Budget], held: Held,
+def _search(folder: ArtifactFolder, backend: str, budgets: Sequence[Budget], held: Held,
             batch: int, threads: int | None, seconds: float, configs: list[Measured],
             sensitivity: dict[str, float], step: Callable[[str], None]) -> Measured | None:
     """Sensitivity per block, then the greedy search; the first mix within the budget (its
     file copied to `.model.mixed.onnx.tmp` in the folder), or None."""
-    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    units = block_nodes(proto, manifest["files"]["model.onnx"]["probes"])
+    proto = onnx.load(str(folder.onnx("fp32", check_hash=False)), load_external_data=False)
+    units = block_nodes(proto, folder.probes)
     names = list(units)
-    scratch = folder / ".tune"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    tmp = folder.file(f".{MIXED}.tmp")
     found: Measured | None = None
+    scratch = ArtifactFolder.scratch(folder, SCRATCH_PREFIX, ("fp32", "int8"))
     try:
-        _link_scratch(folder, scratch, manifest)
         step("preparing the INT8 source (calibration ranges, SmoothQuant migration)")
-        with build.Int8Remaker(folder, manifest, held.model, scratch) as remaker:
+        with build.Int8Remaker(folder, held.model, scratch.path) as remaker:
 
             def candidate(kept: list[str], timed: Callable[[dict[str, float]], bool]
                           ) -> tuple[dict[str, float], dict[str, float] | None]:
                 keep = tuple(n for u in kept for n in units[u])
-                files = remaker.make(keep, scratch / MIXED)
+                files = remaker.make(keep, scratch.file(MIXED))
                 _record_mixed(scratch, files)
                 return run_config(backend, scratch, "mixed", held, batch, threads, seconds, timed)
 
@@ -260,17 +284,17 @@ def _search(folder: Path, manifest: Mapping[str, Any], backend: str, budgets: Se
                                         within(budgets, fid)))
                 if configs[-1].within:
                     found = configs[-1]
-                    shutil.copy(scratch / MIXED, folder / f".{MIXED}.tmp")
+                    shutil.copy(scratch.file(MIXED), tmp)
                     break
     except BaseException:
-        (folder / f".{MIXED}.tmp").unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch.path, ignore_errors=True)
     return found
 
 
-def _decide(folder: Path, backend: str, objective: str, budgets: Sequence[Budget], held: Held,
+def _decide(folder: ArtifactFolder, backend: str, objective: str, budgets: Sequence[Budget], held: Held,
             configs: list[Measured], sensitivity: dict[str, float], found: Measured | None) -> TuneResult:
     """The fastest configuration within the budget: INT8, the mix, or a float file."""
     floats = [c for c in configs if c.precision in FLOAT_CHOICES[backend] and c.within]
@@ -278,15 +302,14 @@ def _decide(folder: Path, backend: str, objective: str, budgets: Sequence[Budget
     for c in floats:
         if better(objective, c, best_float):
             best_float = c
-    int8 = next(c for c in configs if c.precision == "int8")
     chosen: Measured | None = None
-    for c in [int8, *([found] if found else [])]:
+    for c in [*(c for c in configs if c.precision == "int8"), *([found] if found else [])]:
         if c.within and better(objective, c, chosen):
             chosen = c
     if chosen is not None and best_float is not None and not better(objective, chosen, best_float):
         chosen = None
     written = False
-    tmp = folder / f".{MIXED}.tmp"
+    tmp = folder.file(f".{MIXED}.tmp")
     if chosen is not None and chosen is found:
         message = (f"{chosen.name} is within {', '.join(map(str, budgets))} and the fastest for "
                    f"{objective}")
@@ -306,35 +329,24 @@ def _decide(folder: Path, backend: str, objective: str, budgets: Sequence[Budget
     return result
 
 
-def _link_scratch(folder: Path, scratch: Path, manifest: Mapping[str, Any]) -> None:
-    """A private artifact folder for candidates: the same manifest and FP32 files (hard links)."""
-    fp32 = manifest["files"]["model.onnx"]
-    for name in ["model.onnx", *fp32.get("data_files", {})]:
-        os.link(folder / name, scratch / name)
-    kept = {"model.onnx": fp32}
-    data = {**{k: v for k, v in manifest.items() if k not in ("files", "openvino")}, "files": kept}
-    artifacts.atomic_write(scratch / artifacts.MANIFEST, json.dumps(data, indent=1) + "\n")
-
-
-def _record_mixed(folder: Path, files: list[str]) -> None:
+def _record_mixed(scratch: ArtifactFolder, files: list[str]) -> None:
     """Record a new candidate in the scratch folder; its previous IR is no longer its own."""
-    entry = build.file_entry(folder, files, "mixed")
-
-    def change(m: dict[str, Any]) -> None:
-        m["files"][MIXED] = entry
-        m.pop("openvino", None)
-
-    artifacts.update_manifest(folder, change)
+    entry = build.file_entry(scratch.path, files, "mixed")
+    entry.update({"from": scratch.sha256("fp32"), "int8_from": scratch.sha256("int8")})
+    scratch.record_file("mixed", entry)
+    scratch.forget_irs()
 
 
-def _commit_mixed(folder: Path, tmp: Path, result: TuneResult) -> None:
-    """The chosen mix into the artifact folder, its decisions in the manifest (under the lock)."""
-    with artifacts.locked(folder):
-        manifest = artifacts.load_manifest(folder)
-        os.replace(tmp, folder / MIXED)
-        entry = build.file_entry(folder, [MIXED], "mixed")
-        entry.update({"from": manifest["files"]["model.onnx"]["sha256"], "tune": summary(result)})
-        artifacts.update_manifest(folder, lambda m: m["files"].__setitem__(MIXED, entry))
+def _commit_mixed(folder: ArtifactFolder, tmp: Path, result: TuneResult) -> None:
+    """The chosen mix into the artifact folder, its decisions in the manifest (under the lock).
+    The old entry goes first: killed half-way, the folder verifies without a mix."""
+    with folder.lock():
+        folder.drop("mixed")
+        os.replace(tmp, folder.file(MIXED))
+        entry = build.file_entry(folder.path, [MIXED], "mixed")
+        entry.update({"from": folder.sha256("fp32"), "int8_from": folder.sha256("int8"),
+                      "tune": summary(result)})
+        folder.record_file("mixed", entry)
 
 
 def summary(result: TuneResult) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cvt_export import artifacts, build, machine
+from cvt_export import build, machine
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import get_backend
 from cvt_export.harness import timing
 from cvt_export.harness.served import Target, bench_served
@@ -33,11 +34,11 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,16")
     ap.add_argument("--out", type=Path, default=Path("reports/triton-cvt-13"))
     args = ap.parse_args()
-    if artifacts.read_manifest(args.artifacts) is None:
+    if ArtifactFolder.existing(args.artifacts) is None:
         req = build.BuildRequest("cvt-13", "random:0", precisions=("fp32", "fp16", "int8"))
         build.build(req, args.artifacts)
     folder = args.artifacts
-    variant = artifacts.variant_of(artifacts.load_manifest(folder))
+    variant = ArtifactFolder.open(folder).variant
     side = variant.image_size
     x8 = np.random.default_rng(0).standard_normal((8, 3, side, side)).astype(np.float32)
     with get_backend("ort").compile(folder, args.precision) as run:

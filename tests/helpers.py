@@ -20,6 +20,14 @@ def run_cli(tool: str, *args: str, env: dict[str, str] | None = None,
                           cwd=cwd, timeout=600)
 
 
+def int8_backends() -> tuple[str, ...]:
+    """The CPU backends whose INT8 runs on this machine: OpenVINO's needs VNNI or AMX (a machine
+    fact, read from /proc/cpuinfo; on an AVX2-only CPU its INT8 kernels saturate)."""
+    from cvt_export import machine
+
+    return ("ort", "openvino") if machine.int8_dot_exact() else ("ort",)
+
+
 def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
     """Exit 2, exactly one line on stderr that starts with 'error:' and says `fragment`."""
     lines = result.stderr.strip().splitlines()

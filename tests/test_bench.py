@@ -109,8 +109,8 @@ def _config(exported: Path, **kw: Any) -> bench.BenchConfig:
 
 
 @pytest.mark.slow
-def test_report_schema_and_files(exported: Path, tmp_path: Path) -> None:
-    rep = bench.run(_config(exported))
+def test_report_schema_and_files(exported_copy: Path, tmp_path: Path) -> None:
+    rep = bench.run(_config(exported_copy))
     assert report.validate(rep) == []
     rows = {(r["backend"], r["precision"]): r for r in rep["results"]}
     assert set(rows) == {("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")}
@@ -151,7 +151,8 @@ def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], refere
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(photos[row], folder / photos[row].name)
     (tmp_path / "named" / ".DS_Store").write_bytes(b"\0\1")  # hidden files are not images
-    rep = bench.run(_config(exported, dataset=tmp_path / "named", precisions=("fp32",)))
+    copy = copy_artifacts(exported, tmp_path)
+    rep = bench.run(_config(copy, dataset=tmp_path / "named", precisions=("fp32",)))
     assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 4
     for r in rep["results"]:
         assert r["accuracy"] == {"top1": 0.75, "top5": 0.75}, r["backend"]
@@ -170,18 +171,17 @@ def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], refere
     assert "my-cats" in rep["inputs"]["accuracy_note"]
 
 
-def test_a_perturbed_runner_is_flagged(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_perturbed_runner_is_flagged(exported_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_get = bench.get_backend
     monkeypatch.setattr(bench, "get_backend", lambda name: PerturbedBackend(real_get(name), 0.5)
                         if real_get(name).name == "ort" else real_get(name))
-    rep = bench.run(_config(exported, precisions=("fp32",)))
+    rep = bench.run(_config(exported_copy, precisions=("fp32",)))
     ort = next(r for r in rep["results"] if r["backend"] == "ort")
     assert not ort["fidelity"]["pass"]
     assert ort["fidelity"]["max_abs"] > 0.5 and ort["fidelity"]["cosine_min"] < 0.99
     assert any(b.startswith("max_abs") for b in ort["fidelity"]["broken"])
     assert "**NO**" in report.markdown(rep)
-    torch_row = next(r for r in rep["results"] if r["backend"] == "torch")
-    assert torch_row["fidelity"]["pass"]
+    # (the torch row is the reference itself: judging it here could not fail, so it is not)
     # located: every block output is clean, the loss appears at the logits
     assert ort["drift_located"] == "logits"
     assert all(d["cosine_min"] > 0.99999 for d in ort["drift"][:-1])

@@ -12,11 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import copy_artifacts
 
 from cvt_export import build, regress
-from cvt_export.artifacts import Precision
 from cvt_export.exporter import ExportOptions
 from cvt_export.harness import bench
 from cvt_ref.source import sha256_file
@@ -67,21 +67,38 @@ def test_cli_passes_then_fails_on_a_slowdown_only_when_asked(baseline: Path, exp
 
 
 def _export(tmp_path: Path, weights: str, opset: int = 20,
-            precisions: tuple[Precision, ...] = ("fp32", "fp16", "int8")) -> Path:
+            precisions: tuple[str, ...] = ("fp32", "fp16", "int8")) -> Path:
     out = tmp_path / f"art-{weights.replace(':', '')}-{opset}"
     build.build(build.BuildRequest("cvt-13", weights, precisions=precisions,
                                    options=ExportOptions(opset=opset)), out)
     return out
 
 
-def test_a_changed_weight_fails(baseline: Path, tmp_path: Path) -> None:
+def test_a_baseline_for_other_weights_is_bad_input(baseline: Path, tmp_path: Path) -> None:
+    """random:1 against random:0's baseline is the wrong baseline (exit 2), not a regression."""
     other = _export(tmp_path, "random:1", precisions=("fp32",))
-    outcome = regress.run(baseline, update=False, artifacts_dir=other, max_slowdown=None,
+    with pytest.raises(regress.BaselineError, match="made for weights random:0"):
+        regress.run(baseline, update=False, artifacts_dir=other, max_slowdown=None,
+                    **(QUICK | {"precisions": ("fp32",)}))
+    result = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(other),
+                     "--iters", "1", "--backend", "ort", "--precision", "fp32")
+    assert_user_error(result, "made for weights random:0")
+
+
+def test_changed_reference_logits_fail(baseline: Path, exported: Path, tmp_path: Path) -> None:
+    """The same weights giving other logits (model code or the checkpoint's content changed) is a
+    regression: here the baseline's stored logits are moved by 1e-3, as a changed kernel would."""
+    data = json.loads(baseline.read_text())
+    ref = regress.decode(data["reference"]["logits"]) + np.float32(1e-3)
+    data["reference"]["logits"] = regress.encode(ref)
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(data))
+    outcome = regress.run(moved, update=False, artifacts_dir=exported, max_slowdown=None,
                           **(QUICK | {"precisions": ("fp32",)}))
     fails = [f for f in outcome.findings if f.kind == "fail"]
     reference = next(f for f in fails if f.what == "PyTorch reference logits")
     assert "model code or the weights changed" in reference.detail
-    result = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts", str(other),
+    result = run_cli("cvt-bench", "regress", "--baseline", str(moved), "--artifacts", str(exported),
                      "--iters", "1", "--backend", "ort", "--precision", "fp32")
     assert result.returncode == 1 and "FAIL PyTorch reference logits" in result.stdout
 

@@ -8,6 +8,11 @@ here with bounds written in this file).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,7 @@ from cvt_export import metrics
 from cvt_export.harness import recommend
 from cvt_export.precision import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
 from cvt_export.tune import block_nodes
-from helpers import assert_user_error, cosine_rows, run_cli
+from helpers import BIN, assert_user_error, cosine_rows, run_cli
 
 
 def test_budgets_parse_and_judge() -> None:
@@ -105,6 +110,58 @@ def test_tune_meets_the_budget_on_the_stressed_model(
     rows = {r["precision"]: r for r in json.loads(report.read_text())["results"] if r["backend"] == "ort"}
     assert rows["mixed"]["status"] == "ok"
     assert rows["mixed"]["fidelity"]["held_out"]["cosine_min"] >= budget
+    # INT8 re-calibrated (3 images instead of 6): the mix made from the old INT8 file goes, said so
+    again = run_cli("cvt-export", "onnx", "--weights", "random:0", "--outliers", "4", "--precision",
+                    "fp32,int8", "--calib", str(split[0]), "--calib-size", "3", "--out", str(folder))
+    assert again.returncode == 0, again.stderr
+    assert "model.mixed.onnx removed: it was made from another INT8 file" in again.stderr
+    assert "model.mixed.onnx" not in json.loads((folder / "manifest.json").read_text())["files"]
+    assert not (folder / "model.mixed.onnx").exists()
+
+
+def _wait_for(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not check():
+        assert process.poll() is None, f"tune ended before {what}"
+        assert time.monotonic() < deadline, f"tune never reached {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_tune_killed_at_three_moments_leaves_nothing_that_verifies(stressed: Path, tmp_path: Path) -> None:
+    """kill -9 at start-up, once its scratch exists, and once a candidate has run there: the folder
+    still verifies, no scratch ever opens as an artifact folder, and a re-run works."""
+    from cvt_export.artifacts import ArtifactError, ArtifactFolder
+
+    folder = copy_artifacts(stressed, tmp_path)
+    command = [str(BIN / "cvt-export"), "tune", "--artifacts", str(folder), "--backend", "ort",
+               "--budget", "cosine>=0.9995", "--seconds", "0.5"]
+    scratch = lambda: list(folder.glob(".tune-*"))  # noqa: E731
+    moments = {
+        "start-up": lambda: time.sleep(3) is None,
+        "scratch made": lambda: bool(scratch()),
+        "a candidate ran": lambda: any((s / "ort").is_dir() for s in scratch()),
+    }
+    for what, reached in moments.items():
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            _wait_for(reached, process, what)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        opened = ArtifactFolder.open(folder)
+        assert all(opened.verify(p) for p in ("fp32", "int8")), what
+        assert not opened.has("mixed"), what
+        manifests = [p for p in folder.rglob("manifest.json") if p.parent != folder]
+        assert manifests == [], (what, manifests)
+        for left in scratch():
+            with pytest.raises(ArtifactError):
+                ArtifactFolder.open(left)
+    done = run_cli("cvt-export", "tune", "--artifacts", str(folder), "--backend", "ort",
+                   "--budget", "cosine>=0.9995", "--seconds", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert not scratch() and ArtifactFolder.open(folder).verify("mixed")
 
 
 BOUNDS = {"fp32": (None, 1.0), "fp16": (0.9999, 1.0), "bf16": (0.999, 1.0), "int8": (0.995, 0.9)}

@@ -9,13 +9,15 @@ exit it raises BackendError. It is a callable `float32[B,3,H,W] -> float32[B,N]`
 its input against what the artifact declares (`inputs`: name, shape with the dynamic batch
 named, dtype; and finiteness: a NaN or Inf row is refused, naming the rows), and it reports
 the precision and device it really ran on. Backends that can expose per-block outputs
-implement the `Probing` protocol. Each SDK is imported inside its own backend file, only when
+implement the `Probing` protocol. Calls from several threads are serialized (one at a
+time, in order); a runner is not a pool. Each SDK is imported inside its own backend file, only when
 used, so `import cvt_export` needs none of them.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from cvt_export import precisions
+from cvt_export.artifacts import ArtifactFolder
 from cvt_ref.errors import CvtError
 
 
@@ -60,9 +64,9 @@ class TensorSpec:
         return self.shape[0] if isinstance(self.shape[0], int) else None
 
 
-def onnx_io(manifest: Mapping[str, Any], onnx_name: str) -> tuple[TensorSpec, TensorSpec]:
-    """The input and output specs an ONNX artifact's manifest entry records."""
-    graph = manifest["files"][onnx_name]["graph"]
+def onnx_io(folder: ArtifactFolder, precision: str) -> tuple[TensorSpec, TensorSpec]:
+    """The input and output specs a precision's ONNX file records in the folder's manifest."""
+    graph = folder.graph(precision)
 
     def spec(d: Mapping[str, Any]) -> TensorSpec:
         return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
@@ -93,7 +97,7 @@ class Backend(Protocol):
 
     def available(self) -> tuple[bool, str]: ...
 
-    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+    def compile(self, folder: ArtifactFolder | str | Path, precision: str, *, threads: int | None = None,
                 check_finite: bool = True) -> Runner: ...
 
 
@@ -101,8 +105,15 @@ class Backend(Protocol):
 class Probing(Protocol):
     """A backend that can return intermediate tensors (per-block drift)."""
 
-    def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
+    def probe(self, folder: ArtifactFolder | str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None) -> dict[str, np.ndarray]: ...
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """A precision the backend runs (the one precision table says which)."""
+    runs = precisions.run_by(backend)
+    if precision not in runs:
+        raise BackendError(f"{backend} runs {', '.join(runs)}, not {precision!r}")
 
 
 def check_threads(backend: str, threads: int | None) -> None:
@@ -126,6 +137,9 @@ class RunnerBase:
         self.outputs = outputs
         self.check_finite = check_finite
         self._state: State = "ready"
+        # Calls from several threads are serialized: one inference request (OpenVINO), one
+        # session run or one execution context at a time, in call order.
+        self._calls = threading.Lock()
 
     @property
     def active(self) -> bool:
@@ -137,9 +151,10 @@ class RunnerBase:
             self._state = "active"
 
     def deactivate(self) -> None:
-        if self._state == "active":
-            self._deactivate()
-        self._state = "closed"
+        with self._calls:  # never free what a call in another thread is using
+            if self._state == "active":
+                self._deactivate()
+            self._state = "closed"
 
     def __enter__(self) -> RunnerBase:
         self.activate()
@@ -181,11 +196,13 @@ class RunnerBase:
         return np.ascontiguousarray(x)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self._state == "closed":
-            raise BackendError(f"{self.info.backend}: runner used after it was closed (outside its "
-                               "`with` block); enter it again or compile a new one")
-        self.activate()  # first call outside `with`: resources are created now
-        return np.asarray(self._run(self.check_input(x)), dtype=np.float32)
+        x = self.check_input(x)
+        with self._calls:
+            if self._state == "closed":
+                raise BackendError(f"{self.info.backend}: runner used after it was closed (outside its "
+                                   "`with` block); enter it again or compile a new one")
+            self.activate()  # first call outside `with`: resources are created now
+            return np.asarray(self._run(x), dtype=np.float32)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -22,16 +22,20 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvt_export import artifacts, calibration
+from cvt_export import artifacts, calibration, precisions
+from cvt_export.artifacts import IR_KEY as IR_DIR
+from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
     RunnerBase,
     RunnerInfo,
+    check_precision,
     check_threads,
     onnx_io,
 )
-from cvt_export.machine import cpu_name
+from cvt_export.machine import cpu_name, int8_dot_exact, isa
+from cvt_export.precisions import run_by
 from cvt_export.quiet import quiet_loggers
 from cvt_export.runtime import OUTPUT_NAME
 from cvt_ref.errors import first_line
@@ -39,7 +43,6 @@ from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
-IR_DIR = "openvino"
 HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32", "mixed": "f32"}
 Int8Source = Literal["nncf", "qdq"]
 INT8_SOURCES: tuple[Int8Source, ...] = ("nncf", "qdq")
@@ -52,40 +55,42 @@ DERIVED_HINT = ("the OpenVINO IR is made beside the ONNX files; copy the folder 
 
 
 def ir_name(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str:
-    ir = "fp32" if precision == "bf16" else precision
+    ir = precisions.reads(precision)
     return f"model.{ir}-{int8_source}.xml" if ir == "int8" else f"model.{ir}.xml"
 
 
-def _calibration_images(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
+def _calibration_images(folder: ArtifactFolder) -> np.ndarray:
     """The same images the ONNX INT8 export calibrated on (checked by content hash)."""
-    info = manifest.get("calibration")
+    info = folder.calibration
     if not info:
-        raise BackendError(f"{folder}: no calibration set recorded; run "
-                           f"`cvt-export onnx --precision int8 --out {folder}` first")
+        raise BackendError(f"{folder.path}: no calibration set recorded; run "
+                           f"`{folder.export_command(['int8'])}` first")
     source = None if info["source"] == "bundled photos" else Path(info["source"])
     calib, _ = calibration.calibration_set(source, info.get("asked"))
     if calib.sha256 != info["sha256"]:
         raise BackendError(f"calibration images in {info['source']} changed since the ONNX export; "
                            "re-run the INT8 export")
-    return calib.load(artifacts.variant_of(manifest))
+    return calib.load(folder.variant)
 
 
-def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> Path:
+def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE
+            ) -> Path:
     """Write (or rewrite) one IR from the ONNX artifacts and record it in the manifest."""
     import openvino as ov
 
-    ir = "fp32" if precision == "bf16" else precision
+    folder = as_folder(folder)
+    ir = precisions.reads(precision)
     onnx_precision = ("int8" if (ir == "int8" and int8_source == "qdq") else
                       "mixed" if ir == "mixed" else "fp32")
-    onnx_path, manifest = artifacts.onnx_file(folder, onnx_precision)
+    onnx_path = folder.onnx(onnx_precision)
     name = ir_name(precision, int8_source)
-    artifacts.check_writable(folder, "artifact folder", DERIVED_HINT)
-    with artifacts.locked(folder), artifacts.staging(folder) as staged:
+    artifacts.check_writable(folder.path, "artifact folder", DERIVED_HINT)
+    with folder.lock(), artifacts.staging(folder.path) as staged:
         try:
             model = ov.convert_model(str(onnx_path))
         except Exception as e:  # the frontend raises its own types for files it cannot read
             raise BackendError(f"openvino: cannot convert {onnx_path}: {first_line(e)}") from None
-        details: dict[str, Any] = {"from": manifest["files"][onnx_path.name]["sha256"],
+        details: dict[str, Any] = {"from": folder.sha256(onnx_precision),
                                    "onnx": onnx_path.name, "openvino": ov.__version__}
         if ir == "int8" and int8_source == "nncf":
             try:
@@ -94,32 +99,36 @@ def make_ir(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8
                 raise BackendError("openvino: NNCF is not installed: pip install 'cvt-export[openvino]' "
                                    "(or use --int8-source qdq)") from None
 
-            images = _calibration_images(folder, manifest)
+            images = _calibration_images(folder)
             with quiet_loggers("nncf"):
                 model = nncf.quantize(model, nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
                                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
-            details.update({"nncf": nncf.__version__, "calibration": manifest["calibration"]["sha256"]})
+            details.update({"nncf": nncf.__version__, "calibration": (folder.calibration or {})["sha256"]})
         ov.save_model(model, str(staged / name), compress_to_fp16=(ir == "fp16"))
         bin_name = name.replace(".xml", ".bin")
-        (folder / IR_DIR).mkdir(exist_ok=True)
+        folder.file(IR_DIR).mkdir(exist_ok=True)
         for f in (bin_name, name):  # xml last: it is what readers look for
-            os.replace(staged / f, folder / IR_DIR / f)
-        entry = {**details, "sha256": {f: sha256_file(folder / IR_DIR / f) for f in (name, bin_name)}}
-        artifacts.update_manifest(folder, lambda m: m.setdefault(IR_DIR, {}).__setitem__(name, entry))
-    return folder / IR_DIR / name
+            os.replace(staged / f, folder.file(f"{IR_DIR}/{f}"))
+        entry = {**details,
+                 "sha256": {f: sha256_file(folder.file(f"{IR_DIR}/{f}")) for f in (name, bin_name)}}
+        folder.record_ir(name, entry)
+    return folder.file(f"{IR_DIR}/{name}")
 
 
-def ir_stale(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str | None:
+def ir_stale(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE
+             ) -> str | None:
     """Why the recorded IR for a precision cannot be used as it is (None: it can): missing,
     truncated, made from another ONNX file (a re-export) or by another OpenVINO version."""
     import openvino as ov
 
-    manifest = artifacts.load_manifest(folder)
-    entry = manifest.get(IR_DIR, {}).get(ir_name(precision, int8_source))
+    folder = as_folder(folder)
+    entry = folder.ir(ir_name(precision, int8_source))
     if entry is None:
         return "not made yet"
-    source = manifest.get("files", {}).get(entry.get("onnx", ""), {}).get("sha256")
-    fresh = all((folder / IR_DIR / f).is_file() and sha256_file(folder / IR_DIR / f) == digest
+    made_from = entry.get("onnx", "")
+    source = next((folder.sha256(p) for p in precisions.FILES
+                   if precisions.FILES[p] == made_from and folder.has(p)), None)
+    fresh = all(folder.file(f"{IR_DIR}/{f}").is_file() and sha256_file(folder.file(f"{IR_DIR}/{f}")) == digest
                 for f, digest in entry["sha256"].items())
     if not fresh:
         return "missing, truncated or changed"
@@ -130,10 +139,14 @@ def ir_stale(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT
     return None
 
 
-def ir_file(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> Path:
+def ir_file(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE
+            ) -> Path:
     """The IR for a precision: verified against the manifest; made or remade when it is not."""
+    folder = as_folder(folder)
+    if precisions.reads(precision) == "mixed":
+        folder.onnx("mixed", check_hash=False)  # a mix made from another INT8 file is refused here
     why = ir_stale(folder, precision, int8_source)
-    path = folder / IR_DIR / ir_name(precision, int8_source)
+    path = folder.file(f"{IR_DIR}/{ir_name(precision, int8_source)}")
     if why is None:
         return path
     if why != "not made yet":
@@ -142,9 +155,9 @@ def ir_file(folder: Path, precision: str, int8_source: Int8Source = DEFAULT_INT8
 
 
 class OpenVinoRunner(RunnerBase):
-    def __init__(self, path: Path, config: dict[str, Any], info: RunnerInfo, manifest: dict[str, Any],
-                 onnx_name: str, *, check_finite: bool) -> None:
-        super().__init__(info, *onnx_io(manifest, onnx_name), check_finite=check_finite)
+    def __init__(self, path: Path, config: dict[str, Any], info: RunnerInfo, folder: ArtifactFolder,
+                 precision: str, *, check_finite: bool) -> None:
+        super().__init__(info, *onnx_io(folder, precision), check_finite=check_finite)
         self.path, self.config = path, config
         self.compiled: Any = None
         self.request: Any = None
@@ -185,16 +198,16 @@ def _config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
 
 class OpenVinoBackend:
     name = "openvino"
-    precisions = ("fp32", "fp16", "bf16", "int8", "mixed")
+    precisions = run_by("openvino")
 
-    def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
+    def probe(self, folder: ArtifactFolder | str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None, int8_source: Int8Source = DEFAULT_INT8_SOURCE
               ) -> dict[str, np.ndarray]:
         """The named intermediate tensors (those OpenVINO kept) and the logits, as float32."""
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(ir_file(Path(folder), precision, int8_source)))
+        model = core.read_model(str(ir_file(as_folder(folder), precision, int8_source)))
         kept = []
         for name in names:
             try:
@@ -220,7 +233,7 @@ class OpenVinoBackend:
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         return True, f"openvino {ov.__version__}; CPU capabilities {', '.join(caps)}"
 
-    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+    def compile(self, folder: ArtifactFolder | str | Path, precision: str, *, threads: int | None = None,
                 check_finite: bool = True, hint: str = "latency",
                 int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> OpenVinoRunner:
         """`hint`: OpenVINO's performance hint, latency or throughput; `int8_source`: qdq (the Q/DQ
@@ -230,9 +243,8 @@ class OpenVinoBackend:
             raise BackendUnavailable(f"openvino: {why}")
         import openvino as ov
 
-        folder = Path(folder)
-        if precision not in self.precisions:
-            raise BackendError(f"openvino runs {', '.join(self.precisions)}, not {precision!r}")
+        check_precision(self.name, precision)
+        folder = as_folder(folder)
         if hint not in ("latency", "throughput"):
             raise BackendError(f"openvino: performance hint {hint!r}; use latency or throughput")
         if int8_source not in INT8_SOURCES:
@@ -242,15 +254,19 @@ class OpenVinoBackend:
         if precision == "bf16" and "BF16" not in caps:
             raise BackendUnavailable(f"openvino: this CPU has no BF16 support (capabilities: "
                                      f"{', '.join(caps)})")
+        if precision in ("int8", "mixed") and not int8_dot_exact():
+            raise BackendUnavailable(
+                f"openvino: {precision} needs a CPU with VNNI or AMX (this one has {', '.join(isa())}): "
+                "without them OpenVINO's INT8 kernels sum u8·s8 pairs in 16 bits and saturate (cvt-13 "
+                "INT8 measured cosine 0.964 on an AVX2-only CPU); run INT8 on ort here, which avoids it")
         path = ir_file(folder, precision, int8_source)
-        manifest = artifacts.load_manifest(folder)
-        onnx_name = manifest[IR_DIR][path.name]["onnx"]
         info = RunnerInfo(
             backend=self.name, precision=precision, executed=precision,
             device=f"CPU: {cpu_name()}", artifact=str(path),
             details={"openvino": ov.__version__, "hint": hint, "capabilities": list(caps),
                      "int8_source": int8_source if precision == "int8" else None})
-        return OpenVinoRunner(path, _config(precision, hint, threads), info, manifest, onnx_name,
+        return OpenVinoRunner(path, _config(precision, hint, threads), info, folder,
+                              "fp32" if precision == "int8" and int8_source == "nncf" else precision,
                               check_finite=check_finite)
 
 

@@ -17,15 +17,18 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts
+from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
     RunnerBase,
     RunnerInfo,
+    check_precision,
     check_threads,
     onnx_io,
 )
 from cvt_export.machine import cpu_name
+from cvt_export.precisions import run_by
 from cvt_export.runtime import CPU, INPUT_NAME, OUTPUT_NAME, ort_session
 from cvt_ref.errors import first_line
 from cvt_ref.source import sha256_file
@@ -36,9 +39,10 @@ PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtE
 OPT_DIR = "ort"
 
 
-def optimized_copy(folder: Path, path: Path, device: str, source_sha: str) -> tuple[Path, Path | None]:
+def optimized_copy(folder: ArtifactFolder, path: Path, device: str, source_sha: str
+                   ) -> tuple[Path, Path | None]:
     """(where the optimized graph lives, where ORT should write it now or None if it is current)."""
-    saved = folder / OPT_DIR / f"{path.stem}.{device}.opt.onnx"
+    saved = folder.file(f"{OPT_DIR}/{path.stem}.{device}.opt.onnx")
     record = saved.with_suffix(".json")
     try:
         meta = json.loads(record.read_text())
@@ -57,9 +61,10 @@ def optimized_copy(folder: Path, path: Path, device: str, source_sha: str) -> tu
 
 class OrtRunner(RunnerBase):
     def __init__(self, path: Path, provider: str, threads: int | None, info: RunnerInfo,
-                 manifest: dict[str, Any], *, check_finite: bool, save: tuple[Path, Path | None],
+                 folder: ArtifactFolder, precision: str, *, check_finite: bool,
+                 save: tuple[Path, Path | None],
                  source_sha: str) -> None:
-        super().__init__(info, *onnx_io(manifest, path.name), check_finite=check_finite)
+        super().__init__(info, *onnx_io(folder, precision), check_finite=check_finite)
         self.path, self.provider, self.threads = path, provider, threads
         self.save, self.source_sha = save, source_sha
         self.session: Any = None
@@ -89,16 +94,16 @@ class OrtRunner(RunnerBase):
 
 class OrtBackend:
     name = "ort"
-    precisions = ("fp32", "fp16", "int8", "mixed")
+    precisions = run_by(name)
 
-    def probe(self, folder: str | Path, precision: str, names: list[str], x: np.ndarray, *,
+    def probe(self, folder: ArtifactFolder | str | Path, precision: str, names: list[str], x: np.ndarray, *,
               threads: int | None = None) -> dict[str, np.ndarray]:
         """The named intermediate tensors (and the logits) for input x, as float32."""
         import onnx
 
         from cvt_export.probes import with_outputs
 
-        path, _ = artifacts.onnx_file(Path(folder), precision)
+        path = as_folder(folder).onnx(precision)
         proto = with_outputs(onnx.load(str(path)), names)
         session = ort_session(proto.SerializeToString(), threads=threads)
         wanted = [*names, OUTPUT_NAME]
@@ -112,7 +117,7 @@ class OrtBackend:
             return False, "onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)"
         return True, f"onnxruntime {ort.__version__}; providers {', '.join(ort.get_available_providers())}"
 
-    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+    def compile(self, folder: ArtifactFolder | str | Path, precision: str, *, threads: int | None = None,
                 check_finite: bool = True, device: str = "cpu") -> OrtRunner:
         """`device`: cpu, cuda or tensorrt (ORT's execution providers; the last two need onnxruntime-gpu)."""
         ok, why = self.available()
@@ -120,9 +125,7 @@ class OrtBackend:
             raise BackendUnavailable(f"ort: {why}")
         import onnxruntime as ort
 
-        folder = Path(folder)
-        if precision not in self.precisions:
-            raise BackendError(f"ort runs {', '.join(self.precisions)}, not {precision!r}")
+        check_precision(self.name, precision)
         check_threads(self.name, threads)
         provider = PROVIDERS.get(device)
         if provider is None:
@@ -130,8 +133,9 @@ class OrtBackend:
         if provider not in ort.get_available_providers():
             raise BackendUnavailable(f"ort: {provider} is not in this onnxruntime build "
                                f"({ort.get_available_providers()}); install onnxruntime-gpu")
-        path, manifest = artifacts.onnx_file(folder, precision)
-        source_sha = manifest["files"][path.name]["sha256"]
+        folder = as_folder(folder)
+        path = folder.onnx(precision)
+        source_sha = folder.sha256(precision)
         save = optimized_copy(folder, path, device, source_sha)
         executed = precision
         if precision == "fp16" and device == "cpu":
@@ -143,7 +147,8 @@ class OrtBackend:
             artifact=str(path),
             details={"onnxruntime": ort.__version__, "provider": provider,
                      "optimized_model": str(save[0]), "threads": threads})
-        return OrtRunner(path, provider, threads, info, manifest, check_finite=check_finite, save=save,
+        return OrtRunner(path, provider, threads, info, folder, precision, check_finite=check_finite,
+                         save=save,
                          source_sha=source_sha)
 
 

@@ -30,7 +30,16 @@ if TYPE_CHECKING:
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export.backends import BackendError, BackendUnavailable, RunnerBase, RunnerInfo, onnx_io
+from cvt_export.artifacts import ArtifactFolder, as_folder
+from cvt_export.backends import (
+    BackendError,
+    BackendUnavailable,
+    RunnerBase,
+    RunnerInfo,
+    check_precision,
+    onnx_io,
+)
+from cvt_export.precisions import run_by
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_ref.source import sha256_file
 
@@ -40,12 +49,22 @@ ENGINE_DIR = "tensorrt"
 INSTALL = "pip install tensorrt (with an NVIDIA driver and a CUDA GPU)"
 
 
+DEFAULT_OPT_BATCH = 8
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     min_batch: int = 1
-    opt_batch: int = 8
+    opt_batch: int = DEFAULT_OPT_BATCH
     max_batch: int = 32
     workspace_gib: float | None = None  # None: TensorRT's default (the device's memory)
+
+    @classmethod
+    def up_to(cls, max_batch: int, opt_batch: int | None = None, min_batch: int = 1,
+              workspace_gib: float | None = None) -> BuildOptions:
+        """A profile up to `max_batch`, tuned for `opt_batch` (default: 8, or max_batch if smaller)."""
+        opt = min(DEFAULT_OPT_BATCH, max_batch) if opt_batch is None else opt_batch
+        return cls(min_batch, opt, max_batch, workspace_gib)
 
     def check(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -137,14 +156,17 @@ def build_engine(onnx_path: Path, image_size: int, opts: BuildOptions, timing_ca
     return bytes(memoryview(serialized))
 
 
-def engine_file(folder: Path, precision: str, opts: BuildOptions) -> tuple[Path, bytes, dict[str, Any]]:
+def engine_file(folder: ArtifactFolder | Path, precision: str, opts: BuildOptions
+                ) -> tuple[Path, bytes, dict[str, Any]]:
     """The cached engine for this artifact and these options, rebuilt when it is not trustworthy."""
+    opts.check()
     trt_version = _require_trt()
     gpu = _gpu()
-    onnx_path, manifest = artifacts.onnx_file(folder, precision)
-    onnx_sha = manifest["files"][onnx_path.name]["sha256"]
+    folder = as_folder(folder)
+    onnx_path = folder.onnx(precision)
+    onnx_sha = folder.sha256(precision)
     key = engine_key(onnx_sha, opts, gpu, trt_version)
-    cache_dir = folder / ENGINE_DIR
+    cache_dir = folder.file(ENGINE_DIR)
     cache_dir.mkdir(exist_ok=True)
     engine_path = cache_dir / f"{onnx_path.stem}.{key}.engine"
     sidecar = engine_path.with_suffix(".json")
@@ -153,10 +175,10 @@ def engine_file(folder: Path, precision: str, opts: BuildOptions) -> tuple[Path,
         if meta.get("key") == key and meta.get("sha256") == sha256_file(engine_path):
             return engine_path, engine_path.read_bytes(), meta
         log.warning("%s: does not match its record (truncated or changed); rebuilding", engine_path)
-    with artifacts.locked(folder):
+    with folder.lock():
         safe_gpu = "".join(c if c.isalnum() else "-" for c in gpu[0])
         timing = cache_dir / f"timing.{safe_gpu}.sm{gpu[1]}.trt{trt_version}.cache"
-        blob = build_engine(onnx_path, manifest["source"]["image_size"], opts, timing, _logger())
+        blob = build_engine(onnx_path, folder.image_size, opts, timing, _logger())
         meta = {"key": key, "onnx": onnx_path.name, "onnx_sha256": onnx_sha, "build": asdict(opts),
                 "gpu": gpu[0], "compute_capability": gpu[1], "tensorrt": trt_version,
                 "sha256": hashlib.sha256(blob).hexdigest()}
@@ -168,9 +190,9 @@ def engine_file(folder: Path, precision: str, opts: BuildOptions) -> tuple[Path,
 class TensorRTRunner(RunnerBase):
     """Device buffers through torch; input shape set per call; optional CUDA graph per batch."""
 
-    def __init__(self, engine: trt.ICudaEngine, info: RunnerInfo, manifest: dict[str, Any], onnx_name: str,
+    def __init__(self, engine: trt.ICudaEngine, info: RunnerInfo, folder: ArtifactFolder, precision: str,
                  opts: BuildOptions, cuda_graph: bool, *, check_finite: bool) -> None:
-        super().__init__(info, *onnx_io(manifest, onnx_name), check_finite=check_finite)
+        super().__init__(info, *onnx_io(folder, precision), check_finite=check_finite)
         import torch
 
         self.torch = torch
@@ -239,7 +261,7 @@ class TensorRTRunner(RunnerBase):
 
 class TensorRTBackend:
     name = "tensorrt"
-    precisions = ("fp32", "fp16", "int8", "mixed")
+    precisions = run_by("tensorrt")
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -249,18 +271,17 @@ class TensorRTBackend:
             return False, str(e).removeprefix("tensorrt: ")
         return True, f"TensorRT {version} on {gpu[0]} (sm {gpu[1]})"
 
-    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+    def compile(self, folder: ArtifactFolder | str | Path, precision: str, *, threads: int | None = None,
                 check_finite: bool = True, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32,
                 workspace_gib: float | None = None, cuda_graph: bool = False) -> TensorRTRunner:
         """Batch range of the engine's one optimization profile, builder workspace, CUDA graphs per
         batch size; `threads` is accepted for a uniform interface and has no effect on a GPU."""
-        folder = Path(folder)
-        if precision not in self.precisions:
-            raise BackendError(f"tensorrt runs {', '.join(self.precisions)}, not {precision!r}")
+        check_precision(self.name, precision)
         opts = BuildOptions(min_batch, opt_batch, max_batch, workspace_gib)
         opts.check()
         trt_version = _require_trt()
         gpu = _gpu()
+        folder = as_folder(folder)
         path, blob, meta = engine_file(folder, precision, opts)
         import tensorrt as trt
 
@@ -272,13 +293,12 @@ class TensorRTBackend:
             engine = runtime.deserialize_cuda_engine(blob)
             if engine is None:
                 raise BackendError(f"tensorrt: cannot deserialize {path} even after rebuilding it")
-        manifest = artifacts.load_manifest(folder)
         info = RunnerInfo(backend=self.name, precision=precision,
                           executed=f"{precision} (strongly typed from {meta['onnx']})",
                           device=f"cuda:0 {gpu[0]} (sm {gpu[1]})", artifact=str(path),
                           details={"tensorrt": trt_version, "build": asdict(opts),
                                    "cuda_graph": cuda_graph})
-        return TensorRTRunner(engine, info, manifest, meta["onnx"], opts, cuda_graph,
+        return TensorRTRunner(engine, info, folder, precision, opts, cuda_graph,
                               check_finite=check_finite)
 
 

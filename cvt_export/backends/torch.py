@@ -13,22 +13,23 @@ after each call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts
+from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
     RunnerBase,
     RunnerInfo,
     TensorSpec,
+    check_precision,
     check_threads,
 )
 from cvt_export.machine import cpu_name
+from cvt_export.precisions import run_by
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_ref.model import CvT
 
@@ -42,37 +43,36 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def reference_model(folder: Path, manifest: Mapping[str, Any] | None = None) -> CvT:
+def reference_model(folder: ArtifactFolder | str | Path) -> CvT:
     """The FP32 PyTorch model an artifact folder was exported from (weights checked by sha256)."""
     import cvt_ref
 
-    manifest = manifest or artifacts.load_manifest(folder)
-    weights = manifest["weights"]
-    variant = artifacts.variant_of(manifest)
-    stress = manifest.get("source", {}).get("outliers") or {}
-    model = cvt_ref.create_model(variant, weights["spec"], activation=weights["activation"],
+    folder = as_folder(folder)
+    weights = folder.weights
+    stress = folder.source.get("outliers") or {}
+    model = cvt_ref.create_model(folder.variant, weights["spec"], activation=weights.get("activation"),
                                  outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0))
-    if model.weights is not None and weights["sha256"] and model.weights.sha256 != weights["sha256"]:
-        raise BackendError(f"torch: {weights['spec']} is not the file {folder} was exported from "
+    if model.weights is not None and weights.get("sha256") and model.weights.sha256 != weights["sha256"]:
+        raise BackendError(f"torch: {weights['spec']} is not the file {folder.path} was exported from "
                            "(sha256 differs); re-export or pass the original weights")
     return model
 
 
 class TorchRunner(RunnerBase):
-    def __init__(self, folder: Path, manifest: Mapping[str, Any], dtype: Any, device: str,
+    def __init__(self, folder: ArtifactFolder, dtype: Any, device: str,
                  compile: bool, threads: int | None, info: RunnerInfo, *, check_finite: bool) -> None:
-        variant = artifacts.variant_of(manifest)
+        variant = folder.variant
         size = variant.image_size
         super().__init__(info, TensorSpec(INPUT_NAME, ("batch", 3, size, size)),
                          TensorSpec(OUTPUT_NAME, ("batch", variant.num_classes)), check_finite=check_finite)
-        self.folder, self.manifest = folder, manifest
+        self.folder = folder
         self.dtype, self.device, self.compile, self.threads = dtype, device, compile, threads
         self.model: Any = None
 
     def _activate(self) -> None:
         import torch
 
-        module: Any = reference_model(self.folder, self.manifest).to(device=self.device, dtype=self.dtype)
+        module: Any = reference_model(self.folder).to(device=self.device, dtype=self.dtype)
         self.model = torch.compile(module) if self.compile else module
 
     def _deactivate(self) -> None:
@@ -104,7 +104,7 @@ class TorchRunner(RunnerBase):
 
 class TorchBackend:
     name = "torch"
-    precisions = ("fp32", "bf16", "fp16")
+    precisions = run_by("torch")
 
     def available(self) -> tuple[bool, str]:
         import torch
@@ -113,14 +113,12 @@ class TorchBackend:
         bf16 = "CPU BF16 supported" if cpu_has_bf16() else "no CPU BF16"
         return True, f"torch {torch.__version__}; {gpu}; {bf16}"
 
-    def compile(self, folder: str | Path, precision: str, *, threads: int | None = None,
+    def compile(self, folder: ArtifactFolder | str | Path, precision: str, *, threads: int | None = None,
                 check_finite: bool = True, device: str = "cpu", compile: bool = False) -> TorchRunner:
         """`device`: cpu or cuda; `compile`: run through torch.compile (inductor)."""
         import torch
 
-        folder = Path(folder)
-        if precision not in self.precisions:
-            raise BackendError(f"torch runs {', '.join(self.precisions)}, not {precision!r}")
+        check_precision(self.name, precision)
         if device not in ("cpu", "cuda"):
             raise BackendError(f"torch: unknown device {device!r}; use cpu or cuda")
         check_threads(self.name, threads)
@@ -130,15 +128,15 @@ class TorchBackend:
             raise BackendUnavailable("torch: fp16 runs on CUDA only; use bf16 on the CPU")
         if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
             raise BackendUnavailable("torch: this CPU has no BF16 support in oneDNN")
-        manifest = artifacts.load_manifest(folder)
+        folder = as_folder(folder)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         where = (f"cuda:0 {torch.cuda.get_device_name(0)}" if device == "cuda"
                  else f"CPU: {cpu_name()} ({threads or torch.get_num_threads()} threads)")
         info = RunnerInfo(backend=self.name, precision=precision,
                           executed=f"{precision} ({'torch.compile' if compile else 'eager'})",
-                          device=where, artifact=f"{manifest['weights']['spec']} ({manifest['variant']})",
+                          device=where, artifact=f"{folder.weights_spec} ({folder.variant_name})",
                           details={"torch": torch.__version__, "compile": compile})
-        return TorchRunner(folder, manifest, dtype, device, compile, threads, info, check_finite=check_finite)
+        return TorchRunner(folder, dtype, device, compile, threads, info, check_finite=check_finite)
 
 
 BACKEND = TorchBackend()

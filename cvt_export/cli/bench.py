@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from cvt_export import metrics
+from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.backends import BACKEND_MODULES
 from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
@@ -35,7 +36,7 @@ def _backends(text: str) -> tuple[str, ...]:
 
 
 def _precisions(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    return precision_table.parse(text)
 
 
 def output_folder(folder: Path) -> None:
@@ -217,6 +218,7 @@ def triton(
         raise CvtError("--concurrency and --requests must be >= 1")
     if json_file:
         output_file(json_file, "--json")
+    precision = precision_table.parse_one(precision)
     target = Target(url, model, protocol)
     try:
         target.client().is_server_ready()

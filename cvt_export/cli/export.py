@@ -11,8 +11,10 @@ import typer
 from rich.table import Table
 
 import cvt_ref
+from cvt_export import precisions as precision_table
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import all_backends
-from cvt_export.build import PRECISIONS, BuildRequest, build, parse_precisions
+from cvt_export.build import BuildRequest, build
 from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
@@ -123,7 +125,7 @@ def onnx(
         if not batch.isdigit():
             raise CvtError(f"--batch {batch!r}: use 'dynamic' or a positive integer")
         fixed = int(batch)
-    precisions = parse_precisions(precision)
+    precisions = precision_table.parse(precision, precision_table.EXPORTED)
     req = BuildRequest(
         variant=variant, weights=weights, activation=activation,  # type: ignore[arg-type]
         options=ExportOptions(opset=opset, batch=fixed, image_size=image_size),
@@ -135,10 +137,11 @@ def onnx(
         result = build(req, folder, step=lambda text: status.update(text))
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    table = Table(title=f"{folder}  ({result.manifest['variant']}, weights {weights})", title_justify="left")
+    made = ArtifactFolder.open(folder)
+    table = Table(title=f"{folder}  ({made.variant_name}, weights {weights})", title_justify="left")
     for col in ("file", "MB", "vs PyTorch FP32 (ONNX Runtime CPU)", "state"):
         table.add_column(col)
-    for name, entry in result.manifest["files"].items():
+    for name, entry in made.files().items():
         val = entry.get("validation", {})
         if entry["precision"] == "fp32":
             figure = "max-abs " + ", ".join(f"{v:.1e} ({k})" for k, v in val.get("max_abs", {}).items())
@@ -193,14 +196,15 @@ def openvino(
     setup_logging(verbose)
     from cvt_export.backends import openvino as ov_backend
 
+    folder = ArtifactFolder.open(artifacts)  # a crafted or unfinished folder is refused first
     ok, why = ov_backend.BACKEND.available()
     if not ok:
         raise CvtError(f"openvino: {why}")
     if int8_source not in ov_backend.INT8_SOURCES:
         raise CvtError(f"--int8-source {int8_source!r}: use {', '.join(ov_backend.INT8_SOURCES)}")
-    for prec in parse_precisions(precision, (*PRECISIONS, "mixed")):
+    for prec in precision_table.parse(precision, ov_backend.BACKEND.precisions):
         with stderr.status(f"OpenVINO IR {prec}"):
-            path = ov_backend.make_ir(artifacts, prec, int8_source)
+            path = ov_backend.make_ir(folder, prec, int8_source)
         stdout.print(f"{prec}: {path} ({path.with_suffix('.bin').stat().st_size / 1e6:.1f} MB weights)")
 
 
@@ -238,14 +242,14 @@ def tune(
     from cvt_export import tune as tuning
 
     budgets = [tuning.parse_budget(b) for b in budget or []]
-    with stderr.status("tune") as status:
-        result = tuning.tune(artifacts, backend, budgets, objective, dataset=dataset, limit=limit,
-                             threads=threads, seconds=seconds, step=lambda text: status.update(text))
+    folder = ArtifactFolder.open(artifacts)
     from cvt_export.artifacts import atomic_write
 
-    text = tuning.markdown(result)
-    atomic_write(artifacts / "tune.md", text)
-    atomic_write(artifacts / "tune.json", json.dumps(tuning.summary(result), indent=2) + "\n")
+    with folder.lock(), stderr.status("tune") as status:  # one writer from the first step to the reports
+        result = tuning.tune(folder, backend, budgets, objective, dataset=dataset, limit=limit,
+                             threads=threads, seconds=seconds, step=lambda text: status.update(text))
+        atomic_write(folder.file("tune.md"), tuning.markdown(result))
+        atomic_write(folder.file("tune.json"), json.dumps(tuning.summary(result), indent=2) + "\n")
     table = Table(title=f"{artifacts}: {result.backend}, {result.objective}, budget "
                   f"{', '.join(result.budgets)} on {result.held_out}", title_justify="left")
     for col in ("configuration", "float blocks", "cosine min", "within", "median ms", "img/s"):
@@ -269,7 +273,8 @@ def trt(
     artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
     precision: Annotated[str, typer.Option(help="comma-separated: fp32, fp16, int8, mixed")] = "fp16",
     min_batch: Annotated[int, typer.Option(help="smallest batch of the optimization profile")] = 1,
-    opt_batch: Annotated[int, typer.Option(help="batch TensorRT tunes for")] = 8,
+    opt_batch: Annotated[int | None, typer.Option(
+        help="batch TensorRT tunes for [default: 8, or --max-batch if smaller]")] = None,
     max_batch: Annotated[int, typer.Option(help="largest batch of the profile")] = 32,
     workspace: Annotated[float | None, typer.Option(help="builder workspace limit, GiB")] = None,
     verbose: VerboseOpt = False,
@@ -281,14 +286,15 @@ def trt(
     setup_logging(verbose)
     from cvt_export.backends import tensorrt as trt_backend
 
+    folder = ArtifactFolder.open(artifacts)  # a crafted or unfinished folder is refused first
     ok, why = trt_backend.BACKEND.available()
     if not ok:
         raise CvtError(f"tensorrt: {why}")
-    opts = trt_backend.BuildOptions(min_batch, opt_batch, max_batch, workspace)
+    opts = trt_backend.BuildOptions.up_to(max_batch, opt_batch, min_batch, workspace)
     opts.check()
-    for prec in parse_precisions(precision, (*PRECISIONS, "mixed")):
+    for prec in precision_table.parse(precision, trt_backend.BACKEND.precisions):
         with stderr.status(f"TensorRT engine {prec}"):
-            path, _, meta = trt_backend.engine_file(artifacts, prec, opts)
+            path, _, meta = trt_backend.engine_file(folder, prec, opts)
         stdout.print(f"{prec}: {path} (TensorRT {meta['tensorrt']}, {meta['gpu']})")
 
 
@@ -341,7 +347,7 @@ def triton(
         from cvt_export.harness import recommend
 
         pick = recommend.read(from_recommendation, objective)
-        artifacts, precision = Path(pick["artifacts"]), pick["precision"]
+        folder, precision = pick["folder"], pick["precision"]
         if pick["backend"] == "tensorrt":
             runtime = "tensorrt"
         elif pick["backend"] in ("ort", "openvino"):
@@ -349,11 +355,17 @@ def triton(
         else:
             raise CvtError(f"{from_recommendation}: recommends {pick['backend']} {precision}, which "
                            "Triton does not serve; re-run cvt-bench without that backend")
+    else:
+        folder = ArtifactFolder.open(artifacts)
+    precision = precision_table.parse_one(precision)
     opts = RepoOptions(name=name, precision=precision, runtime=runtime,  # type: ignore[arg-type]
                        python_backend=python_backend, max_batch=max_batch, instances=instances, gpu=gpu,
                        accelerator=accelerator, threads=threads, preprocess=preprocess, labels=labels)
     with stderr.status("writing the model repository"):
-        record = write_repository(artifacts, out, opts)
+        record = write_repository(folder, out, opts)
+    if record["replaced"]:
+        stdout.print(f"replaced {', '.join(record['replaced'])} (an earlier "
+                     f"`cvt-export triton --name {name}`)")
     stdout.print(f"wrote {', '.join(record['models'])} in {out} ({runtime}, {precision}); "
                  f"serve it with `cvt-export serve {out}`")
 

@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, build, calibration, machine, metrics, probes, validate
+from cvt_export import artifacts, build, calibration, machine, metrics, precisions, probes, validate
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BACKEND_MODULES, BackendError, BackendUnavailable, Probing, get_backend
 from cvt_export.backends.torch import reference_model
 from cvt_export.harness import timing
@@ -29,7 +30,7 @@ from cvt_ref.preprocess import list_images
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")  # mixed: when `cvt-export tune` made it
+PRECISIONS = precisions.NAMES  # mixed: when `cvt-export tune` made it
 BASELINE = ("torch", "fp32")
 
 
@@ -137,22 +138,22 @@ def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list
         result.fidelity["held_out"] = {**metrics.fidelity(reference[held], logits[held]), "images": len(held)}
 
 
-def held_out_rows(inputs: Inputs, manifest: Mapping[str, Any]) -> tuple[list[int] | None, str]:
-    """Rows of the inputs not used for INT8 calibration (None: none were used), and a note.
+def held_out_rows(inputs: Inputs, folder: ArtifactFolder) -> tuple[list[int] | None, str]:
+    """Rows of the inputs not used for INT8 calibration (None: none were used; []: all were),
+    and a note.
     Matched by content (sha256 of the file) when the manifest records the calibration files'
     digests, else by file name within the same source."""
-    calib = manifest.get("calibration") or {}
-    if calib.get("digests") and inputs.paths:
-        rows = calibration.unused_rows(inputs.paths, calib["digests"])
-    elif calib and calib.get("source") == inputs.source:
-        used = set(calib.get("files", []))
-        rows = [i for i, n in enumerate(inputs.names) if Path(n).name not in used]
+    used = folder.calibration_images
+    if used.digests and inputs.paths:
+        rows = calibration.unused_rows(inputs.paths, list(used.digests))
+    elif used.source is not None and used.source == inputs.source:
+        rows = [i for i, n in enumerate(inputs.names) if Path(n).name not in used.files]
     else:
         rows = list(range(len(inputs.names)))
     if len(rows) == len(inputs.names):
         return None, f"{len(inputs.names)} images of {inputs.source} (none used for calibration)"
     if not rows:
-        return None, f"{len(inputs.names)} images of {inputs.source}, all used for calibration"
+        return [], f"{len(inputs.names)} images of {inputs.source}, all used for calibration"
     return rows, f"{len(rows)} images of {inputs.source} not used for calibration"
 
 
@@ -160,7 +161,7 @@ def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batc
     return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: BenchConfig,
+def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inputs, cfg: BenchConfig,
               reference: np.ndarray | None, held: list[int] | None = None
               ) -> tuple[Result, np.ndarray | None]:
     result = Result(backend, precision)
@@ -204,7 +205,7 @@ def bench_one(backend: str, precision: str, folder: Path, inputs: Inputs, cfg: B
 DRIFT_IMAGES = 4
 
 
-def stage_drift(result: Result, folder: Path, located: dict[str, str], x: np.ndarray,
+def stage_drift(result: Result, folder: ArtifactFolder, located: dict[str, str], x: np.ndarray,
                 ref_points: dict[str, np.ndarray], ref_logits: np.ndarray, threads: int | None) -> None:
     """Each block's output on the backend vs the reference's; where the error grows most."""
     backend = get_backend(result.backend)
@@ -222,38 +223,38 @@ def needed_onnx(cfg: BenchConfig) -> tuple[str, ...]:
     """The ONNX precisions the requested runs read (bf16 runs the FP32 file)."""
     wanted = {"fp32"}
     for backend in cfg.backends:
-        if get_backend(backend).name in ("ort", "openvino", "tensorrt"):
-            wanted |= {p for p in cfg.precisions if p in ("fp16", "int8")}
-    return tuple(p for p in ("fp32", "fp16", "int8") if p in wanted)
+        name = get_backend(backend).name
+        wanted |= {precisions.reads(p) for p in cfg.precisions
+                   if name in precisions.get(p).backends and name != "torch"}
+    return tuple(p for p in precisions.EXPORTED if p in wanted)
 
 
-def prepare_artifacts(cfg: BenchConfig, step: Callable[[str], None]) -> Path:
+def prepare_artifacts(cfg: BenchConfig, step: Callable[[str], None]) -> ArtifactFolder:
     """Reuse the given folder if it has what is needed, else export (cached) into it."""
-    folder = cfg.artifacts or Path("artifacts") / cfg.variant
+    path = cfg.artifacts or Path("artifacts") / cfg.variant
     wanted = needed_onnx(cfg)
-    manifest = artifacts.read_manifest(folder) if folder.is_dir() else None
-    if cfg.artifacts is not None and manifest is None and folder.is_dir() and any(folder.iterdir()):
-        raise BenchError(f"--artifacts {folder}: not a finished export (no valid manifest.json); "
-                         f"re-run `cvt-export onnx --out {folder}`")
-    if manifest is not None and manifest["variant"] != cfg.variant:
-        raise BenchError(f"{folder} holds {manifest['variant']} artifacts, not {cfg.variant}; "
-                         f"pass --variant {manifest['variant']} or another --artifacts folder")
-    weights = cfg.weights or (manifest["weights"]["spec"] if manifest else "random")
-    same = manifest is not None and manifest["weights"]["spec"] == weights
-    if same and manifest and all(artifacts.ONNX_FILES[p] in manifest["files"]  # type: ignore[index]
-                                 for p in wanted):
+    folder = ArtifactFolder.existing(path)
+    if cfg.artifacts is not None and folder is None and path.is_dir() and any(path.iterdir()):
+        raise BenchError(f"--artifacts {path}: not a finished export (no valid manifest.json); "
+                         f"re-run `cvt-export onnx --out {path}`")
+    if folder is not None and folder.variant_name != cfg.variant:
+        raise BenchError(f"{path} holds {folder.variant_name} artifacts, not {cfg.variant}; "
+                         f"pass --variant {folder.variant_name} or another --artifacts folder")
+    weights = cfg.weights or (folder.weights_spec if folder else "random")
+    same = folder is not None and folder.weights_spec == weights
+    if folder is not None and same and all(folder.has(p) for p in wanted):
         for p in wanted:
-            artifacts.onnx_file(folder, p)  # verifies hashes: a corrupt file is refused here
+            folder.onnx(p)  # verifies hashes: a corrupt file is refused here
         return folder
-    if same and manifest:  # add the missing precisions with the folder's own export settings
-        req = build.request_from_manifest(manifest, wanted)  # type: ignore[arg-type]
+    if folder is not None and same:  # add the missing precisions with the folder's own export settings
+        req = build.request_from_folder(folder, wanted)
     else:
-        req = build.BuildRequest(cfg.variant, weights, precisions=wanted)  # type: ignore[arg-type]
-    build.build(req, folder, step=step)
-    return folder
+        req = build.BuildRequest(cfg.variant, weights, precisions=wanted)
+    build.build(req, path, step=step)
+    return ArtifactFolder.open(path)
 
 
-def _derived_files_writable(cfg: BenchConfig, folder: Path) -> None:
+def _derived_files_writable(cfg: BenchConfig, folder: ArtifactFolder) -> None:
     """OpenVINO IRs are made beside the ONNX files on first use: on a read-only folder without
     current IRs, say so before anything runs (not after the other backends' minutes)."""
     if "openvino" not in {get_backend(b).name for b in cfg.backends}:
@@ -263,7 +264,7 @@ def _derived_files_writable(cfg: BenchConfig, folder: Path) -> None:
     if not ov.BACKEND.available()[0]:
         return
     try:  # cheap, and the common case: a writable folder can take any IR that must be made
-        artifacts.check_writable(folder, "--artifacts", ov.DERIVED_HINT)
+        artifacts.check_writable(folder.path, "--artifacts", ov.DERIVED_HINT)
     except artifacts.ArtifactError:
         if any(ov.ir_stale(folder, p) for p in cfg.precisions if p in ov.BACKEND.precisions):
             raise
@@ -272,24 +273,26 @@ def _derived_files_writable(cfg: BenchConfig, folder: Path) -> None:
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     cfg.check()
     folder = prepare_artifacts(cfg, progress)
-    manifest = artifacts.load_manifest(folder)
     _derived_files_writable(cfg, folder)
-    variant = artifacts.variant_of(manifest)
-    inputs = load_inputs(cfg.dataset, cfg.limit, variant, artifacts.labels_of(manifest))
-    have_mixed = artifacts.ONNX_FILES["mixed"] in manifest["files"]
+    with folder.lock():  # one writer: IRs and optimized graphs may be made beside the files
+        return _measure(cfg, folder, progress)
+
+
+def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> dict[str, Any]:
+    inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels)
+    have_mixed = folder.has("mixed")
     pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions
              if p != "mixed" or have_mixed or cfg.precisions == ("mixed",)]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None
-    held, held_note = held_out_rows(inputs, manifest)
+    held, held_note = held_out_rows(inputs, folder)
     probe_x = inputs.images[:DRIFT_IMAGES]
-    ref_model = reference_model(folder, manifest)
+    ref_model = reference_model(folder)
     ref_points = probes.reference_probes(ref_model, probe_x)
     ref_probe_logits = validate.reference_logits(ref_model, probe_x)
     # Folders exported before probes existed: locate them now (one run, about a second).
-    located = manifest["files"]["model.onnx"].get("probes") or probes.locate(
-        folder / "model.onnx", ref_model, probe_x[:1])
+    located = folder.probes or probes.locate(folder.onnx("fp32"), ref_model, probe_x[:1])
     del ref_model
     for backend, precision in pairs:
         progress(f"{backend} {precision}")
@@ -312,8 +315,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
         "schema": REPORT_SCHEMA,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine.describe(),
-        "model": {"variant": manifest["variant"], "weights": manifest["weights"], "artifacts": str(folder),
-                  "onnx_sha256": manifest["files"]["model.onnx"]["sha256"]},
+        "model": folder.summary(),
         "inputs": {"source": inputs.source, "images": len(inputs.names),
                    "labelled": inputs.labels is not None, "accuracy_note": inputs.accuracy_note,
                    "sha256": inputs.sha256, "held_out_note": held_note,

@@ -10,11 +10,12 @@ calibration images never decide. `cvt-export triton --from-recommendation` reads
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cvt_export import metrics
+from cvt_export import metrics, precisions
 from cvt_export.artifacts import atomic_write
 from cvt_ref.errors import CvtError
 
@@ -77,20 +78,60 @@ def markdown(rec: Mapping[str, Any]) -> list[str]:
 
 
 def write(rec: Mapping[str, Any], path: Path) -> None:
-    atomic_write(path, json.dumps(rec, indent=2) + "\n")
+    """The file, with each pick's artifact folder relative to the file itself (so the pair can be
+    moved or checked out elsewhere together) and the export's FP32 sha256 to check it by."""
+    data = json.loads(json.dumps(rec))
+    for pick in data["objectives"].values():
+        if pick is not None:
+            where = Path(pick["artifacts"]).resolve()
+            pick["artifacts"] = os.path.relpath(where, path.resolve().parent)
+            pick["onnx_sha256"] = rec["model"]["onnx_sha256"]
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def _field(pick: Mapping[str, Any], key: str, path: Path, objective: str) -> str:
+    value = pick.get(key)
+    if not isinstance(value, str) or not value:
+        raise CvtError(f"--from-recommendation {path}: {objective}.{key} is missing or not a string; "
+                       "re-run cvt-bench to write it again")
+    return value
 
 
 def read(path: Path, objective: str) -> dict[str, Any]:
-    """The pick for one objective from a recommendation.json (CvtError when there is none)."""
+    """The pick for one objective from a recommendation.json: every field checked, the artifact
+    folder resolved against the file's own folder, opened and matched by its FP32 sha256."""
+    from cvt_export.artifacts import ArtifactFolder
+
+    if objective not in OBJECTIVES:
+        raise CvtError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CvtError(f"--from-recommendation {path}: cannot read it ({e})") from None
     if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
         raise CvtError(f"--from-recommendation {path}: not a {SCHEMA} file (written by cvt-bench)")
-    if objective not in OBJECTIVES:
-        raise CvtError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
-    pick = rec["objectives"].get(objective)
+    objectives = rec.get("objectives")
+    if not isinstance(objectives, dict) or objective not in objectives:
+        raise CvtError(f"--from-recommendation {path}: has no {objective!r} entry; re-run cvt-bench")
+    pick = objectives[objective]
     if pick is None:
         raise CvtError(f"{path}: no configuration within the budget for {objective}")
-    return dict(pick)
+    if not isinstance(pick, dict):
+        raise CvtError(f"--from-recommendation {path}: {objective} is not an object; re-run cvt-bench")
+    backend = _field(pick, "backend", path, objective)
+    precision = _field(pick, "precision", path, objective)
+    relative = _field(pick, "artifacts", path, objective)
+    digest = _field(pick, "onnx_sha256", path, objective)
+    if backend not in DEPLOYABLE:
+        raise CvtError(f"--from-recommendation {path}: backend {backend!r} is not one of "
+                       f"{', '.join(DEPLOYABLE)}")
+    if precision not in precisions.NAMES:
+        raise CvtError(f"--from-recommendation {path}: precision {precision!r} is not one of "
+                       f"{', '.join(precisions.NAMES)}")
+    if Path(relative).is_absolute():
+        raise CvtError(f"--from-recommendation {path}: artifacts {relative!r} must be relative to the file")
+    folder = ArtifactFolder.open(path.resolve().parent / relative)
+    if folder.sha256("fp32") != digest:
+        raise CvtError(f"--from-recommendation {path}: {folder.path} holds another export than the one "
+                       "benchmarked (FP32 sha256 differs); re-run cvt-bench on it")
+    return {**pick, "folder": folder}

@@ -156,6 +156,17 @@ def _stage_ends(points: list[str]) -> list[str]:
     return [*last.values(), "logits"]
 
 
+def _network_order(points: list[str]) -> list[str]:
+    """Block points ("stage S block B") by stage then block, anything else (the logits) last."""
+    def key(p: str) -> tuple[int, int, int]:
+        parts = p.split()
+        if len(parts) == 4 and parts[0] == "stage" and parts[2] == "block":
+            return (0, int(parts[1]), int(parts[3]))
+        return (1, 0, 0)
+
+    return sorted(points, key=key)
+
+
 def plots(report: dict[str, Any], out: Path) -> list[Path]:
     """throughput.png (images/s vs batch) and tradeoff.png (speed-up vs fidelity)."""
     import matplotlib
@@ -208,9 +219,14 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     drifted = [r for r in ok if r.get("drift")]
     if drifted:
         fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
-        points = [d["point"] for d in drifted[0]["drift"]]
+        # One axis for every row: the union of their points in network order (a backend that
+        # fused a block away has fewer), each row drawn at its own points' positions.
+        points = list(dict.fromkeys(d["point"] for r in drifted for d in r["drift"]))
+        order = {p: i for i, p in enumerate(_network_order(points))}
+        points = sorted(points, key=order.__getitem__)
         for r in drifted:
-            ax.plot(range(len(r["drift"])), [max(d["error"], 1e-9) for d in r["drift"]], marker=".",
+            ax.plot([points.index(d["point"]) for d in r["drift"]],
+                    [max(d["error"], 1e-9) for d in r["drift"]], marker=".",
                     color=color[r["backend"], r["precision"]], label=f"{r['backend']} {r['precision']}")
         ax.set_xticks(range(len(points)), [p.replace("stage ", "s").replace(" block ", ".b") for p in points],
                       rotation=60, fontsize=7)

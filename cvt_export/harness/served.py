@@ -138,9 +138,9 @@ def bench_served(target: Target, folder: Any, precision: str, concurrency: tuple
     from cvt_export.backends.torch import reference_model
     from cvt_export.harness.bench import load_inputs
 
-    manifest = artifacts.load_manifest(folder)
-    inputs = load_inputs(None, None, artifacts.variant_of(manifest))
-    reference = validate.reference_logits(reference_model(folder, manifest), inputs.images)
+    folder = artifacts.as_folder(folder)
+    inputs = load_inputs(None, None, folder.variant)
+    reference = validate.reference_logits(reference_model(folder), inputs.images)
     fid = fidelity(target, inputs.images, reference, inputs.names)
     broken = metrics.within_bounds(precision, fid)
     return {

@@ -111,10 +111,9 @@ class Preprocess:
     """Encoded image bytes (UINT8 rows) -> the variant's exact preprocessing (cvt_ref's own)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        from cvt_export import artifacts
+        from cvt_export.artifacts import ArtifactFolder
 
-        manifest = artifacts.load_manifest(_artifacts(args))
-        self.variant = artifacts.variant_of(manifest)
+        self.variant = ArtifactFolder.open(_artifacts(args)).variant
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils

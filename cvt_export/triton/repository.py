@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import tempfile
@@ -28,7 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cvt_export import artifacts
+from cvt_export import artifacts, precisions
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_export.triton import TritonError
 from cvt_ref.source import sha256_file
@@ -38,6 +40,12 @@ RUNTIMES: tuple[Runtime, ...] = ("python", "onnxruntime", "openvino", "tensorrt"
 RECORD = "cvt-repository.json"
 IMAGE_INPUT = "image"
 LABELS_FILE = "labels.txt"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# What each native runtime runs, from the one precision table (the native OpenVINO backend gets no
+# inference-precision hint from us, so bf16 is the python runtime's only).
+NATIVE = {"onnxruntime": precisions.run_by("ort"),
+          "openvino": tuple(p for p in precisions.run_by("openvino") if p != "bf16"),
+          "tensorrt": precisions.run_by("tensorrt")}
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,9 @@ class RepoOptions:
     def check(self) -> None:
         if self.runtime not in RUNTIMES:
             raise TritonError(f"--runtime {self.runtime!r}: use {', '.join(RUNTIMES)}")
-        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
-            raise TritonError(f"--name {self.name!r}: a model name without spaces or slashes")
+        if not NAME.fullmatch(self.name) or self.name.endswith("."):
+            raise TritonError(f"--name {self.name!r}: letters, digits, '_', '-' and '.', starting with a "
+                              "letter or digit (it is a folder name and a URL path segment)")
         if not 1 <= self.max_batch <= 4096:
             raise TritonError(f"--max-batch {self.max_batch}: use 1..4096")
         if self.instances < 1:
@@ -69,8 +78,9 @@ class RepoOptions:
             raise TritonError(f"python runtime backend {self.python_backend!r}: use ort or openvino")
         if self.accelerator not in (None, "tensorrt", "cuda"):
             raise TritonError(f"--accelerator {self.accelerator!r}: use tensorrt or cuda")
-        if self.runtime == "openvino" and self.precision not in ("fp32", "fp16", "int8"):
-            raise TritonError(f"openvino runtime serves fp32, fp16, int8 IRs, not {self.precision!r}")
+        if self.runtime in NATIVE and self.precision not in NATIVE[self.runtime]:
+            raise TritonError(f"--precision {self.precision}: the {self.runtime} runtime serves "
+                              f"{', '.join(NATIVE[self.runtime])}")
         if self.runtime == "python":
             from cvt_export.backends import get_backend
 
@@ -214,17 +224,6 @@ def _model_py(cls: str) -> str:
         '__all__ = ["TritonPythonModel"]\n')
 
 
-def _copy_artifact(folder: Path, manifest: dict[str, Any], onnx_path: Path, dst: Path) -> None:
-    """The manifest (trimmed to it) and the ONNX file (with its external data) the runner reads."""
-    dst.mkdir(parents=True)
-    entry = manifest["files"][onnx_path.name]
-    for f in [onnx_path.name, *entry.get("data_files", {})]:
-        shutil.copy2(folder / f, dst / f)
-    kept = {**manifest, "files": {onnx_path.name: entry}}
-    kept.pop("openvino", None)
-    (dst / artifacts.MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
-
-
 def _warmup_data(variant: Any, dst: Path) -> str:
     """A bundled photo's preprocessed pixels, raw float32, for Triton's model warm-up."""
     from cvt_ref.preprocess import bundled_photos, preprocess_array
@@ -235,27 +234,88 @@ def _warmup_data(variant: Any, dst: Path) -> str:
     return "pixels.f32"
 
 
-def write_repository(folder: Path, out: Path, opts: RepoOptions) -> dict[str, Any]:
-    """Write (replace) the models of `opts.name` in the repository `out`; returns the record."""
-    opts.check()
-    manifest = artifacts.load_manifest(folder)
-    variant = artifacts.variant_of(manifest)
-    labels = artifacts.labels_of(manifest)
-    size, classes = variant.image_size, variant.num_classes
-    onnx_precision = "fp32" if opts.precision == "bf16" else opts.precision
-    onnx_path, _ = artifacts.onnx_file(folder, onnx_precision)  # verified against the manifest
+def model_names(opts: RepoOptions) -> list[str]:
+    """The repository folders `opts.name` owns: the classifier, and with --preprocess its step
+    and the ensemble."""
+    if not opts.preprocess:
+        return [opts.name]
+    return [f"{opts.name}-classifier", f"{opts.name}-preprocess", opts.name]
+
+
+def records(out: Path) -> dict[str, list[str]]:
+    """Record name -> the model folders it says it wrote (plain names only; a malformed record
+    owns nothing, so what it names is never replaced)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(out.glob(f"*.{RECORD}")) if out.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        models = data.get("models") if isinstance(data, dict) else None
+        if isinstance(models, list) and all(isinstance(m, str) and NAME.fullmatch(m) for m in models):
+            found[path.name.removesuffix(f".{RECORD}")] = list(models)
+    return found
+
+
+def check_destination(folder: ArtifactFolder, out: Path, opts: RepoOptions) -> list[str]:
+    """Refuse, before anything changes, a repository that would overwrite an artifact folder or
+    anything this tool did not write; returns the model folders the write replaces."""
+    art = folder.path.resolve()
     if out.exists() and not out.is_dir():
         raise TritonError(f"--out {out}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    artifacts.check_writable(out, "--out")
-    classifier = f"{opts.name}-classifier" if opts.preprocess else opts.name
+    top = out.resolve()
+    for above in (top, *top.parents):
+        if above == art or ArtifactFolder.is_export(above):
+            raise TritonError(f"--out {out}: is an artifact folder or inside one ({above}); "
+                              "write the repository to a folder of its own")
+    owned = records(out)
+    replaced = []
+    for name in model_names(opts):
+        target = out / name
+        if not target.exists() and not target.is_symlink():
+            continue
+        real = target.resolve()
+        if target.is_symlink() or ArtifactFolder.is_export(target) or real == art or real in art.parents:
+            raise TritonError(f"--name {opts.name}: {target} is an artifact folder, holds one, or is a "
+                              "link; choose another --name or --out")
+        holders = [r for r, models in owned.items() if name in models]
+        if not holders:
+            raise TritonError(f"--name {opts.name}: {target} exists and was not written by `cvt-export "
+                              "triton`; choose another --name or --out (nothing was changed)")
+        others = [r for r in holders if r != opts.name]
+        if others:
+            raise TritonError(f"--name {opts.name}: {target} belongs to model {others[0]!r} "
+                              f"({others[0]}.{RECORD}); replacing it would leave that record stale")
+        replaced.append(name)
+    return replaced
+
+
+def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions) -> dict[str, Any]:
+    """Write (replace) the models of `opts.name` in the repository `out`; returns the record
+    (`replaced`: the model folders of an earlier write of the same name that it replaced)."""
+    opts.check()
+    folder = artifacts.as_folder(folder)
+    variant = folder.variant
+    labels = folder.labels
+    size, classes = variant.image_size, variant.num_classes
+    onnx_path = folder.onnx(opts.precision)  # verified against the manifest
+    replaced = check_destination(folder, out, opts)
+    made_out = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts.check_writable(out, "--out")
+    except BaseException:
+        if made_out:
+            artifacts.remove_if_empty(out)
+        raise
+    classifier = model_names(opts)[0]
     staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         files: dict[str, str] = {}
         version = staged / classifier / "1"
         version.mkdir(parents=True)
         warm = _warmup_data(variant, staged / classifier)
-        model_file = _write_model(folder, manifest, onnx_path, opts, version)
+        model_file = _write_model(folder, opts, version)
         config = classifier_config(classifier, opts, size, classes,
                                    labels=opts.labels and not opts.preprocess, warmup_file=warm)
         if model_file:
@@ -268,7 +328,7 @@ def write_repository(folder: Path, out: Path, opts: RepoOptions) -> dict[str, An
             pre = f"{opts.name}-preprocess"
             (staged / pre / "1").mkdir(parents=True)
             (staged / pre / "1" / "model.py").write_text(_model_py("Preprocess"))
-            _copy_manifest_only(manifest, staged / pre / "1" / "artifacts")
+            folder.copy_to(staged / pre / "1" / "artifacts", ())
             (staged / pre / "config.pbtxt").write_text(_text(preprocess_config(pre, opts, size)))
             (staged / opts.name / "1").mkdir(parents=True)  # an ensemble's version folder is empty
             (staged / opts.name / "config.pbtxt").write_text(
@@ -279,37 +339,41 @@ def write_repository(folder: Path, out: Path, opts: RepoOptions) -> dict[str, An
         for path in sorted(staged.rglob("*")):
             if path.is_file():
                 files[str(path.relative_to(staged))] = sha256_file(path)
-        validate_repository(staged, names, manifest)
+        validate_repository(staged, names)
         record = {"schema": 1, "name": opts.name, "models": names, "options": asdict(opts),
-                  "source": manifest["source"], "artifact": str(folder),
-                  "fidelity": manifest["files"][onnx_path.name].get("validation"),
-                  "files": files}
-        for name in names:
-            shutil.rmtree(out / name, ignore_errors=True)
+                  "source": folder.source, "artifact": str(folder.path), "onnx": onnx_path.name,
+                  "onnx_sha256": folder.sha256(opts.precision),
+                  "fidelity": folder.entry(opts.precision).get("validation"),
+                  "files": files, "replaced": replaced}
+        for name in names:  # an earlier write of this name (checked above) moves out, then is removed
+            if (out / name).exists():
+                os.replace(out / name, staged / f".old-{name}")
             os.replace(staged / name, out / name)
         artifacts.atomic_write(out / f"{opts.name}.{RECORD}", json.dumps(record, indent=2) + "\n")
         return record
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        if made_out:
+            artifacts.remove_if_empty(out)
+        raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _copy_manifest_only(manifest: dict[str, Any], dst: Path) -> None:
-    dst.mkdir(parents=True)
-    kept = {**{k: v for k, v in manifest.items() if k != "openvino"}, "files": {}}
-    (dst / artifacts.MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
-
-
-def _write_model(folder: Path, manifest: dict[str, Any], onnx_path: Path, opts: RepoOptions,
-                 version: Path) -> str | None:
+def _write_model(folder: ArtifactFolder, opts: RepoOptions, version: Path) -> str | None:
     """The runtime's model file(s) in the version folder; returns a non-default file name."""
     if opts.runtime == "python":
         (version / "model.py").write_text(_model_py("Classifier"))
-        _copy_artifact(folder, manifest, onnx_path, version / "artifacts")
+        copy = folder.copy_to(version / "artifacts", (precisions.reads(opts.precision),))
+        if opts.python_backend == "openvino":  # made now: instances loading at once never race for it
+            from cvt_export.backends import openvino as ov
+
+            if ov.BACKEND.available()[0]:
+                ov.ir_file(copy, opts.precision)
         return None
     if opts.runtime == "onnxruntime":
-        entry = manifest["files"][onnx_path.name]
-        for f in [onnx_path.name, *entry.get("data_files", {})]:
-            shutil.copy2(folder / f, version / ("model.onnx" if f == onnx_path.name else f))
+        for f in folder.file_names(opts.precision):
+            shutil.copy2(folder.file(f), version / ("model.onnx" if f.endswith(".onnx") else f))
         return None
     if opts.runtime == "openvino":
         from cvt_export.backends import openvino as ov
@@ -320,7 +384,7 @@ def _write_model(folder: Path, manifest: dict[str, Any], onnx_path: Path, opts: 
         return None
     from cvt_export.backends import tensorrt as trt
 
-    path, _, meta = trt.engine_file(folder, opts.precision, trt.BuildOptions(max_batch=opts.max_batch))
+    path, _, meta = trt.engine_file(folder, opts.precision, trt.BuildOptions.up_to(opts.max_batch))
     shutil.copy2(path, version / "model.plan")
     (version / "model.plan.json").write_text(json.dumps(meta, indent=2) + "\n")
     return None
@@ -334,7 +398,7 @@ def _declared(config: Any, pb: Any) -> dict[str, tuple[str, list[int]]]:
             for io in [*config.input, *config.output]}
 
 
-def validate_repository(repo: Path, names: list[str], manifest: dict[str, Any]) -> None:
+def validate_repository(repo: Path, names: list[str]) -> None:
     """Each model's config parses under Triton's schema and agrees with its model file."""
     pb = _pb()
     for name in names:
@@ -350,10 +414,10 @@ def validate_repository(repo: Path, names: list[str], manifest: dict[str, Any]) 
         if config.platform == "onnxruntime_onnx":
             _check_onnx(path, version / "model.onnx", declared, config.max_batch_size)
         elif config.backend == "python" and (version / "artifacts").is_dir():
-            python_manifest = artifacts.load_manifest(version / "artifacts")
-            onnx_name = next(iter(python_manifest["files"]), None)
-            if onnx_name is not None:
-                _check_onnx(path, version / "artifacts" / onnx_name, declared, config.max_batch_size)
+            carried = ArtifactFolder.open(version / "artifacts")
+            for prec in precisions.FILES:
+                if carried.has(prec):
+                    _check_onnx(path, carried.onnx(prec), declared, config.max_batch_size)
         elif config.backend == "openvino":
             _check_ir(path, version / "model.xml", declared)
         elif config.platform == "tensorrt_plan":
