@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts, metrics, validate
+from cvt_export import artifacts, machine, metrics, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends.torch import reference_model
 from cvt_export.harness import bench
@@ -216,6 +216,11 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
         if ops:
             found.append(Finding("change", f"{name} op histogram", ", ".join(ops)))
     today = {_result_key(r): r for r in report["results"]}
+    images = int(baseline["inputs"]["images"])
+    if other_int8_kernels(baseline):
+        info.append("INT8 rows are held to the precision's bounds only: the baseline was made on a CPU "
+                    f"{'with' if not machine.int8_dot_exact() else 'without'} VNNI/AMX, whose INT8 kernels "
+                    "round differently from this one's")
     for key, base in baseline["results"].items():
         r = today.get(key)
         if r is None:
@@ -228,6 +233,8 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
             info.append(f"skipped {key}: {r['reason']}")
             continue
         fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
+        if r["precision"] in INT8_PRECISIONS and other_int8_kernels(baseline):
+            tol = tolerance(r["precision"], {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
         checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
                   ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
                   ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
@@ -253,6 +260,19 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
         elif today[key]["status"] == "error":
             found.append(Finding("fail", key, f"does not run: {today[key]['reason']}"))
     return found, info
+
+
+INT8_PRECISIONS = ("int8", "mixed")
+
+
+def other_int8_kernels(baseline: dict[str, Any]) -> bool:
+    """Whether the baseline's CPU and this one differ in how INT8 dot products are computed
+    (VNNI/AMX exact 32-bit sums vs the u8·u8 path ORT takes without them): measured on cvt-13,
+    ORT INT8 cosine 0.99710 on an AVX-512 VNNI EPYC and 0.99654 on an AVX2-only one, same recipe."""
+    isa = (baseline.get("machine") or {}).get("isa")
+    if not isinstance(isa, list):
+        return False
+    return any(f in isa for f in machine.INT8_DOT_FLAGS) != machine.int8_dot_exact()
 
 
 def write_baseline(path: Path, data: dict[str, Any]) -> None:

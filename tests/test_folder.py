@@ -313,3 +313,16 @@ def test_precision_rules_live_in_one_table() -> None:
     assert precisions.reads("bf16") == "fp32"
     with pytest.raises(precisions.PrecisionError, match="fp64"):
         precisions.parse("fp64")
+
+
+def test_int8_rows_are_held_to_the_bounds_when_the_baselines_cpu_computes_int8_otherwise() -> None:
+    """A baseline made where INT8 dot products are exact (VNNI/AMX) and a run where they are not
+    (or the reverse) differ in INT8 rounding: the gate then holds INT8 to the bounds table only."""
+    from cvt_export import machine
+
+    exact_here = machine.int8_dot_exact()
+    vnni = {"machine": {"isa": ["avx2", "avx512f", "avx512_vnni"]}}
+    avx2 = {"machine": {"isa": ["avx2", "fma"]}}
+    assert regress.other_int8_kernels(vnni) is (not exact_here)
+    assert regress.other_int8_kernels(avx2) is exact_here
+    assert regress.other_int8_kernels({"machine": {}}) is False  # an old baseline: no change
