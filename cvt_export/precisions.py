@@ -26,6 +26,11 @@ class Precision:
     backends: tuple[str, ...]
     note: str = ""
 
+    @property
+    def quantized(self) -> bool:
+        """INT8 Q/DQ in its file (int8, and tune's mix of INT8 and float blocks)."""
+        return self.reads in ("int8", "mixed")
+
 
 TABLE: Mapping[str, Precision] = {p.name: p for p in (
     Precision("fp32", "fp32", "model.onnx", "export", ("torch", "ort", "openvino", "tensorrt")),
@@ -42,6 +47,7 @@ TABLE: Mapping[str, Precision] = {p.name: p for p in (
 NAMES: tuple[str, ...] = tuple(TABLE)
 EXPORTED: tuple[str, ...] = tuple(n for n, p in TABLE.items() if p.made_by == "export")
 FILES: Mapping[str, str] = {n: p.file for n, p in TABLE.items() if p.file}
+QUANTIZED: tuple[str, ...] = tuple(n for n, p in TABLE.items() if p.quantized)
 
 
 def get(name: str) -> Precision:
@@ -59,6 +65,11 @@ def reads(name: str) -> str:
 def run_by(backend: str) -> tuple[str, ...]:
     """The precisions a backend runs, in table order."""
     return tuple(n for n, p in TABLE.items() if backend in p.backends)
+
+
+def floats_of(backend: str) -> tuple[str, ...]:
+    """The float precisions a backend runs (what an INT8 mix is weighed against)."""
+    return tuple(p for p in run_by(backend) if p not in QUANTIZED)
 
 
 def parse(text: str, allowed: Iterable[str] = NAMES, option: str = "--precision") -> tuple[str, ...]:

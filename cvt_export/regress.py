@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts, machine, metrics, validate
+from cvt_export import artifacts, machine, metrics, precisions, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends.torch import reference_model
 from cvt_export.harness import bench
@@ -233,7 +233,7 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
             info.append(f"skipped {key}: {r['reason']}")
             continue
         fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
-        if r["precision"] in INT8_PRECISIONS and other_int8_kernels(baseline):
+        if r["precision"] in precisions.QUANTIZED and other_int8_kernels(baseline):
             tol = tolerance(r["precision"], {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
         checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
                   ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
@@ -260,9 +260,6 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
         elif today[key]["status"] == "error":
             found.append(Finding("fail", key, f"does not run: {today[key]['reason']}"))
     return found, info
-
-
-INT8_PRECISIONS = ("int8", "mixed")
 
 
 def other_int8_kernels(baseline: dict[str, Any]) -> bool:

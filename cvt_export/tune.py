@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from cvt_export import artifacts, build, machine, metrics, validate
+from cvt_export import artifacts, build, machine, metrics, precisions, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BackendUnavailable, get_backend
 from cvt_export.backends.torch import reference_model
@@ -47,7 +47,7 @@ MIXED = artifacts.ONNX_FILES["mixed"]
 SCRATCH_PREFIX = ".tune-"
 # objective -> the batch size it is timed at (the objectives are the recommendation's)
 OBJECTIVES = {name: int(batch) for name, (batch, _) in recommend.OBJECTIVES.items()}
-FLOAT_CHOICES = {"ort": ("fp32", "fp16"), "openvino": ("fp32", "bf16", "fp16")}
+FLOAT_CHOICES = {name: precisions.floats_of(name) for name in ("ort", "openvino")}  # the backends tune drives
 
 
 class TuneError(CvtError):

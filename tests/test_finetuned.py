@@ -136,7 +136,9 @@ def test_bench_and_regress_on_the_finetuned_export(exported10: Path, oracle10: n
     rep = bench.run(cfg)
     assert rep["inputs"]["labelled"]
     rows = {(r["backend"], r["precision"]): r for r in rep["results"]}
-    assert all(r["status"] == "ok" for r in rows.values()), [r["reason"] for r in rows.values()]
+    expected = {key: "ok" if key != ("openvino", "int8") or "openvino" in int8_backends() else "skipped"
+                for key in rows}
+    assert {k: r["status"] for k, r in rows.items()} == expected, [r["reason"] for r in rows.values()]
     for key in (("torch", "fp32"), ("ort", "fp32"), ("openvino", "fp32")):
         assert rows[key]["accuracy"] == {"top1": 1.0, "top5": 1.0}, key
     baseline = tmp_path / "baseline.json"

@@ -161,7 +161,6 @@ def test_native_runtime_repositories_are_checked(exported: Path, tmp_path: Path)
     assert config.platform == "onnxruntime_onnx"
     assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
     assert parse_config(repo / "openvino-fp32" / "config.pbtxt").backend == "openvino"
-    manifest = json.loads((folder / "manifest.json").read_text())
     # a typo in a field name, and dims that disagree with the model file, are refused
     bad = repo / "onnxruntime-int8" / "config.pbtxt"
     good = bad.read_text()
@@ -170,7 +169,7 @@ def test_native_runtime_repositories_are_checked(exported: Path, tmp_path: Path)
         parse_config(bad)
     bad.write_text(good.replace("dims: 1000", "dims: 1001"))
     with pytest.raises(TritonError, match=r"logits dims \[1001\]"):
-        validate_repository(repo, ["onnxruntime-int8"], manifest)
+        validate_repository(repo, ["onnxruntime-int8"])
     with pytest.raises(TritonError, match="runner runs fp32, fp16, int8"):  # ORT has no BF16 path
         write_repository(folder, repo, RepoOptions(name="bf16", precision="bf16"))
     shutil.rmtree(repo)

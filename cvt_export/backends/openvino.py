@@ -173,7 +173,7 @@ class OpenVinoRunner(RunnerBase):
         hint = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         runs = hint.replace("<Type: '", "").rstrip("'>")
         executed = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(runs, runs)
-        if self.info.precision in ("int8", "mixed"):
+        if self.info.precision in precisions.QUANTIZED:
             executed = f"int8 (quantized layers) + {executed}"
         self.info.executed = executed
         threads = self.compiled.get_property("INFERENCE_NUM_THREADS")
@@ -254,7 +254,7 @@ class OpenVinoBackend:
         if precision == "bf16" and "BF16" not in caps:
             raise BackendUnavailable(f"openvino: this CPU has no BF16 support (capabilities: "
                                      f"{', '.join(caps)})")
-        if precision in ("int8", "mixed") and not int8_dot_exact():
+        if precision in precisions.QUANTIZED and not int8_dot_exact():
             raise BackendUnavailable(
                 f"openvino: {precision} needs a CPU with VNNI or AMX (this one has {', '.join(isa())}): "
                 "without them OpenVINO's INT8 kernels sum u8·s8 pairs in 16 bits and saturate (cvt-13 "
