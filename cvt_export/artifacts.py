@@ -169,7 +169,6 @@ class ArtifactFolder:
         self.path = path
         self._data = data
         self._manifest_name = manifest_name
-        self._lock_fd: int | None = None
         self._lock_depth = 0
         self._check(data)
 
