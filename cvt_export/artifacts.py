@@ -319,6 +319,11 @@ class ArtifactFolder:
         entry = self.entry(precision)
         return [ONNX_FILES[precisions.reads(precision)], *entry.get("data_files", {})]
 
+    def recorded_sha256(self, name: str) -> str | None:
+        """The sha256 the manifest records for one of its ONNX files (None: not listed)."""
+        entry = self._data.get("files", {}).get(name)
+        return entry.get("sha256") if entry else None
+
     def file(self, name: str) -> Path:
         """A path in the folder for a plain relative name (refused when it would lead out)."""
         return inside(self.path, name, str(self.path))

@@ -172,7 +172,7 @@ def make_baseline(report: dict[str, Any], folder: ArtifactFolder, reference: np.
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {k: report["machine"][k] for k in ("cpu", "cores", "isa", "libraries")},
         "variant": folder.variant_name, "weights": folder.weights_spec,
-        "export": {k: folder.source.get(k) for k in ("opset", "batch", "image_size")},
+        "export": {k: v for k, v in folder.source.items() if k in ("opset", "batch", "image_size")},
         "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
                              "through cvt_ref.preprocess", "images": images,
                    "sha256": report["inputs"]["sha256"]},

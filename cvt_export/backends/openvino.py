@@ -125,9 +125,7 @@ def ir_stale(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sou
     entry = folder.ir(ir_name(precision, int8_source))
     if entry is None:
         return "not made yet"
-    made_from = entry.get("onnx", "")
-    source = next((folder.sha256(p) for p in precisions.FILES
-                   if precisions.FILES[p] == made_from and folder.has(p)), None)
+    source = folder.recorded_sha256(entry.get("onnx", ""))
     fresh = all(folder.file(f"{IR_DIR}/{f}").is_file() and sha256_file(folder.file(f"{IR_DIR}/{f}")) == digest
                 for f, digest in entry["sha256"].items())
     if not fresh:
