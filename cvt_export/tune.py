@@ -10,8 +10,9 @@
    file (same calibration ranges and SmoothQuant migration as the export), compiled and run on
    the target backend; the accepted one is timed there, beside the folder's FP32, FP16/BF16 and
    INT8 files in the same run.
-4. Result: `model.mixed.onnx` (when an INT8 mix is within the budget and faster than the best
-   float configuration that is) with the decisions in the manifest, and `tune.md` / `tune.json`.
+4. Result: `model.mixed.onnx` (whenever a mix is within the budget, even when a float file is
+   faster on this backend: TensorRT or another machine reads the same file) with the decisions
+   in the manifest, and `tune.md` / `tune.json`, which say which configuration to deploy here.
 
 Held-out images decide the budget: the bundled photos (or --dataset images) not used for
 calibration. Kept units run in FP32 (on OpenVINO with the f32 inference hint).
@@ -308,19 +309,21 @@ def _decide(folder: ArtifactFolder, backend: str, objective: str, budgets: Seque
             chosen = c
     if chosen is not None and best_float is not None and not better(objective, chosen, best_float):
         chosen = None
-    written = False
     tmp = folder.file(f".{MIXED}.tmp")
+    written = found is not None  # a mix within the budget is kept even when float is faster here:
+    # another backend (TensorRT reads the same file) or machine may time it differently
+    fits = ", ".join(map(str, budgets))
     if chosen is not None and chosen is found:
-        message = (f"{chosen.name} is within {', '.join(map(str, budgets))} and the fastest for "
-                   f"{objective}")
-        written = True
+        message = f"{chosen.name} is within {fits} and the fastest for {objective}"
     elif chosen is not None:
         message = f"INT8 everywhere is within the budget and the fastest for {objective}; no mix needed"
     elif best_float is not None:
-        message = (f"no INT8 mix within {', '.join(map(str, budgets))} beats {best_float.name}; "
+        message = (f"no INT8 configuration within {fits} beats {best_float.name} on {backend} here; "
                    f"deploy {best_float.name}")
+        if found is not None:
+            message += f" ({found.name} is within the budget and kept as model.mixed.onnx)"
     else:
-        message = f"nothing on {backend} is within {', '.join(map(str, budgets))} on {held.note}"
+        message = f"nothing on {backend} is within {fits} on {held.note}"
     result = TuneResult(backend, objective, [str(x) for x in budgets], held.note, sensitivity, configs,
                         chosen or best_float, best_float, written, message)
     if written:
