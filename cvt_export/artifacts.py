@@ -151,7 +151,9 @@ def _mapping(value: object, what: str) -> dict[str, Any]:
 class CalibrationImages:
     source: str | None            # "bundled photos" or the --calib folder
     files: tuple[str, ...]        # their file names
-    digests: tuple[str, ...]      # their content digests (what held-out images are matched by)
+    digests: tuple[str, ...]      # sha256 of their files (folders exported before fingerprints)
+    fingerprints: tuple[str, ...] = ()  # decoded-content fingerprints (cvt_export.imageset)
+    distinct: int | None = None   # distinct images among them
 
 
 SCRATCH_MANIFEST = ".scratch-manifest.json"  # never `manifest.json`: a scratch folder never opens
@@ -299,7 +301,8 @@ class ArtifactFolder:
         """Which images INT8 calibrated on (empty when there is no INT8 file)."""
         calib = self._data.get("calibration") or {}
         return CalibrationImages(calib.get("source"), tuple(calib.get("files") or ()),
-                                 tuple(calib.get("digests") or ()))
+                                 tuple(calib.get("digests") or ()), tuple(calib.get("fingerprints") or ()),
+                                 calib.get("distinct"))
 
     def has(self, precision: str) -> bool:
         name = ONNX_FILES.get(precisions.reads(precision))

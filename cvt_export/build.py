@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, calibration, precision, precisions, probes, validate
+from cvt_export import artifacts, calibration, imageset, metrics, precision, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.exporter import ExportOptions, export_fp32, graph_summary, tool_versions
+from cvt_export.runtime import ort_session, run_logits
 from cvt_export.smoothing import migrated_file, smoothed
 from cvt_ref.model import CvT
 from cvt_ref.source import Activation, sha256_file
@@ -55,6 +56,9 @@ class BuildRequest:
     force: bool = False  # replace an export of another source in the same folder
     outliers: int = 0    # cvt_ref's function-preserving outlier stress (channels per site)
     outlier_seed: int = 0
+    # INT8: SmoothQuant strengths to choose from on the selection images (None in it: off);
+    # empty: `int8.smooth` as given. `cvt-export onnx` asks for precision.SMOOTH_CHOICES by default.
+    smooth_search: tuple[float | None, ...] = ()
 
 
 @dataclass
@@ -152,7 +156,10 @@ def reusable(old_entry: Mapping[str, Any] | None, *, same_source: bool, fp32_sha
         return False
     if int8_sha is not None and old_entry.get("int8_from") != int8_sha:
         return False
-    return calib_key is None or old_entry.get("calibration", {}).get("cache_key") == calib_key
+    if calib_key is None:
+        return True
+    recorded = old_entry.get("calibration", {})
+    return recorded.get("request_key", recorded.get("cache_key")) == calib_key
 
 
 def make_fp32(job: Job, step: Callable[[str], None]) -> Made:
@@ -182,9 +189,10 @@ def make_fp16(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], No
 
 
 def validation_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tuple[list[int], str]:
-    """The bundled photos an export validates INT8 on: those not used for calibration (all of
-    them, said so, when every one was). Not bench's `held_out_rows`, which may be empty."""
-    rows = calibration.unused_rows(photos, calib.digests)
+    """The bundled photos an export validates INT8 on: those that are not calibration images (by
+    decoded content; all of them, said so, when every one was)."""
+    items = imageset.file_items(photos)
+    rows = [i for i, r in enumerate(imageset.roles(items, calib.fingerprints)) if r != "calibration"]
     if rows:
         return rows, f"{len(rows)} bundled photos not used for calibration"
     return list(range(len(photos))), f"{len(photos)} bundled photos, all used for calibration"
@@ -249,6 +257,60 @@ class Int8Remaker:
 
         assert self.cache is not None, "use Int8Remaker as a context manager"
         return precision.to_int8(self.src, dst, self.pixels, replace(self.opts, keep=keep), self.cache).files
+
+
+SMOOTH_TIE = 0.05  # relative difference in 1 - cosine below which two strengths are one
+
+
+def selection_images(calib: calibration.CalibrationSet, variant: Variant) -> tuple[np.ndarray, str]:
+    """The bundled evaluation set's selection images against this calibration set."""
+    items = imageset.bundled_items()
+    roles = imageset.roles(items, calib.fingerprints)
+    chosen = [it for it, r in zip(items, roles, strict=True) if r == "selection"]
+    sizes = imageset.sizes(roles, items)["selection"]
+    note = (f"the bundled evaluation set's selection images ({sizes['inputs']} inputs of "
+            f"{sizes['sources']} photographs)")
+    return cvt_ref.preprocess_batch([it.image() for it in chosen], variant).numpy(), note
+
+
+def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
+                     opts: precision.Int8Options, choices: tuple[float | None, ...],
+                     step: Callable[[str], None]) -> tuple[precision.Int8Options, dict[str, Any]]:
+    """Each SmoothQuant strength in `choices` (None: off) makes an INT8 file from the same
+    calibration images, measured on the selection images; the least worst-image error wins, and
+    strengths within SMOOTH_TIE of it are tied: the weakest migration among them is chosen (a
+    transform must earn its place). Returns the options and the record."""
+    import shutil
+    from dataclasses import replace
+
+    images, note = selection_images(calib, job.variant)
+    ref = validate.reference_logits(job.model, images)
+    pixels = calib.load(job.variant)
+    figures: dict[str, dict[str, Any]] = {}
+    for strength in choices:
+        label = precision.smooth_label(strength)
+        step(f"INT8 migration strength {label}: a candidate on the selection images")
+        trial = replace(opts, smooth=strength)
+        where = job.staged / f".smooth-{label}"
+        where.mkdir()
+        try:
+            cache, _ = calibration.usable_cache(calibration.cache_key(calib, job.variant, fp32_sha, trial),
+                                                where)
+            src, _ = int8_source(job.model, job.variant, job.opts, fp32_path, pixels, trial, where, step)
+            precision.to_int8(src, where / FILES["int8"], pixels, trial, cache)
+            logits = run_logits(ort_session(where / FILES["int8"]), images)
+            figures[label] = metrics.fidelity(ref, logits)
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+    error = {c: 1.0 - figures[precision.smooth_label(c)]["cosine_min"] for c in choices}
+    least = min(error.values())
+    tied = [c for c in choices if error[c] <= least * (1 + SMOOTH_TIE)]
+    best = min(tied, key=lambda c: -1.0 if c is None else c)  # the weakest migration among the tied
+    how = (f"worst-image cosine on the selection images; strengths within {100 * SMOOTH_TIE:g}% of the "
+           "least error (1 - cosine) are tied, and the weakest migration (off first) among them wins")
+    return replace(opts, smooth=best), {"chosen": precision.smooth_label(best), "on": note, "by": how,
+                                        "tied": [precision.smooth_label(c) for c in tied],
+                                        "candidates": figures}
 
 
 def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
@@ -325,8 +387,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
     source = source_of(model, variant, opts)
     _refuse_other_source(ArtifactFolder.existing(out), out, source, req.force)  # before the minute of work
     result = BuildResult(out=out, manifest={})
-    if calib_warning:
-        result.warnings.append(calib_warning)
+    result.warnings += [w for w in (calib_warning, calib.few_warning() if calib else None) if w]
 
     photos = cvt_ref.bundled_photos()
     images = cvt_ref.preprocess_batch(list(photos), variant).numpy()
@@ -365,12 +426,20 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
             add(make_fp16(job, fp32_path, fp32_sha, step))
         if "int8" in req.precisions:
             assert calib is not None
-            key = calibration.cache_key(calib, variant, fp32_sha, req.int8)
-            info = {"source": calib.source, "images": len(calib.paths), "asked": calib.asked,
-                    "sha256": calib.sha256, "method": req.int8.method, "cache_key": key,
-                    "files": [p.name for p in calib.paths], "digests": list(calib.digests)}
-            if not kept("int8", fp32_sha=fp32_sha, calib_key=key):
-                made = make_int8(job, fp32_path, fp32_sha, calib, req.int8, info, step)
+            asked = calibration.request_key(calib, variant, fp32_sha, req.int8, req.smooth_search)
+            if not kept("int8", fp32_sha=fp32_sha, calib_key=asked):
+                int8_opts, search = req.int8, None
+                if req.smooth_search:
+                    int8_opts, search = choose_smoothing(job, fp32_path, fp32_sha, calib, req.int8,
+                                                    req.smooth_search, step)
+                info = {"source": calib.source, "images": len(calib.items), "asked": calib.asked,
+                        "sha256": calib.sha256, "method": req.int8.method,
+                        "cache_key": calibration.cache_key(calib, variant, fp32_sha, int8_opts),
+                        "request_key": asked, "files": calib.names, "digests": list(calib.digests),
+                        "fingerprints": list(calib.fingerprints), "distinct": calib.distinct,
+                        "minimum": imageset.MIN_CALIBRATION, "warning": calib.few_warning()}
+                made = make_int8(job, fp32_path, fp32_sha, calib, int8_opts, info, step)
+                made.entry["policy"]["smooth_search"] = search
                 result.calibrated = made.calibrated
                 add(made)
         for prec in set(precisions.EXPORTED) - {p for p in precisions.FILES if FILES[p] in files}:

@@ -60,11 +60,19 @@ class Budget:
     op: str
     value: float
 
-    def holds(self, fid: Mapping[str, float]) -> bool:
+    def holds(self, fid: Mapping[str, float], margin: float = 0.0) -> bool:
+        """Whether the figure meets the bound, with `margin` (a share of what the bound allows
+        to be lost: 0.2 asks cosine>=0.9995 for 0.9996) of headroom."""
         got = fid.get(BUDGET_METRICS[self.metric])
         if got is None or not np.isfinite(got):
             return False
-        return got >= self.value if self.op == ">=" else got <= self.value
+        return got >= self.tightened(margin) if self.op == ">=" else got <= self.tightened(margin)
+
+    def tightened(self, margin: float) -> float:
+        """The bound with `margin` of what it allows to be lost taken away."""
+        if self.op == ">=":
+            return self.value + margin * (1.0 - self.value)
+        return self.value * (1.0 - margin)
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.value:g}"
@@ -86,8 +94,50 @@ def parse_budget(text: str) -> Budget:
     return Budget(metric, op, value)
 
 
-def within(budgets: Sequence[Budget], fid: Mapping[str, float]) -> bool:
-    return all(b.holds(fid) for b in budgets)
+def within(budgets: Sequence[Budget], fid: Mapping[str, float], margin: float = 0.0) -> bool:
+    return all(b.holds(fid, margin) for b in budgets)
+
+
+# --- uncertainty -----------------------------------------------------------------------------
+
+Z95 = 1.959963984540054  # two-sided 95%
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> list[float]:
+    """Wilson score interval of a proportion (95%): sensible at 0/n and n/n, unlike the normal one."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def median_interval(samples: Sequence[float] | np.ndarray, z: float = Z95) -> list[float]:
+    """Distribution-free 95% interval of the median: the order statistics whose ranks bracket
+    n/2 by z*sqrt(n)/2 (binomial), [min, max] when n is too small for that."""
+    x = np.sort(np.asarray(samples, dtype=np.float64))
+    n = len(x)
+    half = z * np.sqrt(n) / 2
+    lo, hi = int(np.floor(n / 2 - half)), int(np.ceil(n / 2 + half))
+    return [float(x[max(lo, 0)]), float(x[min(hi, n - 1)])]
+
+
+def modes(samples: Sequence[float] | np.ndarray, gap: float = 0.2, share: float = 0.15) -> list[float] | None:
+    """The two modes' medians when the samples split at one gap wider than `gap` x the median
+    into two groups of at least `share` of them each (a bimodal latency), else None."""
+    x = np.sort(np.asarray(samples, dtype=np.float64))
+    n = len(x)
+    if n < 6:
+        return None
+    steps = np.diff(x)
+    lo, hi = int(np.ceil(share * n)) - 1, n - int(np.ceil(share * n)) - 1
+    if hi < lo:
+        return None
+    i = lo + int(np.argmax(steps[lo:hi + 1]))
+    if steps[i] <= gap * float(np.median(x)):
+        return None
+    return [float(np.median(x[:i + 1])), float(np.median(x[i + 1:]))]
 
 
 
@@ -138,10 +188,14 @@ def kl_divergence(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(axis=1)
 
 
-def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """The summary the export records per artifact: worst-row cosine, max-abs, top-1 agreement."""
-    return {"cosine_min": float(cosine(ref, got).min()), "max_abs": max_abs(ref, got),
-            "top1_agreement": top1_agreement(ref, got)}
+def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """The summary the export records per artifact: worst-row cosine, max-abs, top-1 agreement;
+    with n, the 5th-percentile cosine and a 95% (Wilson) interval of the agreement."""
+    cos = cosine(ref, got)
+    agree = top1_agreement(ref, got)
+    return {"cosine_min": float(cos.min()), "max_abs": max_abs(ref, got), "top1_agreement": agree,
+            "n": len(cos), "cosine_p5": float(np.percentile(cos, 5)),
+            "top1_agreement_ci": wilson(agree * len(cos), len(cos))}
 
 
 def full_fidelity(ref: np.ndarray, got: np.ndarray, names: Sequence[str]) -> dict[str, object]:
@@ -155,15 +209,18 @@ def full_fidelity(ref: np.ndarray, got: np.ndarray, names: Sequence[str]) -> dic
         "top1_agreement": top1_agreement(ref, got), "top5_agreement": top5_agreement(ref, got),
         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
         "worst_image": names[worst], "worst_cosine": float(cos[worst]),
+        "n": len(cos), "cosine_p5": float(np.percentile(cos, 5)),
+        "top1_agreement_ci": wilson(top1_agreement(ref, got) * len(cos), len(cos)),
     }
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1 and top-5 accuracy against integer labels."""
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Top-1 and top-5 accuracy against integer labels, with n and a 95% (Wilson) interval of top-1."""
     top5 = topk(logits, 5)
     labels = np.asarray(labels).reshape(-1, 1)
-    return {"top1": float((top5[:, :1] == labels).any(axis=1).mean()),
-            "top5": float((top5 == labels).any(axis=1).mean())}
+    top1 = float((top5[:, :1] == labels).any(axis=1).mean())
+    return {"top1": top1, "top5": float((top5 == labels).any(axis=1).mean()), "n": len(labels),
+            "top1_ci": wilson(top1 * len(labels), len(labels))}
 
 
 def drift(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
@@ -186,7 +243,7 @@ def largest_growth(points: Sequence[str], errors: Sequence[float]) -> str | None
     return points[int(np.argmax(steps))]
 
 
-def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
+def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:
     """Per-batch wall-clock statistics in milliseconds, and throughput in images/s."""
     t = np.asarray(seconds, dtype=np.float64) * 1000
     if t.size == 0:
@@ -197,4 +254,5 @@ def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, float]:
         "mean_ms": float(t.mean()), "min_ms": float(t.min()),
         "stdev_ms": float(t.std(ddof=1)) if t.size > 1 else 0.0,
         "images_per_s": float(batch * 1000 / np.median(t)),
+        "median_ci_ms": median_interval(t), "modes_ms": modes(t),
     }

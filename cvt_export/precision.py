@@ -119,6 +119,13 @@ def _set_precision(proto: onnx.ModelProto, precision: str) -> None:
             prop.value = precision
 
 
+SMOOTH_CHOICES: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75)  # `--smooth auto` picks among these
+
+
+def smooth_label(strength: float | None) -> str:
+    return "off" if strength is None else f"{strength:g}"
+
+
 @dataclass(frozen=True)
 class Int8Options:
     """Calibration method and Q/DQ placement; the defaults are the measured CvT policy."""

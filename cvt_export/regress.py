@@ -317,10 +317,10 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
             same_model(baseline, given, baseline_path)
     cfg = bench.BenchConfig(variant=variant, weights=None, artifacts=folder, batches=(1, 8), warmup=1,
                             iters=iters, backends=backends or bench.BenchConfig.backends,
-                            precisions=precisions or bench.PRECISIONS)
+                            precisions=precisions or bench.PRECISIONS, golden=True)
     report = bench.run(cfg, progress=progress)
     made = ArtifactFolder.open(folder)
-    inputs = bench.load_inputs(None, None, made.variant)
+    inputs = bench.load_inputs(None, None, made.variant, golden=True)
     reference = validate.reference_logits(reference_model(made), inputs.images)
     if baseline is None or update:
         new = make_baseline(report, made, reference)

@@ -20,10 +20,12 @@ calibration. Kept units run in FP32 (on OpenVINO with the f32 inference hint).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,8 @@ MIXED = artifacts.ONNX_FILES["mixed"]
 SCRATCH_PREFIX = ".tune-"
 # objective -> the batch size it is timed at (the objectives are the recommendation's)
 OBJECTIVES = {name: int(batch) for name, (batch, _) in recommend.OBJECTIVES.items()}
+ROUNDS = 5        # interleaved timing rounds for the final comparison
+REFINE_TRIES = 6  # candidates the refinement after the greedy fit may build
 FLOAT_CHOICES = {name: precisions.floats_of(name) for name in ("ort", "openvino")}  # the backends tune drives
 
 
@@ -94,73 +98,102 @@ def block_nodes(proto: onnx.ModelProto, located: Mapping[str, str]) -> dict[str,
 
 @dataclass
 class Measured:
-    name: str                 # fp32 | fp16 | bf16 | int8 | mixed[k] ...
+    name: str                 # fp32 | fp16 | bf16 | int8 | mixed (k float) ...
     precision: str
     kept: list[str] = field(default_factory=list)
-    fidelity: dict[str, float] = field(default_factory=dict)
-    speed: dict[str, float] | None = None  # latency_stats at the objective's batch
-    within: bool = False
+    fidelity: dict[str, Any] = field(default_factory=dict)   # on the selection images: decides
+    confirmed: dict[str, Any] = field(default_factory=dict)  # on the confirmation images: checks
+    speed: dict[str, Any] | None = None  # latency_stats at the objective's batch, interleaved rounds
+    within: bool = False      # the budget, with the margin, holds on selection and on confirmation
 
 
 @dataclass
 class Held:
-    """Held-out images, PyTorch FP32's logits on them, and labels when the dataset has them."""
+    """Selection and confirmation images (never calibration ones), PyTorch FP32's logits on
+    them, and labels when the dataset has them."""
 
     images: np.ndarray
     reference: np.ndarray
     labels: np.ndarray | None
     note: str
     model: CvT  # the folder's PyTorch model (weights checked by sha256): the reference and the remaker's
+    selection: list[int]
+    confirmation: list[int]
+    sizes: dict[str, dict[str, int]]
 
 
-def fidelity(held: Held, logits: np.ndarray) -> dict[str, float]:
-    fid = metrics.fidelity(held.reference, logits)
+def fidelity(held: Held, logits: np.ndarray, rows: list[int]) -> dict[str, Any]:
+    fid = metrics.fidelity(held.reference[rows], logits[rows])
     if held.labels is not None:
-        ref_acc = metrics.accuracy(held.reference, held.labels)["top1"]
-        fid["top1"] = metrics.accuracy(logits, held.labels)["top1"]
-        fid["top1_drop"] = 100 * (ref_acc - fid["top1"])
+        labels = held.labels[rows]
+        ref_acc = metrics.accuracy(held.reference[rows], labels)["top1"]
+        got = metrics.accuracy(logits[rows], labels)
+        fid.update({"top1": got["top1"], "top1_ci": got["top1_ci"],
+                    "top1_drop": 100 * (ref_acc - got["top1"])})
     return fid
 
 
 def held_out(folder: ArtifactFolder, dataset: Path | None, limit: int | None) -> Held:
-    from cvt_export.harness.bench import held_out_rows, load_inputs
+    from cvt_export.harness.bench import load_inputs, roles
 
     inputs = load_inputs(dataset, limit, folder.variant, folder.labels)
-    rows, note = held_out_rows(inputs, folder)
-    if rows is None:  # none of them calibrated
-        rows = list(range(len(inputs.names)))
-    if not rows:
-        raise TuneError(f"no held-out images: every image of {inputs.source} was used for calibration; "
-                        "pass --dataset with other images")
+    split = roles(inputs, folder)
+    sel, conf = split.rows("selection"), split.rows("confirmation")
+    if not sel or not conf:
+        raise TuneError(f"tune needs selection and confirmation images apart from the calibration ones "
+                        f"({split.note}); pass --dataset with more images")
+    rows = sel + conf
     images = inputs.images[rows]
     model = reference_model(folder)
     reference = validate.reference_logits(model, images)
     labels = inputs.labels[rows] if inputs.labels is not None else None
-    return Held(images, reference, labels, note, model)
+    return Held(images, reference, labels, split.note, model, list(range(len(sel))),
+                list(range(len(sel), len(rows))), split.sizes)
 
 
-def run_config(backend: str, folder: ArtifactFolder, precision: str, held: Held, batch: int,
-               threads: int | None, seconds: float,
-               timed: Callable[[dict[str, float]], bool] = lambda fid: True
-               ) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Fidelity on the held-out images and, when `timed(fidelity)`, latency at `batch`."""
+def run_config(backend: str, folder: ArtifactFolder, precision: str, held: Held, threads: int | None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fidelity on the selection and on the confirmation images."""
     with get_backend(backend).compile(folder, precision, threads=threads) as runner:
         logits = run_all(runner, held.images, 8)
-        fid = fidelity(held, logits)
-        speed = None
-        if timed(fid):
-            x = np.resize(held.images, (batch, *held.images.shape[1:]))
-            speed = timing.measure(runner, x, warmup=2, iters=None, seconds=seconds)
-    return fid, speed
+    return fidelity(held, logits, held.selection), fidelity(held, logits, held.confirmation)
 
 
-def better(objective: str, a: Measured, b: Measured | None) -> bool:
-    """Whether a is faster than b for the objective (b None: a wins)."""
-    if b is None or b.speed is None:
-        return True
-    assert a.speed is not None
-    return a.speed["median_ms"] < b.speed["median_ms"] if objective == "latency-b1" \
-        else a.speed["images_per_s"] > b.speed["images_per_s"]
+def time_interleaved(backend: str, where: Mapping[str, tuple[ArtifactFolder, str]], held: Held,
+                     batch: int, threads: int | None, seconds: float, rounds: int = ROUNDS
+                     ) -> dict[str, dict[str, Any]]:
+    """Latency of several configurations at `batch`, all compiled at once and timed in `rounds`
+    interleaved rounds (a different order each round), so a slow minute of the machine is
+    shared by all of them; each gets `seconds` in all."""
+    x = np.resize(held.images, (batch, *held.images.shape[1:]))
+    samples: dict[str, list[float]] = {name: [] for name in where}
+    with ExitStack() as stack:
+        runners = {name: stack.enter_context(get_backend(backend).compile(f, prec, threads=threads))
+                   for name, (f, prec) in where.items()}
+        for runner in runners.values():  # warm-up
+            runner(x)
+            runner(x)
+        names = list(runners)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                run = functools.partial(runners[name], x)
+                samples[name] += timing.time_calls(run, warmup=0, iters=None, seconds=seconds / rounds,
+                                                   min_iters=2)
+    return {name: {**metrics.latency_stats(t, batch), "rounds": rounds} for name, t in samples.items()}
+
+
+def faster(a: Measured, b: Measured) -> bool:
+    """a is faster than b beyond the noise: their 95% intervals of the median do not overlap."""
+    assert a.speed is not None and b.speed is not None
+    return bool(a.speed["median_ci_ms"][1] < b.speed["median_ci_ms"][0])
+
+
+def median_ms(c: Measured) -> float:
+    return float(c.speed["median_ms"]) if c.speed else float("inf")
+
+
+def faithful(c: Measured) -> tuple[float, float]:
+    return (float(c.fidelity["cosine_min"]), float(c.confirmed.get("cosine_min", 0.0)))
 
 
 # --- the search ----------------------------------------------------------------------------
@@ -170,7 +203,9 @@ class TuneResult:
     backend: str
     objective: str
     budgets: list[str]
+    margin: float
     held_out: str
+    roles: dict[str, dict[str, int]]
     sensitivity: dict[str, float]
     configs: list[Measured]
     chosen: Measured | None
@@ -181,12 +216,15 @@ class TuneResult:
 
 def tune(folder: ArtifactFolder | Path, backend: str, budgets: Sequence[Budget],
          objective: str = "throughput-b8", *, dataset: Path | None = None, limit: int | None = None,
-         threads: int | None = None, seconds: float = 2.0,
+         threads: int | None = None, seconds: float = 2.0, margin: float = 0.0,
          step: Callable[[str], None] = lambda s: None) -> TuneResult:
-    """Search and, when a mix wins, write it; the folder's lock is held from start to end (a
-    second tune, an export or a bench of the same folder is refused meanwhile)."""
+    """Search and, when a mix is within the budget, write it; the folder's lock is held from start
+    to end (a second tune, an export or a bench of the same folder is refused meanwhile)."""
     if seconds <= 0:
         raise TuneError(f"--seconds {seconds}: must be > 0")
+    if not 0.0 <= margin < 1.0:
+        raise TuneError(f"--margin {margin:g}: a share of what the budget allows to be lost, 0 <= m < 1 "
+                        "(0.2 asks cosine>=0.9995 for 0.9996)")
     if objective not in OBJECTIVES:
         raise TuneError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
     b = get_backend(backend)
@@ -204,7 +242,8 @@ def tune(folder: ArtifactFolder | Path, backend: str, budgets: Sequence[Budget],
     artifacts.check_writable(folder.path, "--artifacts")
     with folder.lock():
         _remove_leftovers(folder)
-        return _tune(folder, b.name, budgets, objective, dataset, limit, threads, seconds, step)
+        return _tune(Search(folder, b.name, list(budgets), margin, objective, threads, seconds, step),
+                     dataset, limit)
 
 
 def _remove_leftovers(folder: ArtifactFolder) -> None:
@@ -215,119 +254,182 @@ def _remove_leftovers(folder: ArtifactFolder) -> None:
     folder.file(f".{MIXED}.tmp").unlink(missing_ok=True)
 
 
-def _tune(folder: ArtifactFolder, backend: str, budgets: Sequence[Budget], objective: str,
-          dataset: Path | None, limit: int | None, threads: int | None, seconds: float,
-          step: Callable[[str], None]) -> TuneResult:
-    b = get_backend(backend)
-    batch = OBJECTIVES[objective]
-    step("reference logits on held-out images")
+@dataclass
+class Search:
+    """What one tune run searches with."""
+
+    folder: ArtifactFolder
+    backend: str
+    budgets: list[Budget]
+    margin: float
+    objective: str
+    threads: int | None
+    seconds: float
+    step: Callable[[str], None]
+
+    def fits(self, sel: Mapping[str, Any], conf: Mapping[str, Any]) -> bool:
+        return within(self.budgets, sel, self.margin) and within(self.budgets, conf, self.margin)
+
+
+def _tune(s: Search, dataset: Path | None, limit: int | None) -> TuneResult:
+    folder = s.folder
+    s.step("reference logits on the selection and confirmation images")
     held = held_out(folder, dataset, limit)
-    if any(x.metric == "top1-drop" for x in budgets) and held.labels is None:
+    if any(x.metric == "top1-drop" for x in s.budgets) and held.labels is None:
         raise TuneError(f"--budget top1-drop needs labels: {dataset} is not an ImageFolder of the "
                         "model's classes")
 
     configs: list[Measured] = []
-    for prec in (*FLOAT_CHOICES[b.name], "int8"):
+    for prec in (*FLOAT_CHOICES[s.backend], "int8"):
         if prec == "int8" and not folder.has("int8"):
             raise TuneError(f"{folder.path}: has no model.int8.onnx; make it first with "
                             f"`{folder.export_command(['int8'])}`")
         if prec == "fp16" and not folder.has("fp16"):
             continue
-        step(f"{b.name} {prec}: fidelity and speed")
+        s.step(f"{s.backend} {prec}: fidelity")
         try:
-            fid, speed = run_config(b.name, folder, prec, held, batch, threads, seconds)
+            sel, conf = run_config(s.backend, folder, prec, held, s.threads)
         except BackendUnavailable as e:  # BF16 on a CPU without it; INT8 without VNNI
             if prec == "int8":
-                raise TuneError(f"--backend {b.name}: {e}") from None
-            log.info("tune: %s %s skipped: %s", b.name, prec, e)
+                raise TuneError(f"--backend {s.backend}: {e}") from None
+            log.info("tune: %s %s skipped: %s", s.backend, prec, e)
             continue
-        configs.append(Measured(prec, prec, [], fid, speed, within(budgets, fid)))
+        configs.append(Measured(prec, prec, [], sel, conf, None, s.fits(sel, conf)))
 
     sensitivity: dict[str, float] = {}
     int8_within = any(c.precision == "int8" and c.within for c in configs)
-    found = None if int8_within else _search(folder, b.name, budgets, held, batch, threads,
-                                             seconds, configs, sensitivity, step)
-    return _decide(folder, b.name, objective, budgets, held, configs, sensitivity, found)
-
-
-def _search(folder: ArtifactFolder, backend: str, budgets: Sequence[Budget], held: Held,
-            batch: int, threads: int | None, seconds: float, configs: list[Measured],
-            sensitivity: dict[str, float], step: Callable[[str], None]) -> Measured | None:
-    """Sensitivity per block, then the greedy search; the first mix within the budget (its
-    file copied to `.model.mixed.onnx.tmp` in the folder), or None."""
-    proto = onnx.load(str(folder.onnx("fp32", check_hash=False)), load_external_data=False)
-    units = block_nodes(proto, folder.probes)
-    names = list(units)
     tmp = folder.file(f".{MIXED}.tmp")
-    found: Measured | None = None
     scratch = ArtifactFolder.scratch(folder, SCRATCH_PREFIX, ("fp32", "int8"))
     try:
-        step("preparing the INT8 source (calibration ranges, SmoothQuant migration)")
-        with build.Int8Remaker(folder, held.model, scratch.path) as remaker:
-
-            def candidate(kept: list[str], timed: Callable[[dict[str, float]], bool]
-                          ) -> tuple[dict[str, float], dict[str, float] | None]:
-                keep = tuple(n for u in kept for n in units[u])
-                files = remaker.make(keep, scratch.file(MIXED))
-                _record_mixed(scratch, files)
-                return run_config(backend, scratch, "mixed", held, batch, threads, seconds, timed)
-
-            for i, unit in enumerate(names):
-                step(f"sensitivity {i + 1}/{len(names)}: {unit} alone in INT8")
-                fid, _ = candidate([u for u in names if u != unit], timed=lambda f: False)
-                sensitivity[unit] = max(0.0, 1.0 - fid["cosine_min"])
-            order = sorted(names, key=lambda u: -sensitivity[u])
-            for k in range(1, len(names)):
-                kept = order[:k]
-                step(f"greedy: {k} most sensitive block(s) in float")
-                fid, speed = candidate(kept, timed=lambda f: within(budgets, f))
-                configs.append(Measured(f"mixed ({k} float)", "mixed", kept, fid, speed,
-                                        within(budgets, fid)))
-                if configs[-1].within:
-                    found = configs[-1]
-                    shutil.copy(scratch.file(MIXED), tmp)
-                    break
+        found = None if int8_within else _search(s, scratch, held, configs, sensitivity, tmp)
+        contenders = [c for c in configs if c.within and (c.precision != "mixed" or c is found)]
+        if found is not None:  # the accepted file, back in the scratch folder to be timed there
+            shutil.copy(tmp, scratch.file(MIXED))
+            _record_mixed(scratch, [MIXED])
+        if contenders:
+            s.step(f"timing {', '.join(c.name for c in contenders)} in {ROUNDS} interleaved rounds")
+            speeds = time_interleaved(s.backend, {c.name: (scratch if c.precision == "mixed" else folder,
+                                                           c.precision) for c in contenders},
+                                      held, OBJECTIVES[s.objective], s.threads, s.seconds * len(contenders))
+            for c in contenders:
+                c.speed = speeds[c.name]
+        return _decide(s, held, configs, sensitivity, found)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(scratch.path, ignore_errors=True)
+
+
+def unit_costs(proto: onnx.ModelProto, units: Mapping[str, list[str]], image_size: int,
+               strides: Sequence[int]) -> dict[str, float]:
+    """A block's cost in float: its weights' element count x its stage's token count (each
+    weight of a Conv/MatMul is used once per token), a proxy for the multiply-adds it adds when
+    it is kept out of INT8."""
+    sizes = {t.name: float(np.prod(t.dims)) for t in proto.graph.initializer}
+    inputs = {n.name: list(n.input) for n in proto.graph.node}
+    costs = {}
+    for unit, nodes in units.items():
+        stage = int(unit.split()[1])
+        side = image_size
+        for st in strides[:stage + 1]:
+            side = -(-side // st)
+        costs[unit] = side * side * sum(sizes.get(i, 0.0) for n in nodes for i in inputs[n])
+    return costs
+
+
+def _search(s: Search, scratch: ArtifactFolder, held: Held, configs: list[Measured],
+            sensitivity: dict[str, float], tmp: Path) -> Measured | None:
+    """Sensitivity per block on the selection images, the greedy search, then a refinement that
+    tries to return the costliest kept block to INT8, alone or by keeping a cheaper block
+    instead. A candidate is accepted only when the budget (with the margin) holds on the
+    selection and on the confirmation images. The accepted file is copied to `tmp`."""
+    folder = s.folder
+    proto = onnx.load(str(folder.onnx("fp32", check_hash=False)), load_external_data=False)
+    units = block_nodes(proto, folder.probes)
+    names = list(units)
+    costs = unit_costs(proto, units, folder.image_size, [st.patch_stride for st in folder.variant.stages])
+    found: Measured | None = None
+    s.step("preparing the INT8 source (calibration ranges, SmoothQuant migration)")
+    with build.Int8Remaker(folder, held.model, scratch.path) as remaker:
+
+        def candidate(kept: list[str], how: str) -> Measured:
+            keep = tuple(n for u in kept for n in units[u])
+            files = remaker.make(keep, scratch.file(MIXED))
+            _record_mixed(scratch, files)
+            sel, conf = run_config(s.backend, scratch, "mixed", held, s.threads)
+            return Measured(f"mixed ({len(kept)} float{how})", "mixed", kept, sel, conf, None,
+                            s.fits(sel, conf))
+
+        for i, unit in enumerate(names):
+            s.step(f"sensitivity {i + 1}/{len(names)}: {unit} alone in INT8")
+            only = candidate([u for u in names if u != unit], "")
+            sensitivity[unit] = max(0.0, 1.0 - only.fidelity["cosine_min"])
+        order = sorted(names, key=lambda u: -sensitivity[u])
+        for k in range(1, len(names)):
+            s.step(f"greedy: {k} most sensitive block(s) in float")
+            configs.append(candidate(order[:k], ""))
+            if configs[-1].within:
+                found = configs[-1]
+                shutil.copy(scratch.file(MIXED), tmp)
+                break
+        tries = 0
+        while found is not None and tries < REFINE_TRIES:
+            improved = False
+            for costly in sorted(found.kept, key=lambda u: -costs[u]):
+                rest = [u for u in found.kept if u != costly]
+                cheaper = [u for u in order if u not in found.kept and costs[u] < costs[costly]][:2]
+                for kept, how in [(rest, ", dropped " + costly), *(([*rest, u], f", {u} for {costly}")
+                                                                   for u in cheaper)]:
+                    if not kept or tries >= REFINE_TRIES:
+                        continue
+                    tries += 1
+                    s.step(f"refining: {how[2:]}")
+                    configs.append(candidate(kept, how))
+                    if configs[-1].within:
+                        found = configs[-1]
+                        shutil.copy(scratch.file(MIXED), tmp)
+                        improved = True
+                        break
+                if improved or tries >= REFINE_TRIES:
+                    break
+            if not improved:
+                break
     return found
 
 
-def _decide(folder: ArtifactFolder, backend: str, objective: str, budgets: Sequence[Budget], held: Held,
-            configs: list[Measured], sensitivity: dict[str, float], found: Measured | None) -> TuneResult:
-    """The fastest configuration within the budget: INT8, the mix, or a float file."""
-    floats = [c for c in configs if c.precision in FLOAT_CHOICES[backend] and c.within]
-    best_float = None
-    for c in floats:
-        if better(objective, c, best_float):
-            best_float = c
+def _decide(s: Search, held: Held, configs: list[Measured], sensitivity: dict[str, float],
+            found: Measured | None) -> TuneResult:
+    """The configuration to deploy on this backend: among those within the budget, the fastest
+    by the objective when its interval of the median separates from the others'; those it does
+    not separate from are tied with it, and the tie goes to the most faithful (selection
+    cosine, then confirmation cosine)."""
+    timed = [c for c in configs if c.within and c.speed is not None]
+    floats = [c for c in timed if c.precision in FLOAT_CHOICES[s.backend]]
+    best_float = max(floats, key=faithful) if floats else None
+    fits = ", ".join(map(str, s.budgets)) + (f" with margin {s.margin:g}" if s.margin else "")
     chosen: Measured | None = None
-    for c in [*(c for c in configs if c.precision == "int8"), *([found] if found else [])]:
-        if c.within and better(objective, c, chosen):
-            chosen = c
-    if chosen is not None and best_float is not None and not better(objective, chosen, best_float):
-        chosen = None
-    tmp = folder.file(f".{MIXED}.tmp")
-    written = found is not None  # a mix within the budget is kept even when float is faster here:
-    # another backend (TensorRT reads the same file) or machine may time it differently
-    fits = ", ".join(map(str, budgets))
-    if chosen is not None and chosen is found:
-        message = f"{chosen.name} is within {fits} and the fastest for {objective}"
-    elif chosen is not None:
-        message = f"INT8 everywhere is within the budget and the fastest for {objective}; no mix needed"
-    elif best_float is not None:
-        message = (f"no INT8 configuration within {fits} beats {best_float.name} on {backend} here; "
-                   f"deploy {best_float.name}")
-        if found is not None:
-            message += f" ({found.name} is within the budget and kept as model.mixed.onnx)"
+    if not timed:
+        message = f"nothing on {s.backend} is within {fits} on both selection and confirmation ({held.note})"
     else:
-        message = f"nothing on {backend} is within {fits} on {held.note}"
-    result = TuneResult(backend, objective, [str(x) for x in budgets], held.note, sensitivity, configs,
-                        chosen or best_float, best_float, written, message)
-    if written:
-        _commit_mixed(folder, tmp, result)
+        fastest = min(timed, key=median_ms)
+        tied = [c for c in timed if c is fastest or not faster(fastest, c)]
+        chosen = max(tied, key=faithful)
+        if len(tied) == 1:
+            message = (f"{chosen.name} is within {fits} and the fastest for {s.objective} beyond the "
+                       "noise (95% intervals of the median separate)")
+        else:
+            message = (f"{', '.join(c.name for c in tied)} are tied for {s.objective} (95% intervals of "
+                       f"the median overlap); {chosen.name} is chosen as the most faithful of them")
+        if chosen.precision == "int8":
+            message += "; INT8 everywhere: no mix needed"
+    if found is not None and chosen is not found:
+        message += f"; {found.name} is within the budget and kept as model.mixed.onnx"
+    result = TuneResult(s.backend, s.objective, [str(x) for x in s.budgets], s.margin, held.note, held.sizes,
+                        sensitivity, configs, chosen, best_float, found is not None, message)
+    tmp = s.folder.file(f".{MIXED}.tmp")
+    if found is not None:
+        _commit_mixed(s.folder, tmp, result)
     tmp.unlink(missing_ok=True)
     return result
 
@@ -352,33 +454,64 @@ def _commit_mixed(folder: ArtifactFolder, tmp: Path, result: TuneResult) -> None
         folder.record_file("mixed", entry)
 
 
+SEARCH = ("greedy: the most sensitive blocks (on the selection images) kept in float first, up "
+          "to the first mix within the budget on selection and confirmation; then up to "
+          f"{REFINE_TRIES} refinements, each returning the costliest kept block to INT8 alone or "
+          "keeping a cheaper block (weights x tokens) in its place")
+
+
 def summary(result: TuneResult) -> dict[str, Any]:
     """What tune decided, for the manifest and tune.json."""
     def one(c: Measured) -> dict[str, Any]:
         return {"name": c.name, "precision": c.precision, "float_blocks": c.kept,
-                "within_budget": c.within, "fidelity": c.fidelity, "speed": c.speed}
+                "within_budget": c.within, "fidelity": c.fidelity, "confirmation": c.confirmed,
+                "speed": c.speed}
 
     return {"backend": result.backend, "objective": result.objective, "budget": result.budgets,
-            "held_out": result.held_out, "search": "greedy: most sensitive blocks kept in float first",
-            "sensitivity": result.sensitivity, "configs": [one(c) for c in result.configs],
+            "margin": result.margin, "held_out": result.held_out, "roles": result.roles,
+            "search": SEARCH, "sensitivity": result.sensitivity, "configs": [one(c) for c in result.configs],
             "chosen": result.chosen.name if result.chosen else None, "message": result.message,
             "machine": machine.describe()}
 
 
+def _agreement(fid: Mapping[str, Any]) -> str:
+    lo, hi = fid["top1_agreement_ci"]
+    return f"{100 * fid['top1_agreement']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _speed(c: Measured) -> str:
+    if c.speed is None:
+        return "– | –"
+    lo, hi = c.speed["median_ci_ms"]
+    modes = c.speed.get("modes_ms")
+    bimodal = f" (bimodal: {modes[0]:.1f} / {modes[1]:.1f})" if modes else ""
+    return f"{c.speed['median_ms']:.1f} [{lo:.1f}, {hi:.1f}]{bimodal} | {c.speed['images_per_s']:.1f}"
+
+
 def markdown(result: TuneResult) -> str:
+    sizes = result.roles
     lines = [f"# cvt-export tune: {result.backend}, {result.objective}", "",
-             f"Budget {', '.join(result.budgets)} on {result.held_out}. Search: greedy (the most "
-             "sensitive blocks are kept in float first; it stops at the first mix within the budget).", "",
-             "| configuration | float blocks | cosine min | top-1 agreement | within budget | "
-             "median ms | images/s |", "|---|---|---|---|---|---|---|"]
+             f"Budget {', '.join(result.budgets)}"
+             + (f" with margin {result.margin:g}" if result.margin else "")
+             + f" on {result.held_out}. A configuration is within the budget only when it holds on "
+             f"the selection images (n={sizes['selection']['inputs']}, which decide) and on the "
+             f"confirmation images (n={sizes['confirmation']['inputs']}, which the search never "
+             "ranks by). Search: " + SEARCH + ".", "",
+             "Cosine: worst image and 5th percentile; top-1 agreement with its 95% Wilson interval; "
+             f"latency: median at the objective's batch with its 95% interval, from {ROUNDS} "
+             "interleaved rounds.", "",
+             "| configuration | float blocks | selection cosine min / p5 | selection top-1 | "
+             "confirmation cosine min / p5 | confirmation top-1 | within budget | median ms [95%] | "
+             "images/s |", "|---|---|---|---|---|---|---|---|---|"]
     for c in result.configs:
-        speed = (f"{c.speed['median_ms']:.1f} | {c.speed['images_per_s']:.1f}" if c.speed else "– | –")
+        conf = c.confirmed
         lines.append(f"| {c.name}{' **(chosen)**' if c is result.chosen else ''} | "
-                     f"{', '.join(c.kept) or '–'} | {c.fidelity['cosine_min']:.6f} | "
-                     f"{100 * c.fidelity['top1_agreement']:.0f}% | {'yes' if c.within else 'no'} | {speed} |")
-    lines += ["", "Per-block sensitivity (1 − cosine min with only that block in INT8):", "",
-              "| block | error |", "|---|---|"]
+                     f"{', '.join(c.kept) or '–'} | {c.fidelity['cosine_min']:.6f} / "
+                     f"{c.fidelity['cosine_p5']:.6f} | {_agreement(c.fidelity)} | "
+                     f"{conf['cosine_min']:.6f} / {conf['cosine_p5']:.6f} | {_agreement(conf)} | "
+                     f"{'yes' if c.within else 'no'} | {_speed(c)} |")
+    lines += ["", "Per-block sensitivity (1 − cosine min on the selection images with only that block "
+              "in INT8):", "", "| block | error |", "|---|---|"]
     lines += [f"| {u} | {e:.2e} |" for u, e in sorted(result.sensitivity.items(), key=lambda kv: -kv[1])]
     lines += ["", f"**{result.message}**", ""]
     return "\n".join(lines)
-

@@ -145,5 +145,11 @@ def check_image(path: Path) -> None:
 
 
 def bundled_photos() -> list[Path]:
-    """The real photographs this package ships (see cvt_ref/data/photos/SOURCES.md)."""
+    """The real photographs this package ships (see cvt_ref/data/photos/SOURCES.md): the demo's
+    inputs and the regression gate's golden inputs."""
     return list_images(Path(__file__).parent / "data" / "photos")
+
+
+def more_photos() -> list[Path]:
+    """Six more photographs for the evaluation set (see cvt_ref/data/more-photos/SOURCES.md)."""
+    return list_images(Path(__file__).parent / "data" / "more-photos")

@@ -16,6 +16,7 @@ import torch
 import cvt_ref
 from cvt_export import build
 from cvt_export.build import BuildRequest
+from cvt_export.precision import SMOOTH_CHOICES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may wait for the network
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -137,11 +138,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache: Path,
 
 @pytest.fixture(scope="session")
 def stressed(tmp_path_factory: pytest.TempPathFactory, cache: Path, split: tuple[Path, list[Path]]) -> Path:
-    """cvt-13 (random:0) with the outlier stress (4 channels per site), FP32 and INT8 (default
-    policy: SmoothQuant migration), calibrated on `split[0]`."""
+    """cvt-13 (random:0) with the outlier stress (4 channels per site), FP32 and INT8 (the CLI's
+    default policy: SmoothQuant migration at the strength chosen on the selection images),
+    calibrated on `split[0]`."""
     out = tmp_path_factory.mktemp("cvt-13-stressed")
     build.build(BuildRequest("cvt-13", "random:0", precisions=("fp32", "int8"), calib=split[0],
-                             outliers=4), out)
+                             outliers=4, smooth_search=SMOOTH_CHOICES), out)
     return out
 
 

@@ -155,14 +155,17 @@ def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], refere
     rep = bench.run(_config(copy, dataset=tmp_path / "named", precisions=("fp32",)))
     assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 4
     for r in rep["results"]:
-        assert r["accuracy"] == {"top1": 0.75, "top5": 0.75}, r["backend"]
+        acc = r["accuracy"]
+        assert (acc["top1"], acc["top5"], acc["n"]) == (0.75, 0.75, 4), r["backend"]
+        lo, hi = acc["top1_ci"]  # Wilson's 95% interval for 3 of 4: 0.3006 .. 0.9544
+        assert (round(lo, 4), round(hi, 4)) == (0.3006, 0.9544)
     # synset folders (the ImageNet layout) give the same classes
     (tmp_path / "synsets").mkdir()
     synset = cvt_ref.imagenet_synsets()[order[0, 0]]
     (tmp_path / "synsets" / synset).mkdir()
     shutil.copy(photos[0], tmp_path / "synsets" / synset / photos[0].name)
     rep = bench.run(_config(exported, dataset=tmp_path / "synsets", precisions=("fp32",), backends=()))
-    assert rep["results"][0]["accuracy"] == {"top1": 1.0, "top5": 1.0}
+    assert {k: rep["results"][0]["accuracy"][k] for k in ("top1", "top5")} == {"top1": 1.0, "top5": 1.0}
     # folders that are not the model's classes: no accuracy, and the report says why
     (tmp_path / "other" / "my-cats").mkdir(parents=True)
     shutil.copy(photos[0], tmp_path / "other" / "my-cats" / photos[0].name)

@@ -327,6 +327,8 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(tmp_path: Path) -> None:
         (["--precision", "int4", "--out", out], "--precision"),
         (["--opset", "13", "--out", out], "--opset 13"),
         (["--batch", "0", "--out", out], "--batch 0"),
+        (["--precision", "int8", "--smooth", "1.5", "--out", out], "--smooth '1.5'"),
+        (["--precision", "int8", "--smooth", "strong", "--out", out], "--smooth 'strong'"),
     ]
     for args, fragment in cases:
         assert_user_error(run_cli("cvt-export", "onnx", *args), fragment)

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import cvt_ref
-from cvt_export import smoothing
+from cvt_export import build, imageset, smoothing
 from cvt_export.backends import get_backend
-from cvt_export.precision import tensorrt_qdq_problems
+from cvt_export.build import BuildRequest
+from cvt_export.precision import SMOOTH_CHOICES, Int8Options, tensorrt_qdq_problems
 from helpers import cosine_rows, int8_backends, run_cli
 
 STRESSED = 4  # channels per site; cvt-13 has 13 blocks, a third of them (4) are stressed
@@ -133,7 +134,9 @@ def test_migrated_int8_reaches_0999_on_stressed_random_weights(
     still passes TensorRT's Q/DQ rules."""
     out = stressed
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["model.int8.onnx"]["policy"]["smoothing"]["strength"] == 0.5
+    policy = manifest["files"]["model.int8.onnx"]["policy"]
+    assert policy["smooth_search"]["chosen"] != "off"  # chosen on the selection images: migration
+    assert policy["smoothing"]["strength"] == float(policy["smooth_search"]["chosen"])
     assert not tensorrt_qdq_problems(onnx.load(str(out / "model.int8.onnx")))
     held_out = cvt_ref.preprocess_batch(list(split[1]), "cvt-13")
     with torch.inference_mode():
@@ -143,3 +146,55 @@ def test_migrated_int8_reaches_0999_on_stressed_random_weights(
         with b.compile(out, "int8") as run:
             cos = cosine_rows(ref, run(held_out.numpy())).min()
         assert cos >= 0.999, (backend, cos)
+
+
+def isolated_weight_outliers(factor: float = 20.0, per_matrix: int = 4) -> cvt_ref.CvT:
+    """A model where migration at the default strength hurts: random:0 with `per_matrix` single
+    weights of every q/k/v projection and fc1 multiplied by `factor`. Per-channel weight
+    quantization confines such a weight to its own output row; migration, which balances a
+    column's maximum against its activation channel's, spreads it to the whole activation tensor
+    (the channel is divided by a small factor, so it grows, and per-tensor activation scales with it)."""
+    model = cvt_ref.create_model("cvt-13", "random:0")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("mlp.fc1", "attn.proj_q", "attn.proj_k", "attn.proj_v")):
+                rows, cols = module.weight.shape
+                module.weight[torch.randint(0, rows, (per_matrix,), generator=g),
+                              torch.randint(0, cols, (per_matrix,), generator=g)] *= factor
+    return model
+
+
+@pytest.mark.slow
+def test_migration_strength_is_chosen_per_model(tmp_path: Path) -> None:
+    """On a model where the default strength hurts, the choice is lower than 0.5, and its INT8
+    file is at least as faithful as both fixed choices (off, 0.5) on confirmation images, run
+    here on ONNX Runtime against the PyTorch model (the export's own figures are not used)."""
+    import onnxruntime as ort
+
+    model = isolated_weight_outliers()
+    weights = tmp_path / "isolated.pth"
+    torch.save(model.state_dict(), weights)
+    made = {}
+    for label, search, strength in (("auto", SMOOTH_CHOICES, 0.5), ("off", (), None), ("0.5", (), 0.5)):
+        out = tmp_path / label
+        build.build(BuildRequest("cvt-13", str(weights), precisions=("fp32", "int8"), smooth_search=search,
+                                 int8=Int8Options(smooth=strength)), out)
+        made[label] = out
+    manifest = json.loads((made["auto"] / "manifest.json").read_text())
+    chosen = manifest["files"]["model.int8.onnx"]["policy"]["smooth_search"]["chosen"]
+    assert chosen in ("off", "0.25"), chosen
+    items = imageset.bundled_items()
+    calib = manifest["calibration"]["fingerprints"]
+    confirmation = [it.image() for it, r in zip(items, imageset.roles(items, calib), strict=True)
+                    if r == "confirmation"]
+    x = cvt_ref.preprocess_batch(confirmation, "cvt-13")
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    worst = {}
+    for label, out in made.items():
+        session = ort.InferenceSession(str(out / "model.int8.onnx"), so, providers=["CPUExecutionProvider"])
+        worst[label] = float(cosine_rows(ref, session.run(None, {"pixel_values": x.numpy()})[0]).min())
+    assert worst["auto"] >= max(worst["off"], worst["0.5"]) - 1e-6, worst

@@ -80,8 +80,10 @@ def main_command(
     artifacts: Annotated[Path | None, typer.Option(
         help="artifact folder [default: artifacts/VARIANT]")] = None,
     dataset: Annotated[Path | None, typer.Option(
-        help="image folder (ImageFolder with synset or index class folders gives accuracy)")] = None,
-    limit: Annotated[int | None, typer.Option(help="use the first N images")] = None,
+        help="image folder (ImageFolder with synset or index class folders gives accuracy); its "
+        "calibration images are recognised, the rest split into selection and confirmation "
+        "[default: the bundled evaluation set, 17 photographs in 10 views]")] = None,
+    limit: Annotated[int | None, typer.Option(help="use N images spread over the set")] = None,
     warmup: Annotated[int, typer.Option(help="untimed calls per batch size")] = 3,
     iters: Annotated[int | None, typer.Option(help="timed calls per batch size (else --seconds)")] = None,
     seconds: Annotated[float, typer.Option(help="time budget per batch size")] = 2.0,

@@ -18,7 +18,7 @@ from cvt_export.build import BuildRequest, build
 from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
-from cvt_export.precision import CALIB_METHODS, Int8Options
+from cvt_export.precision import CALIB_METHODS, SMOOTH_CHOICES, Int8Options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export CvT to ONNX / TensorRT / OpenVINO, and check what it computes.")
@@ -95,9 +95,10 @@ def onnx(
         help="INT8 calibration image folder [default: half of the bundled photos]")] = None,
     calib_size: Annotated[int | None, typer.Option(help="calibrate on N images spread over --calib")] = None,
     calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
-    smooth: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="INT8: SmoothQuant migration strength (share of each activation "
-        "channel's range moved into the weights)")] = 0.5,
+    smooth: Annotated[str, typer.Option(
+        help="INT8: SmoothQuant migration strength, the share of each activation channel's range "
+        "moved into the weights: auto (chosen among off, 0.25, 0.5, 0.75 on the selection images), "
+        "off, or a number in [0, 1]")] = "auto",
     no_smooth: Annotated[bool, typer.Option("--no-smooth", help="INT8: no SmoothQuant migration")] = False,
     force: Annotated[bool, typer.Option(
         help="replace an export of another source (weights, variant, size...) in --out")] = False,
@@ -126,11 +127,12 @@ def onnx(
             raise CvtError(f"--batch {batch!r}: use 'dynamic' or a positive integer")
         fixed = int(batch)
     precisions = precision_table.parse(precision, precision_table.EXPORTED)
+    strength, search = smooth_option("off" if no_smooth else smooth)
     req = BuildRequest(
         variant=variant, weights=weights, activation=activation,  # type: ignore[arg-type]
         options=ExportOptions(opset=opset, batch=fixed, image_size=image_size),
         precisions=precisions, calib=calib, calib_size=calib_size,
-        int8=Int8Options(method=calib_method, smooth=None if no_smooth else smooth), force=force,
+        int8=Int8Options(method=calib_method, smooth=strength), smooth_search=search, force=force,
         outliers=outliers, outlier_seed=outlier_seed)
     folder = out or Path("artifacts") / variant
     with stderr.status("starting") as status:
@@ -208,6 +210,22 @@ def openvino(
         stdout.print(f"{prec}: {path} ({path.with_suffix('.bin').stat().st_size / 1e6:.1f} MB weights)")
 
 
+def smooth_option(text: str) -> tuple[float | None, tuple[float | None, ...]]:
+    """--smooth auto | off | A -> (the strength, the choices to search; empty: none)."""
+    value = text.strip().lower()
+    if value == "auto":
+        return 0.5, SMOOTH_CHOICES
+    if value in ("off", "none"):
+        return None, ()
+    try:
+        strength = float(value)
+    except ValueError:
+        strength = float("nan")
+    if not 0.0 <= strength <= 1.0:
+        raise CvtError(f"--smooth {text!r}: use auto, off, or a strength between 0 and 1 (e.g. 0.5)")
+    return strength, ()
+
+
 @app.command()
 @user_errors
 def tune(
@@ -219,18 +237,26 @@ def tune(
         '"top1-agreement>=0.99", "top1-drop<=0.5" (needs --dataset)')] = None,
     objective: Annotated[str, typer.Option(help="latency-b1 | throughput-b8")] = "throughput-b8",
     dataset: Annotated[Path | None, typer.Option(
-        help="held-out images (ImageFolder with class folders gives top1-drop) [default: bundled "
-        "photos not used for calibration]")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="use the first N images of --dataset")] = None,
+        help="images to decide and confirm on (ImageFolder with class folders gives top1-drop); "
+        "calibration images are recognised and left out, the rest split into selection and "
+        "confirmation [default: the bundled evaluation set]")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="use N images spread over the set")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for the backend")] = None,
-    seconds: Annotated[float, typer.Option(help="timing budget per timed configuration")] = 2.0,
+    seconds: Annotated[float, typer.Option(help="timing budget per configuration in the final, "
+                                                "interleaved comparison")] = 2.0,
+    margin: Annotated[float, typer.Option(
+        help="headroom: a share of what the budget allows to be lost (0.2 asks cosine>=0.9995 "
+        "for 0.9996 on selection and confirmation)")] = 0.0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Fastest INT8/float mix within a fidelity budget: writes model.mixed.onnx, tune.md, tune.json.
 
-    Per-block sensitivity (one block in INT8 at a time), then a greedy search that keeps the
-    most sensitive blocks in float until the budget holds; every candidate is built and timed on
-    the backend, beside the folder's FP32, FP16/BF16 and INT8 files.
+    Per-block sensitivity (one block in INT8 at a time) on the selection images, then a greedy
+    search that keeps the most sensitive blocks in float until the budget holds on the selection
+    and on the confirmation images, then a short refinement (the costliest kept block back to
+    INT8, or a cheaper one in its place). Every candidate is built and run on the backend; the
+    configurations within the budget are timed in interleaved rounds, and one is called faster
+    only when the 95% intervals of the medians separate.
 
     Examples:
 
@@ -247,18 +273,23 @@ def tune(
 
     with folder.lock(), stderr.status("tune") as status:  # one writer from the first step to the reports
         result = tuning.tune(folder, backend, budgets, objective, dataset=dataset, limit=limit,
-                             threads=threads, seconds=seconds, step=lambda text: status.update(text))
+                             threads=threads, seconds=seconds, margin=margin,
+                             step=lambda text: status.update(text))
         atomic_write(folder.file("tune.md"), tuning.markdown(result))
         atomic_write(folder.file("tune.json"), json.dumps(tuning.summary(result), indent=2) + "\n")
     table = Table(title=f"{artifacts}: {result.backend}, {result.objective}, budget "
-                  f"{', '.join(result.budgets)} on {result.held_out}", title_justify="left")
-    for col in ("configuration", "float blocks", "cosine min", "within", "median ms", "img/s"):
+                  f"{', '.join(result.budgets)}{f' margin {margin:g}' if margin else ''} on "
+                  f"{result.held_out}", title_justify="left")
+    for col in ("configuration", "float blocks", "selection cosine", "confirmation cosine", "within",
+                "median ms [95%]", "img/s"):
         table.add_column(col)
     for c in result.configs:
         table.add_row(c.name + (" (chosen)" if c is result.chosen else ""),
                       str(len(c.kept)) if c.kept else "–",
-                      f"{c.fidelity['cosine_min']:.6f}", "yes" if c.within else "no",
-                      f"{c.speed['median_ms']:.1f}" if c.speed else "–",
+                      f"{c.fidelity['cosine_min']:.6f}", f"{c.confirmed['cosine_min']:.6f}",
+                      "yes" if c.within else "no",
+                      (f"{c.speed['median_ms']:.1f} [{c.speed['median_ci_ms'][0]:.1f}, "
+                       f"{c.speed['median_ci_ms'][1]:.1f}]") if c.speed else "–",
                       f"{c.speed['images_per_s']:.1f}" if c.speed else "–")
     stdout.print(table)
     stdout.print(result.message)

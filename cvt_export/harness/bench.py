@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, build, calibration, machine, metrics, precisions, probes, validate
+from cvt_export import artifacts, build, calibration, imageset, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BACKEND_MODULES, BackendError, BackendUnavailable, Probing, get_backend
 from cvt_export.backends.torch import reference_model
@@ -27,6 +27,7 @@ from cvt_export.harness import timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images
+from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class BenchConfig:
     artifacts: Path | None = None
     dataset: Path | None = None
     limit: int | None = None
+    golden: bool = False  # the regression gate's golden inputs instead of the evaluation set
     warmup: int = 3
     iters: int | None = None
     seconds: float = 2.0
@@ -82,6 +84,7 @@ class Inputs:
     sha256: str
     accuracy_note: str = ""     # why there are no labels, when a dataset was given
     paths: list[Path] = field(default_factory=list)
+    items: list[imageset.Item] = field(default_factory=list)
 
 
 def class_index(labels: list[str]) -> dict[str, int]:
@@ -95,22 +98,28 @@ def class_index(labels: list[str]) -> dict[str, int]:
 
 
 def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Variant,
-                labels: list[str] | None = None) -> Inputs:
-    """Bundled photographs, or an image folder (ImageFolder layout, folders named after the
-    model's classes, gives labels and accuracy)."""
-    if dataset is None:
-        paths, source = cvt_ref.bundled_photos(), "bundled photos"
+                labels: list[str] | None = None, *, golden: bool = False) -> Inputs:
+    """The bundled evaluation set (17 photographs in `imageset.VIEWS` views each), an image
+    folder (ImageFolder layout, folders named after the model's classes, gives labels and
+    accuracy), or, `golden`, the regression gate's golden inputs (the 11 photographs of
+    cvt_ref/data/photos, one view each)."""
+    if golden:
+        items, source = imageset.file_items(cvt_ref.bundled_photos()), "golden photos"
+    elif dataset is None:
+        items, source = imageset.bundled_items(), "the bundled evaluation set"
     else:
         if not dataset.is_dir():
             raise BenchError(f"--dataset {dataset}: no such folder")
         paths, source = list_images(dataset), str(dataset)
         if not paths:
             raise BenchError(f"--dataset {dataset}: holds no images")
-    paths = paths[:limit] if limit else paths
+        items = imageset.file_items(calibration.spread(paths, limit) if limit else paths)
+    if limit and dataset is None:
+        items = calibration.spread(items, limit)
     found_labels, note = None, ""
     if dataset is not None:
         index = class_index(labels or cvt_ref.class_names(variant.num_classes))
-        folders = [p.parent.name if p.parent != dataset else None for p in paths]
+        folders = [it.path.parent.name if it.path.parent != dataset else None for it in items]
         unknown = sorted({f for f in folders if f is not None and f.lower() not in index})
         if None in folders:
             note = "accuracy skipped: some images are not in class folders (ImageFolder layout)"
@@ -120,41 +129,60 @@ def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Varian
                     f"class indices 0..{variant.num_classes - 1}")
         else:
             found_labels = np.asarray([index[f.lower()] for f in folders if f is not None], dtype=np.int64)
-    images = cvt_ref.preprocess_batch(list(paths), variant).numpy()
+    images = cvt_ref.preprocess_batch([it.image() for it in items], variant).numpy()
     digest = hashlib.sha256(images.tobytes()).hexdigest()
-    names = [str(p.relative_to(dataset)) if dataset else p.name for p in paths]
-    return Inputs(names, images, found_labels, source, digest, note, list(paths))
+    names = [str(it.path.relative_to(dataset)) if dataset else it.name for it in items]
+    return Inputs(names, images, found_labels, source, digest, note, [it.path for it in items], items)
 
 
 def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list[str],
-          held: list[int] | None = None) -> None:
+          roles: Roles | None = None) -> None:
     """Fidelity against the reference, and whether it is within the precision's bounds; with
-    `held` (rows not used for calibration, when some were), also the fidelity on those alone."""
+    `roles`, also the fidelity per role: `selection` (what decides), `confirmation` (what the
+    report states) and `held_out` (both, every input not used for calibration)."""
     result.fidelity = metrics.full_fidelity(reference, logits, names)
     broken = metrics.within_bounds(result.precision, result.fidelity)
     result.fidelity.update({"bounds": dict(metrics.BOUNDS[result.precision]), "pass": not broken,
                             "broken": broken})
-    if held:
-        result.fidelity["held_out"] = {**metrics.fidelity(reference[held], logits[held]), "images": len(held)}
+    if roles is None:
+        return
+    for key, wanted in (("held_out", ("selection", "confirmation")), ("selection", ("selection",)),
+                        ("confirmation", ("confirmation",))):
+        rows = roles.rows(*wanted)
+        if rows:
+            result.fidelity[key] = {**metrics.fidelity(reference[rows], logits[rows]), "images": len(rows)}
 
 
-def held_out_rows(inputs: Inputs, folder: ArtifactFolder) -> tuple[list[int] | None, str]:
-    """Rows of the inputs not used for INT8 calibration (None: none were used; []: all were),
-    and a note.
-    Matched by content (sha256 of the file) when the manifest records the calibration files'
-    digests, else by file name within the same source."""
+@dataclass(frozen=True)
+class Roles:
+    """Which rows of the inputs play which role against a folder's INT8 calibration."""
+
+    of: list[str]                 # per row: calibration | selection | confirmation
+    sizes: dict[str, dict[str, int]]
+    note: str
+
+    def rows(self, *wanted: str) -> list[int]:
+        return [i for i, r in enumerate(self.of) if r in wanted]
+
+
+def roles(inputs: Inputs, folder: ArtifactFolder) -> Roles:
+    """The inputs' roles: calibration images (recognised by decoded content, or, for folders
+    exported before fingerprints were recorded, by file content or name), then the other groups
+    alternating selection and confirmation."""
     used = folder.calibration_images
-    if used.digests and inputs.paths:
-        rows = calibration.unused_rows(inputs.paths, list(used.digests))
-    elif used.source is not None and used.source == inputs.source:
-        rows = [i for i, n in enumerate(inputs.names) if Path(n).name not in used.files]
-    else:
-        rows = list(range(len(inputs.names)))
-    if len(rows) == len(inputs.names):
-        return None, f"{len(inputs.names)} images of {inputs.source} (none used for calibration)"
-    if not rows:
-        return [], f"{len(inputs.names)} images of {inputs.source}, all used for calibration"
-    return rows, f"{len(rows)} images of {inputs.source} not used for calibration"
+    of = imageset.roles(inputs.items, used.fingerprints)
+    if not used.fingerprints and (used.digests or used.source == inputs.source):
+        digests = set(used.digests)
+        old = {i for i, it in enumerate(inputs.items)
+               if (digests and sha256_file(it.path) in digests)
+               or (not digests and it.path.name in used.files)}
+        groups = {inputs.items[i].group for i in old}
+        rest = [it.group for it in inputs.items if it.group not in groups]
+        order = {g: ("selection", "confirmation")[k % 2] for k, g in enumerate(sorted(set(rest)))}
+        of = ["calibration" if it.group in groups else order[it.group] for it in inputs.items]
+    sizes = imageset.sizes(of, inputs.items)
+    note = ", ".join(f"{r} {sizes[r]['inputs']} ({sizes[r]['sources']} images)" for r in imageset.ROLES)
+    return Roles(of, sizes, f"{inputs.source}: {note}")
 
 
 def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
@@ -162,7 +190,7 @@ def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batc
 
 
 def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inputs, cfg: BenchConfig,
-              reference: np.ndarray | None, held: list[int] | None = None
+              reference: np.ndarray | None, roles: Roles | None = None
               ) -> tuple[Result, np.ndarray | None]:
     result = Result(backend, precision)
     b = get_backend(backend)
@@ -196,7 +224,7 @@ def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inpu
         return result, None
     result.peak_rss_mb = timing.peak_rss_mb()
     if reference is not None:
-        judge(result, reference, logits, inputs.names, held)
+        judge(result, reference, logits, inputs.names, roles)
     if inputs.labels is not None:
         result.accuracy = metrics.accuracy(logits, inputs.labels)
     return result, logits
@@ -279,14 +307,14 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
 
 
 def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> dict[str, Any]:
-    inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels)
+    inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels, golden=cfg.golden)
     have_mixed = folder.has("mixed")
     pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions
              if p != "mixed" or have_mixed or cfg.precisions == ("mixed",)]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None
-    held, held_note = held_out_rows(inputs, folder)
+    split = roles(inputs, folder)
     probe_x = inputs.images[:DRIFT_IMAGES]
     ref_model = reference_model(folder)
     ref_points = probes.reference_probes(ref_model, probe_x)
@@ -296,12 +324,12 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     del ref_model
     for backend, precision in pairs:
         progress(f"{backend} {precision}")
-        result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, held)
+        result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split)
         if (backend, precision) == BASELINE:
             if logits is None:
                 raise BenchError(f"the PyTorch FP32 reference could not run: {result.reason}")
             reference = logits
-            judge(result, reference, logits, inputs.names, held)
+            judge(result, reference, logits, inputs.names, split)
         if result.status == "ok" and (backend, precision) != BASELINE:
             progress(f"{backend} {precision}: per-block drift")
             stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
@@ -318,7 +346,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
         "model": folder.summary(),
         "inputs": {"source": inputs.source, "images": len(inputs.names),
                    "labelled": inputs.labels is not None, "accuracy_note": inputs.accuracy_note,
-                   "sha256": inputs.sha256, "held_out_note": held_note,
+                   "sha256": inputs.sha256, "held_out_note": split.note, "roles": split.sizes,
                    "image_size": int(inputs.images.shape[-1])},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "drift_images": len(probe_x)},

@@ -1,10 +1,12 @@
 """The configuration to deploy, per objective, from one cvt-bench report: `recommendation.json`.
 
 Among the exported artifacts' rows (not PyTorch eager, the reference) that ran and are within
-the budget (the user's `--budget`, else each row's own precision bounds), the fastest at
-batch 1 (median latency) and at batch 8 (images/s). Fidelity is judged on the report's
-held-out images (those not used for INT8 calibration) when the report has them, so
-calibration images never decide. `cvt-export triton --from-recommendation` reads the file.
+the budget (the user's `--budget`, else each row's own precision bounds) on the report's
+*selection* images, the fastest at batch 1 (median latency) and at batch 8 (images/s). A row
+is faster only when the 95% intervals of the medians separate; the rows whose intervals overlap
+the fastest one's are tied with it, and the tie goes to the most faithful (selection cosine),
+said so. The figures the file states are the *confirmation* images', which decided nothing.
+Calibration images never decide. `cvt-export triton --from-recommendation` reads the file.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ OBJECTIVES = {"latency-b1": ("1", "median_ms"), "throughput-b8": ("8", "images_p
 
 
 def judged(row: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The fidelity that decides: on held-out images when the report has them."""
+    """The fidelity that decides: on the selection images when the report has them (reports of
+    older versions: the held-out images, else all)."""
     fid = row.get("fidelity") or {}
-    return fid.get("held_out") or fid
+    return fid.get("selection") or fid.get("held_out") or fid
+
+
+def stated(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The fidelity the recommendation states: on the confirmation images when there are some."""
+    fid = row.get("fidelity") or {}
+    return fid.get("confirmation") or judged(row)
 
 
 def within(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> bool:
@@ -39,6 +48,32 @@ def within(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> bool:
     return not metrics.within_bounds(row["precision"], fid)
 
 
+def interval(row: Mapping[str, Any], batch: str) -> tuple[float, float]:
+    """The 95% interval of the row's median latency at `batch` (a point in older reports)."""
+    stats = row["latency"][batch]
+    lo, hi = stats.get("median_ci_ms") or (stats["median_ms"], stats["median_ms"])
+    return float(lo), float(hi)
+
+
+def separated(a: Mapping[str, Any], b: Mapping[str, Any], batch: str) -> bool:
+    """a is faster than b beyond the noise: a's interval ends before b's begins."""
+    return interval(a, batch)[1] < interval(b, batch)[0]
+
+
+Row = Mapping[str, Any]
+
+
+def pick_fastest(rows: Sequence[Row], batch: str) -> tuple[Row, list[Row]]:
+    """The row to deploy and the rows tied with the fastest (the fastest included)."""
+    fastest = min(rows, key=lambda r: r["latency"][batch]["median_ms"])
+    tied = [r for r in rows if r is fastest or not separated(fastest, r, batch)]
+    return max(tied, key=lambda r: float(judged(r).get("cosine_min", float("-inf")))), tied
+
+
+def _name(row: Mapping[str, Any]) -> str:
+    return f"{row['backend']} {row['precision']}"
+
+
 def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ()) -> dict[str, Any]:
     rows = [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE
             and within(r, budgets)]
@@ -48,32 +83,49 @@ def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ())
         if not timed:
             chosen[objective] = None
             continue
-        sign = 1 if key == "median_ms" else -1
-        best = min(timed, key=lambda r: sign * r["latency"][batch][key])
-        fid = judged(best)
+        best, tied = pick_fastest(timed, batch)
+        fid, shown = judged(best), stated(best)
+        others = [_name(r) for r in tied if r is not best]
+        why = ("fastest beyond the noise (95% intervals of the median separate from every other row's)"
+               if not others else f"tied with {', '.join(others)} (95% intervals of the median overlap); "
+               "the most faithful of them on the selection images")
+        lo, hi = interval(best, batch)
         chosen[objective] = {
             "backend": best["backend"], "precision": best["precision"], "executed": best["executed"],
             "artifacts": report["model"]["artifacts"], key: best["latency"][batch][key],
-            "batch": int(batch), "cosine_min": fid.get("cosine_min"),
-            "top1_agreement": fid.get("top1_agreement")}
+            "median_ms": best["latency"][batch]["median_ms"], "median_ci_ms": [lo, hi],
+            "bimodal_ms": best["latency"][batch].get("modes_ms"),
+            "batch": int(batch), "why": why, "tied_with": others,
+            "cosine_min": fid.get("cosine_min"), "top1_agreement": fid.get("top1_agreement"),
+            "confirmation": {k: shown.get(k) for k in ("cosine_min", "cosine_p5", "top1_agreement",
+                                                       "top1_agreement_ci", "images")}}
+    inputs = report["inputs"]
     return {"schema": SCHEMA, "created": report["created"], "machine": report["machine"],
             "model": report["model"],
             "budget": [str(b) for b in budgets] or "each precision's bounds (cvt_export.metrics.BOUNDS)",
-            "judged_on": report["inputs"].get("held_out_note", f"{report['inputs']['images']} images"),
-            "objectives": chosen}
+            "judged_on": inputs.get("held_out_note", f"{inputs['images']} images"),
+            "roles": inputs.get("roles"), "objectives": chosen}
 
 
 def markdown(rec: Mapping[str, Any]) -> list[str]:
     budget = rec["budget"] if isinstance(rec["budget"], str) else ", ".join(rec["budget"])
-    lines = ["", "## Recommendation", "", f"Within {budget}, judged on {rec['judged_on']}:", ""]
+    lines = ["", "## Recommendation", "", f"Within {budget} on the selection images; figures on the "
+             f"confirmation images, which decided nothing ({rec['judged_on']}):", ""]
     for objective, pick in rec["objectives"].items():
         if pick is None:
             lines.append(f"- {objective}: nothing within the budget was timed at that batch size")
             continue
-        figure = (f"{pick['median_ms']:.1f} ms" if "median_ms" in pick
-                  else f"{pick['images_per_s']:.1f} img/s")
-        lines.append(f"- **{objective}**: {pick['backend']} {pick['precision']} ({figure}, cosine "
-                     f"{pick['cosine_min']:.6f})")
+        lo, hi = pick.get("median_ci_ms") or (pick["median_ms"], pick["median_ms"])
+        figure = (f"{pick['median_ms']:.1f} ms [95% {lo:.1f}, {hi:.1f}]" if objective == "latency-b1"
+                  else f"{pick['images_per_s']:.1f} img/s, median {pick['median_ms']:.1f} ms "
+                  f"[95% {lo:.1f}, {hi:.1f}]")
+        if pick.get("bimodal_ms"):
+            figure += f", bimodal {pick['bimodal_ms'][0]:.1f} / {pick['bimodal_ms'][1]:.1f} ms"
+        conf = pick.get("confirmation") or {}
+        stated_fid = (f"confirmation cosine {conf['cosine_min']:.6f} (n={conf.get('images')})"
+                      if conf.get("cosine_min") is not None else f"cosine {pick['cosine_min']:.6f}")
+        lines.append(f"- **{objective}**: {pick['backend']} {pick['precision']} ({figure}, {stated_fid}): "
+                     f"{pick.get('why', '')}")
     return lines
 
 

@@ -2,13 +2,16 @@
 
 report.json schema `cvt-bench/1` (documented in the README): top-level `schema`, `created`,
 `machine` {cpu, cores, isa, os, python, libraries}, `model` {variant, weights, artifacts,
-onnx_sha256}, `inputs` {source, images, labelled, sha256, image_size}, `settings` (the
+onnx_sha256}, `inputs` {source, images, labelled, sha256, image_size, held_out_note, roles
+{calibration|selection|confirmation: {inputs, sources}}}, `settings` (the
 BenchConfig), `baseline` {backend, precision}, and `results`: one object per backend ×
 precision with `status` (ok | skipped | error), `reason`, `executed`, `device`, `artifact`,
 `first_inference_s`, `peak_rss_mb`, `fidelity` {max_abs, mean_abs, cosine_min, cosine_mean,
-top1_agreement, top5_agreement, kl_mean, kl_max, worst_image, worst_cosine}, `accuracy`
-{top1, top5} or null, `batch_consistency_max_abs`, `latency` {batch: {iterations,
-median_ms, p90_ms, p99_ms, mean_ms, min_ms, stdev_ms, images_per_s}}, `speedup` {batch:
+top1_agreement, top5_agreement, kl_mean, kl_max, worst_image, worst_cosine, n, cosine_p5,
+top1_agreement_ci, and per role `selection`, `confirmation`, `held_out` (both): {cosine_min,
+max_abs, top1_agreement, n, cosine_p5, top1_agreement_ci, images}}, `accuracy` {top1, top5,
+n, top1_ci} or null, `batch_consistency_max_abs`, `latency` {batch: {iterations, median_ms,
+p90_ms, p99_ms, mean_ms, min_ms, stdev_ms, images_per_s, median_ci_ms, modes_ms}}, `speedup` {batch:
 ratio of the baseline's median to this one's}, `drift` [{point ("stage S block B" or
 "logits"), cosine_min, error (1 - cosine_min), rel_max_abs}] on the first `settings.drift_images`
 images (ONNX Runtime and OpenVINO), and `drift_located`: the point where the error grows most.
@@ -74,6 +77,27 @@ def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _median(s: dict[str, Any]) -> str:
+    ci = s.get("median_ci_ms")
+    text = _fmt(s["median_ms"], ".1f") + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+    modes = s.get("modes_ms")
+    return text + (f" bimodal {modes[0]:.1f}/{modes[1]:.1f}" if modes else "")
+
+
+def _agree(f: dict[str, Any]) -> str:
+    share = f"{100 * f['top1_agreement']:.1f}%"
+    ci = f.get("top1_agreement_ci")
+    return share + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+
+
+def _roles_line(inputs: dict[str, Any]) -> list[str]:
+    roles = inputs.get("roles")
+    if not roles:
+        return []
+    parts = [f"{role} {n['inputs']} inputs of {n['sources']} images" for role, n in roles.items()]
+    return [f"Roles (never the same image in two): {'; '.join(parts)}.", ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, inputs, settings = report["machine"], report["inputs"], report["settings"]
     batches = [str(b) for b in settings["batches"]]
@@ -89,10 +113,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"Speed-up: median latency of {report['baseline']['backend']} {report['baseline']['precision']} "
         "eager divided by this row's, same run.",
         "",
+        *_roles_line(inputs),
         "## Latency and throughput",
         "",
+        "Median with its 95% interval (order statistics of this row's iterations); 'bimodal' when "
+        "the iterations split into two clusters, with both.",
+        "",
         "| backend | precision | runs as | "
-        + " | ".join(f"b{b} median ms | b{b} p90 ms | b{b} img/s | b{b} speed-up" for b in batches)
+        + " | ".join(f"b{b} median ms [95%] | b{b} p90 ms | b{b} img/s | b{b} speed-up" for b in batches)
         + " | first run s |",
         "|---|---|---|" + "---|" * (4 * len(batches)) + "---|",
     ]
@@ -102,7 +130,7 @@ def markdown(report: dict[str, Any]) -> str:
         cells = []
         for b in batches:
             s = r["latency"].get(b)
-            cells += ([_fmt(s["median_ms"], ".1f"), _fmt(s["p90_ms"], ".1f"), _fmt(s["images_per_s"], ".1f"),
+            cells += ([_median(s), _fmt(s["p90_ms"], ".1f"), _fmt(s["images_per_s"], ".1f"),
                        _fmt(r["speedup"].get(b), ".2f") + "×"] if s else ["–"] * 4)
         lines.append(f"| {r['backend']} | {r['precision']} | {r['executed']} | " + " | ".join(cells)
                      + f" | {_fmt(r['first_inference_s'], '.1f')} |")
@@ -119,6 +147,21 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{100 * f['top5_agreement']:.1f}% | {f['kl_mean']:.2e} | "
                      f"{_fmt(r['batch_consistency_max_abs'], '.2e')} | {f['worst_image']} | "
                      + ("yes" if f.get("pass", True) else "**NO**: " + "; ".join(f["broken"])) + " |")
+    by_role = [r for r in report["results"] if r["status"] == "ok" and (r["fidelity"] or {}).get("selection")]
+    if by_role:
+        lines += ["", "## Fidelity by role", "",
+                  "Selection images decide (the recommendation); confirmation images are what it states. "
+                  "Cosine: worst and 5th percentile; top-1 agreement with its 95% Wilson interval.", "",
+                  "| backend | precision | selection n | cosine min / p5 | top-1 agree [95%] | "
+                  "confirmation n | cosine min / p5 | top-1 agree [95%] |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in by_role:
+            cells = []
+            for role in ("selection", "confirmation"):
+                f = r["fidelity"].get(role)
+                cells += ([str(f["images"]), f"{f['cosine_min']:.6f} / {f['cosine_p5']:.6f}", _agree(f)]
+                          if f else ["0", "–", "–"])
+            lines.append(f"| {r['backend']} | {r['precision']} | " + " | ".join(cells) + " |")
     if inputs["labelled"]:
         lines += ["", "## Accuracy", "", "| backend | precision | top-1 | top-5 |", "|---|---|---|---|"]
         lines += [f"| {r['backend']} | {r['precision']} | {100 * r['accuracy']['top1']:.2f}% | "
