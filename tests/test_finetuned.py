@@ -156,7 +156,7 @@ def test_a_custom_image_size_runs_export_bench_and_regress(tmp_path: Path) -> No
         ("cvt-export", "onnx", "--image-size", "160", "--precision", "fp32,int8", "--smooth", "0.5",
          "--out", str(art)),
         ("cvt-bench", "--backend", "all", "--precision", "fp32,int8", "--batch", "1,2",
-         "--iters", "1", "--warmup", "0", "--artifacts", str(art)),
+         "--iters", "1", "--warmup", "0", "--limit", "30", "--artifacts", str(art)),
         ("cvt-bench", "regress", "--update", "--baseline", str(tmp_path / "b160.json"), "--artifacts",
          str(art), "--iters", "1", "--backend", "ort,openvino", "--precision", "fp32,int8"),
         ("cvt-bench", "regress", "--baseline", str(tmp_path / "b160.json"), "--artifacts", str(art),

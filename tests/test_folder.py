@@ -74,8 +74,8 @@ def test_a_crafted_manifest_is_refused_by_the_python_api(exported: Path, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [
-    ["cvt-bench", "--backend", "ort", "--precision", "fp16", "--iters", "1", "--artifacts", "{a}",
-     "--out", "{t}/rep"],
+    ["cvt-bench", "--backend", "ort", "--precision", "fp16", "--iters", "1", "--limit", "20",
+     "--artifacts", "{a}", "--out", "{t}/rep"],
     ["cvt-bench", "regress", "--baseline", "{t}/none.json", "--update", "--artifacts", "{a}"],
     ["cvt-export", "openvino", "--artifacts", "{a}", "--precision", "fp16"],
     ["cvt-export", "trt", "--artifacts", "{a}", "--precision", "fp16"],

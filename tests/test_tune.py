@@ -134,7 +134,8 @@ def test_tune_meets_the_budget_on_the_stressed_model(
     # the tuned row beside the others in cvt-bench's report
     report = tmp_path / "r.json"
     bench = run_cli("cvt-bench", "--backend", "ort", "--precision", "int8,mixed", "--artifacts",
-                    str(folder), "--batch", "8", "--iters", "2", "--warmup", "1", "--json", str(report))
+                    str(folder), "--batch", "8", "--iters", "2", "--warmup", "1", "--limit", "40",
+                    "--json", str(report))
     assert bench.returncode == 0, bench.stderr
     rows = {r["precision"]: r for r in json.loads(report.read_text())["results"] if r["backend"] == "ort"}
     assert rows["mixed"]["status"] == "ok"
@@ -189,7 +190,7 @@ def test_tune_killed_at_three_moments_leaves_nothing_that_verifies(stressed: Pat
             with pytest.raises(ArtifactError):
                 ArtifactFolder.open(left)
     done = run_cli("cvt-export", "tune", "--artifacts", str(folder), "--backend", "ort",
-                   "--budget", "cosine>=0.9995", "--seconds", "0.5")
+                   "--budget", "cosine>=0.9995", "--seconds", "0.5", "--limit", "40")
     assert done.returncode == 0, done.stderr
     assert not scratch() and ArtifactFolder.open(folder).verify("mixed")
 
@@ -211,7 +212,7 @@ def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_pat
     out = tmp_path / "report"
     bench = run_cli("cvt-bench", "--backend", "ort", "--precision", "fp32,int8",
                     "--artifacts", str(folder), "--batch", "1,8", "--iters", "3", "--warmup", "1",
-                    "--out", str(out))
+                    "--limit", "40", "--out", str(out))
     assert bench.returncode == 0, bench.stderr
     report = json.loads((out / "report.json").read_text())
     rec = json.loads((out / "recommendation.json").read_text())
