@@ -139,7 +139,7 @@ def bench_served(target: Target, folder: Any, precision: str, concurrency: tuple
     from cvt_export.harness.bench import load_inputs
 
     folder = artifacts.as_folder(folder)
-    inputs = load_inputs(None, None, folder.variant)
+    inputs = load_inputs(None, None, folder.variant, golden=True)  # the 11 photographs, as before
     reference = validate.reference_logits(reference_model(folder), inputs.images)
     fid = fidelity(target, inputs.images, reference, inputs.names)
     broken = metrics.within_bounds(precision, fid)
