@@ -14,10 +14,10 @@ BIN = Path(sys.executable).parent
 
 
 def run_cli(tool: str, *args: str, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+            cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd, timeout=600)
+                          cwd=cwd, timeout=timeout)
 
 
 def int8_backends() -> tuple[str, ...]:

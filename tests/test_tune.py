@@ -93,8 +93,9 @@ def test_tune_meets_the_budget_on_the_stressed_model(
         stressed: Path, tmp_path: Path, split: tuple[Path, list[Path]], model: cvt_ref.CvT) -> None:
     folder = copy_artifacts(stressed, tmp_path)
     budget = 0.9995
-    done = run_cli("cvt-export", "tune", "--artifacts", str(folder), "--backend", "ort",
-                   "--budget", f"cosine>={budget}", "--seconds", "1", "--margin", "0.2")
+    done = run_cli("cvt-export", "tune", "--artifacts", str(folder), "--backend", "ort",  # 100 of the
+                   "--budget", f"cosine>={budget}", "--seconds", "1", "--margin", "0.2",  # 170 inputs
+                   "--limit", "100", timeout=1800)
     assert done.returncode == 0, done.stderr
     assert "mixed" in done.stdout
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -103,7 +104,7 @@ def test_tune_meets_the_budget_on_the_stressed_model(
     assert decided["budget"] == [f"cosine>={budget:g}"] and decided["search"].startswith("greedy")
     assert decided["margin"] == 0.2
     roles = decided["roles"]
-    assert roles["selection"]["inputs"] >= 40 and roles["confirmation"]["inputs"] >= 40
+    assert roles["selection"]["inputs"] >= 25 and roles["confirmation"]["inputs"] >= 25
     assert roles["calibration"]["sources"] == len(list(split[0].iterdir()))
     accepted = [c for c in decided["configs"] if c["precision"] == "mixed" and c["within_budget"]]
     assert accepted and all(c["fidelity"]["cosine_min"] >= budget + 0.2 * (1 - budget) and
@@ -190,7 +191,7 @@ def test_tune_killed_at_three_moments_leaves_nothing_that_verifies(stressed: Pat
             with pytest.raises(ArtifactError):
                 ArtifactFolder.open(left)
     done = run_cli("cvt-export", "tune", "--artifacts", str(folder), "--backend", "ort",
-                   "--budget", "cosine>=0.9995", "--seconds", "0.5", "--limit", "40")
+                   "--budget", "cosine>=0.9995", "--seconds", "0.5", "--limit", "40", timeout=1800)
     assert done.returncode == 0, done.stderr
     assert not scratch() and ArtifactFolder.open(folder).verify("mixed")
 
