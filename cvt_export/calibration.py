@@ -113,8 +113,8 @@ def calibration_set(folder: Path | None, size: int | None = None) -> tuple[Calib
             raise CalibrationError(f"--calib {folder}: holds no images "
                                    f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     warning = None
-    if size is not None and size > len(paths if folder is not None else items):
-        have = len(paths if folder is not None else items)
+    have = len(items) if folder is None else len(paths)
+    if size is not None and size > have:
         warning = f"calibration: {size} images asked, {source} has {have}; calibrating on {have}"
     if folder is None:
         chosen = spread(items, size or len(items))
