@@ -66,3 +66,16 @@ class PerturbedBackend:
 
     def _noisy(self, logits: np.ndarray) -> np.ndarray:
         return logits + self.scale * np.random.default_rng(len(logits)).standard_normal(logits.shape)
+
+
+def triton_or_skip() -> None:
+    """Skip, with the reason, where PyPI's tritonserver binary is not installed."""
+    import pytest
+
+    from cvt_export.triton import TritonError
+    from cvt_export.triton.server import triton_home
+
+    try:
+        triton_home()
+    except TritonError as e:
+        pytest.skip(str(e))

@@ -21,19 +21,11 @@ from conftest import copy_artifacts
 import cvt_ref
 from cvt_export.triton import TritonError
 from cvt_export.triton.repository import RepoOptions, parse_config, validate_repository, write_repository
-from helpers import assert_user_error, cosine_rows, run_cli
+from helpers import assert_user_error, cosine_rows, run_cli, triton_or_skip
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 60.0
 
-
-def _server_or_skip() -> None:
-    from cvt_export.triton.server import triton_home
-
-    try:
-        triton_home()
-    except TritonError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +39,12 @@ def repo(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[Any]:
-    _server_or_skip()
+    triton_or_skip()
     from cvt_export.triton.server import Server
 
     with Server(repo) as running:
         yield running
-    assert running.process is None  # stopped
+    assert running.guard is None  # stopped
 
 
 def _bytes(path: Path) -> np.ndarray:
@@ -191,3 +183,84 @@ def test_cvt_bench_triton_measures_the_served_model(server: Any, exported: Path,
     assert all(r["requests"] == 24 and r["server"]["requests"] == 24 for r in report["runs"])
     assert_user_error(run_cli("cvt-bench", "triton", "--url", "127.0.0.1:1", "--artifacts", str(exported)),
                       "no Triton server answers")
+
+
+@pytest.fixture
+def not_triton() -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that is not Triton (it answers 404 to every path)."""
+    import http.server
+    import threading
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_cvt_bench_triton_refuses_what_it_cannot_measure_before_any_work(
+        server: Any, exported: Path, not_triton: str, tmp_path: Path) -> None:
+    """Each case is one line and exit 2, decided by asking the server, before the reference runs."""
+    import time
+
+    base = ["--url", server.http_url, "--artifacts", str(exported), "--requests", "4", "--concurrency", "1"]
+    cases = [
+        (["--model", "nope"], "--model nope: not served"),
+        (["--model", "cvt-fp32-classifier", "--precision", "fp64"], "fp64"),
+        (["--model", "cvt-int8-classifier", "--precision", "fp32"], "runs int8 (its config says)"),
+        (["--model", "cvt-fp32"], "takes image"),  # the ensemble takes encoded bytes
+        (["--model", "cvt-fp32-classifier", "--rate", "0"], "--rate '0'"),
+        (["--model", "cvt-fp32-classifier", "--concurrency", "0"], "--concurrency '0'"),
+        (["--model", "cvt-fp32-classifier", "--protocol", "smtp"], "--protocol 'smtp'"),
+    ]
+    for args, fragment in cases:
+        start = time.monotonic()
+        result = run_cli("cvt-bench", "triton", *base, *args, timeout=300)
+        assert_user_error(result, fragment)
+        assert time.monotonic() - start < 30, args  # refused before the reference model's work
+    result = run_cli("cvt-bench", "triton", "--url", not_triton, "--artifacts", str(exported), timeout=120)
+    assert_user_error(result, "not as a Triton server")
+    # a folder made for another input size than the served model's
+    other = tmp_path / "size-160"
+    from cvt_export import build
+    from cvt_export.build import BuildRequest
+    from cvt_export.exporter import ExportOptions
+
+    build.build(BuildRequest("cvt-13", "random:0", options=ExportOptions(image_size=160)), other)
+    result = run_cli("cvt-bench", "triton", *base, "--model", "cvt-fp32-classifier", "--artifacts",
+                     str(other), timeout=300)
+    assert_user_error(result, "takes [3, 224, 224], the artifact folder's model takes [3, 160, 160]")
+
+
+def test_cvt_bench_triton_fails_when_the_answers_are_outside_the_bounds(server: Any, exported: Path,
+                                                                        tmp_path: Path) -> None:
+    """Judged against another folder's reference (other weights, same shapes: a wrong --artifacts),
+    the served answers are far outside the bounds: exit 1, as a failed gate, after saying so."""
+    from cvt_export import build
+    from cvt_export.build import BuildRequest
+
+    other = tmp_path / "seed-1"
+    build.build(BuildRequest("cvt-13", "random:1"), other)
+    args = ["--url", server.http_url, "--model", "cvt-fp32-classifier", "--requests", "4",
+            "--concurrency", "1"]
+    good = run_cli("cvt-bench", "triton", *args, "--artifacts", str(exported), timeout=300)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "served fp32" in good.stdout and "within bounds" in good.stdout, good.stdout
+    bad = run_cli("cvt-bench", "triton", *args, "--artifacts", str(other), timeout=300)
+    assert bad.returncode == 1 and "OUTSIDE bounds" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_cvt_bench_triton_open_loop_reports_windows(server: Any, exported: Path, tmp_path: Path) -> None:
+    out = tmp_path / "open.json"
+    result = run_cli("cvt-bench", "triton", "--url", server.http_url, "--model", "cvt-fp32-classifier",
+                     "--artifacts", str(exported), "--rate", "4", "--requests", "40", "--json", str(out),
+                     timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["rate"] == 4 and run["answered"] == 40 and run["failed"] == 0
+    assert len(run["windows"]) == 5 and sum(w["requests"] for w in run["windows"]) == 40
+    low, high = run["spread_ms"]["p99_ms"]
+    assert low <= high and run["latency_ms"]["median_ms"] > 0
+    # 40 Poisson arrivals at 4/s take about 10 s; far longer means the arrivals were not open loop
+    assert 5 < run["seconds"] < 60, run["seconds"]

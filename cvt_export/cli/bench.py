@@ -10,9 +10,9 @@ from rich.table import Table
 
 from cvt_export import metrics
 from cvt_export import precisions as precision_table
-from cvt_export.artifacts import ArtifactError, check_writable
+from cvt_export.artifacts import ArtifactError, ArtifactFolder, check_writable
 from cvt_export.backends import BACKEND_MODULES
-from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import VerboseOpt, output_file, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
 from cvt_export.harness import recommend
@@ -47,14 +47,6 @@ def output_folder(folder: Path) -> None:
     if not existing.is_dir():
         raise ArtifactError(f"--out {folder}: {existing} is a file, not a folder")
     check_writable(existing, "--out")
-
-
-def output_file(path: Path, option: str) -> None:
-    if path.is_dir():
-        raise ArtifactError(f"{option} {path}: is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise ArtifactError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
-    check_writable(path.parent, option)
 
 
 def _csv_ints(text: str, option: str) -> tuple[int, ...]:
@@ -199,52 +191,82 @@ def triton(
     artifacts: Annotated[Path, typer.Option(
         help="the artifact folder the served model was made from (its reference and bounds)")] = Path(
         "artifacts/cvt-13"),
-    precision: Annotated[str, typer.Option(help="the served precision: whose bounds apply")] = "fp32",
+    precision: Annotated[str | None, typer.Option(
+        help="the served precision, whose bounds apply [default: what the model's config says, else fp32]")
+    ] = None,
     protocol: Annotated[str, typer.Option(help="http | grpc")] = "http",
-    concurrency: Annotated[str, typer.Option(help="comma list of concurrent clients")] = "1,4,16",
-    requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 200,
+    concurrency: Annotated[str, typer.Option(
+        help="closed loop: comma list of concurrent clients")] = "1,4,16",
+    rate: Annotated[str | None, typer.Option(
+        help="open loop instead: comma list of request rates per second (Poisson arrivals)")] = None,
+    requests: Annotated[int, typer.Option(help="requests per load level")] = 200,
     json_file: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure a model served by Triton like a backend: the bundled photos' logits against the PyTorch
-    reference, client latency p50/p90/p99 and throughput per concurrency, and Triton's statistics
-    (queue vs compute time, executed batch sizes).
+    reference, client latency p50/p90/p99 (with their spread over 5 windows) and throughput per load
+    level, and Triton's statistics (queue vs compute time, executed batch sizes). Exit 1 when the
+    served answers are outside the precision's bounds; 2 on bad input or failed requests.
 
-    Example: cvt-bench triton --url 127.0.0.1:8000 --model cvt-classifier --precision int8 --concurrency 1,8
+    Examples: cvt-bench triton --url 127.0.0.1:8000 --model cvt-classifier --concurrency 1,8;
+    cvt-bench triton --url 127.0.0.1:8000 --rate 5,10,20 --requests 400
     """
     setup_logging(verbose)
-    from cvt_export.harness.served import Target, bench_served
+    from cvt_export.harness.served import Load, Target, bench_served
 
-    levels = _csv_ints(concurrency, "--concurrency")
-    if not levels or min(levels) < 1 or requests < 1:
-        raise CvtError("--concurrency and --requests must be >= 1")
+    if requests < 1:
+        raise CvtError(f"--requests {requests}: must be >= 1")
+    if rate is not None:
+        try:
+            rates = tuple(float(v) for v in rate.split(",") if v.strip())
+        except ValueError:
+            raise CvtError(f"--rate {rate!r}: use comma-separated numbers (requests per second)") from None
+        if not rates or min(rates) <= 0 or max(rates) > 10_000:
+            raise CvtError(f"--rate {rate!r}: each rate in (0, 10000] requests per second")
+        loads = tuple(Load("rate", r) for r in rates)
+    else:
+        levels = _csv_ints(concurrency, "--concurrency")
+        if not levels or min(levels) < 1 or max(levels) > 256:
+            raise CvtError(f"--concurrency {concurrency!r}: each 1..256")
+        loads = tuple(Load("concurrency", c) for c in levels)
+    if protocol not in ("http", "grpc"):
+        raise CvtError(f"--protocol {protocol!r}: use http or grpc")
     if json_file:
         output_file(json_file, "--json")
-    precision = precision_table.parse_one(precision)
-    target = Target(url, model, protocol)
-    try:
-        target.client().is_server_ready()
-    except Exception as e:  # connection refused, DNS... from either client library
-        raise CvtError(f"--url {url}: no Triton server answers ({type(e).__name__}: {e})") from None
+    if precision is not None:
+        precision = precision_table.parse_one(precision)
+    folder = ArtifactFolder.open(artifacts)
     with stderr.status(f"measuring {model} at {url}"):
-        report = bench_served(target, artifacts, precision, levels, requests)
-    fid = report["fidelity"]
-    stdout.print(f"fidelity vs PyTorch FP32: worst cosine {fid['cosine_min']:.5f}, "
-                 f"max-abs {fid['max_abs']:.3g}, top-1 {100 * fid['top1_agreement']:.0f}% — "
-                 + ("within bounds" if fid["pass"] else "OUTSIDE bounds: " + "; ".join(fid["broken"])))
-    table = Table(title=f"{model} over {protocol} ({report['machine']['cpu']})", title_justify="left")
-    for col in ("concurrency", "img/s", "p50 ms", "p90 ms", "p99 ms", "executed batches", "queue ms",
-                "compute ms"):
-        table.add_column(col, justify="right")
-    for r in report["runs"]:
-        lat, srv = r["latency_ms"], r["server"]
-        table.add_row(str(r["concurrency"]), f"{r['images_per_s']:.1f}", f"{lat['median_ms']:.1f}",
-                      f"{lat['p90_ms']:.1f}", f"{lat['p99_ms']:.1f}",
-                      ", ".join(f"{b}×{n}" for b, n in srv["executed_batches"].items()),
-                      f"{srv['queue_ms_per_request']:.1f}", f"{srv['compute_ms_per_request']:.1f}")
-    stdout.print(table)
+        report = bench_served(Target(url, model, protocol), folder, precision, loads, requests)
     if json_file:
         reports.write_json(report, json_file)
+    fid = report["fidelity"]
+    stdout.print(f"fidelity of the served {report['precision']} vs PyTorch FP32 (n={fid['n']} photos): worst "
+                 f"cosine {fid['cosine_min']:.5f}, max-abs {fid['max_abs']:.3g}, top-1 "
+                 f"{100 * fid['top1_agreement']:.0f}% — "
+                 + ("within bounds" if fid["pass"] else "OUTSIDE bounds: " + "; ".join(fid["broken"])))
+    table = Table(title=f"{model} over {protocol} ({report['machine']['cpu']})", title_justify="left")
+    for col in ("load", "answered", "img/s", "p50 ms", "p90 ms", "p99 ms", "p99 over windows", "stable",
+                "executed batches", "queue ms", "compute ms"):
+        table.add_column(col, justify="right")
+    for r in report["runs"]:
+        lat, srv = r.get("latency_ms"), r.get("server")
+        load = f"{r['concurrency']} clients" if "concurrency" in r else f"{r['rate']:g}/s"
+        table.add_row(load, f"{r['answered']}/{r['requests']}", f"{r['images_per_s']:.1f}",
+                      *((f"{lat['median_ms']:.1f}", f"{lat['p90_ms']:.1f}", f"{lat['p99_ms']:.1f}",
+                         "{:.1f}–{:.1f}".format(*r["spread_ms"]["p99_ms"]), "yes" if r["stable"] else "no")
+                        if lat else ("", "", "", "", "")),
+                      ", ".join(f"{b}×{n}" for b, n in srv["executed_batches"].items()) if srv else "",
+                      f"{srv['queue_ms_per_request']:.1f}" if srv else "",
+                      f"{srv['compute_ms_per_request']:.1f}" if srv else "")
+    stdout.print(table)
+    if report["failed_at"]:
+        last = report["runs"][-1]
+        errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
+        raise CvtError(f"{last['failed']} of {last['requests']} requests failed at {report['failed_at']} "
+                       f"(measured, not retried): {errors}")
+    if not fid["pass"]:
+        raise typer.Exit(1)
 
 
 def show(report: dict[str, object]) -> None:

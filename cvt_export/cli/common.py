@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 
+from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.errors import CvtError
 
 P = ParamSpec("P")
@@ -39,3 +41,12 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def output_file(path: Path, option: str) -> None:
+    """A file the command may write: not a folder, in a folder that exists and is writable."""
+    if path.is_dir():
+        raise ArtifactError(f"{option} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ArtifactError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
+    check_writable(path.parent, option)

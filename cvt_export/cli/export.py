@@ -15,7 +15,7 @@ from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import all_backends
 from cvt_export.build import BuildRequest, build
-from cvt_export.cli.common import VerboseOpt, setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import VerboseOpt, output_file, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
 from cvt_export.precision import CALIB_METHODS, SMOOTH_CHOICES, Int8Options
@@ -407,31 +407,99 @@ def serve(
     repository: Annotated[Path, typer.Argument(help="model repository written by `cvt-export triton`")],
     http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1 (0: a free one)")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1 (0: a free one)")] = 8001,
+    log: Annotated[Path | None, typer.Option(
+        help="keep tritonserver's log in this file (default: a temporary file, removed at the end)")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve a repository with the tritonserver binary of PyPI's nvidia-pytriton, on 127.0.0.1,
-    until interrupted (GPU hosts: the NGC container's `tritonserver --model-repository REPO`).
+    until Ctrl-C or SIGTERM (GPU hosts: the NGC container's `tritonserver --model-repository REPO`).
+    The repository is checked first; the server, its Python stubs, their shared memory and the
+    temporary folder never outlive this command, however it ends (kill -9 included).
 
     Example: cvt-export serve triton-repo --http-port 8000 --grpc-port 8001
     """
     setup_logging(verbose)
+    import signal
     import time
 
     from cvt_export.triton.server import Server, free_port
 
-    server = Server(repository, http_port=http_port or free_port(), grpc_port=grpc_port or free_port())
-    with stderr.status("starting tritonserver"):
-        server.start()
-    stdout.print(f"serving {repository}: HTTP {server.http_url}, gRPC {server.grpc_url} (log {server.log}); "
-                 "Ctrl-C stops it")
+    for port, flag in ((http_port, "--http-port"), (grpc_port, "--grpc-port")):
+        if not 0 <= port <= 65535:
+            raise CvtError(f"{flag} {port}: use 1..65535, or 0 for a free port")
+    if log is not None:
+        output_file(log, "--log")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    server = Server(repository, http_port=http_port or free_port(), grpc_port=grpc_port or free_port(),
+                    log=log)
     try:
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(1)
-        raise CvtError(f"tritonserver stopped: {server.last_error()}")
+        with stderr.status("starting tritonserver"):
+            server.start()
+        kept = f", log {log}" if log else ""
+        stdout.print(f"serving {repository}: HTTP {server.http_url}, gRPC {server.grpc_url} "
+                     f"(tritonserver pid {server.pid}{kept}); Ctrl-C stops it")
+        while server.alive():
+            time.sleep(0.5)
+        raise CvtError(f"{repository}: serving ended: {server.poll()}")
     except KeyboardInterrupt:
-        pass
+        stderr.print("stopping tritonserver")
     finally:
         server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+@user_errors
+def deploy(
+    slo: Annotated[str, typer.Option(help="latency objective at a traffic: p99<=60ms@rate=40 (p50/p90/p99, "
+                                     "ms, requests per second, Poisson arrivals)")],
+    budget: Annotated[list[str] | None, typer.Option(
+        help='fidelity bound the served answers must meet, repeatable: "cosine>=0.999" (required)')] = None,
+    artifacts: ArtifactsOpt = Path("artifacts/cvt-13"),
+    out: Annotated[Path, typer.Option(help="model repository to write the chosen configuration to")] = Path(
+        "triton-repo"),
+    name: Annotated[str, typer.Option(help="model name clients call")] = "cvt",
+    requests: Annotated[int, typer.Option(help="open-loop requests per candidate in the search")] = 200,
+    confirm_requests: Annotated[int, typer.Option(help="requests in the confirmation run")] = 400,
+    max_candidates: Annotated[int, typer.Option(help="configurations measured at most")] = 12,
+    fidelity_images: Annotated[int, typer.Option(help="images per role (selection, confirmation)")] = 20,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Find the Triton configuration (precision, runner, instances, max batch, queue delay) that meets
+    a latency SLO at a request rate on this machine's tritonserver, every candidate's served answers
+    checked against the reference first; write it to --out, confirm it in a separate run, and
+    record every candidate with a Pareto plot. Exit 1 when no configuration meets the SLO or the
+    confirmation run does not hold it.
+
+    Example: cvt-export deploy --artifacts artifacts/cvt-13 --slo "p99<=250ms@rate=12" --budget "cosine>=0.99"
+    """
+    setup_logging(verbose)
+    from cvt_export import deploy as dep
+    from cvt_export import tune as tuning
+
+    if not budget:
+        raise CvtError('--budget: give the fidelity bound the served answers must meet, e.g. "cosine>=0.999"')
+    settings = dep.Settings(slo=dep.Slo.parse(slo), budgets=[tuning.parse_budget(b) for b in budget],
+                            requests=requests, confirm_requests=confirm_requests,
+                            max_candidates=max_candidates, fidelity_images=fidelity_images)
+    if not 1 <= fidelity_images <= 100:
+        raise CvtError(f"--fidelity-images {fidelity_images}: use 1..100")
+    folder = ArtifactFolder.open(artifacts)
+    from cvt_export.triton.repository import RepoOptions, check_destination
+
+    RepoOptions(name=name).check()
+    check_destination(folder, out, RepoOptions(name=name))  # refused now, not after the search
+    with stderr.status("deploy search") as status:
+        result = dep.deploy(folder, out, name, settings, progress=lambda t: status.update(f"deploy: {t}"))
+    for line in dep.markdown(result)[2:]:
+        stdout.print(line.replace("**", ""), highlight=False, soft_wrap=True)
+    stdout.print(f"wrote {out / (name + '.deploy.json')}, .md and .svg")
+    if result["chosen"] is None or not result["confirmation"]["held"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,17 +1,31 @@
 """Measure a model served by Triton as clients see it (the harness for a remote backend):
-fidelity of the answers, latency and throughput per concurrency, and Triton's own statistics
+fidelity of the answers, latency and throughput under load, and Triton's own statistics
 (queue vs compute time, executed batch sizes).
 
-Requests are bounded in number (and each in time); the clients are threads of this process,
-so on a small machine they compete with the server for the same cores (the report says how
-many there are).
+Two kinds of load, as perf_analyzer offers them:
+- closed loop (`Load("concurrency", c)`): c clients, each sending its next request when its
+  last is answered;
+- open loop (`Load("rate", r)`): requests arrive at r per second with exponential gaps (a Poisson
+  process, seeded), whether or not earlier ones were answered. Latency counts from the moment a
+  request was due, so a server that falls behind shows it (no coordinated omission).
+
+A run is split into measurement windows of equal length; each window's p50/p90/p99 are kept and
+the run's spread over windows is reported beside its overall percentiles, with whether the last
+windows agree (perf_analyzer's stability rule: three windows within 10%).
+
+The server is probed before any reference work: it must be a Triton server, serve the model,
+and take `pixel_values` of the artifact's size and give as many logits as it has classes. Every
+request is bounded in time; a request that fails (the server died, a time-out) is counted and
+named, never hangs the run. Clients are one per thread and always closed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +35,19 @@ from cvt_export.triton import TritonError
 
 TIMEOUT_S = 60.0
 STATS_SETTLE_S = 5.0  # longest wait for the server statistics to count every answered request
+WINDOWS = 5           # measurement windows per run
+STABLE_WINDOWS, STABLE_SPREAD = 3, 0.10
+MAX_IN_FLIGHT = 64    # open loop: client threads (requests due while all are busy wait, and it shows)
+GIVE_UP_AFTER = 8     # open loop: failed requests after which the rest are not sent (the server is gone)
+
+
+@dataclass(frozen=True)
+class Load:
+    kind: str      # "concurrency" | "rate"
+    value: float   # clients, or requests per second
+
+    def __str__(self) -> str:
+        return f"concurrency {self.value:g}" if self.kind == "concurrency" else f"{self.value:g} req/s"
 
 
 @dataclass(frozen=True)
@@ -44,6 +71,8 @@ class Target:
                 return grpc.InferenceServerClient(self.url)
         except ImportError:
             raise TritonError("tritonclient is not installed: pip install 'cvt-export[triton]'") from None
+        except Exception as e:  # a malformed URL
+            raise TritonError(f"--url {self.url}: {type(e).__name__}: {e}") from None
         raise TritonError(f"--protocol {self.protocol!r}: use http or grpc")
 
     def module(self) -> Any:
@@ -56,12 +85,87 @@ class Target:
         return grpc
 
 
+@contextlib.contextmanager
+def connected(target: Target) -> Any:
+    client = target.client()
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def _message(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 def infer(target: Target, client: Any, x: np.ndarray) -> np.ndarray:
     module = target.module()
     item = module.InferInput(target.input_name, list(x.shape), target.datatype)
     item.set_data_from_numpy(x)
     kwargs = {"client_timeout": TIMEOUT_S} if target.protocol == "grpc" else {}
     return np.asarray(client.infer(target.model, [item], **kwargs).as_numpy("logits"), dtype=np.float32)
+
+
+def _config(client: Any, model: str, protocol: str) -> dict[str, Any]:
+    raw = client.get_model_config(model, as_json=True) if protocol == "grpc" else \
+        client.get_model_config(model)
+    config: dict[str, Any] = raw.get("config", raw)
+    return config
+
+
+def probe(target: Target, image_size: int, classes: int) -> dict[str, Any]:
+    """What the server says about the model, checked against the artifact folder before any work:
+    returns {"precision": the python runtime's parameter or None, "max_batch": int}."""
+    with connected(target) as client:
+        try:
+            live = client.is_server_live()
+        except Exception as e:  # connection refused, DNS, a reset: either client library
+            raise TritonError(f"--url {target.url}: no Triton server answers ({_message(e)})") from None
+        try:
+            meta = client.get_server_metadata()
+            name = meta.get("name") if isinstance(meta, dict) else getattr(meta, "name", None)
+        except Exception as e:
+            raise TritonError(f"--url {target.url}: answers, but not as a Triton server "
+                              f"({_message(e)})") from None
+        if not live or not name:
+            raise TritonError(f"--url {target.url}: answers, but not as a live Triton server")
+        try:
+            ready = client.is_model_ready(target.model)
+        except Exception as e:
+            raise TritonError(f"--model {target.model}: {_message(e)}") from None
+        if not ready:
+            served = _served_models(client, target.protocol)
+            raise TritonError(f"--model {target.model}: not served (ready) at {target.url}; it serves "
+                              f"{', '.join(served) or 'nothing'}")
+        config = _config(client, target.model, target.protocol)
+    inputs = {i["name"]: i for i in config.get("input", [])}
+    outputs = {o["name"]: o for o in config.get("output", [])}
+    if target.input_name not in inputs or "logits" not in outputs:
+        raise TritonError(f"--model {target.model}: takes {', '.join(inputs) or 'nothing'} and gives "
+                          f"{', '.join(outputs) or 'nothing'}; cvt-bench triton measures a classifier "
+                          f"taking {target.input_name} and giving logits (the `-classifier` model of an "
+                          "ensemble)")
+    dims = [int(d) for d in inputs[target.input_name].get("dims", [])]
+    if dims[-3:] != [3, image_size, image_size]:
+        raise TritonError(f"--model {target.model}: takes {dims}, the artifact folder's model takes "
+                          f"[3, {image_size}, {image_size}]; is --artifacts the folder it was made from?")
+    out_dims = [int(d) for d in outputs["logits"].get("dims", [])]
+    if out_dims[-1:] != [classes]:
+        raise TritonError(f"--model {target.model}: gives {out_dims[-1] if out_dims else '?'} logits, the "
+                          f"artifact folder's model {classes}; is --artifacts the folder it was made from?")
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return {"precision": params.get("precision") or None, "max_batch": int(config.get("max_batch_size", 0))}
+
+
+def _served_models(client: Any, protocol: str) -> list[str]:
+    with contextlib.suppress(Exception):
+        index = client.get_model_repository_index(as_json=True) if protocol == "grpc" else \
+            client.get_model_repository_index()
+        entries = index.get("models", index) if isinstance(index, dict) else index
+        return sorted(str(m["name"]) for m in entries if m.get("state", "READY") == "READY")
+    return []
 
 
 def _stats(client: Any, model: str, protocol: str) -> dict[str, Any]:
@@ -79,74 +183,225 @@ def _stats(client: Any, model: str, protocol: str) -> dict[str, Any]:
                         for b in entry.get("batch_stats", [])}}
 
 
+@dataclass
+class _Record:
+    """Per request: when it was due, when its answer came (or None), and what went wrong."""
+
+    due: list[float] = field(default_factory=list)
+    done: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, due: float, done: float | None, error: str | None) -> None:
+        with self.lock:
+            if error is None and done is not None:
+                self.due.append(due)
+                self.done.append(done)
+            else:
+                self.errors.append(error or "no answer")
+
+
+def _closed_loop(target: Target, images: np.ndarray, clients: int, requests: int, record: _Record) -> None:
+    def worker(k: int) -> None:
+        with connected(target) as client:  # HTTP clients are gevent-based: one per thread, made in it
+            for i in range(k, requests, clients):
+                start = time.perf_counter()
+                try:
+                    infer(target, client, images[i % len(images)][None])
+                    record.add(start, time.perf_counter(), None)
+                except Exception as e:
+                    record.add(start, None, _message(e))
+                    return  # this client stops; the others go on (a dead server fails them all)
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(worker, range(clients)))
+
+
+def _open_loop(target: Target, images: np.ndarray, rate: float, requests: int, record: _Record,
+               seed: int = 0) -> None:
+    """Requests due at Poisson arrivals; MAX_IN_FLIGHT client threads take them in order."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, requests)
+    due = time.perf_counter() + 0.05 + np.cumsum(gaps)
+    lock, nxt = threading.Lock(), [0]
+
+    def worker() -> None:
+        with connected(target) as client:
+            while True:
+                with lock:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if i >= requests or len(record.errors) >= GIVE_UP_AFTER:
+                    return
+                wait = due[i] - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    infer(target, client, images[i % len(images)][None])
+                    record.add(float(due[i]), time.perf_counter(), None)
+                except Exception as e:
+                    record.add(float(due[i]), None, _message(e))
+
+    threads = min(MAX_IN_FLIGHT, requests)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for f in [pool.submit(worker) for _ in range(threads)]:
+            f.result(timeout=requests * TIMEOUT_S)
+
+
+def windows(due: list[float], done: list[float], count: int = WINDOWS) -> list[dict[str, float]]:
+    """The run cut into `count` windows of equal length by answer time: each window's answered
+    requests per second and latency percentiles."""
+    d, a = np.asarray(due), np.asarray(done)
+    if a.size < 2 * count:
+        count = 1
+    edges = np.linspace(a.min(), a.max(), count + 1)
+    out = []
+    for k in range(count):
+        inside = (a >= edges[k]) & ((a < edges[k + 1]) if k < count - 1 else (a <= edges[k + 1]))
+        lat = (a[inside] - d[inside]) * 1000
+        span = max(edges[k + 1] - edges[k], 1e-9)
+        if lat.size == 0:
+            out.append({"requests": 0, "per_s": 0.0, "p50_ms": float("nan"), "p90_ms": float("nan"),
+                        "p99_ms": float("nan")})
+            continue
+        out.append({"requests": int(lat.size), "per_s": float(lat.size / span),
+                    "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+                    "p99_ms": float(np.percentile(lat, 99))})
+    return out
+
+
+def stable(wins: list[dict[str, float]]) -> bool:
+    """The last STABLE_WINDOWS windows' p99 and rate within STABLE_SPREAD of their mean."""
+    last = wins[-STABLE_WINDOWS:]
+    if len(last) < STABLE_WINDOWS:
+        return False
+    for key in ("p99_ms", "per_s"):
+        values = np.asarray([w[key] for w in last])
+        if not np.isfinite(values).all() or values.mean() <= 0:
+            return False
+        if np.abs(values - values.mean()).max() > STABLE_SPREAD * values.mean():
+            return False
+    return True
+
+
+def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
+             stats_model: str | None = None) -> dict[str, Any]:
+    """`requests` single-image requests under `load`; failed requests are counted, not raised."""
+    if load.value <= 0 or requests < 1:
+        raise TritonError("the load (--concurrency, --rate) and the request count must be > 0")
+    watch = stats_model or target.model
+    with connected(target) as monitor:
+        try:
+            before = _stats(monitor, watch, target.protocol)
+        except Exception as e:
+            raise TritonError(f"{target.url}: the server stopped answering ({_message(e)})") from None
+        record = _Record()
+        start = time.perf_counter()
+        if load.kind == "concurrency":
+            _closed_loop(target, images, int(load.value), requests, record)
+        else:
+            _open_loop(target, images, load.value, requests, record)
+        elapsed = time.perf_counter() - start
+        after = _settled_stats(monitor, watch, target.protocol, before, len(record.done))
+    result: dict[str, Any] = {
+        "load": {"kind": load.kind, "value": load.value}, "requests": requests,
+        "answered": len(record.done), "failed": len(record.errors),
+        "errors": dict(sorted({e: record.errors.count(e) for e in set(record.errors)}.items())),
+        "seconds": elapsed, "images_per_s": len(record.done) / elapsed,
+    }
+    if load.kind == "concurrency":
+        result["concurrency"] = int(load.value)
+    else:
+        result["rate"] = load.value
+    if len(record.done) > 1:
+        # The rate requests arrived at and the rate answers left at, each over its own span (a
+        # server that keeps up answers at the arrival rate; one that falls behind, at its own).
+        n = len(record.done) - 1
+        result["offered_per_s"] = n / max(max(record.due) - min(record.due), 1e-9)
+        result["answered_per_s"] = n / max(max(record.done) - min(record.done), 1e-9)
+    if record.done:
+        lat = [b - a for a, b in zip(record.due, record.done, strict=True)]
+        stats = metrics.latency_stats(lat, batch=1)
+        wins = windows(record.due, record.done)
+        result["latency_ms"] = {k: stats[k] for k in ("median_ms", "p90_ms", "p99_ms", "mean_ms")}
+        result["windows"] = wins
+        result["spread_ms"] = {k: [min(w[k] for w in wins), max(w[k] for w in wins)]
+                               for k in ("p50_ms", "p90_ms", "p99_ms")}
+        result["stable"] = stable(wins)
+    if after is not None:
+        executed = {b: after["batches"].get(b, 0) - before["batches"].get(b, 0) for b in after["batches"]}
+        done = after["requests"] - before["requests"]
+        result["server"] = {
+            "requests": done, "executed_batches": {b: n for b, n in sorted(executed.items()) if n},
+            "queue_ms_per_request": (after["queue_ns"] - before["queue_ns"]) / 1e6 / max(done, 1),
+            "compute_ms_per_request": (after["compute_ns"] - before["compute_ns"]) / 1e6 / max(done, 1)}
+    return result
+
+
+def _settled_stats(monitor: Any, watch: str, protocol: str, before: dict[str, Any],
+                   answered: int) -> dict[str, Any] | None:
+    """Triton records a request's statistics after its response leaves (inside an ensemble,
+    after the ensemble answered): wait, bounded, until every answered request is counted. None
+    when the server no longer answers."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    try:
+        after = _stats(monitor, watch, protocol)
+        while after["requests"] - before["requests"] < answered and time.monotonic() < deadline:
+            time.sleep(0.05)
+            after = _stats(monitor, watch, protocol)
+    except Exception:
+        return None
+    return after
+
+
 def run_concurrency(target: Target, images: np.ndarray, concurrency: int, requests: int,
                     stats_model: str | None = None) -> dict[str, Any]:
     """`requests` single-image requests spread over `concurrency` client threads."""
-    if concurrency < 1 or requests < 1:
-        raise TritonError("--concurrency and the request count must be >= 1")
-    monitor = target.client()
-    watch = stats_model or target.model
-    before = _stats(monitor, watch, target.protocol)
-    latencies: list[float] = []
-
-    def worker(k: int) -> list[float]:
-        client = target.client()  # HTTP clients are gevent-based: one per thread, made in it
-        times = []
-        for i in range(k, requests, concurrency):
-            start = time.perf_counter()
-            infer(target, client, images[i % len(images)][None])
-            times.append(time.perf_counter() - start)
-        return times
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for times in pool.map(worker, range(concurrency), timeout=requests * TIMEOUT_S):
-            latencies.extend(times)
-    elapsed = time.perf_counter() - start
-    # Triton records a request's statistics after its response leaves (inside an ensemble, after
-    # the ensemble answered): wait, bounded, until every answered request is counted.
-    deadline = time.monotonic() + STATS_SETTLE_S
-    after = _stats(monitor, watch, target.protocol)
-    while after["requests"] - before["requests"] < len(latencies) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        after = _stats(monitor, watch, target.protocol)
-    executed = {b: after["batches"].get(b, 0) - before["batches"].get(b, 0) for b in after["batches"]}
-    done = after["requests"] - before["requests"]
-    stats = metrics.latency_stats(latencies, batch=1)
-    return {
-        "concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
-        "images_per_s": len(latencies) / elapsed,
-        "latency_ms": {k: stats[k] for k in ("median_ms", "p90_ms", "p99_ms", "mean_ms")},
-        "server": {"requests": done, "executed_batches": {b: n for b, n in sorted(executed.items()) if n},
-                   "queue_ms_per_request": (after["queue_ns"] - before["queue_ns"]) / 1e6 / max(done, 1),
-                   "compute_ms_per_request":
-                       (after["compute_ns"] - before["compute_ns"]) / 1e6 / max(done, 1)},
-    }
+    return run_load(target, images, Load("concurrency", concurrency), requests, stats_model)
 
 
 def fidelity(target: Target, images: np.ndarray, reference: np.ndarray, names: list[str]) -> dict[str, Any]:
-    client = target.client()
-    got = np.concatenate([infer(target, client, images[i][None]) for i in range(len(images))])
+    with connected(target) as client:
+        try:
+            got = np.concatenate([infer(target, client, images[i][None]) for i in range(len(images))])
+        except Exception as e:
+            raise TritonError(f"{target.url}: model {target.model} did not answer ({_message(e)})") from None
     return metrics.full_fidelity(reference, got, names)
 
 
-def bench_served(target: Target, folder: Any, precision: str, concurrency: tuple[int, ...], requests: int,
+def bench_served(target: Target, folder: Any, precision: str | None,
+                 loads: tuple[Load, ...] | tuple[int, ...], requests: int,
                  stats_model: str | None = None) -> dict[str, Any]:
     """The served model against the PyTorch reference of the artifact folder it was made from, then
-    latency and throughput per concurrency: what `cvt-bench triton` reports."""
+    latency and throughput per load: what `cvt-bench triton` reports. `precision` None: what the
+    served model's config says (the python runtime records it), else fp32. A precision that
+    disagrees with the config is refused before any work. Stops at the first load with failed
+    requests (`failed_at` says which)."""
     from cvt_export import artifacts, machine, validate
     from cvt_export.backends.torch import reference_model
     from cvt_export.harness.bench import load_inputs
 
     folder = artifacts.as_folder(folder)
+    served = probe(target, folder.variant.image_size, folder.variant.num_classes)
+    if precision is None:
+        precision = served["precision"] or "fp32"
+    elif served["precision"] and served["precision"] != precision:
+        raise TritonError(f"--precision {precision}: the served model {target.model} runs "
+                          f"{served['precision']} (its config says); its bounds are the ones that apply")
     inputs = load_inputs(None, None, folder.variant, golden=True)  # the 11 photographs, as before
     reference = validate.reference_logits(reference_model(folder), inputs.images)
     fid = fidelity(target, inputs.images, reference, inputs.names)
     broken = metrics.within_bounds(precision, fid)
+    runs, failed_at = [], None
+    for load in (x if isinstance(x, Load) else Load("concurrency", x) for x in loads):
+        run = run_load(target, inputs.images, load, requests, stats_model)
+        runs.append(run)
+        if run["failed"]:
+            failed_at = str(load)
+            break
     return {
-        "schema": "cvt-bench-triton/1", "machine": machine.describe(),
+        "schema": "cvt-bench-triton/2", "machine": machine.describe(),
         "target": {"url": target.url, "model": target.model, "protocol": target.protocol},
         "precision": precision, "inputs": {"source": inputs.source, "images": len(inputs.names)},
         "fidelity": {**fid, "bounds": dict(metrics.BOUNDS[precision]), "broken": broken, "pass": not broken},
-        "runs": [run_concurrency(target, inputs.images, c, requests, stats_model) for c in concurrency],
+        "runs": runs, "failed_at": failed_at,
     }

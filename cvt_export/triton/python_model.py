@@ -12,6 +12,7 @@ the problem; the other requests of the same batch are still answered.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,32 @@ class _Capsule:
 
 
 class _Exporter:
-    """The stub calls __dlpack__() without the keywords NumPy 2 uses: give it a legacy capsule."""
+    """The stub calls __dlpack__() without the keywords NumPy 2 uses: give it a legacy capsule,
+    and keep it, so that it outlives the stub's call (see `to_tensor`)."""
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = np.ascontiguousarray(array)
+        self.capsule: Any = None
 
     def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.array.__dlpack__()
+        self.capsule = self.array.__dlpack__()
+        return self.capsule
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return (1, 0)
+
+
+# The DLPack convention: a consumer renames the capsule it took to "used_dltensor", and the
+# producer's capsule destructor then leaves the tensor alone. The stub renames it "used_dlpack"
+# instead (it does call the tensor's deleter itself), so NumPy's destructor took the capsule
+# for an unconsumed one, failed to read it under the old name and logged "PyCapsule_GetPointer
+# called with incorrect name" on every response. The capsule is renamed to the conventional name
+# before it is released. The name must outlive the capsule: a module-level buffer.
+_USED_NAME = ctypes.create_string_buffer(b"used_dltensor")
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.argtypes, _capsule_name.restype = [ctypes.py_object], ctypes.c_char_p
+_capsule_rename = ctypes.pythonapi.PyCapsule_SetName
+_capsule_rename.argtypes, _capsule_rename.restype = [ctypes.py_object, ctypes.c_void_p], ctypes.c_int
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
@@ -50,7 +67,11 @@ def to_numpy(tensor: Any) -> np.ndarray:
 
 
 def to_tensor(pb_utils: Any, name: str, array: np.ndarray) -> Any:
-    return pb_utils.Tensor.from_dlpack(name, _Exporter(array))
+    exporter = _Exporter(array)
+    tensor = pb_utils.Tensor.from_dlpack(name, exporter)
+    if exporter.capsule is not None and _capsule_name(exporter.capsule) == b"used_dlpack":
+        _capsule_rename(exporter.capsule, ctypes.addressof(_USED_NAME))
+    return tensor
 
 
 def _parameters(args: dict[str, Any]) -> dict[str, str]:

@@ -41,6 +41,8 @@ RECORD = "cvt-repository.json"
 IMAGE_INPUT = "image"
 LABELS_FILE = "labels.txt"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+MAX_INSTANCES = 64
+MAX_THREADS = 256
 # What each native runtime runs, from the one precision table (the native OpenVINO backend gets no
 # inference-precision hint from us, so bf16 is the python runtime's only).
 NATIVE = {"onnxruntime": precisions.run_by("ort"),
@@ -72,12 +74,28 @@ class RepoOptions:
                               "letter or digit (it is a folder name and a URL path segment)")
         if not 1 <= self.max_batch <= 4096:
             raise TritonError(f"--max-batch {self.max_batch}: use 1..4096")
-        if self.instances < 1:
-            raise TritonError(f"--instances {self.instances}: use 1 or more")
+        if not 1 <= self.instances <= MAX_INSTANCES:
+            raise TritonError(f"--instances {self.instances}: use 1..{MAX_INSTANCES} (each instance holds "
+                              "its own copy of the model)")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise TritonError(f"--threads {self.threads}: use 1..{MAX_THREADS}")
+        if not 0 <= self.queue_delay_us <= 10_000_000:
+            raise TritonError(f"queue delay {self.queue_delay_us} us: use 0..10000000")
+        if any(b < 1 for b in self.preferred_batch):  # those above max_batch are left out when written
+            raise TritonError(f"preferred batch sizes {list(self.preferred_batch)}: each 1 or more")
         if self.python_backend not in ("ort", "openvino"):
             raise TritonError(f"python runtime backend {self.python_backend!r}: use ort or openvino")
         if self.accelerator not in (None, "tensorrt", "cuda"):
             raise TritonError(f"--accelerator {self.accelerator!r}: use tensorrt or cuda")
+        # Flags a runtime would silently ignore are refused: what is written is what runs.
+        if self.runtime != "python" and (self.threads is not None or self.python_backend != "ort"):
+            raise TritonError(f"--threads and --python-backend apply to the python runtime only, not "
+                              f"{self.runtime}")
+        if self.runtime == "python" and self.gpu:
+            raise TritonError("--gpu: the python runtime runs this project's CPU runners; use --runtime "
+                              "onnxruntime, openvino or tensorrt for GPU instances")
+        if self.accelerator and (self.runtime != "onnxruntime" or not self.gpu):
+            raise TritonError("--accelerator applies to --runtime onnxruntime with --gpu only")
         if self.runtime in NATIVE and self.precision not in NATIVE[self.runtime]:
             raise TritonError(f"--precision {self.precision}: the {self.runtime} runtime serves "
                               f"{', '.join(NATIVE[self.runtime])}")
@@ -88,6 +106,16 @@ class RepoOptions:
             if self.precision not in runs:
                 raise TritonError(f"--precision {self.precision}: the python runtime's {self.python_backend} "
                                   f"runner runs {', '.join(runs)}")
+
+
+def check_labels(labels: list[str], classes: int) -> None:
+    """labels.txt holds one label per line, line k naming class k."""
+    if len(labels) != classes:
+        raise TritonError(f"--labels: the folder names {len(labels)} labels for {classes} classes")
+    for k, label in enumerate(labels):
+        if not label.strip() or any(c in label for c in "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+            raise TritonError(f"--labels: class {k}'s label {label!r} is empty or holds a line break "
+                              "(labels.txt is one label per line); fix the labels or leave out --labels")
 
 
 def _pb() -> Any:
@@ -299,6 +327,8 @@ def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions
     labels = folder.labels
     size, classes = variant.image_size, variant.num_classes
     onnx_path = folder.onnx(opts.precision)  # verified against the manifest
+    if opts.labels:
+        check_labels(labels, classes)
     replaced = check_destination(folder, out, opts)
     made_out = not out.exists()
     try:
@@ -468,3 +498,81 @@ def _check_ir(config_path: Path, model: Path, declared: dict[str, tuple[str, lis
         rest = [d.get_length() if d.is_static else -1 for d in list(shape)[1:]]
         if rest != dims:
             raise TritonError(f"{config_path}: {next(iter(names))} dims {dims}, the IR has {rest}")
+
+
+def _python_parameters(config: Any, path: Path) -> None:
+    """A python-runtime config's parameters as Classifier reads them (an edited config is caught
+    here, not as an error inside a Triton stub)."""
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    if params.get("backend", "ort") not in ("ort", "openvino"):
+        raise TritonError(f"{path}: parameter backend {params['backend']!r}: use ort or openvino")
+    threads = params.get("threads", "")
+    if threads and (not threads.isdigit() or not 1 <= int(threads) <= MAX_THREADS):
+        raise TritonError(f"{path}: parameter threads {threads!r}: use 1..{MAX_THREADS} or leave it empty")
+    if "precision" in params and params["precision"] not in precisions.NAMES:
+        raise TritonError(f"{path}: parameter precision {params['precision']!r}: use "
+                          f"{', '.join(precisions.NAMES)}")
+
+
+def _recorded_files(repo: Path) -> dict[str, str]:
+    """model-relative file -> sha256, from every record in the repository (paths that leave the
+    repository or are not plain are refused)."""
+    files: dict[str, str] = {}
+    for record in sorted(repo.glob(f"*.{RECORD}")):
+        try:
+            data = json.loads(record.read_text())
+            listed = data["files"]
+            assert isinstance(listed, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise TritonError(f"{record}: not a record written by `cvt-export triton`; write the "
+                              "repository again") from None
+        for rel, digest in listed.items():
+            parts = Path(str(rel)).parts
+            if not parts or Path(str(rel)).is_absolute() or ".." in parts or not isinstance(digest, str):
+                raise TritonError(f"{record}: lists {rel!r}, which is not a file inside the repository")
+            files[str(rel)] = digest
+    return files
+
+
+def check_served(repo: Path) -> list[str]:
+    """Before tritonserver starts: the repository holds models, each a folder with a name Triton
+    accepts, a config valid under Triton's schema that agrees with its model file, and files as
+    `cvt-export triton` wrote them. The first problem is raised naming the model and the cause;
+    returns the model names."""
+    if not repo.is_dir():
+        raise TritonError(f"{repo}: no such model repository")
+    folders = sorted(p for p in repo.iterdir() if p.is_dir())
+    if not folders:
+        raise TritonError(f"{repo}: holds no models (write one with `cvt-export triton --out {repo}`)")
+    for folder in folders:
+        if not NAME.fullmatch(folder.name) or folder.name.endswith("."):
+            raise TritonError(f"{repo}: folder {folder.name!r} is not a model name Triton serves (letters, "
+                              "digits, '_', '-', '.'); move it out of the repository")
+        if not (folder / "config.pbtxt").is_file():
+            raise TritonError(f"model {folder.name!r}: no config.pbtxt in {folder}")
+    names = [f.name for f in folders]
+    for name in names:  # configs first: an edited config is named as such, not as a changed file
+        path = repo / name / "config.pbtxt"
+        try:
+            config = parse_config(path)
+            if config.backend == "python" and config.platform != "ensemble":
+                _python_parameters(config, path)
+        except TritonError as e:
+            raise TritonError(f"model {name!r}: {e}") from None
+    for rel, digest in _recorded_files(repo).items():
+        path = repo / rel
+        model = Path(rel).parts[0]
+        if not path.is_file() or path.is_symlink():
+            raise TritonError(f"model {model!r}: {rel} is missing; write the repository again")
+        if sha256_file(path) != digest:
+            raise TritonError(f"model {model!r}: {rel} is not the file `cvt-export triton` wrote (sha256 "
+                              "differs: truncated or edited); write the repository again")
+    for name in names:
+        try:
+            validate_repository(repo, [name])
+        except TritonError as e:
+            raise TritonError(f"model {name!r}: {e}") from None
+        except Exception as e:  # a model file that does not parse (onnx, IR, JSON)
+            raise TritonError(f"model {name!r}: its model file does not load ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    return names

@@ -5,14 +5,18 @@ The wheel's Python backend needs three things this module provides: a backend fo
 bundled libraries on LD_LIBRARY_PATH (the stub is found through a copied path, so its $ORIGIN
 run path no longer reaches them) and this interpreter's own libpython and home (the stub embeds
 Python); and, because the stub ignores PYTHONPATH, CVT_EXPORT_PYTHONPATH for the generated
-model files. The server listens on 127.0.0.1 only, and `Server` always stops it.
+model files. The server listens on 127.0.0.1 only, and `Server` always stops it (by way of
+the guard process, which also outlives a killed owner just long enough to clean up).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -20,13 +24,17 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from cvt_export.triton import TritonError
+from cvt_export.triton import TritonError, guard
 from cvt_export.triton.repository import python_path
+
+logger = logging.getLogger(__name__)
 
 INSTALL = "pip install nvidia-pytriton --no-deps (its tritonserver binary; see the README)"
 
@@ -76,16 +84,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_port(port: int, flag: str) -> None:
+    """A port the server can listen on: 1..65535 and free on 127.0.0.1 now."""
+    if not 1 <= port <= 65535:
+        raise TritonError(f"{flag} {port}: use 1..65535 (0 picks a free port)")
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise TritonError(f"{flag} {port}: cannot listen on 127.0.0.1:{port} ({e.strerror})") from None
+
+
 @dataclass
 class Server:
-    """tritonserver on 127.0.0.1 serving one repository; a context manager that always stops it."""
+    """tritonserver on 127.0.0.1 serving one repository, kept by a guard process (see
+    `cvt_export.triton.guard`): whatever happens to this process, the server, its Python stubs,
+    their shared memory and the temporary folder go with it. A context manager that always stops it.
+
+    `log`: where tritonserver writes (kept); by default a file in the temporary folder, removed
+    with it. `pid` is tritonserver's, `guard` the keeper's process (its process group holds both)."""
 
     repository: Path
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     log: Path | None = None
     startup_s: float = 120.0
-    process: subprocess.Popen[bytes] | None = None
+    guard: subprocess.Popen[str] | None = None
+    pid: int | None = None
+    work: Path | None = None
+    shm_prefix: str = ""
+    ended: str | None = None  # why the server ended by itself (exit code or signal, and its log's cause)
+    reloaded: list[dict[str, Any]] = field(default_factory=list)  # models the guard reloaded
 
     @property
     def http_url(self) -> str:
@@ -100,56 +129,117 @@ class Server:
                 "--backend-directory", str(backends), "--http-address", "127.0.0.1",
                 "--http-port", str(self.http_port), "--grpc-address", "127.0.0.1",
                 "--grpc-port", str(self.grpc_port), "--allow-metrics", "false",
-                "--exit-on-error", "true", "--strict-readiness", "true"]
+                "--exit-on-error", "true", "--strict-readiness", "true", "--exit-timeout-secs", "5",
+                "--model-control-mode", "explicit", "--load-model", "*",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
 
     def start(self) -> Server:
-        if not self.repository.is_dir():
-            raise TritonError(f"{self.repository}: no such model repository")
-        self._work = Path(tempfile.mkdtemp(prefix="cvt-triton-"))
-        backends = backend_folder(self._work)
-        self.log = self.log or self._work / "tritonserver.log"
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(self.command(backends), stdout=sink, stderr=subprocess.STDOUT,
-                                            env=environment(), start_new_session=True)
-        self.wait_ready()
+        from cvt_export.triton.repository import check_served
+
+        check_served(self.repository)
+        check_port(self.http_port, "--http-port")
+        check_port(self.grpc_port, "--grpc-port")
+        if self.http_port == self.grpc_port:
+            raise TritonError(f"--http-port and --grpc-port are both {self.http_port}")
+        self.work = Path(tempfile.mkdtemp(prefix="cvt-triton-"))
+        self.shm_prefix = f"{self.work.name}-shm-"
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        try:
+            backends = backend_folder(self.work)
+            log = self.log or self.work / "tritonserver.log"
+            spec = {"command": self.command(backends), "env": environment(), "log": str(log),
+                    "work": str(self.work), "shm_prefix": self.shm_prefix, "http_port": self.http_port}
+            self.guard = subprocess.Popen([sys.executable, "-m", "cvt_export.triton.guard"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                          start_new_session=True, env=_guard_environment())
+            assert self.guard.stdin is not None
+            self.guard.stdin.write(json.dumps(spec) + "\n")
+            self.guard.stdin.flush()
+            threading.Thread(target=self._listen, args=(self.guard,), daemon=True).start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _listen(self, keeper: subprocess.Popen[str]) -> None:
+        assert keeper.stdout is not None
+        for line in keeper.stdout:
+            with contextlib.suppress(ValueError):
+                self._events.put(json.loads(line))
+        self._events.put({"event": "gone"})
+
+    def poll(self) -> str | None:
+        """None while the server runs; else why it ended (also kept in `ended`)."""
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except (queue.Empty, AttributeError):
+                break
+            if event["event"] == "started":
+                self.pid = int(event["pid"])
+            elif event["event"] == "exited":
+                self.ended = f"tritonserver {guard.exit_description(int(event['code']))}: {event['cause']}"
+            elif event["event"] == "reloaded":
+                self.reloaded.append(event)
+                logger.warning("model %s: an instance's process died; reloaded%s", event["model"],
+                            f" (failed: {event['error']})" if event.get("error") else "")
+            elif event["event"] == "gone" and self.ended is None:
+                self.ended = "the process keeping tritonserver ended"
+        return self.ended
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise TritonError(f"tritonserver exited with {self.process.returncode} while starting: "
-                                  f"{self.last_error()}")
+            ended = self.poll()
+            if ended:
+                raise TritonError(f"{self.repository}: not served: {ended}")
             with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as reply:
                 if reply.status == 200:
+                    self.poll()
                     return
-            time.sleep(0.5)
-        self.stop()
-        raise TritonError(f"tritonserver not ready after {self.startup_s:.0f} s: {self.last_error()}")
+            time.sleep(0.25)
+        raise TritonError(f"tritonserver not ready after {self.startup_s:.0f} s: {self.cause()}")
 
-    def last_error(self) -> str:
-        if self.log is None or not self.log.is_file():
-            return "no log"
-        lines = [ln for ln in self.log.read_text(errors="replace").splitlines()
-                 if ln.startswith("E") or "error" in ln.lower()]
-        return lines[-1][:300] if lines else "see " + str(self.log)
+    def cause(self) -> str:
+        log = self.log or (self.work / "tritonserver.log" if self.work else None)
+        return guard.read_causes(log) if log else "no log"
+
+    def alive(self) -> bool:
+        return self.guard is not None and self.poll() is None and self.guard.poll() is None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+        """Ask the guard to end the server and wait for it (it cleans up even if this process
+        dies before the guard is done)."""
+        keeper, self.guard = self.guard, None
+        if keeper is not None:
+            with contextlib.suppress(OSError, ValueError):
+                assert keeper.stdin is not None
+                keeper.stdin.write("stop\n")
+                keeper.stdin.close()
             try:
-                self.process.wait(timeout=30)
+                keeper.wait(timeout=guard.GRACE_S + 2 * guard.GONE_S)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.process = None
+                    os.killpg(keeper.pid, signal.SIGKILL)
+                keeper.wait(timeout=guard.GONE_S)
+            self.poll()
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            for region in guard.SHM_DIR.glob(f"{self.shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
 
     def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _guard_environment() -> dict[str, str]:
+    """The guard imports this package: found where this process found it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (python_path()[0], env.get("PYTHONPATH", "")) if p)
+    return env

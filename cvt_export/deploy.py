@@ -1,0 +1,458 @@
+"""`cvt-export deploy`: the Triton configuration that meets a latency SLO at a given traffic, with
+served answers checked before any speed counts.
+
+The search, measured on the real tritonserver of this machine (python runtime):
+
+1. **Models**: every precision the artifact folder offers × the runner that runs it (ONNX
+   Runtime; OpenVINO where installed), tune's mixed file included, each under the default
+   scheduling. A candidate's served answers on the *selection* images must meet the budget, or
+   its speed is not measured at all.
+2. **Scheduling**: a hill climb from the best model of step 1 (lowest SLO percentile at the SLO
+   rate): each step tries the neighbours that change one knob by one notch — instances
+   (1, 2, 3), max batch (1, 2, 4, 8, 16, 32), the dynamic batcher's queue delay (0, 1, 2, 5, 10 ms),
+   preferred batch sizes following max batch — and moves to the best neighbour when it lowers
+   the percentile by more than 5%; it stops at a local optimum or after `max_candidates`
+   measured configurations. Model Analyzer's quick search is also a hill climb; this one also
+   checks every candidate's answers.
+3. **Choice**: among candidates that met the SLO, the lowest percentile (most headroom); ties
+   within 5% go to the more faithful. None met it: the command says so and fails.
+4. **Confirmation**, separate from the search: the chosen configuration written to the output
+   repository, served afresh, its answers checked on the *confirmation* images (not seen by the
+   search), and a new open-loop run (another seed, more requests) at the SLO rate. Then the
+   default configuration's and the chosen one's highest sustained rate under the SLO's latency
+   bound, in one run, side by side.
+
+Every candidate's record (fidelity, the percentile at the SLO rate, the rate it sustained) goes
+to `NAME.deploy.json` and `NAME.deploy.md` beside the repository, with a Pareto plot (sustained
+rate vs p99) as SVG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvt_export import artifacts, metrics, precisions
+from cvt_export.artifacts import ArtifactFolder
+from cvt_export.harness import served
+from cvt_export.triton import TritonError
+from cvt_export.triton.repository import RepoOptions, write_repository
+
+INSTANCES = (1, 2, 3)
+MAX_BATCH = (1, 2, 4, 8, 16, 32)
+QUEUE_US = (0, 1000, 2000, 5000, 10000)
+IMPROVES = 0.05       # a neighbour must lower the percentile by more than this share
+SUSTAINED = 0.90      # kept up: answers left at >= this share of the rate requests arrived at
+LADDER, LADDER_STEPS = 1.25, 8  # the sustained-rate ladder: factor between steps, steps at most
+SLO_RE = re.compile(r"^\s*p(50|90|99)\s*<=\s*([0-9.]+)\s*ms\s*@\s*rate\s*=\s*([0-9.]+)\s*$")
+
+
+class DeployError(TritonError):
+    """An SLO, budget or search setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Slo:
+    percentile: int   # 50 | 90 | 99
+    limit_ms: float
+    rate: float       # requests per second, Poisson arrivals
+
+    @staticmethod
+    def parse(text: str) -> Slo:
+        m = SLO_RE.match(text)
+        if not m:
+            raise DeployError(f"--slo {text!r}: write it as p99<=60ms@rate=40 (p50, p90 or p99; "
+                              "milliseconds; requests per second)")
+        slo = Slo(int(m.group(1)), float(m.group(2)), float(m.group(3)))
+        if not 0 < slo.limit_ms <= 600_000 or not 0 < slo.rate <= 10_000:
+            raise DeployError(f"--slo {text!r}: the bound must be in (0, 600000] ms and the rate in "
+                              "(0, 10000] requests per second")
+        return slo
+
+    @property
+    def key(self) -> str:
+        return f"p{self.percentile}_ms"
+
+    def __str__(self) -> str:
+        return f"p{self.percentile}<={self.limit_ms:g}ms@rate={self.rate:g}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str
+    backend: str = "ort"
+    instances: int = 1
+    max_batch: int = 8
+    queue_us: int = 2000
+    preferred: tuple[int, ...] | None = None  # None: half the max batch and the max batch
+
+    def options(self, name: str) -> RepoOptions:
+        preferred = self.preferred if self.preferred is not None else \
+            tuple(b for b in (self.max_batch // 2, self.max_batch) if b >= 2)
+        return RepoOptions(name=name, precision=self.precision, python_backend=self.backend,
+                           instances=self.instances, max_batch=self.max_batch, preferred_batch=preferred,
+                           queue_delay_us=self.queue_us)
+
+    def label(self) -> str:
+        return (f"{self.backend} {self.precision}, {self.instances} inst, max batch {self.max_batch}, "
+                f"queue {self.queue_us / 1000:g} ms")
+
+    def neighbours(self) -> list[Candidate]:
+        out = []
+        for knob, values in (("instances", INSTANCES), ("max_batch", MAX_BATCH), ("queue_us", QUEUE_US)):
+            now = getattr(self, knob)
+            k = values.index(now) if now in values else 0
+            for j in (k - 1, k + 1):
+                if 0 <= j < len(values):
+                    changed: dict[str, Any] = {knob: values[j], "preferred": None}
+                    out.append(dataclasses.replace(self, **changed))
+        return out
+
+
+DEFAULT = RepoOptions()  # what `cvt-export triton` writes when told nothing
+
+
+def default_candidate(precision: str = "fp32") -> Candidate:
+    return Candidate(precision, "ort", DEFAULT.instances, DEFAULT.max_batch, DEFAULT.queue_delay_us,
+                     DEFAULT.preferred_batch)
+
+
+@dataclass
+class Settings:
+    slo: Slo
+    budgets: list[metrics.Budget]
+    requests: int = 200            # per load run in the search
+    confirm_requests: int = 400
+    max_candidates: int = 12
+    fidelity_images: int = 20      # per role
+    seed: int = 0
+
+
+def model_choices(folder: ArtifactFolder) -> list[Candidate]:
+    """(precision, runner) pairs this folder offers and this machine runs, at the default scheduling."""
+    from cvt_export.backends import get_backend
+
+    out = []
+    for backend in ("ort", "openvino"):
+        runner = get_backend(backend)
+        if not runner.available()[0]:
+            continue
+        for precision in runner.precisions:
+            if precisions.reads(precision) in precisions.FILES and folder.has(precisions.reads(precision)):
+                base = default_candidate(precision)
+                out.append(dataclasses.replace(base, backend=backend))
+    return out
+
+
+class Bench:
+    """Serves one candidate at a time from a scratch repository and measures it."""
+
+    def __init__(self, folder: ArtifactFolder, settings: Settings, scratch: Path,
+                 progress: Callable[[str], None]) -> None:
+        from cvt_export import validate
+        from cvt_export.backends.torch import reference_model
+        from cvt_export.harness.bench import load_inputs, roles
+
+        self.folder, self.settings, self.scratch, self.progress = folder, settings, scratch, progress
+        inputs = load_inputs(None, None, folder.variant)
+        role = roles(inputs, folder)
+        self.rows: dict[str, list[int]] = {}
+        for name in ("selection", "confirmation"):
+            rows = role.rows(name)
+            idx = np.linspace(0, len(rows) - 1, min(settings.fidelity_images, len(rows))).round().astype(int)
+            self.rows[name] = [rows[i] for i in sorted(set(idx.tolist()))]
+        wanted = sorted({*self.rows["selection"], *self.rows["confirmation"]})
+        self.images = inputs.images
+        self.names = inputs.names
+        reference = validate.reference_logits(reference_model(folder), inputs.images[wanted])
+        self.reference = dict(zip(wanted, reference, strict=True))
+        self.count = 0
+
+    def fidelity(self, target: served.Target, role: str) -> dict[str, Any]:
+        rows = self.rows[role]
+        ref = np.stack([self.reference[i] for i in rows])
+        return served.fidelity(target, self.images[rows], ref, [self.names[i] for i in rows])
+
+    def serve(self, cand: Candidate, repo: Path) -> Any:
+        from cvt_export.triton.server import Server
+
+        if repo.exists():
+            shutil.rmtree(repo)
+        write_repository(self.folder, repo, cand.options("cvt"))
+        return Server(repo)
+
+    def measure(self, cand: Candidate) -> dict[str, Any]:
+        """One search candidate: served answers on the selection images first; only when they
+        meet the budget, an open-loop run at the SLO rate."""
+        self.count += 1
+        self.progress(f"candidate {self.count}: {cand.label()}")
+        record: dict[str, Any] = {"candidate": dataclasses.asdict(cand), "label": cand.label(),
+                                  "fidelity": {}, "within_budget": False}
+        try:
+            with self.serve(cand, self.scratch / "repo") as server:
+                target = served.Target(server.http_url, "cvt")
+                fid = self.fidelity(target, "selection")
+                record["fidelity"] = _fid(fid)
+                record["within_budget"] = metrics.within(self.settings.budgets, fid)
+                if not record["within_budget"]:
+                    return record
+                run = served.run_load(target, self.images[self.rows["selection"]],
+                                      served.Load("rate", self.settings.slo.rate), self.settings.requests)
+        except TritonError as e:  # this candidate does not serve here (its cause is kept)
+            record["error"] = str(e)
+            return record
+        record.update(_load_figures(run, self.settings.slo))
+        return record
+
+
+def _fid(fid: dict[str, Any]) -> dict[str, Any]:
+    return {k: fid[k] for k in ("n", "cosine_min", "cosine_mean", "max_abs", "top1_agreement") if k in fid}
+
+
+def _load_figures(run: dict[str, Any], slo: Slo) -> dict[str, Any]:
+    lat = run.get("latency_ms", {})
+    key = {50: "median_ms", 90: "p90_ms", 99: "p99_ms"}[slo.percentile]
+    value = float(lat[key]) if lat else float("inf")
+    achieved, offered = run.get("answered_per_s", 0.0), run.get("offered_per_s", slo.rate)
+    return {"percentile_ms": value, "p99_ms": float(lat.get("p99_ms", float("inf"))),
+            "answered": run["answered"], "failed": run["failed"], "achieved_rate": achieved,
+            "offered_rate": offered, "spread_ms": run.get("spread_ms"), "stable": run.get("stable"),
+            "meets": bool(run["failed"] == 0 and value <= slo.limit_ms and achieved >= SUSTAINED * offered)}
+
+
+def _score(record: dict[str, Any]) -> float:
+    return float(record.get("percentile_ms", float("inf"))) if record.get("within_budget") else float("inf")
+
+
+def search(bench: Bench) -> list[dict[str, Any]]:
+    """Steps 1 and 2 of the module's search; returns every measured candidate's record."""
+    records: dict[Candidate, dict[str, Any]] = {}
+
+    def measure(cand: Candidate) -> dict[str, Any]:
+        if cand not in records:
+            records[cand] = bench.measure(cand)
+        return records[cand]
+
+    limit = bench.settings.max_candidates
+    for cand in model_choices(bench.folder):
+        if len(records) >= limit:
+            break
+        measure(cand)
+    passing = [c for c, r in records.items() if r.get("within_budget") and np.isfinite(_score(r))]
+    if not passing:
+        return list(records.values())
+    best = min(passing, key=lambda c: (_score(records[c]), -records[c]["fidelity"].get("cosine_min", 0)))
+    while len(records) < limit:
+        step = None
+        for n in best.neighbours():
+            if len(records) >= limit:
+                break
+            rec = measure(n)
+            if _score(rec) < _score(records[best]) * (1 - IMPROVES) and (
+                    step is None or _score(rec) < _score(records[step])):
+                step = n
+        if step is None:
+            break
+        best = step
+    return list(records.values())
+
+
+def choose(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    met = [r for r in records if r.get("meets")]
+    if not met:
+        return None
+    low = min(r["percentile_ms"] for r in met)
+    tied = [r for r in met if r["percentile_ms"] <= low * (1 + IMPROVES)]
+    return max(tied, key=lambda r: (r["fidelity"].get("cosine_min", 0.0), -r["percentile_ms"]))
+
+
+def sustained_rate(bench: Bench, server_url: str, slo: Slo, requests: int,
+                   steps_at_most: int = LADDER_STEPS) -> dict[str, Any]:
+    """The highest rate on a geometric ladder (factor LADDER) through the SLO rate at which the
+    served model answers at least SUSTAINED of what is offered with the SLO percentile within its
+    bound: up from the SLO rate while it holds, else down until it holds."""
+    target = served.Target(server_url, "cvt")
+    images = bench.images[bench.rows["confirmation"]]
+    steps: list[dict[str, Any]] = []
+
+    def at(rate: float) -> bool:
+        run = served.run_load(target, images, served.Load("rate", rate), requests)
+        figures = _load_figures(run, dataclasses.replace(slo, rate=rate))
+        steps.append({"rate": rate, **{k: figures[k] for k in ("percentile_ms", "p99_ms", "achieved_rate",
+                                                                "failed", "meets")}})
+        return bool(figures["meets"])
+
+    rate, best = slo.rate, 0.0
+    if at(rate):
+        best = rate
+        while len(steps) < steps_at_most and at(rate * LADDER):
+            rate = best = rate * LADDER
+    else:
+        while len(steps) < steps_at_most:
+            rate /= LADDER
+            if at(rate):
+                best = rate
+                break
+    return {"highest_rate": best, "steps": sorted(steps, key=lambda st: st["rate"]),
+            "ladder_factor": LADDER}
+
+
+def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settings,
+           progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Search, choose, write `out/name`, confirm; returns the record also written as
+    `out/NAME.deploy.json` (and .md, .svg)."""
+    from cvt_export import machine
+    from cvt_export.triton.server import Server
+
+    folder = artifacts.as_folder(folder)
+    if not settings.budgets:
+        raise DeployError("--budget: give at least one fidelity bound, e.g. \"cosine>=0.999\"")
+    if not 1 <= settings.max_candidates <= 200 or settings.requests < 20 or settings.confirm_requests < 20:
+        raise DeployError("--max-candidates 1..200, --requests and --confirm-requests >= 20")
+    RepoOptions(name=name).check()
+    started = time.time()
+    scratch = Path(tempfile.mkdtemp(prefix="cvt-deploy-"))
+    try:
+        bench = Bench(folder, settings, scratch, progress)
+        records = search(bench)
+        chosen = choose(records)
+        result: dict[str, Any] = {
+            "schema": "cvt-deploy/1", "machine": machine.describe(), "slo": str(settings.slo),
+            "budget": [str(b) for b in settings.budgets], "artifacts": str(folder.path),
+            "search": {"how": "models at the default scheduling, then a hill climb over instances, max batch "
+                       "and queue delay (one notch per knob, > 5% better to move)",
+                       "candidates": records, "selection_images": len(bench.rows["selection"]),
+                       "requests_per_candidate": settings.requests},
+            "chosen": chosen}
+        if chosen is None:
+            result["confirmation"] = None
+            _write_record(out, name, result)
+            return result
+        cand = Candidate(**chosen["candidate"])
+        progress(f"writing {out / name} and confirming")
+        write_repository(folder, out, cand.options(name))
+        default = default_candidate()
+        with Server(out) as server:
+            target = served.Target(server.http_url, name)
+            fid = bench.fidelity(target, "confirmation")
+            run = served.run_load(target, bench.images[bench.rows["confirmation"]],
+                                  served.Load("rate", settings.slo.rate), settings.confirm_requests)
+            figures = _load_figures(run, settings.slo)
+            confirmation = {"fidelity": _fid(fid), "within_budget": metrics.within(settings.budgets, fid),
+                            "images": len(bench.rows["confirmation"]), "requests": settings.confirm_requests,
+                            **figures}
+            confirmation["held"] = bool(confirmation["meets"] and confirmation["within_budget"])
+        progress("highest sustained rate: default vs chosen")
+        side: dict[str, Any] = {}
+        for label, c in (("default", default), ("chosen", cand)):
+            with bench.serve(c, scratch / f"side-{label}") as server:
+                side[label] = {"configuration": c.label(),
+                               **sustained_rate(bench, server.http_url, settings.slo, settings.requests)}
+        result["confirmation"] = confirmation
+        result["sustained"] = side
+        result["seconds"] = time.time() - started
+        _write_record(out, name, result)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_record(out: Path, name: str, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write(out / f"{name}.deploy.json", json.dumps(result, indent=2, default=float) + "\n")
+    artifacts.atomic_write(out / f"{name}.deploy.md", "\n".join(markdown(result)) + "\n")
+    artifacts.atomic_write(out / f"{name}.deploy.svg", pareto_svg(result))
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    lines = [f"# Deploy search: {result['slo']}, budget {', '.join(result['budget'])}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])}. Artifacts: "
+             f"{result['artifacts']}. Search: {result['search']['how']}; served answers checked on "
+             f"{result['search']['selection_images']} selection images before any speed counts; "
+             f"{result['search']['requests_per_candidate']} open-loop requests per candidate.", "",
+             "| # | configuration | worst cosine | within budget | percentile ms | p99 ms | achieved/s | "
+             "met SLO |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in enumerate(result["search"]["candidates"], 1):
+        cos = r["fidelity"].get("cosine_min")
+        lines.append(f"| {k} | {r['label']} | {f'{cos:.5f}' if cos is not None else '–'} | "
+                     f"{'yes' if r['within_budget'] else 'no'} | "
+                     + (f"{r['percentile_ms']:.1f} | {r['p99_ms']:.1f} | {r['achieved_rate']:.1f} | "
+                        f"{'yes' if r['meets'] else 'no'} |" if "meets" in r else
+                        f"not measured{': ' + r['error'] if 'error' in r else ''} | | | |"))
+    chosen = result["chosen"]
+    lines.append("")
+    if chosen is None:
+        lines.append("**No candidate met the SLO within the budget.**")
+        return lines
+    conf = result["confirmation"]
+    lines += [f"**Chosen**: {chosen['label']}.", "",
+              f"Confirmation (separate run, {conf['images']} confirmation images, {conf['requests']} "
+              f"requests at {result['slo'].split('@rate=')[1]}/s): worst cosine "
+              f"{conf['fidelity']['cosine_min']:.5f}, percentile {conf['percentile_ms']:.1f} ms, p99 "
+              f"{conf['p99_ms']:.1f} ms, achieved {conf['achieved_rate']:.1f}/s: "
+              + ("**the SLO held**." if conf["held"] else "**the SLO did not hold**."), "",
+              "| configuration | highest sustained rate under the bound (req/s) | ladder |", "|---|---|---|"]
+    for label in ("default", "chosen"):
+        s = result["sustained"][label]
+        ladder = ", ".join(f"{st['rate']:g}: {st['percentile_ms']:.0f} ms" + ("" if st["meets"] else " ✗")
+                           for st in s["steps"])
+        lines.append(f"| {label}: {s['configuration']} | {s['highest_rate']:g} | {ladder} |")
+    return lines
+
+
+def pareto_svg(result: dict[str, Any]) -> str:
+    """Sustained rate (x) vs p99 (y) of every measured candidate; the Pareto front joined."""
+    pts = [(r["achieved_rate"], r["p99_ms"], r["label"], r is result.get("chosen") or
+            (result.get("chosen") is not None and r["label"] == result["chosen"]["label"]))
+           for r in result["search"]["candidates"] if "meets" in r and np.isfinite(r["p99_ms"])]
+    w, h, pad = 640, 400, 60
+    if not pts:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"><text x="20" y="40">'
+                "no candidate was measured</text></svg>\n")
+    xmax = max(p[0] for p in pts) * 1.1 or 1.0
+    ymax = max(p[1] for p in pts) * 1.1 or 1.0
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return pad + (w - 2 * pad) * x / xmax, h - pad - (h - 2 * pad) * y / ymax
+
+    front = sorted((p for p in pts if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in pts)),
+                   key=lambda p: p[0])
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             'font-size="11">',
+             f'<text x="{pad}" y="20" font-size="13">{_esc(result["slo"])}: sustained rate vs p99, '
+             'every measured candidate</text>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+             f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">answered requests/s '
+             f'(max {xmax:.1f})</text>',
+             f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">p99 ms '
+             f'(max {ymax:.0f})</text>']
+    slo = Slo.parse(result["slo"])
+    if slo.percentile == 99 and slo.limit_ms < ymax:
+        _, y = xy(0, slo.limit_ms)
+        parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{w - pad}" y2="{y:.1f}" stroke="red" '
+                     'stroke-dasharray="4"/>')
+    if len(front) > 1:
+        parts.append('<polyline fill="none" stroke="steelblue" points="'
+                     + " ".join("{:.1f},{:.1f}".format(*xy(p[0], p[1])) for p in front) + '"/>')
+    for x, y, label, chosen in pts:
+        cx, cy = xy(x, y)
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if chosen else 4}" '
+                     f'fill="{"red" if chosen else "steelblue"}"><title>{_esc(label)}</title></circle>')
+    parts.append("</svg>\n")
+    return "\n".join(parts)
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
