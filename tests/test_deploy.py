@@ -44,14 +44,14 @@ def test_deploy_refuses_to_write_into_the_artifact_folder(exported: Path) -> Non
 
 
 def test_deploy_checks_answers_before_speed_and_confirms_separately(exported: Path, tmp_path: Path) -> None:
-    """A small search (4 candidates, 30 requests each) under a bound this machine meets with room
+    """A small search (4 candidates, 20 requests each) under a bound this machine meets with room
     (p99 <= 5 s at 3 requests/s) and a budget that random-weight INT8 misses (cosine >= 0.999; it
     gives about 0.992): INT8 candidates are refused on their answers and never timed."""
     triton_or_skip()
     out = tmp_path / "repo"
     result = run_cli("cvt-export", "deploy", "--artifacts", str(exported), "--out", str(out),
                      "--slo", "p99<=5000ms@rate=3", "--budget", "cosine>=0.999", "--max-candidates", "4",
-                     "--requests", "30", "--confirm-requests", "40", "--fidelity-images", "6", timeout=1800)
+                     "--requests", "20", "--confirm-requests", "40", "--fidelity-images", "6", timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((out / "cvt.deploy.json").read_text())
     candidates = record["search"]["candidates"]
@@ -64,7 +64,7 @@ def test_deploy_checks_answers_before_speed_and_confirms_separately(exported: Pa
             assert c["within_budget"] and c["fidelity"]["cosine_min"] >= 0.999
             assert c["meets"] == (c["failed"] == 0 and c["percentile_ms"] <= 5000
                                   and c["achieved_rate"] >= 0.9 * c["offered_rate"])
-            assert abs(c["offered_rate"] - 3) < 1.5  # 30 Poisson arrivals at 3/s
+            assert abs(c["offered_rate"] - 3) < 2  # 20 Poisson arrivals at 3/s
     chosen, conf = record["chosen"], record["confirmation"]
     assert chosen["meets"] and conf["held"] and conf["images"] == 6 and conf["requests"] == 40
     assert conf["p99_ms"] <= 5000 and conf["failed"] == 0

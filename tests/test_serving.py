@@ -125,11 +125,19 @@ class Serve:
         return {n for n in _shm() - self.shm_before if n.startswith("cvt-triton-")}
 
     def kill_all(self) -> None:
+        """After a failed test: kill serve and give its keeper the time to clean up; only then
+        kill what is left (killing the keeper first would leave its shared memory behind)."""
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+        deadline = time.monotonic() + GONE_S
+        while self.ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
         for pid in self.ours():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for name in self.new_shm():
+            with contextlib.suppress(OSError):
+                (Path("/dev/shm") / name).unlink()
 
 
 @pytest.fixture

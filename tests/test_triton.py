@@ -164,6 +164,10 @@ def test_native_runtime_repositories_are_checked(exported: Path, tmp_path: Path)
         validate_repository(repo, ["onnxruntime-int8"])
     with pytest.raises(TritonError, match="runner runs fp32, fp16, int8"):  # ORT has no BF16 path
         write_repository(folder, repo, RepoOptions(name="bf16", precision="bf16"))
+    # the python runtime's OpenVINO runner converts its FP16 IR from the FP32 file: both travel
+    write_repository(folder, repo, RepoOptions(name="ov-fp16", precision="fp16", python_backend="openvino"))
+    carried = sorted(p.name for p in (repo / "ov-fp16" / "1" / "artifacts").glob("*.onnx"))
+    assert carried == ["model.fp16.onnx", "model.onnx"], carried
     shutil.rmtree(repo)
     # TensorRT engines are made by `cvt-export trt`, which needs TensorRT and a GPU
     result = run_cli("cvt-export", "triton", "--artifacts", str(folder), "--runtime", "tensorrt",

@@ -73,6 +73,13 @@ def _calibration_images(folder: ArtifactFolder) -> np.ndarray:
     return calib.load(folder.variant)
 
 
+def source_precision(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str:
+    """The precision whose ONNX file an IR of `precision` is converted from (FP16 and BF16 IRs
+    come from the FP32 file: OpenVINO compresses or infers in the lower precision itself)."""
+    ir = precisions.reads(precision)
+    return ("int8" if (ir == "int8" and int8_source == "qdq") else "mixed" if ir == "mixed" else "fp32")
+
+
 def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE
             ) -> Path:
     """Write (or rewrite) one IR from the ONNX artifacts and record it in the manifest."""
@@ -80,8 +87,7 @@ def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
 
     folder = as_folder(folder)
     ir = precisions.reads(precision)
-    onnx_precision = ("int8" if (ir == "int8" and int8_source == "qdq") else
-                      "mixed" if ir == "mixed" else "fp32")
+    onnx_precision = source_precision(precision, int8_source)
     onnx_path = folder.onnx(onnx_precision)
     name = ir_name(precision, int8_source)
     artifacts.check_writable(folder.path, "artifact folder", DERIVED_HINT)

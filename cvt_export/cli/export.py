@@ -463,7 +463,7 @@ def deploy(
     out: Annotated[Path, typer.Option(help="model repository to write the chosen configuration to")] = Path(
         "triton-repo"),
     name: Annotated[str, typer.Option(help="model name clients call")] = "cvt",
-    requests: Annotated[int, typer.Option(help="open-loop requests per candidate in the search")] = 200,
+    requests: Annotated[int, typer.Option(help="open-loop requests per candidate in the search")] = 300,
     confirm_requests: Annotated[int, typer.Option(help="requests in the confirmation run")] = 400,
     max_candidates: Annotated[int, typer.Option(help="configurations measured at most")] = 12,
     fidelity_images: Annotated[int, typer.Option(help="images per role (selection, confirmation)")] = 20,

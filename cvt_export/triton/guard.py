@@ -72,8 +72,11 @@ def die_with_parent() -> None:
 
 
 def _clean(line: str) -> str:
+    """A log line without its prefix, quotes, and the traceback Triton appends to a Python
+    error as escaped newlines ("...\\n\\nAt:\\n  file(line): function")."""
     line = re.sub(r"^[EWI]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ", "", line.strip())
-    return line.strip('"').strip()
+    line = line.strip('"').split("\\n")[0]
+    return line.strip()
 
 
 def causes(log: str, limit: int = 3) -> list[str]:

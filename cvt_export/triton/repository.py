@@ -394,12 +394,14 @@ def _write_model(folder: ArtifactFolder, opts: RepoOptions, version: Path) -> st
     """The runtime's model file(s) in the version folder; returns a non-default file name."""
     if opts.runtime == "python":
         (version / "model.py").write_text(_model_py("Classifier"))
-        copy = folder.copy_to(version / "artifacts", (precisions.reads(opts.precision),))
-        if opts.python_backend == "openvino":  # made now: instances loading at once never race for it
+        kept: tuple[str, ...] = (precisions.reads(opts.precision),)
+        if opts.python_backend == "openvino":  # and the file its IR is converted from
             from cvt_export.backends import openvino as ov
 
-            if ov.BACKEND.available()[0]:
-                ov.ir_file(copy, opts.precision)
+            kept = tuple(dict.fromkeys((*kept, ov.source_precision(opts.precision))))
+        copy = folder.copy_to(version / "artifacts", kept)
+        if opts.python_backend == "openvino" and ov.BACKEND.available()[0]:
+            ov.ir_file(copy, opts.precision)  # made now: instances loading at once never race for it
         return None
     if opts.runtime == "onnxruntime":
         for f in folder.file_names(opts.precision):
