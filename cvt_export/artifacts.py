@@ -61,6 +61,24 @@ def remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+# Lock descriptors this process holds. A child forked without exec (OpenVINO's telemetry sends
+# from a multiprocessing.Process, which outlives the conversion by seconds) would otherwise share
+# the lock's open file description and keep the folder locked after this process let it go.
+# The lock is released with LOCK_UN on the description (not by closing alone), and a forked
+# child closes its copies as soon as it runs.
+_HELD: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold the folder's writer lock, or refuse at once if another export holds it."""
@@ -72,6 +90,7 @@ def locked(out: Path) -> Iterator[None]:
         except OSError:  # no lock file and none can be made: nothing can write here either
             yield
             return
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,6 +100,9 @@ def locked(out: Path) -> Iterator[None]:
                                 ) from None
         yield
     finally:
+        _HELD.discard(fd)
+        with contextlib.suppress(OSError):  # unlock the description itself: a child that has not
+            fcntl.flock(fd, fcntl.LOCK_UN)   # run its fork hook yet may still share it
         os.close(fd)
 
 

@@ -7,6 +7,8 @@ folders are private copies of the session's export."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -326,3 +328,31 @@ def test_int8_rows_are_held_to_the_bounds_when_the_baselines_cpu_computes_int8_o
     assert regress.other_int8_kernels(vnni) is (not exact_here)
     assert regress.other_int8_kernels(avx2) is exact_here
     assert regress.other_int8_kernels({"machine": {}}) is False  # an old baseline: no change
+
+
+def test_a_child_forked_under_the_lock_does_not_keep_it(tmp_path: Path) -> None:
+    """OpenVINO's telemetry forks a multiprocessing child during a conversion that runs under the
+    folder's lock; the child shares the lock's open file description and outlives the conversion.
+    Measured on a fresh clone under load: the next writer was refused ("another cvt-export command
+    ... is writing this folder") by its own process's leftover. Released by LOCK_UN, it is not."""
+    import multiprocessing
+    import time
+
+    from cvt_export.artifacts import locked
+
+    with locked(tmp_path):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(5,), daemon=True)
+        child.start()
+    try:
+        with locked(tmp_path):
+            assert child.is_alive()  # the child still holds its copy of the descriptor
+        # and another process is still refused while this one holds it
+        with locked(tmp_path):
+            probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                    "from cvt_export.artifacts import locked\n"
+                                    f"with locked(Path({str(tmp_path)!r})): pass"],
+                                   capture_output=True, text=True, timeout=120)
+        assert probe.returncode != 0 and "another cvt-export command" in probe.stderr
+    finally:
+        child.terminate()
+        child.join(timeout=10)
