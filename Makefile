@@ -44,7 +44,7 @@ lint: $(STAMP) $(STUBS)
 	$(BIN)/mypy
 
 pytest: $(STAMP) $(STUBS)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 test: lint pytest
 
