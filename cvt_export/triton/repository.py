@@ -38,6 +38,7 @@ from cvt_ref.source import sha256_file
 Runtime = Literal["python", "onnxruntime", "openvino", "tensorrt"]
 RUNTIMES: tuple[Runtime, ...] = ("python", "onnxruntime", "openvino", "tensorrt")
 RECORD = "cvt-repository.json"
+RECORD_FILES = "files"
 IMAGE_INPUT = "image"
 LABELS_FILE = "labels.txt"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -523,7 +524,7 @@ def _recorded_files(repo: Path) -> dict[str, str]:
     for record in sorted(repo.glob(f"*.{RECORD}")):
         try:
             data = json.loads(record.read_text())
-            listed = data["files"]
+            listed = data[RECORD_FILES]  # the repository record's file list (not a manifest's)
             assert isinstance(listed, dict)
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             raise TritonError(f"{record}: not a record written by `cvt-export triton`; write the "
