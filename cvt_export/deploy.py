@@ -48,7 +48,7 @@ from cvt_export.artifacts import ArtifactFolder
 from cvt_export.errors import CvtError
 from cvt_export.harness import served
 from cvt_export.triton import TritonError
-from cvt_export.triton.repository import RepoOptions, write_repository
+from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
 
 INSTANCES = (1, 2, 3)
 MAX_BATCH = (1, 2, 4, 8, 16, 32)
@@ -141,6 +141,14 @@ class Settings:
     fidelity_images: int = 20      # per role
     seed: int = 0
 
+    def check(self) -> None:
+        if not self.budgets:
+            raise DeployError("--budget: give at least one fidelity bound, e.g. \"cosine>=0.999\"")
+        if not 1 <= self.max_candidates <= 200 or self.requests < 20 or self.confirm_requests < 20:
+            raise DeployError("--max-candidates 1..200, --requests and --confirm-requests >= 20")
+        if not 1 <= self.fidelity_images <= 100:
+            raise DeployError(f"--fidelity-images {self.fidelity_images}: use 1..100")
+
 
 def model_choices(folder: ArtifactFolder) -> list[Candidate]:
     """(precision, runner) pairs this folder offers and this machine runs, at the default scheduling."""
@@ -187,6 +195,11 @@ class Bench:
         ref = np.stack([self.reference[i] for i in rows])
         return served.fidelity(target, self.images[rows], ref, [self.names[i] for i in rows])
 
+    def load(self, target: served.Target, role: str, rate: float, requests: int) -> dict[str, Any]:
+        """An open-loop run at `rate` on the role's images, judged against the SLO's bound."""
+        run = served.run_load(target, self.images[self.rows[role]], served.Load("rate", rate), requests)
+        return _load_figures(run, dataclasses.replace(self.settings.slo, rate=rate))
+
     def serve(self, cand: Candidate, repo: Path) -> Any:
         from cvt_export.triton.server import Server
 
@@ -210,12 +223,9 @@ class Bench:
                 record["within_budget"] = metrics.within(self.settings.budgets, fid)
                 if not record["within_budget"]:
                     return record
-                run = served.run_load(target, self.images[self.rows["selection"]],
-                                      served.Load("rate", self.settings.slo.rate), self.settings.requests)
+                record.update(self.load(target, "selection", self.settings.slo.rate, self.settings.requests))
         except CvtError as e:  # this candidate cannot be written or served here (its cause is kept)
             record["error"] = str(e)
-            return record
-        record.update(_load_figures(run, self.settings.slo))
         return record
 
 
@@ -286,12 +296,10 @@ def sustained_rate(bench: Bench, server_url: str, slo: Slo, requests: int,
     served model answers at least SUSTAINED of what is offered with the SLO percentile within its
     bound: up from the SLO rate while it holds, else down until it holds."""
     target = served.Target(server_url, "cvt")
-    images = bench.images[bench.rows["confirmation"]]
     steps: list[dict[str, Any]] = []
 
     def at(rate: float) -> bool:
-        run = served.run_load(target, images, served.Load("rate", rate), requests)
-        figures = _load_figures(run, dataclasses.replace(slo, rate=rate))
+        figures = bench.load(target, "confirmation", rate, requests)
         steps.append({"rate": rate, **{k: figures[k] for k in ("percentile_ms", "p99_ms", "achieved_rate",
                                                                 "failed", "meets")}})
         return bool(figures["meets"])
@@ -319,11 +327,9 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
     from cvt_export.triton.server import Server
 
     folder = artifacts.as_folder(folder)
-    if not settings.budgets:
-        raise DeployError("--budget: give at least one fidelity bound, e.g. \"cosine>=0.999\"")
-    if not 1 <= settings.max_candidates <= 200 or settings.requests < 20 or settings.confirm_requests < 20:
-        raise DeployError("--max-candidates 1..200, --requests and --confirm-requests >= 20")
+    settings.check()
     RepoOptions(name=name).check()
+    check_destination(folder, out, RepoOptions(name=name))  # refused now, not after the search
     started = time.time()
     scratch = Path(tempfile.mkdtemp(prefix="cvt-deploy-"))
     try:
@@ -349,9 +355,7 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
         with Server(out) as server:
             target = served.Target(server.http_url, name)
             fid = bench.fidelity(target, "confirmation")
-            run = served.run_load(target, bench.images[bench.rows["confirmation"]],
-                                  served.Load("rate", settings.slo.rate), settings.confirm_requests)
-            figures = _load_figures(run, settings.slo)
+            figures = bench.load(target, "confirmation", settings.slo.rate, settings.confirm_requests)
             confirmation = {"fidelity": _fid(fid), "within_budget": metrics.within(settings.budgets, fid),
                             "images": len(bench.rows["confirmation"]), "requests": settings.confirm_requests,
                             **figures}

@@ -424,9 +424,6 @@ def serve(
 
     from cvt_export.triton.server import Server, free_port
 
-    for port, flag in ((http_port, "--http-port"), (grpc_port, "--grpc-port")):
-        if not 0 <= port <= 65535:
-            raise CvtError(f"{flag} {port}: use 1..65535, or 0 for a free port")
     if log is not None:
         output_file(log, "--log")
 
@@ -435,7 +432,7 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, terminate)
     server = Server(repository, http_port=http_port or free_port(), grpc_port=grpc_port or free_port(),
-                    log=log)
+                    log=log)  # ports outside 1..65535 are refused by Server.start
     try:
         with stderr.status("starting tritonserver"):
             server.start()
@@ -486,13 +483,7 @@ def deploy(
     settings = dep.Settings(slo=dep.Slo.parse(slo), budgets=[tuning.parse_budget(b) for b in budget],
                             requests=requests, confirm_requests=confirm_requests,
                             max_candidates=max_candidates, fidelity_images=fidelity_images)
-    if not 1 <= fidelity_images <= 100:
-        raise CvtError(f"--fidelity-images {fidelity_images}: use 1..100")
-    folder = ArtifactFolder.open(artifacts)
-    from cvt_export.triton.repository import RepoOptions, check_destination
-
-    RepoOptions(name=name).check()
-    check_destination(folder, out, RepoOptions(name=name))  # refused now, not after the search
+    folder = ArtifactFolder.open(artifacts)  # settings and --out are checked by deploy before the search
     with stderr.status("deploy search") as status:
         result = dep.deploy(folder, out, name, settings, progress=lambda t: status.update(f"deploy: {t}"))
     for line in dep.markdown(result)[2:]:

@@ -353,12 +353,6 @@ def _settled_stats(monitor: Any, watch: str, protocol: str, before: dict[str, An
     return after
 
 
-def run_concurrency(target: Target, images: np.ndarray, concurrency: int, requests: int,
-                    stats_model: str | None = None) -> dict[str, Any]:
-    """`requests` single-image requests spread over `concurrency` client threads."""
-    return run_load(target, images, Load("concurrency", concurrency), requests, stats_model)
-
-
 def fidelity(target: Target, images: np.ndarray, reference: np.ndarray, names: list[str]) -> dict[str, Any]:
     with connected(target) as client:
         try:

@@ -137,6 +137,16 @@ def group_members(pgid: int, parent: int) -> list[int]:
     return found
 
 
+def remove_leftovers(work: Path | None, shm_prefix: str) -> None:
+    """The server's shared-memory regions (named with its own prefix) and its temporary folder."""
+    if shm_prefix:
+        for region in SHM_DIR.glob(f"{shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _reap() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
@@ -291,12 +301,7 @@ class Guard:
             time.sleep(0.05)
 
     def clean(self) -> None:
-        if self.shm_prefix:
-            for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
-                with contextlib.suppress(OSError):
-                    region.unlink()
-        if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
+        remove_leftovers(self.work, self.shm_prefix)
 
 
 def main() -> int:

@@ -271,16 +271,24 @@ def model_names(opts: RepoOptions) -> list[str]:
     return [f"{opts.name}-classifier", f"{opts.name}-preprocess", opts.name]
 
 
-def records(out: Path) -> dict[str, list[str]]:
-    """Record name -> the model folders it says it wrote (plain names only; a malformed record
-    owns nothing, so what it names is never replaced)."""
-    found: dict[str, list[str]] = {}
+def _record_files(out: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Every `NAME.cvt-repository.json` in a repository, parsed (None: unreadable or not an object)."""
+    found: list[tuple[Path, dict[str, Any] | None]] = []
     for path in sorted(out.glob(f"*.{RECORD}")) if out.is_dir() else []:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
-            continue
-        models = data.get("models") if isinstance(data, dict) else None
+            data = None
+        found.append((path, data if isinstance(data, dict) else None))
+    return found
+
+
+def records(out: Path) -> dict[str, list[str]]:
+    """Record name -> the model folders it says it wrote (plain names only; a malformed record
+    owns nothing, so what it names is never replaced)."""
+    found: dict[str, list[str]] = {}
+    for path, data in _record_files(out):
+        models = data.get("models") if data is not None else None
         if isinstance(models, list) and all(isinstance(m, str) and NAME.fullmatch(m) for m in models):
             found[path.name.removesuffix(f".{RECORD}")] = list(models)
     return found
@@ -521,14 +529,11 @@ def _recorded_files(repo: Path) -> dict[str, str]:
     """model-relative file -> sha256, from every record in the repository (paths that leave the
     repository or are not plain are refused)."""
     files: dict[str, str] = {}
-    for record in sorted(repo.glob(f"*.{RECORD}")):
-        try:
-            data = json.loads(record.read_text())
-            listed = data[RECORD_FILES]  # the repository record's file list (not a manifest's)
-            assert isinstance(listed, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    for record, data in _record_files(repo):
+        listed = data.get(RECORD_FILES) if data is not None else None  # the record's, not a manifest's
+        if not isinstance(listed, dict):
             raise TritonError(f"{record}: not a record written by `cvt-export triton`; write the "
-                              "repository again") from None
+                              "repository again")
         for rel, digest in listed.items():
             parts = Path(str(rel)).parts
             if not parts or Path(str(rel)).is_absolute() or ".." in parts or not isinstance(digest, str):

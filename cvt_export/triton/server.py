@@ -114,7 +114,6 @@ class Server:
     work: Path | None = None
     shm_prefix: str = ""
     ended: str | None = None  # why the server ended by itself (exit code or signal, and its log's cause)
-    reloaded: list[dict[str, Any]] = field(default_factory=list)  # models the guard reloaded
 
     @property
     def http_url(self) -> str:
@@ -136,11 +135,11 @@ class Server:
     def start(self) -> Server:
         from cvt_export.triton.repository import check_served
 
-        check_served(self.repository)
         check_port(self.http_port, "--http-port")
         check_port(self.grpc_port, "--grpc-port")
         if self.http_port == self.grpc_port:
             raise TritonError(f"--http-port and --grpc-port are both {self.http_port}")
+        check_served(self.repository)
         self.work = Path(tempfile.mkdtemp(prefix="cvt-triton-"))
         self.shm_prefix = f"{self.work.name}-shm-"
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -181,7 +180,6 @@ class Server:
             elif event["event"] == "exited":
                 self.ended = f"tritonserver {guard.exit_description(int(event['code']))}: {event['cause']}"
             elif event["event"] == "reloaded":
-                self.reloaded.append(event)
                 logger.warning("model %s: an instance's process died; reloaded%s", event["model"],
                             f" (failed: {event['error']})" if event.get("error") else "")
             elif event["event"] == "gone" and self.ended is None:
@@ -225,11 +223,8 @@ class Server:
                     os.killpg(keeper.pid, signal.SIGKILL)
                 keeper.wait(timeout=guard.GONE_S)
             self.poll()
-        if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
-            for region in guard.SHM_DIR.glob(f"{self.shm_prefix}*"):
-                with contextlib.suppress(OSError):
-                    region.unlink()
+        if self.work is not None:  # what a guard that was itself killed could not remove
+            guard.remove_leftovers(self.work, self.shm_prefix)
 
     def __enter__(self) -> Server:
         return self.start()
