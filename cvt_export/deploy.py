@@ -195,9 +195,12 @@ class Bench:
         ref = np.stack([self.reference[i] for i in rows])
         return served.fidelity(target, self.images[rows], ref, [self.names[i] for i in rows])
 
-    def load(self, target: served.Target, role: str, rate: float, requests: int) -> dict[str, Any]:
-        """An open-loop run at `rate` on the role's images, judged against the SLO's bound."""
-        run = served.run_load(target, self.images[self.rows[role]], served.Load("rate", rate), requests)
+    def load(self, target: served.Target, role: str, rate: float, requests: int,
+             seed: int | None = None) -> dict[str, Any]:
+        """An open-loop run at `rate` on the role's images, judged against the SLO's bound
+        (arrivals from `seed`, by default the search's)."""
+        run = served.run_load(target, self.images[self.rows[role]], served.Load("rate", rate), requests,
+                              seed=self.settings.seed if seed is None else seed)
         return _load_figures(run, dataclasses.replace(self.settings.slo, rate=rate))
 
     def serve(self, cand: Candidate, repo: Path) -> Any:
@@ -355,7 +358,8 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
         with Server(out) as server:
             target = served.Target(server.http_url, name)
             fid = bench.fidelity(target, "confirmation")
-            figures = bench.load(target, "confirmation", settings.slo.rate, settings.confirm_requests)
+            figures = bench.load(target, "confirmation", settings.slo.rate, settings.confirm_requests,
+                                 seed=settings.seed + 1)  # arrivals the search never saw
             confirmation = {"fidelity": _fid(fid), "within_budget": metrics.within(settings.budgets, fid),
                             "images": len(bench.rows["confirmation"]), "requests": settings.confirm_requests,
                             **figures}

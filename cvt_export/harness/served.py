@@ -284,7 +284,7 @@ def stable(wins: list[dict[str, float]]) -> bool:
 
 
 def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
-             stats_model: str | None = None) -> dict[str, Any]:
+             stats_model: str | None = None, seed: int = 0) -> dict[str, Any]:
     """`requests` single-image requests under `load`; failed requests are counted, not raised."""
     if load.value <= 0 or requests < 1:
         raise TritonError("the load (--concurrency, --rate) and the request count must be > 0")
@@ -299,7 +299,7 @@ def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
         if load.kind == "concurrency":
             _closed_loop(target, images, int(load.value), requests, record)
         else:
-            _open_loop(target, images, load.value, requests, record)
+            _open_loop(target, images, load.value, requests, record, seed)
         elapsed = time.perf_counter() - start
         after = _settled_stats(monitor, watch, target.protocol, before, len(record.done))
     result: dict[str, Any] = {
