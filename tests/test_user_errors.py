@@ -152,3 +152,21 @@ def test_every_command_documents_its_options_and_shows_an_example() -> None:
 def test_help_runs(command: list[str]) -> None:
     result = run_cli("cvt-export", *command, "--help")
     assert result.returncode == 0 and "Example" in result.stdout
+
+
+def test_tables_are_whole_when_the_output_is_not_a_terminal() -> None:
+    """In a CI log or `| cat` (no terminal, no COLUMNS) rich would cut tables to 80 columns
+    ("cvt-… │ micr…"); every variant's hub id must appear whole, and nothing ends in an ellipsis."""
+    import os
+    import subprocess
+
+    from cvt_ref.variants import VARIANTS
+    from helpers import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    result = subprocess.run([str(BIN / "cvt-export"), "variants"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    for variant in VARIANTS.values():
+        assert f" {variant.hub_id} " in result.stdout

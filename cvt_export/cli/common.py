@@ -20,8 +20,18 @@ EXIT_USER_ERROR = 2
 
 VerboseOpt = Annotated[bool, typer.Option(help="log what each step does (INFO level)")]
 
-stdout = Console()
-stderr = Console(stderr=True)
+# Where the output is not a terminal (a CI log, `| cat`, `> file`) nothing may be cut to rich's
+# default 80 columns: tables take their natural width and long lines are not wrapped.
+LOG_WIDTH = 1000
+
+
+def _console(*, stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
+stdout = _console()
+stderr = _console(stderr=True)
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
