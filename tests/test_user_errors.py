@@ -170,3 +170,16 @@ def test_tables_are_whole_when_the_output_is_not_a_terminal() -> None:
     assert "…" not in result.stdout
     for variant in VARIANTS.values():
         assert f" {variant.hub_id} " in result.stdout
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("cvt-export", "onnx", "--opset", "abc"), "Invalid value for '--opset'"),
+    (("cvt-export", "nosuch"), "No such command 'nosuch'"),
+    (("cvt-bench", "regress", "--nope"), "No such option: --nope"),
+    (("cvt-export", "onnx", "--out"), "'--out' requires an argument"),
+    (("cvt-bench", "--iters", "many"), "Invalid value for '--iters'"),
+])
+def test_parser_errors_are_one_line(args: tuple[str, ...], fragment: str) -> None:
+    """The parser's own errors (wrong type, unknown option or command, a missing value) are the
+    project's one `error:` line with exit 2, not a framed box of 3-5 lines."""
+    assert_user_error(run_cli(*args), fragment)

@@ -12,7 +12,7 @@ from cvt_export import metrics
 from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactError, ArtifactFolder, check_writable
 from cvt_export.backends import BACKEND_MODULES
-from cvt_export.cli.common import VerboseOpt, output_file, setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import VerboseOpt, output_file, run_app, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
 from cvt_export.harness import recommend
@@ -298,7 +298,7 @@ def show(report: dict[str, object]) -> None:
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

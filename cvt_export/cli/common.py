@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -46,6 +46,31 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run a command-line app with the parser's own errors (an unknown option or command, a value
+    of the wrong type) as the project's one `error:` line and exit 2, not a framed box."""
+    import importlib.util
+    import sys
+
+    # newer typer carries its own copy of click, older ones use click itself
+    exc: Any = importlib.import_module("typer._click.exceptions" if importlib.util.find_spec("typer._click")
+                                       else "click.exceptions")
+    try:
+        code = app(standalone_mode=False)
+    except exc.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(EXIT_USER_ERROR)
+    except exc.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else Path(sys.argv[0]).name
+        stderr.print(f"[bold red]error:[/] {where}: {e.format_message()} (see {where} --help)",
+                     highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Abort:
+        stderr.print("Aborted!", highlight=False)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def setup_logging(verbose: bool) -> None:

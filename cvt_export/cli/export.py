@@ -15,7 +15,7 @@ from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import all_backends
 from cvt_export.build import BuildRequest, build
-from cvt_export.cli.common import VerboseOpt, output_file, setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import VerboseOpt, output_file, run_app, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
 from cvt_export.precision import CALIB_METHODS, SMOOTH_CHOICES, Int8Options
@@ -515,4 +515,4 @@ def variants() -> None:
 
 
 def main() -> None:
-    app()
+    run_app(app)
