@@ -13,7 +13,7 @@ TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 PYTRITON ?= nvidia-pytriton==0.7.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test check lint pytest regress venv clean
+.PHONY: demo test test-full check lint regress venv clean
 
 venv: $(STAMP)
 
@@ -43,15 +43,18 @@ lint: $(STAMP) $(STUBS)
 	$(BIN)/ruff check cvt_ref cvt_export tests scripts
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(STUBS)
+# The CI tier, the README's test command (about 5 minutes of pytest here): lint, then every test
+# not marked slow, and the 30 slowest tests so a CI log says where the time goes.
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow" --durations=30 $(PYTEST_ARGS)
+
+# Everything, slow tests included (full-size models, real tritonserver, tune, the regression
+# matrix; about an hour here). Run it before you stop.
+test-full: lint
 	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
-test: lint pytest
-
-# The fast tier to run while working (about 2 minutes here): lint, then every test not marked slow.
-check: $(STAMP) $(STUBS)
-	$(BIN)/ruff check cvt_ref cvt_export tests scripts
-	$(BIN)/mypy
+# The fast tier while working: the CI tier without the durations list.
+check: lint
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The CI gate on exported artifacts: re-export cvt-13 (cached), re-run every available backend,
