@@ -286,6 +286,28 @@ def _top1_on_evidence(key: str, agreement: float, floor: float, images: int) -> 
             f"inside the interval: not a regression on {images} images from other INT8 kernels")
 
 
+def markdown(outcome: Outcome, baseline: Path) -> str:
+    """The gate's result as Markdown (a CI job summary): the verdict, a table of what failed or
+    changed, and the information lines."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    fails = sum(f.kind == "fail" for f in outcome.findings)
+    changes = len(outcome.findings) - fails
+    verdict = ("baseline written" if outcome.updated else "passed" if not outcome.findings else
+               f"failed: {fails} regression(s), {changes} unreviewed change(s)")
+    lines = [f"## cvt-bench regress: {verdict}", "", f"Baseline `{baseline}`.", ""]
+    if outcome.findings:
+        lines += ["| | what | detail |", "|---|---|---|"]
+        lines += [f"| {'FAIL' if f.kind == 'fail' else 'CHANGED'} | {cell(f.what)} | {cell(f.detail)} |"
+                  for f in outcome.findings]
+        if not outcome.updated:
+            lines += ["", "If intended, run `cvt-bench regress --update` and commit the baseline."]
+        lines.append("")
+    lines += [f"- {cell(line)}" for line in outcome.info]
+    return "\n".join(lines) + "\n"
+
+
 def other_int8_kernels(baseline: dict[str, Any]) -> bool:
     """Whether the baseline's CPU and this one differ in how INT8 dot products are computed
     (VNNI/AMX exact 32-bit sums vs the u8·u8 path ORT takes without them): measured on cvt-13,

@@ -98,9 +98,17 @@ def test_changed_reference_logits_fail(baseline: Path, exported: Path, tmp_path:
     fails = [f for f in outcome.findings if f.kind == "fail"]
     reference = next(f for f in fails if f.what == "PyTorch reference logits")
     assert "model code or the weights changed" in reference.detail
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
     result = run_cli("cvt-bench", "regress", "--baseline", str(moved), "--artifacts", str(exported),
-                     "--iters", "1", "--backend", "ort", "--precision", "fp32")
+                     "--iters", "1", "--backend", "ort", "--precision", "fp32",
+                     env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
     assert result.returncode == 1 and "FAIL PyTorch reference logits" in result.stdout
+    # in GitHub Actions: an error annotation per finding, the diff appended to the job summary
+    assert "::error title=cvt-bench regress%3A FAIL PyTorch reference logits::" in result.stdout
+    written = summary.read_text()
+    assert written.startswith("earlier step\n") and "## cvt-bench regress: failed: 1 regression(s)" in written
+    assert "| FAIL | PyTorch reference logits | max-abs" in written
 
 
 def test_a_changed_export_option_is_reported(baseline: Path, tmp_path: Path) -> None:

@@ -183,3 +183,20 @@ def test_parser_errors_are_one_line(args: tuple[str, ...], fragment: str) -> Non
     """The parser's own errors (wrong type, unknown option or command, a missing value) are the
     project's one `error:` line with exit 2, not a framed box of 3-5 lines."""
     assert_user_error(run_cli(*args), fragment)
+
+
+def test_github_annotations_escape_as_documented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """GitHub's workflow-command rules: data escapes %, CR and LF; properties also ':' and ','.
+    Outside Actions nothing is printed or written."""
+    from cvt_export.cli import github
+
+    assert (github.annotation("error", "FAIL ort/int8: a,b", "100% off\nnext")
+            == "::error title=FAIL ort/int8%3A a%2Cb::100%25 off%0Anext")
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    assert github.summary("# x") is None and not summary.exists()
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    assert github.summary("# x") is None and summary.read_text() == "# x\n\n"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path))  # a folder: a warning, not a failure
+    assert "cannot append to the job summary" in (github.summary("# y") or "")

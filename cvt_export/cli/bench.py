@@ -12,6 +12,7 @@ from cvt_export import metrics
 from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactError, ArtifactFolder, check_writable
 from cvt_export.backends import BACKEND_MODULES
+from cvt_export.cli import github
 from cvt_export.cli.common import VerboseOpt, output_file, run_app, setup_logging, stderr, stdout, user_errors
 from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
@@ -114,6 +115,7 @@ def main_command(
     if json_file:
         reports.write_json(report, json_file)
     show(report)
+    _summary(reports.markdown(report))  # the recommendation included
     for line in recommend.markdown(report["recommendation"])[1:]:
         stdout.print(line.replace("**", "").replace("## ", ""))
     stdout.print("wrote " + ", ".join(str(p) for p in written))
@@ -168,6 +170,9 @@ def regress(
     for f in outcome.findings:
         style = "red" if f.kind == "fail" else "yellow"
         stdout.print(f"[{style}]{f}[/]", highlight=False, soft_wrap=True)
+        github.annotate("error", f"cvt-bench regress: {'FAIL' if f.kind == 'fail' else 'CHANGED'} {f.what}",
+                        f"{f}" + ("" if outcome.updated else " (if intended: cvt-bench regress --update)"))
+    _summary(gate.markdown(outcome, baseline))
     if outcome.updated:
         moved = "what moved is listed above" if outcome.findings else "nothing moved beyond tolerance"
         stdout.print(f"[green]baseline written: {baseline}[/] ({moved})")
@@ -295,6 +300,13 @@ def show(report: dict[str, object]) -> None:
     for (status, reason), runs in not_run.items():
         style, label = ("red", "error") if status == "error" else ("dim", "not run")
         stdout.print(f"[{style}]{label}: {', '.join(runs)}: {reason}[/]", highlight=False, soft_wrap=True)
+
+
+def _summary(markdown: str) -> None:
+    """In GitHub Actions, the Markdown goes to the job summary too."""
+    warning = github.summary(markdown)
+    if warning:
+        stderr.print(warning, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
