@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,13 @@ def int8_backends() -> tuple[str, ...]:
     return ("ort", "openvino") if machine.int8_dot_exact() else ("ort",)
 
 
+STEP_LINE = re.compile(r"^\[ *\d+\.\d s\] ")  # a progress step in a log (cli.common.status)
+
+
 def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
-    """Exit 2, exactly one line on stderr that starts with 'error:' and says `fragment`."""
-    lines = result.stderr.strip().splitlines()
+    """Exit 2, exactly one line on stderr that starts with 'error:' and says `fragment` (after the
+    progress steps a log shows while the work ran, if it got that far)."""
+    lines = [line for line in result.stderr.strip().splitlines() if not STEP_LINE.match(line)]
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0], lines[0]

@@ -200,3 +200,17 @@ def test_github_annotations_escape_as_documented(monkeypatch: pytest.MonkeyPatch
     assert github.summary("# x") is None and summary.read_text() == "# x\n\n"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path))  # a folder: a warning, not a failure
     assert "cannot append to the job summary" in (github.summary("# y") or "")
+
+
+def test_long_work_in_a_log_is_one_line_per_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a terminal a spinner prints nothing: each new step is a line with the elapsed time
+    (a repeated step is not), and the error contract's helper sees past those lines."""
+    from cvt_export.cli.common import status
+    from helpers import STEP_LINE
+
+    with status("export") as live:
+        for text in ("calibrating 3/8", "calibrating 3/8", "OpenVINO IR fp16"):
+            live.update(text)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(STEP_LINE.match(line) for line in lines), lines
+    assert [line.split("] ", 1)[1] for line in lines] == ["export", "calibrating 3/8", "OpenVINO IR fp16"]

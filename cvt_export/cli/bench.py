@@ -13,7 +13,16 @@ from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactError, ArtifactFolder, check_writable
 from cvt_export.backends import BACKEND_MODULES
 from cvt_export.cli import github
-from cvt_export.cli.common import VerboseOpt, output_file, run_app, setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import (
+    VerboseOpt,
+    output_file,
+    run_app,
+    setup_logging,
+    status,
+    stderr,
+    stdout,
+    user_errors,
+)
 from cvt_export.errors import CvtError
 from cvt_export.harness import bench as harness
 from cvt_export.harness import recommend
@@ -106,8 +115,8 @@ def main_command(
         batches=_csv_ints(batch, "--batch"), variant=variant, weights=weights, artifacts=artifacts,
         dataset=dataset, limit=limit, warmup=warmup, iters=iters, seconds=seconds, threads=threads,
         strict=backend != "all" and len(names) == 1)
-    with stderr.status("preparing") as status:
-        report = harness.run(cfg, progress=lambda text: status.update(f"running {text}"))
+    with status("preparing") as live:
+        report = harness.run(cfg, progress=lambda text: live.update(f"running {text}"))
     report["recommendation"] = recommend.recommend(report, budgets)
     written = reports.write_all(report, folder)
     recommend.write(report["recommendation"], folder / "recommendation.json")
@@ -159,10 +168,10 @@ def regress(
         output_folder(baseline.parent)
     names = _backends(backend)
     harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
-    with stderr.status("regression run") as status:
+    with status("regression run") as live:
         outcome = gate.run(baseline, update=update, artifacts_dir=artifacts, max_slowdown=max_slowdown,
                            iters=iters, backends=names, precisions=_precisions(precision),
-                           progress=lambda text: status.update(f"regression run: {text}"))
+                           progress=lambda text: live.update(f"regression run: {text}"))
     if out:
         reports.write_all(outcome.report, out)
     for line in outcome.info:
@@ -241,7 +250,7 @@ def triton(
     if precision is not None:
         precision = precision_table.parse_one(precision)
     folder = ArtifactFolder.open(artifacts)
-    with stderr.status(f"measuring {model} at {url}"):
+    with status(f"measuring {model} at {url}"):
         report = bench_served(Target(url, model, protocol), folder, precision, loads, requests)
     if json_file:
         reports.write_json(report, json_file)
@@ -297,8 +306,8 @@ def show(report: dict[str, object]) -> None:
     for r in results:
         if r["status"] != "ok":
             not_run.setdefault((r["status"], r["reason"]), []).append(f"{r['backend']} {r['precision']}")
-    for (status, reason), runs in not_run.items():
-        style, label = ("red", "error") if status == "error" else ("dim", "not run")
+    for (state, reason), runs in not_run.items():
+        style, label = ("red", "error") if state == "error" else ("dim", "not run")
         stdout.print(f"[{style}]{label}: {', '.join(runs)}: {reason}[/]", highlight=False, soft_wrap=True)
 
 

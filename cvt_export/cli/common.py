@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -32,6 +34,31 @@ def _console(*, stderr: bool = False) -> Console:
 
 stdout = _console()
 stderr = _console(stderr=True)
+
+
+class _StepLines:
+    """A status for logs: each new step is one line on stderr with the time since the start."""
+
+    def __init__(self, title: str) -> None:
+        self.start = time.monotonic()
+        self.last = ""
+        self.update(title)
+
+    def update(self, text: str) -> None:
+        if text and text != self.last:
+            self.last = text
+            stderr.print(f"[{time.monotonic() - self.start:7.1f} s] {text}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status(title: str) -> Iterator[Any]:
+    """Progress of long work: a spinner with the current step on a terminal; elsewhere (a CI log,
+    `2> file`) one line per step with the elapsed time, where a spinner would print nothing."""
+    if stderr.is_terminal:
+        with stderr.status(title) as live:
+            yield live
+    else:
+        yield _StepLines(title)
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:

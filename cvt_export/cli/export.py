@@ -15,7 +15,16 @@ from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import all_backends
 from cvt_export.build import BuildRequest, build
-from cvt_export.cli.common import VerboseOpt, output_file, run_app, setup_logging, stderr, stdout, user_errors
+from cvt_export.cli.common import (
+    VerboseOpt,
+    output_file,
+    run_app,
+    setup_logging,
+    status,
+    stderr,
+    stdout,
+    user_errors,
+)
 from cvt_export.errors import CvtError
 from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
 from cvt_export.precision import CALIB_METHODS, SMOOTH_CHOICES, Int8Options
@@ -135,8 +144,8 @@ def onnx(
         int8=Int8Options(method=calib_method, smooth=strength), smooth_search=search, force=force,
         outliers=outliers, outlier_seed=outlier_seed)
     folder = out or Path("artifacts") / variant
-    with stderr.status("starting") as status:
-        result = build(req, folder, step=lambda text: status.update(text))
+    with status("starting") as live:
+        result = build(req, folder, step=lambda text: live.update(text))
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     made = ArtifactFolder.open(folder)
@@ -205,7 +214,7 @@ def openvino(
     if int8_source not in ov_backend.INT8_SOURCES:
         raise CvtError(f"--int8-source {int8_source!r}: use {', '.join(ov_backend.INT8_SOURCES)}")
     for prec in precision_table.parse(precision, ov_backend.BACKEND.precisions):
-        with stderr.status(f"OpenVINO IR {prec}"):
+        with status(f"OpenVINO IR {prec}"):
             path = ov_backend.make_ir(folder, prec, int8_source)
         stdout.print(f"{prec}: {path} ({path.with_suffix('.bin').stat().st_size / 1e6:.1f} MB weights)")
 
@@ -271,10 +280,10 @@ def tune(
     folder = ArtifactFolder.open(artifacts)
     from cvt_export.artifacts import atomic_write
 
-    with folder.lock(), stderr.status("tune") as status:  # one writer from the first step to the reports
+    with folder.lock(), status("tune") as live:  # one writer from the first step to the reports
         result = tuning.tune(folder, backend, budgets, objective, dataset=dataset, limit=limit,
                              threads=threads, seconds=seconds, margin=margin,
-                             step=lambda text: status.update(text))
+                             step=lambda text: live.update(text))
         atomic_write(folder.file("tune.md"), tuning.markdown(result))
         atomic_write(folder.file("tune.json"), json.dumps(tuning.summary(result), indent=2) + "\n")
     table = Table(title=f"{artifacts}: {result.backend}, {result.objective}, budget "
@@ -324,7 +333,7 @@ def trt(
     opts = trt_backend.BuildOptions.up_to(max_batch, opt_batch, min_batch, workspace)
     opts.check()
     for prec in precision_table.parse(precision, trt_backend.BACKEND.precisions):
-        with stderr.status(f"TensorRT engine {prec}"):
+        with status(f"TensorRT engine {prec}"):
             path, _, meta = trt_backend.engine_file(folder, prec, opts)
         stdout.print(f"{prec}: {path} (TensorRT {meta['tensorrt']}, {meta['gpu']})")
 
@@ -392,7 +401,7 @@ def triton(
     opts = RepoOptions(name=name, precision=precision, runtime=runtime,  # type: ignore[arg-type]
                        python_backend=python_backend, max_batch=max_batch, instances=instances, gpu=gpu,
                        accelerator=accelerator, threads=threads, preprocess=preprocess, labels=labels)
-    with stderr.status("writing the model repository"):
+    with status("writing the model repository"):
         record = write_repository(folder, out, opts)
     if record["replaced"]:
         stdout.print(f"replaced {', '.join(record['replaced'])} (an earlier "
@@ -434,7 +443,7 @@ def serve(
     server = Server(repository, http_port=http_port or free_port(), grpc_port=grpc_port or free_port(),
                     log=log)  # ports outside 1..65535 are refused by Server.start
     try:
-        with stderr.status("starting tritonserver"):
+        with status("starting tritonserver"):
             server.start()
         kept = f", log {log}" if log else ""
         stdout.print(f"serving {repository}: HTTP {server.http_url}, gRPC {server.grpc_url} "
@@ -484,8 +493,8 @@ def deploy(
                             requests=requests, confirm_requests=confirm_requests,
                             max_candidates=max_candidates, fidelity_images=fidelity_images)
     folder = ArtifactFolder.open(artifacts)  # settings and --out are checked by deploy before the search
-    with stderr.status("deploy search") as status:
-        result = dep.deploy(folder, out, name, settings, progress=lambda t: status.update(f"deploy: {t}"))
+    with status("deploy search") as live:
+        result = dep.deploy(folder, out, name, settings, progress=lambda t: live.update(f"deploy: {t}"))
     for line in dep.markdown(result)[2:]:
         stdout.print(line.replace("**", ""), highlight=False, soft_wrap=True)
     stdout.print(f"wrote {out / (name + '.deploy.json')}, .md and .svg")
