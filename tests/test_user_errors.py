@@ -170,6 +170,12 @@ def test_tables_are_whole_when_the_output_is_not_a_terminal() -> None:
     assert "…" not in result.stdout
     for variant in VARIANTS.values():
         assert f" {variant.hub_id} " in result.stdout
+    # a table's title (predict's image path) is a line of its own, not wrapped to the table's width
+    predicted = subprocess.run([str(BIN / "cvt-export"), "predict", "--weights", "random:0", "--top", "1"],
+                               capture_output=True, text=True, env=env, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    photos = sorted((Path(cvt_ref.__file__).parent / "data" / "photos").glob("*.jpg"))
+    assert photos and all(str(photo) in predicted.stdout.splitlines() for photo in photos)
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

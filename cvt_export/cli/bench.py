@@ -18,6 +18,7 @@ from cvt_export.cli.common import (
     output_file,
     run_app,
     setup_logging,
+    show_table,
     status,
     stderr,
     stdout,
@@ -273,7 +274,7 @@ def triton(
                       ", ".join(f"{b}×{n}" for b, n in srv["executed_batches"].items()) if srv else "",
                       f"{srv['queue_ms_per_request']:.1f}" if srv else "",
                       f"{srv['compute_ms_per_request']:.1f}" if srv else "")
-    stdout.print(table)
+    show_table(table)
     if report["failed_at"]:
         last = report["runs"][-1]
         errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
@@ -301,7 +302,7 @@ def show(report: dict[str, object]) -> None:
                       *[f"{lat[b]['images_per_s']:.1f}" for b in batches],
                       f"{r['speedup'].get(batches[-1], 0):.2f}", f"{fid.get('cosine_min', 1.0):.5f}",
                       f"{100 * fid.get('top1_agreement', 1.0):.0f}%", r["executed"])
-    stdout.print(table)
+    show_table(table)
     not_run: dict[tuple[str, str], list[str]] = {}
     for r in results:
         if r["status"] != "ok":

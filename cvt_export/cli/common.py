@@ -12,6 +12,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.errors import CvtError
@@ -34,6 +35,15 @@ def _console(*, stderr: bool = False) -> Console:
 
 stdout = _console()
 stderr = _console(stderr=True)
+
+
+def show_table(table: Table) -> None:
+    """A table on stdout, its title on a line of its own: rich wraps a title to the table's width
+    (a long path came out as "brick.jp" / "g")."""
+    if table.title:
+        stdout.print(table.title, highlight=False, soft_wrap=True, style="italic")
+        table.title = None
+    stdout.print(table)
 
 
 class _StepLines:

@@ -20,6 +20,7 @@ from cvt_export.cli.common import (
     output_file,
     run_app,
     setup_logging,
+    show_table,
     status,
     stderr,
     stdout,
@@ -86,7 +87,7 @@ def predict(
         table.add_column("label")
         for rank, (c, label, prob) in enumerate(top_k, 1):
             table.add_row(str(rank), f"{100 * prob:.2f}%", str(c), label)
-        stdout.print(table)
+        show_table(table)
 
 @app.command()
 @user_errors
@@ -162,7 +163,7 @@ def onnx(
                       f"[dim]on {val.get('on', '')}[/]")
         state = "reused" if name in result.reused else "made"
         table.add_row(name, f"{entry['bytes'] / 1e6:.1f}", figure, state)
-    stdout.print(table)
+    show_table(table)
     if result.calibrated is not None:
         how = "computed and cached" if result.calibrated else "reused from cache"
         stdout.print(f"INT8 calibration: {how}")
@@ -184,7 +185,7 @@ def backends() -> None:
         ok, why = backend.available()
         table.add_row(backend.name, ", ".join(backend.precisions),
                       "[green]yes[/]" if ok else "[red]no[/]", why)
-    stdout.print(table)
+    show_table(table)
 
 
 @app.command()
@@ -300,7 +301,7 @@ def tune(
                       (f"{c.speed['median_ms']:.1f} [{c.speed['median_ci_ms'][0]:.1f}, "
                        f"{c.speed['median_ci_ms'][1]:.1f}]") if c.speed else "–",
                       f"{c.speed['images_per_s']:.1f}" if c.speed else "–")
-    stdout.print(table)
+    show_table(table)
     stdout.print(result.message)
     if result.mixed_written:
         stdout.print(f"wrote {artifacts / 'model.mixed.onnx'}; decisions in manifest.json and "
@@ -520,7 +521,7 @@ def variants() -> None:
             "/".join(map(str, v.embed_dims)), "/".join(map(str, v.depths)),
             "/".join(str(s.num_heads) for s in v.stages), v.hub_id,
             *(map(str, (pub.params_m, pub.gflops, pub.top1)) if pub else ("", "", "")))
-    stdout.print(table)
+    show_table(table)
 
 
 def main() -> None:
