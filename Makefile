@@ -13,7 +13,7 @@ TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 PYTRITON ?= nvidia-pytriton==0.7.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-full check lint regress venv clean
+.PHONY: demo test test-full check lint regress docs venv clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,docs]"
 	$(BIN)/python -m pip install -q --no-deps "$(PYTRITON)"
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -61,6 +61,11 @@ check: lint
 # compare with the committed baseline. `make regress REGRESS_ARGS=--update` rewrites it.
 regress: $(STAMP)
 	$(BIN)/cvt-bench regress --baseline reports/baseline/cvt-13.json --out artifacts/regress-report $(REGRESS_ARGS)
+
+# The documentation site (docs/ and mkdocs.yml) into build/site, strict: a broken link, a missing
+# page or a page left out of the navigation fails it.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

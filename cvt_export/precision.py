@@ -6,7 +6,7 @@ after attention overflows in FP16), and so does the classifier Gemm. Every tenso
 fixed in the file, so TensorRT can build it as a strongly-typed network.
 
 INT8 (ONNX Runtime's `quantize_static`, QDQ format), the CvT policy measured on this project
-(README, "INT8 policy"): Q/DQ only on the inputs of the patch-embedding Convs and of every
+(docs/design.md, "INT8 policy"): Q/DQ only on the inputs of the patch-embedding Convs and of every
 MatMul (q/k/v/out projections, MLP, and both attention MatMuls); symmetric INT8 activations
 and per-channel symmetric INT8 weights (zero points 0, as TensorRT's explicit quantization
 requires); biases stay FP32; no Q/DQ on outputs, so LayerNorm, Softmax, GELU, the residual

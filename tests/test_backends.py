@@ -2,7 +2,7 @@
 
 Bounds are the export issue's: FP32 max-abs ≤ 1e-4; FP16 cosine ≥ 0.9999 and top-1 100%;
 INT8 cosine ≥ 0.995 on photos not used for calibration. BF16 has 3 fewer mantissa bits than
-FP16, so its bound is cosine ≥ 0.999 and top-1 100% (measured figures in the README).
+FP16, so its bound is cosine ≥ 0.999 and top-1 100% (measured figures in docs/backends.md).
 """
 
 from __future__ import annotations

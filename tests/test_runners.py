@@ -1,4 +1,4 @@
-"""Runners as the README shows them: the lifecycle, typed options, what a bad input is told, NaN."""
+"""Runners as docs/backends.md shows them: the lifecycle, typed options, what a bad input is told, NaN."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cvt_export.backends import BackendError, BackendUnavailable, Probing, get_b
 
 CPU_CASES = [("torch", "fp32"), ("torch", "bf16"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8"),
              ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "bf16"), ("openvino", "int8")]
-README = Path(__file__).resolve().parents[1] / "README.md"
+BACKENDS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "backends.md"
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,15 @@ def x2(photos: list[Path]) -> np.ndarray:
     return cvt_ref.preprocess_batch(list(photos[:2]), "cvt-13").numpy()
 
 
-def test_the_readme_python_example_runs_as_written(exported: Path, x2: np.ndarray, tmp_path: Path,
+def test_the_docs_python_example_runs_as_written(exported: Path, x2: np.ndarray, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", BACKENDS_PAGE.read_text(), re.S)
     example = next(b for b in blocks if "get_backend" in b)
     (tmp_path / "artifacts").mkdir()
     shutil.copytree(exported, tmp_path / "artifacts" / "cvt-13")
     monkeypatch.chdir(tmp_path)
     scope: dict[str, object] = {"x": x2}
-    exec(compile(example, "README.md", "exec"), scope)
+    exec(compile(example, "docs/backends.md", "exec"), scope)
     logits = scope["logits"]
     assert isinstance(logits, np.ndarray) and logits.shape == (2, 1000)
 

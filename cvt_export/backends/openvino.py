@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32", "mixed": "f32"}
 Int8Source = Literal["nncf", "qdq"]
 INT8_SOURCES: tuple[Int8Source, ...] = ("nncf", "qdq")
-# Measured on cvt-13 (README, reports/int8-policy-cvt-13.md): the Q/DQ file reaches cosine
+# Measured on cvt-13 (docs/design.md, reports/int8-policy-cvt-13.md): the Q/DQ file reaches cosine
 # 0.9993 on held-out photos, NNCF's PTQ at best 0.9945 (0.976 with ModelType.TRANSFORMER), at
 # the same speed.
 DEFAULT_INT8_SOURCE: Int8Source = "qdq"

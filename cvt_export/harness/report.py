@@ -1,6 +1,6 @@
 """A benchmark report as files people read: report.json (schema cvt-bench/1), report.md, PNG plots.
 
-report.json schema `cvt-bench/1` (documented in the README): top-level `schema`, `created`,
+report.json schema `cvt-bench/1` (documented in docs/benchmark.md): top-level `schema`, `created`,
 `machine` {cpu, cores, isa, os, python, libraries}, `model` {variant, weights, artifacts,
 onnx_sha256}, `inputs` {source, images, labelled, sha256, image_size, held_out_note, roles
 {calibration|selection|confirmation: {inputs, sources}}}, `settings` (the

@@ -36,7 +36,7 @@ from cvt_export.triton.repository import python_path
 
 logger = logging.getLogger(__name__)
 
-INSTALL = "pip install nvidia-pytriton --no-deps (its tritonserver binary; see the README)"
+INSTALL = "pip install nvidia-pytriton --no-deps (its tritonserver binary; see docs/triton.md)"
 
 
 def triton_home() -> Path:
