@@ -215,7 +215,7 @@ class Bench:
         """One search candidate: served answers on the selection images first; only when they
         meet the budget, an open-loop run at the SLO rate."""
         self.count += 1
-        self.progress(f"candidate {self.count}: {cand.label()}")
+        self.progress(f"candidate {self.count} of at most {self.settings.max_candidates}: {cand.label()}")
         record: dict[str, Any] = {"candidate": dataclasses.asdict(cand), "label": cand.label(),
                                   "fidelity": {}, "within_budget": False}
         try:

@@ -362,7 +362,7 @@ def _search(s: Search, scratch: ArtifactFolder, held: Held, configs: list[Measur
                             s.fits(sel, conf))
 
         for i, unit in enumerate(names):
-            s.step(f"sensitivity {i + 1}/{len(names)}: {unit} alone in INT8")
+            s.step(f"sensitivity: {unit} alone in INT8 ({i + 1}/{len(names)})")
             only = candidate([u for u in names if u != unit], "")
             sensitivity[unit] = max(0.0, 1.0 - only.fidelity["cosine_min"])
         order = sorted(names, key=lambda u: -sensitivity[u])

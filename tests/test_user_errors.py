@@ -220,3 +220,20 @@ def test_long_work_in_a_log_is_one_line_per_step(capsys: pytest.CaptureFixture[s
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and all(STEP_LINE.match(line) for line in lines), lines
     assert [line.split("] ", 1)[1] for line in lines] == ["export", "calibrating 3/8", "OpenVINO IR fp16"]
+
+
+def test_a_counted_series_says_how_long_it_has_left() -> None:
+    """Steps "(k/N)" get an estimate from the pace since the series' first step: with steps 10 s
+    apart, step 2 of 4 leaves steps 2, 3 and 4, about 30 s; a count going back starts anew."""
+    from cvt_export.cli.common import TimeLeft
+
+    now = [0.0]
+    left = TimeLeft(clock=lambda: now[0])
+    assert left("ort fp32 (1/4)") == "ort fp32 (1/4)"
+    now[0] = 10.0
+    assert left("ort int8 (2/4)") == "ort int8 (2/4, about 30 s left)"
+    now[0] = 20.0
+    assert left("ov fp32: per-block drift (3/4)") == "ov fp32: per-block drift (3/4, about 20 s left)"
+    now[0] = 25.0
+    assert left("sensitivity: block 0 alone in INT8 (1/13)") == "sensitivity: block 0 alone in INT8 (1/13)"
+    assert left("calibrating INT8") == "calibrating INT8"

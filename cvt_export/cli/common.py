@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,27 +47,71 @@ def show_table(table: Table) -> None:
     stdout.print(table)
 
 
+COUNTED = re.compile(r"\((\d+)/(\d+)\)")  # a step of a counted series: "ort int8 (3/9)"
+
+
+class TimeLeft:
+    """Adds an estimate to the steps of a counted series: from the pace since the series' first
+    step seen, "(3/9, about 40 s left)". A count that goes back or a new total starts a new
+    series; its first step has no estimate yet."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.first: tuple[float, int, int] | None = None  # (when, step, total) of the series
+        self.last_step = 0
+
+    def __call__(self, text: str) -> str:
+        m = COUNTED.search(text)
+        if not m:
+            return text
+        step, total = int(m[1]), int(m[2])
+        now = self.clock()
+        if self.first is None or total != self.first[2] or step < self.last_step:
+            self.first = (now, step, total)
+        self.last_step = step
+        began, first_step, _ = self.first
+        if step == first_step:
+            return text
+        left = (now - began) / (step - first_step) * (total - step + 1)
+        return f"{text[:m.end() - 1]}, about {left:.0f} s left){text[m.end():]}"
+
+
 class _StepLines:
     """A status for logs: each new step is one line on stderr with the time since the start."""
 
-    def __init__(self, title: str) -> None:
-        self.start = time.monotonic()
+    def __init__(self, title: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.start = clock()
         self.last = ""
+        self.time_left = TimeLeft(clock)
         self.update(title)
 
     def update(self, text: str) -> None:
         if text and text != self.last:
             self.last = text
-            stderr.print(f"[{time.monotonic() - self.start:7.1f} s] {text}", highlight=False, soft_wrap=True)
+            stderr.print(f"[{self.clock() - self.start:7.1f} s] {self.time_left(text)}", highlight=False,
+                         soft_wrap=True)
+
+
+class _Spinner:
+    """A terminal's spinner, with the same estimate in its text."""
+
+    def __init__(self, live: Any) -> None:
+        self.live = live
+        self.time_left = TimeLeft()
+
+    def update(self, text: str) -> None:
+        self.live.update(self.time_left(text))
 
 
 @contextlib.contextmanager
 def status(title: str) -> Iterator[Any]:
     """Progress of long work: a spinner with the current step on a terminal; elsewhere (a CI log,
-    `2> file`) one line per step with the elapsed time, where a spinner would print nothing."""
+    `2> file`) one line per step with the elapsed time, where a spinner would print nothing. A step
+    of a counted series ("(3/9)") says about how long the series has left."""
     if stderr.is_terminal:
         with stderr.status(title) as live:
-            yield live
+            yield _Spinner(live)
     else:
         yield _StepLines(title)
 

@@ -322,8 +322,8 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     # Folders exported before probes existed: locate them now (one run, about a second).
     located = folder.probes or probes.locate(folder.onnx("fp32"), ref_model, probe_x[:1])
     del ref_model
-    for backend, precision in pairs:
-        progress(f"{backend} {precision}")
+    for i, (backend, precision) in enumerate(pairs, 1):
+        progress(f"{backend} {precision} ({i}/{len(pairs)})")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split)
         if (backend, precision) == BASELINE:
             if logits is None:
@@ -331,7 +331,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
             reference = logits
             judge(result, reference, logits, inputs.names, split)
         if result.status == "ok" and (backend, precision) != BASELINE:
-            progress(f"{backend} {precision}: per-block drift")
+            progress(f"{backend} {precision}: per-block drift ({i}/{len(pairs)})")
             stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
         if cfg.strict and result.status != "ok" and len(cfg.backends) == 1:
             raise BenchError(f"{backend} {precision}: {result.reason}")
