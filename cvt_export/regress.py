@@ -235,11 +235,11 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
         fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
         if r["precision"] in precisions.QUANTIZED and other_int8_kernels(baseline):
             tol = tolerance(r["precision"], {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
-            line = _top1_on_evidence(key, fid["top1_agreement"], tol.pop("top1_agreement_min"), images)
-            if line.startswith("FAIL "):
-                found.append(Finding("fail", f"{key} top1_agreement", line.removeprefix("FAIL ")))
-            elif line:
-                info.append(line)
+            verdict = _top1_on_evidence(key, fid["top1_agreement"], tol.pop("top1_agreement_min"), images)
+            if isinstance(verdict, Finding):
+                found.append(verdict)
+            elif verdict:
+                info.append(verdict)
         checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
                   ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
                   ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
@@ -267,21 +267,22 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
     return found, info
 
 
-def _top1_on_evidence(key: str, agreement: float, floor: float, images: int) -> str:
+def _top1_on_evidence(key: str, agreement: float, floor: float, images: int) -> Finding | str | None:
     """Top-1 agreement of an INT8 row made by other INT8 kernels than the baseline's, judged on
     the evidence: it fails only when the whole 95% (Wilson) interval of the agreement lies below
     the precision's floor. On a few images, a flip or two is what other rounding does to images
     whose two best classes nearly tie (cvt-13 random:0: 5 of the 11 golden images lead by less
     than 0.16 logits, while INT8's max-abs error is 0.08 to 0.24), not evidence of a regression;
-    a broken INT8 export shows in the cosine bound as well. Returns "" (at or above the floor),
-    an information line (below it, within the interval) or "FAIL detail"."""
+    a broken INT8 export shows in the cosine bound as well. Returns None (at or above the floor),
+    an information line (below it, within the interval) or the failure."""
     if agreement >= floor:
-        return ""
+        return None
     agree = round(agreement * images)
     lo, hi = metrics.wilson(agree, images)
     shown = f"{agree}/{images} images ({agreement:.6g}; 95% interval [{lo:.2f}, {hi:.2f}])"
     if hi < floor:
-        return f"FAIL {shown}: the whole interval lies below the precision's floor {floor:g}"
+        return Finding("fail", f"{key} top1_agreement",
+                       f"{shown}: the whole interval lies below the precision's floor {floor:g}")
     return (f"{key}: top-1 agreement {shown} is below the precision's floor {floor:g}, which lies "
             f"inside the interval: not a regression on {images} images from other INT8 kernels")
 
