@@ -53,9 +53,11 @@ test: lint
 test-full: lint
 	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
-# The fast tier while working: the CI tier without the durations list.
+# The fast tier while working: the CI tier, with the shared cvt-13 exports kept in
+# build/test-exports between runs and reused while nothing they were made from changed
+# (tests/export_cache.py says what that is). CI's `make test` always exports afresh.
 check: lint
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	CVT_TEST_EXPORT_CACHE=$(CURDIR)/build/test-exports $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The CI gate on exported artifacts: re-export cvt-13 (cached), re-run every available backend,
 # compare with the committed baseline. `make regress REGRESS_ARGS=--update` rewrites it.

@@ -320,7 +320,7 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
     step("calibrating INT8" if not cache.is_file() else "INT8 from cached calibration")
     pixels = calib.load(job.variant) if not cache.is_file() or opts.smooth is not None else None
     src, smoothing = int8_source(job.model, job.variant, job.opts, fp32_path, pixels, opts, job.staged, step)
-    derived = precision.to_int8(src, job.staged / name, pixels, opts, cache)
+    derived = precision.to_int8(src, job.staged / name, pixels, opts, cache, progress=step)
     if src != fp32_path:
         for f in src.parent.glob(src.name + "*"):
             f.unlink()

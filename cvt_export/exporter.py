@@ -16,7 +16,6 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -26,38 +25,18 @@ import onnx
 import torch
 
 import cvt_ref
+from cvt_export.options import MAX_BATCH as MAX_BATCH
+from cvt_export.options import ExportError as ExportError
+from cvt_export.options import ExportOptions as ExportOptions
 from cvt_export.quiet import quiet_loggers
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
-from cvt_ref.errors import CvtError, first_line
+from cvt_ref.errors import first_line
 from cvt_ref.model import CvT
 from cvt_ref.variants import Variant
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET = 17          # LayerNormalization is one node from 17 on
-DEFAULT_OPSET = 20      # Gelu is one node from 20 on
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a side file (protobuf's 2 GiB cap)
-MAX_BATCH = 4096
-
-
-class ExportError(CvtError):
-    """An export that failed, or whose file does not compute what the reference computes."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    opset: int = DEFAULT_OPSET
-    batch: int | None = None  # None: dynamic batch axis
-    image_size: int | None = None  # None: the variant's
-
-    def check(self) -> None:
-        if not MIN_OPSET <= self.opset <= onnx.defs.onnx_opset_version():
-            raise ExportError(f"--opset {self.opset}: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
-                              "(LayerNormalization needs 17)")
-        if self.batch is not None and not 1 <= self.batch <= MAX_BATCH:
-            raise ExportError(f"--batch {self.batch}: use 'dynamic' or 1..{MAX_BATCH}")
-        if self.image_size is not None and not (64 <= self.image_size <= 2048 and self.image_size % 16 == 0):
-            raise ExportError(f"--image-size {self.image_size}: use a multiple of 16 in 64..2048")
 
 
 def tool_versions() -> dict[str, str]:

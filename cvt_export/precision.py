@@ -20,22 +20,24 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
 
 from cvt_export.exporter import ExportError, save
+from cvt_export.options import CALIB_METHODS as CALIB_METHODS
+from cvt_export.options import SMOOTH_CHOICES as SMOOTH_CHOICES
+from cvt_export.options import Int8Options as Int8Options
+from cvt_export.options import smooth_label as smooth_label
 from cvt_export.quiet import quiet_loggers
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
-CalibMethod = Literal["minmax", "entropy", "percentile"]
-CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "MatMul")
 FP32_OPS_IN_FP16 = ("LayerNormalization", "Softmax")
 # One image per calibration step, statistics merged after every step (ORT's
@@ -119,37 +121,15 @@ def _set_precision(proto: onnx.ModelProto, precision: str) -> None:
             prop.value = precision
 
 
-SMOOTH_CHOICES: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75)  # `--smooth auto` picks among these
-
-
-def smooth_label(strength: float | None) -> str:
-    return "off" if strength is None else f"{strength:g}"
-
-
-@dataclass(frozen=True)
-class Int8Options:
-    """Calibration method and Q/DQ placement; the defaults are the measured CvT policy."""
-
-    method: CalibMethod = "minmax"
-    percentile: float = 99.999        # for method="percentile"
-    quantize_outputs: bool = False    # ORT's default places Q/DQ on Conv/MatMul outputs too
-    depthwise: bool = False           # quantize the BatchNorm-folded depthwise q/k/v convs
-    attention: bool = True            # quantize q·kᵀ and attn·v (MatMuls of two activations)
-    smooth: float | None = 0.5        # SmoothQuant migration strength (cvt_export.smoothing); None: off
-    keep: tuple[str, ...] = ()        # graph nodes left in float (tune's per-block choices)
-
-    @property
-    def policy(self) -> str:
-        return (f"outputs={int(self.quantize_outputs)},depthwise={int(self.depthwise)},"
-                f"attention={int(self.attention)},smooth={self.smooth}")
-
-
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over preprocessed images, with ranges."""
 
-    def __init__(self, images: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, progress: Callable[[str], None] | None = None) -> None:
         self.batches = [images[i:i + CALIB_BATCH] for i in range(0, len(images), CALIB_BATCH)]
         self.current: Iterator[np.ndarray] = iter(self.batches)
+        self.progress = progress
+        self.images = len(images)
+        self.served = 0
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -159,7 +139,13 @@ class _Reader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.current, None)
-        return None if batch is None else {INPUT_NAME: batch}
+        if batch is None:
+            return None
+        self.served += 1
+        if self.progress is not None:  # the count starts again if ORT reads the images a second time
+            k, total = (self.served - 1) % len(self.batches) + 1, len(self.batches)
+            self.progress(f"calibrating INT8 on {self.images} images ({k}/{total})")
+        return {INPUT_NAME: batch}
 
 
 def _ort_method(opts: Int8Options) -> tuple[Any, dict[str, Any]]:
@@ -173,10 +159,11 @@ def _ort_method(opts: Int8Options) -> tuple[Any, dict[str, Any]]:
 
 
 def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, cache: Path,
-            *, tensorrt_rules: bool = True) -> Derived:
+            *, tensorrt_rules: bool = True, progress: Callable[[str], None] | None = None) -> Derived:
     """Write the Q/DQ file (its `calibrated`: False when the cached ranges served).
 
-    `tensorrt_rules=False` keeps a file that breaks TensorRT's rules (for measuring placements).
+    `tensorrt_rules=False` keeps a file that breaks TensorRT's rules (for measuring placements);
+    `progress` hears "calibrating INT8 on N images (k/N)" as each image goes through.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -190,7 +177,7 @@ def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, 
     # ORT's quantizer logs its advice through the root logger and prints histogram progress.
     with quiet_loggers(""), contextlib.redirect_stdout(io.StringIO()):
         quantize_static(
-            str(src), str(dst), None if hit else _Reader(images),  # type: ignore[arg-type]
+            str(src), str(dst), None if hit else _Reader(images, progress),  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             nodes_to_exclude=excluded_nodes(proto, opts),

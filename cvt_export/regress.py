@@ -25,6 +25,7 @@ from cvt_export.harness import bench
 from cvt_ref.errors import CvtError
 
 SCHEMA = "cvt-regress/1"
+RESULT_SCHEMA = "cvt-regress-result/1"  # what `cvt-bench regress --json` writes
 REFERENCE_TOLERANCE = 1e-5     # max-abs of the PyTorch reference's own logits
 COSINE_SLACK = 5e-4            # how far a worst-image cosine may fall below the baseline's
 
@@ -287,17 +288,35 @@ def _top1_on_evidence(key: str, agreement: float, floor: float, images: int) -> 
             f"inside the interval: not a regression on {images} images from other INT8 kernels")
 
 
+def verdict(outcome: Outcome) -> str:
+    fails = sum(f.kind == "fail" for f in outcome.findings)
+    changes = len(outcome.findings) - fails
+    return ("baseline written" if outcome.updated else "passed" if not outcome.findings else
+            f"failed: {fails} regression(s), {changes} unreviewed change(s)")
+
+
+def exit_code(outcome: Outcome) -> int:
+    """0 when everything holds (or the baseline was rewritten), 1 on a regression or a change."""
+    return 1 if outcome.findings and not outcome.updated else 0
+
+
+def as_json(outcome: Outcome, baseline: Path) -> dict[str, Any]:
+    """The gate's result for a machine (`cvt-bench regress --json FILE`, schema cvt-regress-result/1):
+    the verdict and exit code, every finding with its kind, and the information lines."""
+    return {"schema": RESULT_SCHEMA, "baseline": str(baseline), "verdict": verdict(outcome),
+            "exit_code": exit_code(outcome), "updated": outcome.updated,
+            "findings": [{"kind": f.kind, "what": f.what, "detail": f.detail, "text": str(f)}
+                         for f in outcome.findings],
+            "info": list(outcome.info)}
+
+
 def markdown(outcome: Outcome, baseline: Path) -> str:
     """The gate's result as Markdown (a CI job summary): the verdict, a table of what failed or
     changed, and the information lines."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    fails = sum(f.kind == "fail" for f in outcome.findings)
-    changes = len(outcome.findings) - fails
-    verdict = ("baseline written" if outcome.updated else "passed" if not outcome.findings else
-               f"failed: {fails} regression(s), {changes} unreviewed change(s)")
-    lines = [f"## cvt-bench regress: {verdict}", "", f"Baseline `{baseline}`.", ""]
+    lines = [f"## cvt-bench regress: {verdict(outcome)}", "", f"Baseline `{baseline}`.", ""]
     if outcome.findings:
         lines += ["| | what | detail |", "|---|---|---|"]
         lines += [f"| {'FAIL' if f.kind == 'fail' else 'CHANGED'} | {cell(f.what)} | {cell(f.detail)} |"
@@ -346,7 +365,7 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
     folder = artifacts_dir or Path("artifacts") / f"regress-{variant}"
     if artifacts_dir is None:
         from cvt_export import build
-        from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
+        from cvt_export.options import DEFAULT_OPSET, ExportOptions
 
         batch = export.get("batch", "dynamic")
         opts = ExportOptions(opset=export.get("opset") or DEFAULT_OPSET, image_size=export.get("image_size"),

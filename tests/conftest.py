@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import export_cache
 import numpy as np
 import pytest
 import torch
@@ -130,10 +131,9 @@ def split(photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple
 def exported(tmp_path_factory: pytest.TempPathFactory, cache: Path,
              split: tuple[Path, list[Path]]) -> Path:
     """cvt-13 (random:0) exported to FP32, FP16 and INT8 (calibrated on `split[0]`)."""
-    out = tmp_path_factory.mktemp("cvt-13")
-    build.build(BuildRequest("cvt-13", "random:0", precisions=("fp32", "fp16", "int8"),
-                             calib=split[0]), out)
-    return out
+    return export_cache.exported(
+        "cvt-13", BuildRequest("cvt-13", "random:0", precisions=("fp32", "fp16", "int8"), calib=split[0]),
+        tmp_path_factory.mktemp("cvt-13"), cache, build.build)
 
 
 @pytest.fixture(scope="session")
@@ -141,10 +141,10 @@ def stressed(tmp_path_factory: pytest.TempPathFactory, cache: Path, split: tuple
     """cvt-13 (random:0) with the outlier stress (4 channels per site), FP32 and INT8 (the CLI's
     default policy: SmoothQuant migration at the strength chosen on the selection images),
     calibrated on `split[0]`."""
-    out = tmp_path_factory.mktemp("cvt-13-stressed")
-    build.build(BuildRequest("cvt-13", "random:0", precisions=("fp32", "int8"), calib=split[0],
-                             outliers=4, smooth_search=SMOOTH_CHOICES), out)
-    return out
+    return export_cache.exported(
+        "cvt-13-stressed", BuildRequest("cvt-13", "random:0", precisions=("fp32", "int8"), calib=split[0],
+                                        outliers=4, smooth_search=SMOOTH_CHOICES),
+        tmp_path_factory.mktemp("cvt-13-stressed"), cache, build.build)
 
 
 def copy_artifacts(folder: Path, where: Path, name: str = "artifacts-copy") -> Path:

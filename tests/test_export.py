@@ -365,3 +365,20 @@ def test_qdq_rule_check_flags_quantized_outputs(tmp_path: Path, photos: list[Pat
                       tmp_path / "c2.json", tensorrt_rules=False)
     problems = precision.tensorrt_qdq_problems(onnx.load(str(naive)))
     assert any("reaches" in p and "LayerNormalization" in p for p in problems)
+
+
+def test_calibration_counts_its_images(tmp_path: Path, photos: list[Path]) -> None:
+    """INT8 calibration says how far it is, one step per image ONNX Runtime actually reads, so a
+    log shows "(k/N, about T s left)" for a long calibration (the cache hit reads none)."""
+    variant = CVT13.with_depths(1, 1, 1)
+    fp32 = tmp_path / "model.onnx"
+    onnx_export.export_fp32(cvt_ref.create_model(variant, "random:5"), variant, fp32, ExportOptions())
+    images = cvt_ref.preprocess_batch(photos[:3], variant).numpy()
+    heard: list[str] = []
+    precision.to_int8(fp32, tmp_path / "q.onnx", images, precision.Int8Options(), tmp_path / "c.json",
+                      progress=heard.append)
+    assert heard == [f"calibrating INT8 on 3 images ({k}/3)" for k in (1, 2, 3)]
+    heard.clear()
+    made = precision.to_int8(fp32, tmp_path / "q2.onnx", images, precision.Int8Options(), tmp_path / "c.json",
+                             progress=heard.append)
+    assert heard == [] and not made.calibrated

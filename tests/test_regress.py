@@ -52,9 +52,12 @@ def test_cli_passes_then_fails_on_a_slowdown_only_when_asked(baseline: Path, exp
                                                            tmp_path: Path) -> None:
     ok = run_cli("cvt-bench", "regress", "--baseline", str(baseline), "--artifacts",
                  str(copy_artifacts(exported, tmp_path)), "--iters", "2", "--backend", "ort",
-                 "--precision", "fp32,int8")
+                 "--precision", "fp32,int8", "--json", str(tmp_path / "gate.json"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "regression check passed" in ok.stdout
+    verdict = json.loads((tmp_path / "gate.json").read_text())
+    assert (verdict["schema"], verdict["verdict"], verdict["exit_code"], verdict["findings"]) == (
+        "cvt-regress-result/1", "passed", 0, [])
     fast = json.loads(baseline.read_text())
     for entry in fast["results"].values():
         entry["median_ms"] /= 100  # a baseline 100x faster than today
@@ -102,8 +105,15 @@ def test_changed_reference_logits_fail(baseline: Path, exported: Path, tmp_path:
     summary.write_text("earlier step\n")
     result = run_cli("cvt-bench", "regress", "--baseline", str(moved), "--artifacts", str(exported),
                      "--iters", "1", "--backend", "ort", "--precision", "fp32",
+                     "--json", str(tmp_path / "gate.json"),
                      env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
     assert result.returncode == 1 and "FAIL PyTorch reference logits" in result.stdout
+    # for a machine: the same verdict, the exit code and each finding as printed
+    verdict = json.loads((tmp_path / "gate.json").read_text())
+    assert verdict["exit_code"] == 1 and verdict["verdict"].startswith("failed: 1 regression(s)")
+    printed = [f["text"] for f in verdict["findings"] if f["kind"] == "fail"]
+    assert printed and all(text in result.stdout for text in printed)
+    assert any(f["what"] == "PyTorch reference logits" for f in verdict["findings"])
     # in GitHub Actions: an error annotation per finding, the diff appended to the job summary
     assert "::error title=cvt-bench regress%3A FAIL PyTorch reference logits::" in result.stdout
     written = summary.read_text()

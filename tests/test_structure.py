@@ -4,6 +4,7 @@ imports that run one way, light modules that stay light."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,17 @@ def test_reports_and_manifests_are_read_without_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_the_command_line_parses_before_the_toolchain_loads() -> None:
+    """Both commands' modules import no torch, onnx or backend SDK: `--help`, a parser error or a
+    refused option answer in about a second (importing torch alone took 2.8 s of the 4.2 s a
+    refused option cost before), and the heavy imports happen inside the command that needs them."""
+    code = ("import sys; import cvt_export.cli.export, cvt_export.cli.bench; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'openvino', 'tensorrt', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_one_place_makes_an_onnx_runtime_session() -> None:
     makers = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py")
               if "InferenceSession(" in p.read_text()]
@@ -124,3 +136,57 @@ def test_profiler_output_is_not_tracked() -> None:
     if not tracked:
         pytest.skip("not a git checkout")
     assert "onnxruntime_profile" not in tracked
+
+
+def test_the_working_tiers_export_cache_follows_what_the_export_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make check` keeps the shared exports between runs (tests/export_cache.py): a kept export is
+    used only while every file the build can import and the reference's data are unchanged, and
+    an edit elsewhere (a command, the harness) keeps it."""
+    from dataclasses import dataclass
+
+    import export_cache
+
+    closure = {str(p.relative_to(ROOT)) for p in export_cache.source_closure("cvt_export.build")}
+    assert {"cvt_export/exporter.py", "cvt_export/precision.py", "cvt_export/smoothing.py",
+            "cvt_export/calibration.py", "cvt_export/options.py", "cvt_ref/model.py"} <= closure
+    elsewhere = ("cvt_export/cli/", "cvt_export/harness/", "cvt_export/tune.py", "cvt_export/regress.py")
+    assert not any(p.startswith(elsewhere) for p in closure)
+
+    copy = tmp_path / "tree"
+    for package in ("cvt_ref", "cvt_export"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(export_cache, "ROOT", copy)
+    monkeypatch.setenv("CVT_TEST_EXPORT_CACHE", str(tmp_path / "kept"))
+    made: list[Path] = []
+
+    @dataclass
+    class Request:
+        calib: Path | None = None
+        precisions: tuple[str, ...] = ("fp32",)
+
+    calib: list[Path] = []  # each run's calibration cache, empty at the start as in a new session
+
+    def make(request: Request, out: Path) -> None:
+        made.append(out)
+        (out / "model.onnx").write_text(f"export {len(made)}")
+        (calib[-1] / "calibration").mkdir()
+        (calib[-1] / "calibration" / "ranges.json").write_text(f"ranges {len(made)}")
+
+    def run(request: Request) -> str:
+        n = len(calib)
+        out, cache = tmp_path / f"out{n}", tmp_path / f"calib{n}"
+        out.mkdir()
+        cache.mkdir()
+        calib.append(cache)
+        return (export_cache.exported("x", request, out, cache, make) / "model.onnx").read_text()
+
+    assert run(Request()) == "export 1" and run(Request()) == "export 1" and len(made) == 1
+    assert (calib[-1] / "calibration" / "ranges.json").read_text() == "ranges 1"  # came back with it
+    (copy / "cvt_export" / "cli" / "bench.py").write_text("# a command changed\n")
+    assert run(Request()) == "export 1" and len(made) == 1
+    (copy / "cvt_export" / "smoothing.py").write_text("# the export changed\n")
+    assert run(Request()) == "export 2"
+    assert run(Request(precisions=("fp32", "int8"))) == "export 3"  # another request
+    monkeypatch.delenv("CVT_TEST_EXPORT_CACHE")
+    assert run(Request()) == "export 4"  # CI: always afresh

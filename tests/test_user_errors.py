@@ -176,6 +176,41 @@ def test_tables_are_whole_when_the_output_is_not_a_terminal() -> None:
     assert predicted.returncode == 0, predicted.stderr
     photos = sorted((Path(cvt_ref.__file__).parent / "data" / "photos").glob("*.jpg"))
     assert photos and all(str(photo) in predicted.stdout.splitlines() for photo in photos)
+    # --help into a pipe: the option boxes are 120 columns wide, not squeezed to rich's 80
+    helped = subprocess.run([str(BIN / "cvt-export"), "deploy", "--help"], capture_output=True, text=True,
+                            env={k: v for k, v in env.items() if k != "TERMINAL_WIDTH"}, timeout=120)
+    boxes = [line for line in helped.stdout.splitlines() if line.startswith(("╭", "│", "╰"))]
+    assert helped.returncode == 0 and boxes and {len(line) for line in boxes} == {120}
+    assert any("--budget" in line and "repeatable" in line for line in boxes)
+
+
+def test_a_benchmark_in_a_pipe_is_whole(exported_copy: Path, tmp_path: Path) -> None:
+    """`cvt-bench ... | cat`: the table's long "runs as" text (ORT's FP16 explains itself in 56
+    characters) was cut to 30 with an ellipsis; every row's figures and text must be whole, on one
+    line, as report.json has them."""
+    import json
+    import os
+    import subprocess
+
+    from helpers import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([str(BIN / "cvt-bench"), "--artifacts", str(exported_copy), "--backend", "ort",
+                             "--precision", "fp32,fp16", "--batch", "1", "--iters", "2", "--warmup", "0",
+                             "--limit", "4", "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["results"]
+    lines = result.stdout.splitlines()
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        key = [row["backend"], row["precision"]]
+        line = next(x for x in lines if [c.strip() for c in x.split("│")][1:3] == key)
+        assert row["executed"] in line, (row["executed"], line)
+        assert f"{row['latency']['1']['median_ms']:.1f}" in line
+    assert any("CPU EP casts to fp32 where it lacks fp16 kernels" in x for x in lines)
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cvt_export import metrics
 from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactError, ArtifactFolder, check_writable
 from cvt_export.backends import BACKEND_MODULES
@@ -16,6 +15,7 @@ from cvt_export.cli import github
 from cvt_export.cli.common import (
     VerboseOpt,
     output_file,
+    parse_budgets,
     run_app,
     setup_logging,
     show_table,
@@ -25,7 +25,6 @@ from cvt_export.cli.common import (
     user_errors,
 )
 from cvt_export.errors import CvtError
-from cvt_export.harness import bench as harness
 from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
 
@@ -64,7 +63,7 @@ def _csv_ints(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise harness.BenchError(f"{option} {text!r}: use comma-separated integers") from None
+        raise CvtError(f"{option} {text!r}: use comma-separated integers") from None
     return values
 
 
@@ -74,7 +73,7 @@ def main_command(
     ctx: typer.Context,
     backend: Annotated[str, typer.Option(help="trt | ort | openvino | torch | all, or a comma list")] = "all",
     precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
-        harness.PRECISIONS),
+        precision_table.NAMES),
     batch: Annotated[str, typer.Option(help="comma list of batch sizes")] = "1,8",
     variant: Annotated[str, typer.Option("--variant", "-v", help="variant to export when --artifacts "
                                          "has no export yet")] = "cvt-13",
@@ -101,11 +100,10 @@ def main_command(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        budgets = [metrics.parse_budget(b) for b in budget or []]
-    except ValueError as e:
-        raise harness.BenchError(str(e)) from None
+    budgets = parse_budgets(budget)
     setup_logging(verbose)
+    from cvt_export.harness import bench as harness  # loads torch: after the options are parsed
+
     names = _backends(backend)
     folder = out or (artifacts or Path("artifacts") / variant) / "report"
     output_folder(folder)  # a report that cannot be written is refused now, not after the run
@@ -146,18 +144,23 @@ def regress(
         help="trt | ort | openvino | torch | all, or a comma list; baseline entries not asked for "
              "are listed as not run")] = "all",
     precision: Annotated[str, typer.Option(help="comma list of fp32, fp16, bf16, int8")] = ",".join(
-        harness.PRECISIONS),
+        precision_table.NAMES),
     out: Annotated[Path | None, typer.Option(help="also write the run's report folder here")] = None,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", help="also write the verdict, exit code and findings here as JSON (schema "
+        "cvt-regress-result/1)")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare today's artifacts and backends with a committed baseline; exit 1 on a regression
     (or a backend that no longer runs), 2 on bad input.
 
     Examples: `cvt-bench regress`; `cvt-bench regress --artifacts my-export/ --max-slowdown 1.3`;
+    `cvt-bench regress --json gate.json` (the verdict and findings for a machine);
     `cvt-bench regress --update` (rewrites the baseline, showing what moved).
     """
     setup_logging(verbose)
     from cvt_export import regress as gate
+    from cvt_export.harness import bench as harness
 
     if max_slowdown is not None and max_slowdown <= 1:
         raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
@@ -167,6 +170,8 @@ def regress(
         output_folder(out)
     if update:
         output_folder(baseline.parent)
+    if json_file:
+        output_file(json_file, "--json")
     names = _backends(backend)
     harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
     with status("regression run") as live:
@@ -183,6 +188,8 @@ def regress(
         github.annotate("error", f"cvt-bench regress: {'FAIL' if f.kind == 'fail' else 'CHANGED'} {f.what}",
                         f"{f}" + ("" if outcome.updated else " (if intended: cvt-bench regress --update)"))
     _summary(gate.markdown(outcome, baseline))
+    if json_file:
+        reports.write_json(gate.as_json(outcome, baseline), json_file)
     if outcome.updated:
         moved = "what moved is listed above" if outcome.findings else "nothing moved beyond tolerance"
         stdout.print(f"[green]baseline written: {baseline}[/] ({moved})")
@@ -291,8 +298,10 @@ def show(report: dict[str, object]) -> None:
     batches = [str(b) for b in report["settings"]["batches"]]  # type: ignore[index]
     for col in ("backend", "prec", *[f"b{b} ms" for b in batches], *[f"b{b} img/s" for b in batches],
                 f"×b{batches[-1]}", "cos min", "top-1", "runs as"):
+        # "runs as" may be long ("fp16 (CPU EP casts to fp32 where it lacks fp16 kernels)"): it
+        # wraps in its cell on a narrow terminal and is never cut with an ellipsis
         table.add_column(col, justify="left" if col in ("backend", "prec", "runs as") else "right",
-                         no_wrap=True, overflow="ellipsis", max_width=30 if col == "runs as" else None)
+                         no_wrap=col != "runs as", overflow="fold")
     for r in results:
         if r["status"] != "ok":
             continue

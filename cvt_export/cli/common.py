@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cvt_export import metrics
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.errors import CvtError
 
@@ -27,6 +29,7 @@ VerboseOpt = Annotated[bool, typer.Option(help="log what each step does (INFO le
 # Where the output is not a terminal (a CI log, `| cat`, `> file`) nothing may be cut to rich's
 # default 80 columns: tables take their natural width and long lines are not wrapped.
 LOG_WIDTH = 1000
+HELP_WIDTH = 120
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -136,6 +139,12 @@ def run_app(app: typer.Typer) -> None:
     import importlib.util
     import sys
 
+    # --help into a pipe or a file: rich would squeeze the option boxes to 80 columns, wrapping
+    # each help text into a narrow column; 120 reads well in a log or a pager (TERMINAL_WIDTH wins)
+    import typer.rich_utils as rich_utils
+
+    if not stdout.is_terminal and not os.environ.get("TERMINAL_WIDTH"):
+        rich_utils.MAX_WIDTH = HELP_WIDTH
     # newer typer carries its own copy of click, older ones use click itself
     exc: Any = importlib.import_module("typer._click.exceptions" if importlib.util.find_spec("typer._click")
                                        else "click.exceptions")
@@ -153,6 +162,14 @@ def run_app(app: typer.Typer) -> None:
         stderr.print("Aborted!", highlight=False)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def parse_budgets(texts: list[str] | None) -> list[metrics.Budget]:
+    """`--budget` options, refused (one line, exit 2) before any of the toolchain loads."""
+    try:
+        return [metrics.parse_budget(b) for b in texts or []]
+    except ValueError as e:
+        raise CvtError(str(e)) from None
 
 
 def setup_logging(verbose: bool) -> None:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
@@ -14,10 +13,10 @@ import cvt_ref
 from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import all_backends
-from cvt_export.build import BuildRequest, build
 from cvt_export.cli.common import (
     VerboseOpt,
     output_file,
+    parse_budgets,
     run_app,
     setup_logging,
     show_table,
@@ -27,8 +26,7 @@ from cvt_export.cli.common import (
     user_errors,
 )
 from cvt_export.errors import CvtError
-from cvt_export.exporter import DEFAULT_OPSET, ExportOptions
-from cvt_export.precision import CALIB_METHODS, SMOOTH_CHOICES, Int8Options
+from cvt_export.options import CALIB_METHODS, DEFAULT_OPSET, SMOOTH_CHOICES, ExportOptions, Int8Options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export CvT to ONNX / TensorRT / OpenVINO, and check what it computes.")
@@ -60,6 +58,8 @@ def predict(
 
       cvt-export predict a.jpg b.png --weights ./my-finetuned-cvt --json
     """
+    import torch
+
     setup_logging(verbose)
     paths = images or cvt_ref.bundled_photos()
     batch = cvt_ref.preprocess_batch(list(paths), variant)  # reads every image before the model
@@ -138,6 +138,8 @@ def onnx(
         fixed = int(batch)
     precisions = precision_table.parse(precision, precision_table.EXPORTED)
     strength, search = smooth_option("off" if no_smooth else smooth)
+    from cvt_export.build import BuildRequest, build  # loads torch: after the options are checked
+
     req = BuildRequest(
         variant=variant, weights=weights, activation=activation,  # type: ignore[arg-type]
         options=ExportOptions(opset=opset, batch=fixed, image_size=image_size),
@@ -275,10 +277,9 @@ def tune(
       cvt-export tune --backend ort --budget "top1-drop<=0.5" --dataset ~/val --objective latency-b1
     """
     setup_logging(verbose)
-    from cvt_export import tune as tuning
-
-    budgets = [tuning.parse_budget(b) for b in budget or []]
+    budgets = parse_budgets(budget)
     folder = ArtifactFolder.open(artifacts)
+    from cvt_export import tune as tuning  # loads torch: after the budgets and the folder are checked
     from cvt_export.artifacts import atomic_write
 
     with folder.lock(), status("tune") as live:  # one writer from the first step to the reports
@@ -486,11 +487,10 @@ def deploy(
     """
     setup_logging(verbose)
     from cvt_export import deploy as dep
-    from cvt_export import tune as tuning
 
     if not budget:
         raise CvtError('--budget: give the fidelity bound the served answers must meet, e.g. "cosine>=0.999"')
-    settings = dep.Settings(slo=dep.Slo.parse(slo), budgets=[tuning.parse_budget(b) for b in budget],
+    settings = dep.Settings(slo=dep.Slo.parse(slo), budgets=parse_budgets(budget),
                             requests=requests, confirm_requests=confirm_requests,
                             max_candidates=max_candidates, fidelity_images=fidelity_images)
     folder = ArtifactFolder.open(artifacts)  # settings and --out are checked by deploy before the search
