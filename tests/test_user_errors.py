@@ -272,3 +272,26 @@ def test_a_counted_series_says_how_long_it_has_left() -> None:
     now[0] = 25.0
     assert left("sensitivity: block 0 alone in INT8 (1/13)") == "sensitivity: block 0 alone in INT8 (1/13)"
     assert left("calibrating INT8") == "calibrating INT8"
+
+
+def test_a_counted_series_on_a_terminal_has_a_progress_bar() -> None:
+    """On a terminal the status line of a counted series starts with a bar of the steps done
+    (step 3 of 4: two done, half the bar); a step without a count has none."""
+    from cvt_export.cli.common import _Spinner, bar
+
+    shown: list[str] = []
+
+    class Live:
+        def update(self, text: str) -> None:
+            shown.append(text)
+
+    now = [0.0]
+    spinner = _Spinner(Live(), clock=lambda: now[0])
+    spinner.update("calibrating INT8 on 4 images (1/4)")
+    now[0] = 10.0
+    spinner.update("calibrating INT8 on 4 images (3/4)")
+    spinner.update("validating")
+    assert shown == ["░" * 20 + " calibrating INT8 on 4 images (1/4)",
+                     "█" * 10 + "░" * 10 + " calibrating INT8 on 4 images (3/4, about 10 s left)",
+                     "validating"]
+    assert bar(4, 4, 8) == "██████░░" and bar(5, 4, 8) == "████████" and bar(1, 0, 4) == "░░░░"

@@ -96,15 +96,24 @@ class _StepLines:
                          soft_wrap=True)
 
 
-class _Spinner:
-    """A terminal's spinner, with the same estimate in its text."""
+def bar(step: int, total: int, width: int = 20) -> str:
+    """A text progress bar for a terminal's status line: steps before this one are done."""
+    done = round(width * min(max(step - 1, 0), total) / total) if total > 0 else 0
+    return "█" * done + "░" * (width - done)
 
-    def __init__(self, live: Any) -> None:
+
+class _Spinner:
+    """A terminal's spinner, with the same estimate in its text and, for a counted series, a
+    progress bar in front of it."""
+
+    def __init__(self, live: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self.live = live
-        self.time_left = TimeLeft()
+        self.time_left = TimeLeft(clock)
 
     def update(self, text: str) -> None:
-        self.live.update(self.time_left(text))
+        m = COUNTED.search(text)
+        shown = self.time_left(text)
+        self.live.update(f"{bar(int(m[1]), int(m[2]))} {shown}" if m else shown)
 
 
 @contextlib.contextmanager
