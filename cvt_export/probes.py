@@ -10,6 +10,7 @@ along the network a fidelity loss starts (stage and block), not only that it exi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -76,3 +77,20 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     present = {o.name for o in out.graph.output}
     out.graph.output.extend(types[n] for n in names if n not in present)
     return out
+
+
+def node_blocks(proto: onnx.ModelProto, located: Mapping[str, str]) -> dict[str, str]:
+    """Node name -> the probe key ("stage S block B") of the block that computes it: the nodes a
+    block's output depends on and no earlier block's output does, in the order of `located`.
+    Nodes after the last block (the head) are not in the map."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    owner: dict[str, str] = {}
+    for key, tensor in located.items():
+        stack = [tensor]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in owner:
+                continue
+            owner[node.name] = key
+            stack.extend(node.input)
+    return owner

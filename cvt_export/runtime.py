@@ -17,12 +17,14 @@ Optimization = Literal["all", "none"]
 
 
 def ort_session(model: Path | bytes, *, provider: str = CPU, threads: int | None = None,
-                optimization: Optimization = "all", optimized_path: Path | None = None) -> Any:
+                optimization: Optimization = "all", optimized_path: Path | None = None,
+                profile_prefix: Path | None = None) -> Any:
     """An InferenceSession on `provider` (ORT's own warnings silenced: the caller reports).
 
     `threads` pins the intra-op pool (and one inter-op thread) for comparable runs; `optimization
     = "none"` keeps every graph tensor as exported (probes read them by name); `optimized_path`
-    makes ORT write the graph it really runs there."""
+    makes ORT write the graph it really runs there; `profile_prefix` turns ORT's profiler on, its
+    trace written under that prefix (read it with `session.end_profiling()`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -38,6 +40,9 @@ def ort_session(model: Path | bytes, *, provider: str = CPU, threads: int | None
         so.inter_op_num_threads = 1
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, so, providers=[provider])
 

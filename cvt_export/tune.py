@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from cvt_export import artifacts, build, machine, metrics, precisions, validate
+from cvt_export import artifacts, build, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BackendUnavailable, get_backend
 from cvt_export.backends.torch import reference_model
@@ -71,27 +71,9 @@ def parse_budget(text: str) -> Budget:
 def block_nodes(proto: onnx.ModelProto, located: Mapping[str, str]) -> dict[str, list[str]]:
     """Probe key ("stage S block B") -> the Conv/MatMul nodes computing that block: those the
     block's output depends on and the previous block's output does not."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-
-    def ancestors(tensor: str) -> set[str]:
-        seen: set[str] = set()
-        stack = [tensor]
-        while stack:
-            node = producer.get(stack.pop())
-            if node is None or node.name in seen:
-                continue
-            seen.add(node.name)
-            stack.extend(node.input)
-        return seen
-
-    ops = {n.name: n.op_type for n in proto.graph.node}
-    units: dict[str, list[str]] = {}
-    done: set[str] = set()
-    for key, tensor in located.items():
-        mine = ancestors(tensor) - done
-        done |= mine
-        units[key] = sorted(n for n in mine if ops[n] in QUANTIZED_OPS)
-    return units
+    owner = probes.node_blocks(proto, located)
+    quantizable = {n.name for n in proto.graph.node if n.op_type in QUANTIZED_OPS}
+    return {key: sorted(n for n, k in owner.items() if k == key and n in quantizable) for key in located}
 
 
 # --- measuring one configuration -----------------------------------------------------------

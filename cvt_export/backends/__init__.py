@@ -109,6 +109,41 @@ class Probing(Protocol):
               threads: int | None = None) -> dict[str, np.ndarray]: ...
 
 
+@dataclass(frozen=True)
+class OpTime:
+    """One operator of a profiled runtime graph (after the runtime's own fusions)."""
+
+    node: str        # the runtime's node name (the ONNX node's where the runtime kept it)
+    op: str          # the runtime's operator or layer type
+    kernel: str      # the implementation, as the runtime names it (OpenVINO's exec type; ORT's provider)
+    precision: str   # what it computed in: int8, fp32, bf16, fp16 ("" when the runtime does not say)
+    ms: float        # median time per inference over the profiled runs
+
+
+@dataclass(frozen=True)
+class Profile:
+    ops: list[OpTime]
+    run_ms: float    # median time of a whole inference over the same runs
+    runs: int
+
+
+@runtime_checkable
+class Profiling(Protocol):
+    """A runner whose runtime reports time per operator (ORT's profiler, OpenVINO's counters)."""
+
+    def profile(self, x: np.ndarray, runs: int) -> Profile: ...
+
+
+def kernel_precision(type_name: str) -> str:
+    """A runtime's element-type spelling (ORT's "int8"/"float", OpenVINO's "I8"/"FP32"/"bf16")
+    as the project's precision name; "" for one it does not know."""
+    t = type_name.lower()
+    if t in ("int8", "uint8", "i8", "u8"):
+        return "int8"
+    return {"float": "fp32", "float32": "fp32", "fp32": "fp32", "f32": "fp32", "bf16": "bf16",
+            "bfloat16": "bf16", "float16": "fp16", "fp16": "fp16", "f16": "fp16"}.get(t, "")
+
+
 def check_precision(backend: str, precision: str) -> None:
     """A precision the backend runs (the one precision table says which)."""
     runs = precisions.run_by(backend)

@@ -28,10 +28,13 @@ from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
+    OpTime,
+    Profile,
     RunnerBase,
     RunnerInfo,
     check_precision,
     check_threads,
+    kernel_precision,
     onnx_io,
 )
 from cvt_export.machine import cpu_name, int8_dot_exact, isa
@@ -187,10 +190,46 @@ class OpenVinoRunner(RunnerBase):
         self.request = None
         self.compiled = None
 
+    def profile(self, x: np.ndarray, runs: int) -> Profile:
+        """OpenVINO's performance counters on a model compiled like this runner's (same IR and
+        configuration, PERF_COUNT on): two untimed runs, then `runs` counted ones; each executed
+        layer's median time, its exec type (which names the kernel and the precision it ran in)."""
+        import time
+
+        import openvino as ov
+
+        x = self.check_input(x)
+        try:
+            compiled = ov.Core().compile_model(str(self.path), "CPU", {**self.config, "PERF_COUNT": True})
+        except RuntimeError as e:
+            raise BackendError(f"openvino: cannot compile {self.path}: {first_line(e)}") from None
+        request = compiled.create_infer_request()
+        for _ in range(2):
+            request.infer({0: x})
+        times: dict[str, list[float]] = {}
+        kind: dict[str, tuple[str, str, str]] = {}
+        walls = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            request.infer({0: x})
+            walls.append((time.perf_counter() - start) * 1000)
+            for info in request.profiling_info:
+                if str(info.status).endswith("EXECUTED") and not str(info.status).endswith("NOT_EXECUTED"):
+                    times.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1000)
+                    kind[info.node_name] = (info.node_type, info.exec_type, exec_precision(info.exec_type))
+        ops = [OpTime(node, *kind[node], float(np.median(t + [0.0] * (runs - len(t)))))
+               for node, t in times.items()]
+        return Profile(ops, float(np.median(walls)), runs)
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: x})
         # The output tensor's memory belongs to the request and is reused by the next call.
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+def exec_precision(exec_type: str) -> str:
+    """The precision in an OpenVINO exec type ("brgemm_avx512_amx_I8", "jit_avx2_FP32", "ref_any_bf16")."""
+    return kernel_precision(exec_type.rsplit("_", 1)[-1]) if "_" in exec_type else ""
 
 
 def _config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:

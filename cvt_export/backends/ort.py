@@ -21,10 +21,13 @@ from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
+    OpTime,
+    Profile,
     RunnerBase,
     RunnerInfo,
     check_precision,
     check_threads,
+    kernel_precision,
     onnx_io,
 )
 from cvt_export.machine import cpu_name
@@ -91,6 +94,20 @@ class OrtRunner(RunnerBase):
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
+    def profile(self, x: np.ndarray, runs: int) -> Profile:
+        """ORT's own profiler on a session like this runner's (same file, provider, threads):
+        two untimed runs, then `runs` profiled ones; each node's median kernel time."""
+        import tempfile
+
+        x = self.check_input(x)
+        with tempfile.TemporaryDirectory(prefix="cvt-ort-profile-") as tmp:
+            session = ort_session(self.path, provider=self.provider, threads=self.threads,
+                                  profile_prefix=Path(tmp) / "ort")
+            for _ in range(2 + runs):
+                session.run([OUTPUT_NAME], {INPUT_NAME: x})
+            events = json.loads(Path(session.end_profiling()).read_text())
+        return ort_profile(events, skip=2)
+
 
 class OrtBackend:
     name = "ort"
@@ -153,3 +170,30 @@ class OrtBackend:
 
 
 BACKEND = OrtBackend()
+
+
+def ort_profile(events: list[dict[str, Any]], skip: int) -> Profile:
+    """ORT's trace events -> each node's median kernel time over the runs after the first `skip`
+    (a node's events are placed in a run by their start time; a node a run did not execute counts
+    0 ms there)."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")[skip:]
+    if not runs:
+        raise BackendError("ort: the profile holds no model run")
+    times: dict[str, np.ndarray] = {}
+    kind: dict[str, tuple[str, str, str]] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        run = next((i for i, (a, b) in enumerate(runs) if a <= e["ts"] <= b), None)
+        if run is None:
+            continue
+        node = name[: -len("_kernel_time")]
+        args = e.get("args", {})
+        inputs = args.get("input_type_shape") or [{}]
+        first = next(iter(inputs[0]), "") if isinstance(inputs[0], dict) else ""
+        kind[node] = (args.get("op_name", ""), args.get("provider", ""), kernel_precision(first))
+        times.setdefault(node, np.zeros(len(runs)))[run] += e["dur"] / 1000
+    ops = [OpTime(node, *kind[node], float(np.median(t))) for node, t in times.items()]
+    return Profile(ops, float(np.median([(b - a) / 1000 for a, b in runs])), len(runs))

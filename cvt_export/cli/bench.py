@@ -207,6 +207,52 @@ def regress(
 
 @app.command()
 @user_errors
+def profile(
+    artifacts: Annotated[Path, typer.Option(help="artifact folder")] = Path("artifacts/cvt-13"),
+    backend: Annotated[str, typer.Option(help="ort | openvino")] = "ort",
+    precision: Annotated[str, typer.Option(help="one of the backend's precisions")] = "int8",
+    batch: Annotated[str, typer.Option(help="comma list of batch sizes")] = "1,8",
+    runs: Annotated[int, typer.Option(help="profiled inferences per batch size (after 2 untimed)")] = 20,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (>= 1)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="folder for profile-BACKEND-PRECISION.json/.md/.png [default: ARTIFACTS/report]")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Where the time goes: each operator's time from the runtime's own counters (ONNX Runtime's
+    profiler, OpenVINO's performance counters), grouped by operator type with the GEMM share, by
+    block and by the precision each kernel ran in; printed and written next to the report.
+
+    Examples: cvt-bench profile --backend ort --precision int8 --batch 1,8;
+    cvt-bench profile --artifacts artifacts/mine --backend openvino --precision fp32 --runs 50
+    """
+    setup_logging(verbose)
+    batches = _csv_ints(batch, "--batch")
+    if runs < 1 or not batches or min(batches) < 1:
+        raise CvtError("--runs and every --batch must be >= 1")
+    folder = ArtifactFolder.open(artifacts)
+    where = out or artifacts / "report"
+    output_folder(where)
+    from cvt_export.harness import profile as profiling
+
+    with status("profile") as live:
+        report = profiling.run(folder, backend, precision, batches, runs, threads, progress=live.update)
+    written = profiling.write(report, where)
+    for b, f in report["batches"].items():
+        table = Table(title=f"{report['backend']} {report['precision']} (runs as {report['executed']}), "
+                      f"batch {b}: inference {f['run_ms']:.1f} ms, operators {f['kernels_ms']:.1f} ms, "
+                      f"GEMM {100 * f['gemm_share']:.1f}%", title_justify="left")
+        for col in ("group", "ms", "share", "nodes", "ran in"):
+            table.add_column(col, justify="left" if col in ("group", "ran in") else "right")
+        for g in f["by_op"][:10]:
+            table.add_row(g["group"], f"{g['ms']:.2f}", f"{100 * g['share']:.1f}%", str(g["nodes"]),
+                          ", ".join(sorted(g["precisions"], key=lambda p: -g["precisions"][p])))
+        show_table(table)
+        stdout.print(f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}", highlight=False)
+    stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+@app.command()
+@user_errors
 def triton(
     url: Annotated[str, typer.Option(help="HOST:PORT of the server (HTTP or gRPC port per --protocol)")],
     model: Annotated[str, typer.Option(help="the classifier model taking pixel_values")] = "cvt",

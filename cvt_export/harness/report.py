@@ -199,7 +199,7 @@ def _stage_ends(points: list[str]) -> list[str]:
     return [*last.values(), "logits"]
 
 
-def _network_order(points: list[str]) -> list[str]:
+def network_order(points: list[str]) -> list[str]:
     """Block points ("stage S block B") by stage then block, anything else (the logits) last."""
     def key(p: str) -> tuple[int, int, int]:
         parts = p.split()
@@ -265,7 +265,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         # One axis for every row: the union of their points in network order (a backend that
         # fused a block away has fewer), each row drawn at its own points' positions.
         points = list(dict.fromkeys(d["point"] for r in drifted for d in r["drift"]))
-        order = {p: i for i, p in enumerate(_network_order(points))}
+        order = {p: i for i, p in enumerate(network_order(points))}
         points = sorted(points, key=order.__getitem__)
         for r in drifted:
             ax.plot([points.index(d["point"]) for d in r["drift"]],

@@ -1,0 +1,163 @@
+"""Where the milliseconds go: time per operator type and per block from the runtime's own counters.
+
+ONNX Runtime's profiler and OpenVINO's performance counters time every operator of the graph the
+runtime really runs (after its fusions), name the kernel and say what precision it ran in. This
+groups them: by operator type (the GEMMs — MatMul, Gemm, FullyConnected and their quantized
+forms — as one group, with their share of the time), by block (the runtime's node names matched
+to the exported graph's blocks through the probe points; nodes the runtime made itself are
+counted as "not attributed"), and by kernel precision. Each figure is a median over the profiled
+runs, beside the median of the whole inference in the same runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cvt_ref
+from cvt_export import machine, precisions
+from cvt_export.artifacts import ArtifactFolder, atomic_write
+from cvt_export.backends import BackendError, Profile, Profiling, get_backend
+from cvt_export.errors import CvtError
+from cvt_export.harness.report import network_order
+
+SCHEMA = "cvt-profile/1"
+GEMM_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                      "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "FullyConnected"})
+PROFILED = ("ort", "openvino")  # runners with the Profiling protocol
+NOT_ATTRIBUTED = "not attributed"
+HEAD = "head"
+
+
+def gemm(op: str) -> bool:
+    return op in GEMM_OPS
+
+
+def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
+    """A profile's figures: total kernel time, the GEMM share, the operator groups by time (the
+    GEMMs as one), the three costliest non-GEMM groups, time per block and per precision."""
+    total = sum(o.ms for o in profile.ops)
+    groups: dict[str, dict[str, Any]] = {}
+    for o in profile.ops:
+        g = groups.setdefault("GEMM" if gemm(o.op) else o.op, {"ms": 0.0, "nodes": 0, "ops": set(),
+                                                               "precisions": {}})
+        g["ms"] += o.ms
+        g["nodes"] += 1
+        g["ops"].add(o.op)
+        g["precisions"][o.precision or "?"] = g["precisions"].get(o.precision or "?", 0.0) + o.ms
+    by_op = [{"group": name, "ms": g["ms"], "share": g["ms"] / total if total else 0.0, "nodes": g["nodes"],
+              "ops": sorted(g["ops"]), "precisions": g["precisions"]}
+             for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["ms"])]
+    by_block: dict[str, float] = {}
+    by_precision: dict[str, float] = {}
+    for o in profile.ops:
+        key = blocks.get(o.node, NOT_ATTRIBUTED)
+        by_block[key] = by_block.get(key, 0.0) + o.ms
+        by_precision[o.precision or "?"] = by_precision.get(o.precision or "?", 0.0) + o.ms
+    gemm_ms = groups.get("GEMM", {}).get("ms", 0.0)
+    return {"run_ms": profile.run_ms, "runs": profile.runs, "kernels_ms": total,
+            "gemm_ms": gemm_ms, "gemm_share": gemm_ms / total if total else 0.0,
+            "by_op": by_op, "top_non_gemm": [g["group"] for g in by_op if g["group"] != "GEMM"][:3],
+            "by_block": {b: by_block[b] for b in network_order(list(by_block))},
+            "by_precision": by_precision}
+
+
+def inputs(folder: ArtifactFolder, batch: int) -> np.ndarray:
+    """`batch` of the bundled photographs, preprocessed for the folder's model (cycled if fewer)."""
+    photos = cvt_ref.bundled_photos()
+    x = cvt_ref.preprocess_batch(list(photos[:batch]), folder.variant).numpy()
+    return np.resize(x, (batch, *x.shape[1:])) if len(x) < batch else x
+
+
+def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int, ...], runs: int,
+        threads: int | None = None, progress: Any = lambda s: None) -> dict[str, Any]:
+    if runs < 1 or not batches or min(batches) < 1:
+        raise CvtError("profile: --runs and every --batch must be >= 1")
+    be = get_backend(backend)
+    if be.name not in PROFILED:
+        raise BackendError(f"{be.name}: its runtime reports no time per operator here (profiles: "
+                           f"{', '.join(PROFILED)})")
+    precision = precisions.parse_one(precision, be.precisions)
+    with folder.lock():  # an IR or optimized graph may be made beside the files
+        runner = be.compile(folder, precision, threads=threads)
+    assert isinstance(runner, Profiling)
+    import onnx
+
+    graph = folder.onnx(precisions.reads(precision), check_hash=False)
+    proto = onnx.load(str(graph), load_external_data=False)
+    from cvt_export import probes
+
+    blocks = probes.node_blocks(proto, folder.probes)
+    blocks.update({n.name: HEAD for n in proto.graph.node if n.name not in blocks})
+    figures = {}
+    for i, batch in enumerate(batches, 1):
+        progress(f"{be.name} {precision} batch {batch} ({i}/{len(batches)})")
+        figures[str(batch)] = summarize(runner.profile(inputs(folder, batch), runs), blocks)
+    return {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": machine.describe(), "artifacts": str(folder.path), "backend": be.name,
+            "precision": precision, "executed": runner.info.executed, "batches": figures}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Profile: {report['backend']} {report['precision']} (runs as {report['executed']})", "",
+             f"{report['machine']['cpu']}, {report['machine']['cores']} cores, ISA "
+             f"{' '.join(report['machine']['isa'])}. Artifacts `{report['artifacts']}`. Each figure is a "
+             "median over the profiled runs of the runtime's own per-operator time (after its fusions).", ""]
+    for batch, f in report["batches"].items():
+        lines += [f"## Batch {batch}", "",
+                  f"Whole inference {f['run_ms']:.1f} ms; operators {f['kernels_ms']:.1f} ms; GEMM "
+                  f"{f['gemm_ms']:.1f} ms = **{100 * f['gemm_share']:.1f}%** of operator time "
+                  f"({f['runs']} runs). "
+                  f"Costliest non-GEMM groups: {', '.join(f['top_non_gemm']) or '–'}.", "",
+                  "| group | ms | share | nodes | precisions (ms) | operators |", "|---|---|---|---|---|---|"]
+        for g in f["by_op"]:
+            kernels = sorted(g["precisions"].items(), key=lambda kv: -kv[1])
+            lines.append(f"| {g['group']} | {g['ms']:.2f} | {100 * g['share']:.1f}% | {g['nodes']} | "
+                         + ", ".join(f"{p} {ms:.1f}" for p, ms in kernels) + f" | {', '.join(g['ops'])} |")
+        lines += ["", "| block | ms |", "|---|---|"]
+        lines += [f"| {b} | {ms:.2f} |" for b, ms in f["by_block"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(report["batches"])
+    groups = []
+    for f in report["batches"].values():
+        groups += [g["group"] for g in f["by_op"][:8] if g["group"] not in groups]
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.5 * len(batches)))
+    for row, batch in enumerate(batches):
+        shares = {g["group"]: g["share"] for g in report["batches"][batch]["by_op"]}
+        left = 0.0
+        for i, group in enumerate(groups):
+            width = shares.get(group, 0.0)
+            ax.barh(row, width, left=left, color=plt.get_cmap("tab10")(i % 10),
+                    label=group if row == 0 else None)
+            left += width
+        ax.barh(row, 1 - left, left=left, color="lightgrey", label="other" if row == 0 else None)
+    ax.set_yticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_xlabel("share of operator time")
+    ax.set_title(f"{report['backend']} {report['precision']}: where the time goes")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"profile-{report['backend']}-{report['precision']}"
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
+    atomic_write(paths[0], json.dumps(report, indent=2) + "\n")
+    atomic_write(paths[1], markdown(report))
+    plot(report, paths[2])
+    return paths

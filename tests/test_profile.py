@@ -1,0 +1,65 @@
+"""Where the time goes (`cvt-bench profile`): the runtimes' own per-operator counters, grouped.
+
+Oracles: the inference's own duration (operators run one after another inside it), the exported
+graph (which blocks exist, which file holds INT8 Q/DQ), and the figures' own arithmetic (shares
+sum to one). The GEMM share's lower bound comes from cvt-13's multiply-adds: 3.79 of its 4.05
+GMAC per image are in Linear layers (the published count the model test checks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import copy_artifacts
+
+from cvt_export.artifacts import ArtifactFolder
+from cvt_export.harness import profile
+from helpers import assert_user_error, int8_backends, run_cli
+
+
+@pytest.mark.parametrize(("backend", "precision"), [("ort", "fp32"), ("ort", "int8"), ("openvino", "fp32")])
+def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, precision: str) -> None:
+    if precision == "int8" and backend not in int8_backends():
+        pytest.skip(f"{backend} INT8 does not run on this CPU")
+    folder = ArtifactFolder.open(exported)
+    report = profile.run(folder, backend, precision, (1,), runs=3)
+    f = report["batches"]["1"]
+    # operators run inside the inference, one after another
+    assert 0.3 * f["run_ms"] <= f["kernels_ms"] <= 1.05 * f["run_ms"], (f["kernels_ms"], f["run_ms"])
+    assert sum(g["share"] for g in f["by_op"]) == pytest.approx(1.0)
+    assert sum(f["by_block"].values()) == pytest.approx(f["kernels_ms"])
+    assert 0.4 <= f["gemm_share"] <= 1.0  # most multiply-adds are in the Linear layers
+    assert f["by_op"][0]["group"] == "GEMM"
+    non_gemm = [g for g in f["by_op"] if g["group"] != "GEMM"]
+    assert f["top_non_gemm"] == [g["group"] for g in non_gemm[:3]]
+    assert [g["ms"] for g in non_gemm] == sorted((g["ms"] for g in non_gemm), reverse=True)
+    # every block of the export is found in the runtime's graph, and little time is left over
+    assert set(folder.probes) <= {b for b, ms in f["by_block"].items() if ms > 0}
+    assert f["by_block"].get(profile.NOT_ATTRIBUTED, 0.0) < 0.25 * f["kernels_ms"]
+    gemm = f["by_op"][0]["precisions"]
+    if precision == "int8":  # the Q/DQ file's GEMMs run as INT8 kernels
+        assert gemm.get("int8", 0.0) > 0.5 * f["gemm_ms"], gemm
+    else:
+        assert "int8" not in f["by_precision"] and gemm.get("fp32", 0.0) > 0.9 * f["gemm_ms"], gemm
+
+
+def test_profile_cli_writes_beside_the_report_and_refuses_bad_input(exported: Path, tmp_path: Path) -> None:
+    folder = copy_artifacts(exported, tmp_path)
+    done = run_cli("cvt-bench", "profile", "--artifacts", str(folder), "--backend", "ort",
+                   "--precision", "fp32", "--batch", "1,2", "--runs", "2")
+    assert done.returncode == 0, done.stderr
+    written = json.loads((folder / "report" / "profile-ort-fp32.json").read_text())
+    assert written["schema"] == "cvt-profile/1" and set(written["batches"]) == {"1", "2"}
+    assert (folder / "report" / "profile-ort-fp32.png").read_bytes()[:4] == b"\x89PNG"
+    md = (folder / "report" / "profile-ort-fp32.md").read_text()
+    for b, f in written["batches"].items():
+        assert f"## Batch {b}" in md and f"GEMM {100 * f['gemm_share']:.1f}%" in done.stdout
+        assert f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}" in done.stdout
+    for args, fragment in ((["--backend", "torch"], "reports no time per operator"),
+                           (["--runs", "0"], "--runs"),
+                           (["--precision", "fp64"], "fp64"),
+                           (["--artifacts", str(tmp_path / "none")], "no such artifact folder")):
+        base = ["cvt-bench", "profile", "--artifacts", str(folder), "--out", str(tmp_path / "p")]
+        assert_user_error(run_cli(*base, *args), fragment)
+        assert not (tmp_path / "p").exists()
