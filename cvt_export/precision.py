@@ -282,3 +282,38 @@ def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+def gemm_model(m: int, k: int, n: int, precision: str) -> bytes:
+    """One [m, k] x [k, n] MatMul as an ONNX model, the way this project's files hold one at
+    `precision`: float32 weights (fp32), float16 (fp16), or INT8 Q/DQ (a per-tensor symmetric
+    activation, per-channel symmetric weights) for int8 — what a runtime's GEMM limit is measured on."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [m, k])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [m, n])]
+    if precision == "int8":
+        scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        inits = [numpy_helper.from_array(np.round(w / scale).astype(np.int8), "w_q"),
+                 numpy_helper.from_array(scale.astype(np.float32), "w_scale"),
+                 numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
+                 numpy_helper.from_array(np.array(4.0 / 127, np.float32), "x_scale"),
+                 numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+        nodes = [helper.make_node("QuantizeLinear", [INPUT_NAME, "x_scale", "x_zero"], ["x_q"]),
+                 helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+                 helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=1),
+                 helper.make_node("MatMul", ["x_dq", "w_dq"], [OUTPUT_NAME])]
+    elif precision == "fp16":
+        inits = [numpy_helper.from_array(w.astype(np.float16), "w")]
+        nodes = [helper.make_node("Cast", [INPUT_NAME], ["x16"], to=TensorProto.FLOAT16),
+                 helper.make_node("MatMul", ["x16", "w"], ["y16"]),
+                 helper.make_node("Cast", ["y16"], [OUTPUT_NAME], to=TensorProto.FLOAT)]
+    else:
+        inits = [numpy_helper.from_array(w, "w")]
+        nodes = [helper.make_node("MatMul", [INPUT_NAME, "w"], [OUTPUT_NAME])]
+    graph = helper.make_graph(nodes, "gemm", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    return bytes(model.SerializeToString())

@@ -37,6 +37,10 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     # every block of the export is found in the runtime's graph, and little time is left over
     assert set(folder.probes) <= {b for b, ms in f["by_block"].items() if ms > 0}
     assert f["by_block"].get(profile.NOT_ATTRIBUTED, 0.0) < 0.25 * f["kernels_ms"]
+    # the floor: the model's matrix-product work at the GEMM rate measured in the same run
+    rate, macs = report["gemm_limit"]["gmac_per_s"], report["gemm_macs_per_image"]
+    assert rate > 1 and f["gemm_floor_ms"] == pytest.approx(macs / (rate * 1e9) * 1000)
+    assert f["gemm_vs_floor"] > 0.5 and f["run_vs_floor"] >= f["gemm_vs_floor"] * 0.95
     gemm = f["by_op"][0]["precisions"]
     if precision == "int8":  # the Q/DQ file's GEMMs run as INT8 kernels
         assert gemm.get("int8", 0.0) > 0.5 * f["gemm_ms"], gemm
@@ -56,6 +60,7 @@ def test_profile_cli_writes_beside_the_report_and_refuses_bad_input(exported: Pa
     for b, f in written["batches"].items():
         assert f"## Batch {b}" in md and f"GEMM {100 * f['gemm_share']:.1f}%" in done.stdout
         assert f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}" in done.stdout
+        assert f"GEMM floor {f['gemm_floor_ms']:.1f} ms" in done.stdout
     for args, fragment in ((["--backend", "torch"], "reports no time per operator"),
                            (["--runs", "0"], "--runs"),
                            (["--precision", "fp64"], "fp64"),
@@ -63,3 +68,26 @@ def test_profile_cli_writes_beside_the_report_and_refuses_bad_input(exported: Pa
         base = ["cvt-bench", "profile", "--artifacts", str(folder), "--out", str(tmp_path / "p")]
         assert_user_error(run_cli(*base, *args), fragment)
         assert not (tmp_path / "p").exists()
+
+
+def test_the_models_gemm_work_is_its_linear_layers_and_attention(exported: Path) -> None:
+    """Counted by hooks written here: every nn.Linear's rows x in x out; the two attention MatMuls
+    add at most a fifth on top (cvt-13: tokens^2 x dim per block, small against its MLPs)."""
+    import torch
+
+    import cvt_ref
+
+    model = cvt_ref.create_model("cvt-13", "random:0").eval()
+    linear = [0.0]
+
+    def count(module: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        assert isinstance(module, torch.nn.Linear)
+        linear[0] += args[0].numel() / module.in_features * module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    macs = profile.gemm_macs(ArtifactFolder.open(exported))
+    assert linear[0] <= macs <= 1.2 * linear[0], (linear[0], macs)

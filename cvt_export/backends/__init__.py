@@ -133,6 +133,11 @@ class Profiling(Protocol):
 
     def profile(self, x: np.ndarray, runs: int) -> Profile: ...
 
+    def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
+        """This runtime's multiply-adds per second (GMAC/s) on one [m, k] x [k, n] MatMul in the
+        runner's precision and settings: the limit its GEMMs can reach here."""
+        ...
+
 
 def kernel_precision(type_name: str) -> str:
     """A runtime's element-type spelling (ORT's "int8"/"float", OpenVINO's "I8"/"FP32"/"bf16")
@@ -264,3 +269,17 @@ def get_backend(name: str) -> Backend:
 
 def all_backends() -> list[Backend]:
     return [get_backend(name) for name in BACKEND_MODULES]
+
+
+def timed_median_ms(call: Any, runs: int) -> float:
+    """The median wall time of `call()` over `runs` calls, after two untimed ones."""
+    import time
+
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))

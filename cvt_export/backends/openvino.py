@@ -36,6 +36,7 @@ from cvt_export.backends import (
     check_threads,
     kernel_precision,
     onnx_io,
+    timed_median_ms,
 )
 from cvt_export.machine import cpu_name, int8_dot_exact, isa
 from cvt_export.precisions import run_by
@@ -220,6 +221,22 @@ class OpenVinoRunner(RunnerBase):
         ops = [OpTime(node, *kind[node], float(np.median(t + [0.0] * (runs - len(t)))))
                for node, t in times.items()]
         return Profile(ops, float(np.median(walls)), runs)
+
+    def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
+        import tempfile
+
+        import openvino as ov
+
+        from cvt_export.precision import gemm_model
+
+        reads = precisions.reads(self.info.precision)
+        with tempfile.TemporaryDirectory(prefix="cvt-ov-gemm-") as tmp:
+            path = Path(tmp) / "gemm.onnx"
+            path.write_bytes(gemm_model(m, k, n, "int8" if reads in precisions.QUANTIZED else reads))
+            request = ov.Core().compile_model(str(path), "CPU", self.config).create_infer_request()
+        x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+        ms = timed_median_ms(lambda: request.infer({0: x}), runs)
+        return m * k * n / ms / 1e6
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: x})

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts
+from cvt_export import artifacts, precisions
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
@@ -29,6 +29,7 @@ from cvt_export.backends import (
     check_threads,
     kernel_precision,
     onnx_io,
+    timed_median_ms,
 )
 from cvt_export.machine import cpu_name
 from cvt_export.precisions import run_by
@@ -107,6 +108,16 @@ class OrtRunner(RunnerBase):
                 session.run([OUTPUT_NAME], {INPUT_NAME: x})
             events = json.loads(Path(session.end_profiling()).read_text())
         return ort_profile(events, skip=2)
+
+    def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
+        from cvt_export.precision import gemm_model
+
+        reads = precisions.reads(self.info.precision)
+        session = ort_session(gemm_model(m, k, n, "int8" if reads in precisions.QUANTIZED else reads),
+                              provider=self.provider, threads=self.threads)
+        x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+        ms = timed_median_ms(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x}), runs)
+        return m * k * n / ms / 1e6
 
 
 class OrtBackend:

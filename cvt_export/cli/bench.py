@@ -248,6 +248,10 @@ def profile(
                           ", ".join(sorted(g["precisions"], key=lambda p: -g["precisions"][p])))
         show_table(table)
         stdout.print(f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}", highlight=False)
+        work, rate = report["gemm_macs_per_image"] / 1e9, report["gemm_limit"]["gmac_per_s"]
+        stdout.print(f"GEMM floor {f['gemm_floor_ms']:.1f} ms ({work:.2f} GMAC per image at {rate:.1f} "
+                     f"GMAC/s, measured in this run): the GEMMs took {f['gemm_vs_floor']:.2f}x it, the whole "
+                     f"inference {f['run_vs_floor']:.2f}x", highlight=False)
     stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 

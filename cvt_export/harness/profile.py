@@ -29,6 +29,8 @@ SCHEMA = "cvt-profile/1"
 GEMM_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                       "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "FullyConnected"})
 PROFILED = ("ort", "openvino")  # runners with the Profiling protocol
+GEMM_ATEN = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+LIMIT_SHAPE = (1576, 384, 1536)  # cvt-13's stage-2 MLP at batch 8 (197 tokens x 8, 384 -> 1536)
 NOT_ATTRIBUTED = "not attributed"
 HEAD = "head"
 
@@ -66,6 +68,20 @@ def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
             "by_precision": by_precision}
 
 
+def gemm_macs(folder: ArtifactFolder) -> float:
+    """Multiply-adds per image in the model's matrix products (its Linear layers, the attention
+    MatMuls and the classifier), from PyTorch's FLOP counter on the reference architecture."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = cvt_ref.create_model(folder.variant, "random:0").eval()
+    x = torch.zeros(1, 3, folder.variant.image_size, folder.variant.image_size)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    counts = counter.get_flop_counts().get("Global", {})
+    return sum(float(v) for op, v in counts.items() if str(op).split(".")[1] in GEMM_ATEN) / 2
+
+
 def inputs(folder: ArtifactFolder, batch: int) -> np.ndarray:
     """`batch` of the bundled photographs, preprocessed for the folder's model (cycled if fewer)."""
     photos = cvt_ref.bundled_photos()
@@ -93,26 +109,43 @@ def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int
 
     blocks = probes.node_blocks(proto, folder.probes)
     blocks.update({n.name: HEAD for n in proto.graph.node if n.name not in blocks})
+    shape = "x".join(map(str, LIMIT_SHAPE))
+    progress(f"{be.name} {precision}: this CPU's GEMM limit on one {shape} MatMul")
+    rate = runner.gemm_rate(*LIMIT_SHAPE, runs=max(runs, 10))
+    macs = gemm_macs(folder)
     figures = {}
     for i, batch in enumerate(batches, 1):
         progress(f"{be.name} {precision} batch {batch} ({i}/{len(batches)})")
-        figures[str(batch)] = summarize(runner.profile(inputs(folder, batch), runs), blocks)
+        f = summarize(runner.profile(inputs(folder, batch), runs), blocks)
+        floor = macs * batch / (rate * 1e9) * 1000
+        f.update({"gemm_floor_ms": floor, "gemm_vs_floor": f["gemm_ms"] / floor,
+                  "run_vs_floor": f["run_ms"] / floor})
+        figures[str(batch)] = f
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine.describe(), "artifacts": str(folder.path), "backend": be.name,
-            "precision": precision, "executed": runner.info.executed, "batches": figures}
+            "precision": precision, "executed": runner.info.executed,
+            "gemm_limit": {"shape": list(LIMIT_SHAPE), "gmac_per_s": rate},
+            "gemm_macs_per_image": macs, "batches": figures}
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Profile: {report['backend']} {report['precision']} (runs as {report['executed']})", "",
              f"{report['machine']['cpu']}, {report['machine']['cores']} cores, ISA "
              f"{' '.join(report['machine']['isa'])}. Artifacts `{report['artifacts']}`. Each figure is a "
-             "median over the profiled runs of the runtime's own per-operator time (after its fusions).", ""]
+             "median over the profiled runs of the runtime's own per-operator time (after its fusions).", "",
+             "GEMM limit measured in the same run on one "
+             f"{'x'.join(map(str, report['gemm_limit']['shape']))} "
+             f"MatMul in this precision: {report['gemm_limit']['gmac_per_s']:.1f} GMAC/s. The model's matrix "
+             f"products: {report['gemm_macs_per_image'] / 1e9:.2f} GMAC per image, so the GEMM floor is "
+             "that work at that rate.", ""]
     for batch, f in report["batches"].items():
         lines += [f"## Batch {batch}", "",
                   f"Whole inference {f['run_ms']:.1f} ms; operators {f['kernels_ms']:.1f} ms; GEMM "
                   f"{f['gemm_ms']:.1f} ms = **{100 * f['gemm_share']:.1f}%** of operator time "
                   f"({f['runs']} runs). "
-                  f"Costliest non-GEMM groups: {', '.join(f['top_non_gemm']) or '–'}.", "",
+                  f"Costliest non-GEMM groups: {', '.join(f['top_non_gemm']) or '–'}. GEMM floor "
+                  f"{f['gemm_floor_ms']:.1f} ms: the GEMMs took {f['gemm_vs_floor']:.2f}x it, the whole "
+                  f"inference {f['run_vs_floor']:.2f}x.", "",
                   "| group | ms | share | nodes | precisions (ms) | operators |", "|---|---|---|---|---|---|"]
         for g in f["by_op"]:
             kernels = sorted(g["precisions"].items(), key=lambda kv: -kv[1])
