@@ -117,14 +117,27 @@ class OpTime:
     op: str          # the runtime's operator or layer type
     kernel: str      # the implementation, as the runtime names it (OpenVINO's exec type; ORT's provider)
     precision: str   # what it computed in: int8, fp32, bf16, fp16 ("" when the runtime does not say)
-    ms: float        # median time per inference over the profiled runs
+    ms: float        # its time in the profile's median run
 
 
 @dataclass(frozen=True)
 class Profile:
     ops: list[OpTime]
-    run_ms: float    # median time of a whole inference over the same runs
+    run_ms: float    # the median run's whole inference time
     runs: int
+
+    @classmethod
+    def of_median_run(cls, kinds: Mapping[str, tuple[str, str, str]], times: Mapping[str, Any],
+                      walls: list[float]) -> Profile:
+        """The operators of the run whose whole time was the median (the lower one for an even
+        count), so that the parts add up to one real inference: per-operator medians taken from
+        different runs do not (a bimodal runtime summed to more than its median run).
+        `times[node][i]` is the node's time in run i (0 where that run did not execute it)."""
+        if not walls:
+            raise BackendError("the profile holds no run")
+        pick = int(np.argsort(walls, kind="stable")[(len(walls) - 1) // 2])
+        ops = [OpTime(node, *kinds[node], float(t[pick])) for node, t in times.items()]
+        return cls(ops, float(walls[pick]), len(walls))
 
 
 @runtime_checkable

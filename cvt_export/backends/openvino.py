@@ -28,7 +28,6 @@ from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
-    OpTime,
     Profile,
     RunnerBase,
     RunnerInfo,
@@ -194,7 +193,8 @@ class OpenVinoRunner(RunnerBase):
     def profile(self, x: np.ndarray, runs: int) -> Profile:
         """OpenVINO's performance counters on a model compiled like this runner's (same IR and
         configuration, PERF_COUNT on): two untimed runs, then `runs` counted ones; each executed
-        layer's median time, its exec type (which names the kernel and the precision it ran in)."""
+        layer's time in the median run, its exec type (which names the kernel and the precision it
+        ran in)."""
         import time
 
         import openvino as ov
@@ -207,20 +207,19 @@ class OpenVinoRunner(RunnerBase):
         request = compiled.create_infer_request()
         for _ in range(2):
             request.infer({0: x})
-        times: dict[str, list[float]] = {}
+        times: dict[str, np.ndarray] = {}
         kind: dict[str, tuple[str, str, str]] = {}
         walls = []
-        for _ in range(runs):
+        for run in range(runs):
             start = time.perf_counter()
             request.infer({0: x})
             walls.append((time.perf_counter() - start) * 1000)
             for info in request.profiling_info:
                 if str(info.status).endswith("EXECUTED") and not str(info.status).endswith("NOT_EXECUTED"):
-                    times.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1000)
+                    ms = info.real_time.total_seconds() * 1000
+                    times.setdefault(info.node_name, np.zeros(runs))[run] += ms
                     kind[info.node_name] = (info.node_type, info.exec_type, exec_precision(info.exec_type))
-        ops = [OpTime(node, *kind[node], float(np.median(t + [0.0] * (runs - len(t)))))
-               for node, t in times.items()]
-        return Profile(ops, float(np.median(walls)), runs)
+        return Profile.of_median_run(kind, times, walls)
 
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
         import tempfile

@@ -21,7 +21,6 @@ from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
     BackendUnavailable,
-    OpTime,
     Profile,
     RunnerBase,
     RunnerInfo,
@@ -97,7 +96,7 @@ class OrtRunner(RunnerBase):
 
     def profile(self, x: np.ndarray, runs: int) -> Profile:
         """ORT's own profiler on a session like this runner's (same file, provider, threads):
-        two untimed runs, then `runs` profiled ones; each node's median kernel time."""
+        two untimed runs, then `runs` profiled ones; each node's kernel time in the median run."""
         import tempfile
 
         x = self.check_input(x)
@@ -184,9 +183,9 @@ BACKEND = OrtBackend()
 
 
 def ort_profile(events: list[dict[str, Any]], skip: int) -> Profile:
-    """ORT's trace events -> each node's median kernel time over the runs after the first `skip`
-    (a node's events are placed in a run by their start time; a node a run did not execute counts
-    0 ms there)."""
+    """ORT's trace events -> each node's kernel time in the median of the runs after the first
+    `skip` (a node's events are placed in a run by their start time; a node a run did not execute
+    counts 0 ms there)."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")[skip:]
     if not runs:
@@ -206,5 +205,4 @@ def ort_profile(events: list[dict[str, Any]], skip: int) -> Profile:
         first = next(iter(inputs[0]), "") if isinstance(inputs[0], dict) else ""
         kind[node] = (args.get("op_name", ""), args.get("provider", ""), kernel_precision(first))
         times.setdefault(node, np.zeros(len(runs)))[run] += e["dur"] / 1000
-    ops = [OpTime(node, *kind[node], float(np.median(t))) for node, t in times.items()]
-    return Profile(ops, float(np.median([(b - a) / 1000 for a, b in runs])), len(runs))
+    return Profile.of_median_run(kind, times, [(b - a) / 1000 for a, b in runs])

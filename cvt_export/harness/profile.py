@@ -5,8 +5,8 @@ runtime really runs (after its fusions), name the kernel and say what precision 
 groups them: by operator type (the GEMMs — MatMul, Gemm, FullyConnected and their quantized
 forms — as one group, with their share of the time), by block (the runtime's node names matched
 to the exported graph's blocks through the probe points; nodes the runtime made itself are
-counted as "not attributed"), and by kernel precision. Each figure is a median over the profiled
-runs, beside the median of the whole inference in the same runs.
+counted as "not attributed"), and by kernel precision. The figures are those of the profiled run
+whose whole inference time was the median, so that the parts add up to one real inference.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Profile: {report['backend']} {report['precision']} (runs as {report['executed']})", "",
              f"{report['machine']['cpu']}, {report['machine']['cores']} cores, ISA "
-             f"{' '.join(report['machine']['isa'])}. Artifacts `{report['artifacts']}`. Each figure is a "
-             "median over the profiled runs of the runtime's own per-operator time (after its fusions).", "",
+             f"{' '.join(report['machine']['isa'])}. Artifacts `{report['artifacts']}`. The figures are the "
+             "runtime's own per-operator times (after its fusions) in the profiled run whose whole "
+             "inference time was the median.", "",
              "GEMM limit measured in the same run on one "
              f"{'x'.join(map(str, report['gemm_limit']['shape']))} "
              f"MatMul in this precision: {report['gemm_limit']['gmac_per_s']:.1f} GMAC/s. The model's matrix "
