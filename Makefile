@@ -53,11 +53,14 @@ test: lint
 test-full: lint
 	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
-# The fast tier while working: the CI tier, with the shared cvt-13 exports kept in
-# build/test-exports between runs and reused while nothing they were made from changed
-# (tests/export_cache.py says what that is). CI's `make test` always exports afresh.
+# The working loop (about 2 minutes here): the CI tier less the tests marked heavy (more than 5 s
+# each, lighter tests of the same code stay), the commands called in the test's interpreter instead
+# of a new one each (tests/helpers.py: run_cli), and the shared cvt-13 exports kept in
+# build/test-exports and reused while nothing they were made from changed (tests/export_cache.py).
+# CI's `make test` runs every command as its own process and always exports afresh.
 check: lint
-	CVT_TEST_EXPORT_CACHE=$(CURDIR)/build/test-exports $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	CVT_TEST_CLI=in-process CVT_TEST_EXPORT_CACHE=$(CURDIR)/build/test-exports \
+		$(BIN)/python -m pytest -q -m "not slow and not heavy" $(PYTEST_ARGS)
 
 # The CI gate on exported artifacts: re-export cvt-13 (cached), re-run every available backend,
 # compare with the committed baseline. `make regress REGRESS_ARGS=--update` rewrites it.

@@ -43,16 +43,16 @@ def check_bounds(precision: str, ref: np.ndarray, got: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize(("backend", "precision"), CPU_CASES)
-def test_backend_matches_reference(backend: str, precision: str, exported: Path, model: cvt_ref.CvT,
-                                   photos: list[Path], split: tuple[Path, list[Path]]) -> None:
+def test_backend_matches_reference(backend: str, precision: str, exported: Path, photos: list[Path],
+                                   batch_224: torch.Tensor, reference: np.ndarray,
+                                   split: tuple[Path, list[Path]]) -> None:
     b = get_backend(backend)
     ok, why = b.available()
     if not ok:
         pytest.skip(why)
-    used = photos if precision != "int8" else split[1]  # INT8: held-out photos only
-    x = cvt_ref.preprocess_batch(list(used), "cvt-13").numpy()
-    with torch.inference_mode():
-        ref = model(torch.from_numpy(x)).numpy()
+    # INT8: held-out photos only (the calibration folder holds the others)
+    used = [i for i, p in enumerate(photos) if precision != "int8" or p in split[1]]
+    x, ref = batch_224.numpy()[used], reference[used]
     try:
         compiled = b.compile(exported, precision)
     except BackendUnavailable as e:  # a CPU without BF16 units or VNNI: nothing to measure

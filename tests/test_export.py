@@ -272,6 +272,7 @@ def test_every_variant_exports_and_validates(name: str, tmp_path: Path) -> None:
     assert [d.dim_value for d in dims[2:]] == [variant.image_size] * 2
 
 
+@pytest.mark.heavy
 def test_opset_17_fixed_batch_and_image_size(tmp_path: Path) -> None:
     variant = CVT13.with_depths(1, 1, 1)
     model = cvt_ref.create_model(variant, "random:4")
@@ -367,6 +368,7 @@ def test_qdq_rule_check_flags_quantized_outputs(tmp_path: Path, photos: list[Pat
     assert any("reaches" in p and "LayerNormalization" in p for p in problems)
 
 
+@pytest.mark.heavy
 def test_calibration_counts_its_images(tmp_path: Path, photos: list[Path]) -> None:
     """INT8 calibration says how far it is, one step per image ONNX Runtime actually reads, so a
     log shows "(k/N, about T s left)" for a long calibration (the cache hit reads none)."""

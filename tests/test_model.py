@@ -119,6 +119,7 @@ def original_state_dict(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.heavy
 def test_original_checkpoint_with_quickgelu_matches_transformers_with_quickgelu(
         tmp_path: Path, batch_224: torch.Tensor) -> None:
     variant = cvt_ref.VARIANTS["cvt-13"]

@@ -53,6 +53,7 @@ def site_ratios(model: cvt_ref.CvT, x: torch.Tensor) -> dict[str, float]:
     return ratios
 
 
+@pytest.mark.heavy
 def test_stress_keeps_the_function_and_makes_outliers(
         batch_224: torch.Tensor, hf_folder: Callable[[cvt_ref.Variant], Path]) -> None:
     folder = hf_folder(cvt_ref.VARIANTS["cvt-13"])
@@ -72,6 +73,7 @@ def test_stress_keeps_the_function_and_makes_outliers(
     assert sorted(k for k in other if other[k] >= 10) != hot  # the seed picks other blocks
 
 
+@pytest.mark.heavy
 def test_smoothing_keeps_the_function_and_flattens_the_outliers(
         batch_224: torch.Tensor, hf_folder: Callable[[cvt_ref.Variant], Path]) -> None:
     folder = hf_folder(cvt_ref.VARIANTS["cvt-13"])

@@ -154,6 +154,7 @@ def test_help_runs(command: list[str]) -> None:
     assert result.returncode == 0 and "Example" in result.stdout
 
 
+@pytest.mark.heavy
 def test_tables_are_whole_when_the_output_is_not_a_terminal() -> None:
     """In a CI log or `| cat` (no terminal, no COLUMNS) rich would cut tables to 80 columns
     ("cvt-… │ micr…"); every variant's hub id must appear whole, and nothing ends in an ellipsis."""
@@ -184,6 +185,7 @@ def test_tables_are_whole_when_the_output_is_not_a_terminal() -> None:
     assert any("--budget" in line and "repeatable" in line for line in boxes)
 
 
+@pytest.mark.heavy
 def test_a_benchmark_in_a_pipe_is_whole(exported_copy: Path, tmp_path: Path) -> None:
     """`cvt-bench ... | cat`: the table's long "runs as" text (ORT's FP16 explains itself in 56
     characters) was cut to 30 with an ellipsis; every row's figures and text must be whole, on one
@@ -224,6 +226,26 @@ def test_parser_errors_are_one_line(args: tuple[str, ...], fragment: str) -> Non
     """The parser's own errors (wrong type, unknown option or command, a missing value) are the
     project's one `error:` line with exit 2, not a framed box of 3-5 lines."""
     assert_user_error(run_cli(*args), fragment)
+
+
+@pytest.mark.parametrize("args", [
+    ("cvt-export", "onnx", "--opset", "abc"),        # the parser's error
+    ("cvt-bench", "--budget", "cosine>=2"),          # the command's own, before the toolchain loads
+    ("cvt-export", "predict", "no-such-photo.jpg"),  # after torch and the model loaded
+    ("cvt-export", "variants"),                      # a table on stdout, exit 0
+])
+def test_a_command_called_in_process_answers_as_its_process(args: tuple[str, ...],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make check` calls the commands in the test's interpreter (helpers.run_cli): what it sees
+    must be what the installed console script gives a user: exit code, stdout and stderr."""
+    import helpers
+
+    monkeypatch.setattr(helpers, "CLI_MODE", "process")
+    process = run_cli(*args)
+    monkeypatch.setattr(helpers, "CLI_MODE", "in-process")
+    called = run_cli(*args)
+    assert (called.returncode, called.stdout, called.stderr) == \
+        (process.returncode, process.stdout, process.stderr)
 
 
 def test_github_annotations_escape_as_documented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
