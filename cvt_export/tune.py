@@ -35,7 +35,7 @@ import onnx
 
 from cvt_export import artifacts, build, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.backends import BackendUnavailable, get_backend
+from cvt_export.backends import TUNED, BackendUnavailable, get_backend, tuned_name
 from cvt_export.backends.torch import reference_model
 from cvt_export.errors import CvtError
 from cvt_export.harness import recommend, timing
@@ -52,7 +52,7 @@ SCRATCH_PREFIX = ".tune-"
 OBJECTIVES = {name: int(batch) for name, (batch, _) in recommend.OBJECTIVES.items()}
 ROUNDS = 5        # interleaved timing rounds for the final comparison
 REFINE_TRIES = 6  # candidates the refinement after the greedy fit may build
-FLOAT_CHOICES = {name: precisions.floats_of(name) for name in ("ort", "openvino")}  # the backends tune drives
+FLOAT_CHOICES = {name: precisions.floats_of(name) for name in TUNED}  # the backends tune drives
 
 
 class TuneError(CvtError):
@@ -209,10 +209,7 @@ def tune(folder: ArtifactFolder | Path, backend: str, budgets: Sequence[Budget],
                         "(0.2 asks cosine>=0.9995 for 0.9996)")
     if objective not in OBJECTIVES:
         raise TuneError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
-    b = get_backend(backend)
-    if b.name not in FLOAT_CHOICES:
-        raise TuneError(f"--backend {backend}: tune drives {', '.join(FLOAT_CHOICES)} here "
-                        "(TensorRT reads the same model.mixed.onnx)")
+    b = get_backend(tuned_name(backend))
     ok, why = b.available()
     if not ok:
         raise TuneError(f"--backend {b.name}: {why}")

@@ -125,6 +125,22 @@ def test_the_command_line_parses_before_the_toolchain_loads() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("args", [
+    ("cvt_export.cli.export", "tune", "--backend", "torch", "--budget", "cosine>=0.99"),
+    ("cvt_export.cli.export", "tune", "--backend", "nope", "--budget", "cosine>=0.99"),
+    ("cvt_export.cli.export", "tune", "--budget", "cosine>=2"),
+    ("cvt_export.cli.bench", "--budget", "cosine>=2"),
+])
+def test_a_refused_option_is_refused_before_torch_loads(args: tuple[str, ...]) -> None:
+    module, *argv = args
+    code = (f"import atexit, sys; sys.argv = ['cvt', *{argv!r}]; "
+            "atexit.register(lambda: print('torch loaded:', 'torch' in sys.modules)); "
+            f"from {module} import main; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
+    assert out.stdout.strip() == "torch loaded: False"
+
+
 def test_one_place_makes_an_onnx_runtime_session() -> None:
     makers = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py")
               if "InferenceSession(" in p.read_text()]

@@ -270,14 +270,32 @@ BACKEND_MODULES = {
 ALIASES = {"trt": "tensorrt", "onnxruntime": "ort", "ov": "openvino", "pytorch": "torch"}
 
 
-def get_backend(name: str) -> Backend:
+def backend_name(name: str) -> str:
+    """The backend's own name for a name or alias the user wrote; nothing is imported."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in BACKEND_MODULES:
         raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKEND_MODULES)} "
                            f"(or {', '.join(ALIASES)})")
-    module = importlib.import_module(BACKEND_MODULES[key])  # imports no SDK at module level
+    return key
+
+
+def get_backend(name: str) -> Backend:
+    module = importlib.import_module(BACKEND_MODULES[backend_name(name)])  # no SDK at module level
     backend: Backend = module.BACKEND
     return backend
+
+
+TUNED = ("ort", "openvino")  # the backends `cvt-export tune` drives (TensorRT reads the same mixed file)
+
+
+def tuned_name(name: str) -> str:
+    """The backend `tune` drives for `--backend name`, refused when tune does not drive it; nothing
+    is imported, so the command line refuses a wrong name before the toolchain loads."""
+    key = backend_name(name)
+    if key not in TUNED:
+        raise BackendError(f"--backend {name}: tune drives {', '.join(TUNED)} here "
+                           "(TensorRT reads the same model.mixed.onnx)")
+    return key
 
 
 def all_backends() -> list[Backend]:

@@ -12,7 +12,7 @@ from rich.table import Table
 import cvt_ref
 from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.backends import all_backends
+from cvt_export.backends import all_backends, tuned_name
 from cvt_export.cli.common import (
     VerboseOpt,
     output_file,
@@ -278,8 +278,9 @@ def tune(
     """
     setup_logging(verbose)
     budgets = parse_budgets(budget)
+    tuned_name(backend)  # a backend tune does not drive is refused before torch loads
     folder = ArtifactFolder.open(artifacts)
-    from cvt_export import tune as tuning  # loads torch: after the budgets and the folder are checked
+    from cvt_export import tune as tuning  # loads torch: after the options and the folder are checked
     from cvt_export.artifacts import atomic_write
 
     with folder.lock(), status("tune") as live:  # one writer from the first step to the reports
