@@ -432,6 +432,7 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
     settings.check()
     RepoOptions(name=name).check()
     check_destination(folder, out, RepoOptions(name=name))  # refused now, not after the search
+    check_record_files(out, name)
     started = time.time()
     scratch = Path(tempfile.mkdtemp(prefix="cvt-deploy-"))
     try:
@@ -488,6 +489,27 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+RECORD_SUFFIXES = (".deploy.json", ".deploy.md", ".deploy.svg")
+
+
+def check_record_files(out: Path, name: str) -> None:
+    """NAME.deploy.json, .md and .svg are replaced only when an earlier deploy wrote them (its
+    JSON record says so); any other file of those names is the user's, and deploy stops before the
+    search."""
+    record = out / f"{name}.deploy.json"
+    ours = False
+    if record.is_file() and not record.is_symlink():
+        try:
+            ours = json.loads(record.read_text()).get("schema") == "cvt-deploy/1"
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    for suffix in RECORD_SUFFIXES:
+        path = out / f"{name}{suffix}"
+        if (path.exists() or path.is_symlink()) and (not ours or path.is_symlink() or not path.is_file()):
+            raise DeployError(f"--out {out}: {path.name} exists and was not written by `cvt-export deploy`; "
+                              "choose another --name or --out (nothing was changed)")
 
 
 def _write_record(out: Path, name: str, result: dict[str, Any]) -> None:

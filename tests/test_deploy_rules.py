@@ -7,11 +7,13 @@ definition (factor 1.25 up from the SLO rate while the bound holds, else down un
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cvt_export import deploy, metrics
+from helpers import assert_user_error, run_cli
 
 
 class Load:
@@ -124,3 +126,41 @@ def test_a_short_run_is_judged_by_its_span_a_long_one_by_its_rate() -> None:
     assert not deploy.kept_up(400, 2.5, 3.0, limit_ms=2000)
     assert deploy.kept_up(400, 2.8, 3.0, limit_ms=100)  # 93% of the rate
     assert not deploy.kept_up(1, 3.0, 3.0, limit_ms=2000) and not deploy.kept_up(13, 0.0, 3.0, 2000)
+
+
+@pytest.mark.parametrize(("files", "refused"), [
+    ({}, False),
+    ({"cvt.deploy.json": '{"schema": "cvt-deploy/1"}', "cvt.deploy.md": "# Deploy search"}, False),
+    ({"cvt.deploy.md": "my notes"}, True),                             # no record: the user's file
+    ({"cvt.deploy.json": '{"mine": 1}', "cvt.deploy.svg": "<svg/>"}, True),
+    ({"cvt.deploy.json": "not json"}, True),
+    ({"other.deploy.json": "not json"}, False),                        # another name's files
+])
+def test_deploy_replaces_only_its_own_records(tmp_path: Path, files: dict[str, str], refused: bool) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    if refused:
+        with pytest.raises(deploy.DeployError, match="was not written by `cvt-export deploy`"):
+            deploy.check_record_files(tmp_path, "cvt")
+    else:
+        deploy.check_record_files(tmp_path, "cvt")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_deploy_record_behind_a_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.json").write_text('{"schema": "cvt-deploy/1"}')
+    (tmp_path / "cvt.deploy.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(deploy.DeployError, match=r"cvt\.deploy\.json exists"):
+        deploy.check_record_files(tmp_path, "cvt")
+
+
+def test_the_command_refuses_a_users_file_before_the_search(exported: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "cvt.deploy.md").write_text("my notes")
+    result = run_cli("cvt-export", "deploy", "--artifacts", str(exported), "--out", str(out),
+                     "--slo", "p99<=1000ms@rate=2", "--budget", "cosine>=0.99")
+    assert_user_error(result, "cvt.deploy.md exists and was not written by `cvt-export deploy`")
+    assert sorted(p.name for p in out.iterdir()) == ["cvt.deploy.md"]
+    assert (out / "cvt.deploy.md").read_text() == "my notes"
