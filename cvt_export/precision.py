@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from cvt_export import precisions
 from cvt_export.exporter import ExportError, save
 from cvt_export.options import CALIB_METHODS as CALIB_METHODS
 from cvt_export.options import SMOOTH_CHOICES as SMOOTH_CHOICES
@@ -285,11 +286,14 @@ def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def gemm_model(m: int, k: int, n: int, precision: str) -> bytes:
-    """One [m, k] x [k, n] MatMul as an ONNX model, the way this project's files hold one at
-    `precision`: float32 weights (fp32), float16 (fp16), or INT8 Q/DQ (a per-tensor symmetric
-    activation, per-channel symmetric weights) for int8 — what a runtime's GEMM limit is measured on."""
+    """One [m, k] x [k, n] MatMul as an ONNX model, the way the file a runner of `precision` reads
+    holds one: float32 weights (fp32, and bf16, which reads the FP32 file), float16 (fp16), or INT8
+    Q/DQ (a per-tensor symmetric activation, per-channel symmetric weights) for every quantized
+    file (int8, mixed) — what a runtime's GEMM limit is measured on."""
     from onnx import TensorProto, helper, numpy_helper
 
+    reads = precisions.reads(precision)
+    precision = "int8" if reads in precisions.QUANTIZED else reads
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [m, k])]

@@ -25,9 +25,11 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     folder = ArtifactFolder.open(exported)
     report = profile.run(folder, backend, precision, (1,), runs=3)
     f = report["batches"]["1"]
-    # operators run inside the inference, one after another (the figures are one run's); OpenVINO's
-    # per-layer times summed to up to 1.08x that run's whole time here: its counters overlap a little
-    over = 1.05 if backend == "ort" else 1.12
+    # operators run inside the inference, one after another (the figures are one run's). OpenVINO's
+    # per-layer times are not a partition of the run's wall time: they summed to up to 1.08x it on
+    # a quiet machine and 1.5x with another process on the two cores; 2x still catches figures
+    # summed over the 3 runs
+    over = 1.05 if backend == "ort" else 2.0
     assert 0.3 * f["run_ms"] <= f["kernels_ms"] <= over * f["run_ms"], (f["kernels_ms"], f["run_ms"])
     assert sum(g["share"] for g in f["by_op"]) == pytest.approx(1.0)
     assert sum(f["by_block"].values()) == pytest.approx(f["kernels_ms"])
@@ -38,7 +40,9 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     assert [g["ms"] for g in non_gemm] == sorted((g["ms"] for g in non_gemm), reverse=True)
     # every block of the export is found in the runtime's graph, and little time is left over
     assert set(folder.probes) <= {b for b, ms in f["by_block"].items() if ms > 0}
-    assert f["by_block"].get(profile.NOT_ATTRIBUTED, 0.0) < 0.25 * f["kernels_ms"]
+    # (what is left: the runtime's own nodes, ORT's layout reorders; memory-bound, they grew to 26%
+    # of the run with another process on the cores)
+    assert f["by_block"].get(profile.NOT_ATTRIBUTED, 0.0) < 0.35 * f["kernels_ms"]
     # the floor: the model's matrix-product work at the GEMM rate measured in the same run
     rate, macs = report["gemm_limit"]["gmac_per_s"], report["gemm_macs_per_image"]
     assert rate > 1 and f["gemm_floor_ms"] == pytest.approx(macs / (rate * 1e9) * 1000)

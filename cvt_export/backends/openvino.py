@@ -228,10 +228,9 @@ class OpenVinoRunner(RunnerBase):
 
         from cvt_export.precision import gemm_model
 
-        reads = precisions.reads(self.info.precision)
         with tempfile.TemporaryDirectory(prefix="cvt-ov-gemm-") as tmp:
             path = Path(tmp) / "gemm.onnx"
-            path.write_bytes(gemm_model(m, k, n, "int8" if reads in precisions.QUANTIZED else reads))
+            path.write_bytes(gemm_model(m, k, n, self.info.precision))
             request = ov.Core().compile_model(str(path), "CPU", self.config).create_infer_request()
         x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
         ms = timed_median_ms(lambda: request.infer({0: x}), runs)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts, precisions
+from cvt_export import artifacts
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
@@ -111,8 +111,7 @@ class OrtRunner(RunnerBase):
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
         from cvt_export.precision import gemm_model
 
-        reads = precisions.reads(self.info.precision)
-        session = ort_session(gemm_model(m, k, n, "int8" if reads in precisions.QUANTIZED else reads),
+        session = ort_session(gemm_model(m, k, n, self.info.precision),
                               provider=self.provider, threads=self.threads)
         x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
         ms = timed_median_ms(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x}), runs)
