@@ -95,15 +95,33 @@ def locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ArtifactError(f"{out}: another cvt-export command (export, tune, bench, openvino...) "
-                                "is writing this folder; wait for it to finish, or use another folder"
-                                ) from None
+            raise ArtifactError(f"{out}: another cvt-export command (export, tune, bench, openvino, "
+                                "triton, deploy...) is writing this folder; wait for it to finish, or "
+                                "use another folder") from None
         yield
     finally:
         _HELD.discard(fd)
         with contextlib.suppress(OSError):  # unlock the description itself: a child that has not
             fcntl.flock(fd, fcntl.LOCK_UN)   # run its fork hook yet may still share it
         os.close(fd)
+
+
+@contextlib.contextmanager
+def writer(out: Path, option: str) -> Iterator[None]:
+    """A folder this command writes (a Triton repository): made if missing, checked writable, its
+    writer lock held (another writer is refused at once). When the work fails in a folder made
+    here, the folder goes again, so no empty `--out` is left behind."""
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out, option)
+        with locked(out):
+            yield
+    except BaseException:
+        if made:
+            (out / LOCK).unlink(missing_ok=True)
+            remove_if_empty(out)
+        raise
 
 
 @contextlib.contextmanager

@@ -425,14 +425,22 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
            progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Search, choose, write `out/name`, confirm; returns the record also written as
     `out/NAME.deploy.json` (and .md, .svg)."""
-    from cvt_export import machine
-    from cvt_export.triton.server import Server
-
     folder = artifacts.as_folder(folder)
     settings.check()
     RepoOptions(name=name).check()
     check_destination(folder, out, RepoOptions(name=name))  # refused now, not after the search
     check_record_files(out, name)
+    with artifacts.writer(out, "--out"):  # the repository's one writer from the search to the record
+        check_destination(folder, out, RepoOptions(name=name))
+        check_record_files(out, name)
+        return _deploy(folder, out, name, settings, progress)
+
+
+def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    from cvt_export import machine
+    from cvt_export.triton.server import Server
+
     started = time.time()
     scratch = Path(tempfile.mkdtemp(prefix="cvt-deploy-"))
     try:
@@ -465,7 +473,7 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
         written, why = decide(confirmed)
         final = configs[written]
         progress(f"writing {out / name}")
-        write_repository(folder, out, final.options(name))
+        write_repository(folder, out, final.options(name), held=True)
         with Server(out) as server:  # the repository as written answers as it did
             again = bench.fidelity(served.Target(server.http_url, name), "confirmation")
         result["confirmation"] = {
@@ -513,8 +521,8 @@ def check_record_files(out: Path, name: str) -> None:
 
 
 def _write_record(out: Path, name: str, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write(out / f"{name}.deploy.json", json.dumps(result, indent=2, default=float) + "\n")
+    text = json.dumps(result, indent=2, default=float) + "\n"
+    artifacts.atomic_write(out / f"{name}.deploy.json", text)
     artifacts.atomic_write(out / f"{name}.deploy.md", "\n".join(markdown(result)) + "\n")
     artifacts.atomic_write(out / f"{name}.deploy.svg", pareto_svg(result))
 

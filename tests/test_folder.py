@@ -187,6 +187,30 @@ def test_a_second_writer_is_refused_at_once(exported_copy: Path) -> None:
     assert snapshot(exported_copy) == before
 
 
+def test_a_triton_repository_has_one_writer_at_a_time(exported: Path, tmp_path: Path) -> None:
+    """`cvt-export triton` and `deploy` write --out under its lock: while another writer holds it
+    they are refused at once (deploy before its search); a staging folder a killed writer left
+    is removed by the next write, which leaves the lock file and its models."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with artifacts.locked(repo):
+        before = snapshot(tmp_path)
+        for args in (["cvt-export", "triton", "--artifacts", str(exported), "--out", str(repo)],
+                     ["cvt-export", "deploy", "--artifacts", str(exported), "--out", str(repo),
+                      "--slo", "p99<=1000ms@rate=2", "--budget", "cosine>=0.99"]):
+            assert_user_error(run_cli(*args), "another cvt-export command")
+        assert snapshot(tmp_path) == before
+    (repo / ".staging-killed" / "cvt").mkdir(parents=True)
+    done = run_cli("cvt-export", "triton", "--artifacts", str(exported), "--out", str(repo))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in repo.iterdir()) == [artifacts.LOCK, "cvt", "cvt.cvt-repository.json"]
+    # a write that fails in a folder it made leaves no folder behind (the lock file included)
+    fresh = tmp_path / "fresh"
+    failed = run_cli("cvt-export", "triton", "--artifacts", str(exported), "--out", str(fresh),
+                     "--runtime", "onnxruntime", "--precision", "bf16")
+    assert failed.returncode == 2 and not fresh.exists()
+
+
 def test_scratch_never_opens_as_an_artifact_folder(exported_copy: Path) -> None:
     from cvt_export import tune
 

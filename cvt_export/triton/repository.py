@@ -327,26 +327,30 @@ def check_destination(folder: ArtifactFolder, out: Path, opts: RepoOptions) -> l
     return replaced
 
 
-def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions) -> dict[str, Any]:
+def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions, *,
+                     held: bool = False) -> dict[str, Any]:
     """Write (replace) the models of `opts.name` in the repository `out`; returns the record
-    (`replaced`: the model folders of an earlier write of the same name that it replaced)."""
+    (`replaced`: the model folders of an earlier write of the same name that it replaced).
+    Under the repository's writer lock, taken here unless the caller holds it (`held`)."""
     opts.check()
     folder = artifacts.as_folder(folder)
+    onnx_path = folder.onnx(opts.precision)  # verified against the manifest
+    if opts.labels:
+        check_labels(folder.labels, folder.variant.num_classes)
+    check_destination(folder, out, opts)  # refused before anything changes
+    if held:
+        return _write_locked(folder, out, opts, onnx_path)
+    with artifacts.writer(out, "--out"):
+        return _write_locked(folder, out, opts, onnx_path)
+
+
+def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_path: Path) -> dict[str, Any]:
     variant = folder.variant
     labels = folder.labels
     size, classes = variant.image_size, variant.num_classes
-    onnx_path = folder.onnx(opts.precision)  # verified against the manifest
-    if opts.labels:
-        check_labels(labels, classes)
-    replaced = check_destination(folder, out, opts)
-    made_out = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        artifacts.check_writable(out, "--out")
-    except BaseException:
-        if made_out:
-            artifacts.remove_if_empty(out)
-        raise
+    replaced = check_destination(folder, out, opts)  # again, now that no other writer can change it
+    for stale in out.glob(".staging-*"):  # under the lock: left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     classifier = model_names(opts)[0]
     staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
@@ -390,11 +394,6 @@ def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions
             os.replace(staged / name, out / name)
         artifacts.atomic_write(out / f"{opts.name}.{RECORD}", json.dumps(record, indent=2) + "\n")
         return record
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        if made_out:
-            artifacts.remove_if_empty(out)
-        raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
