@@ -57,7 +57,7 @@ from cvt_export.artifacts import ArtifactFolder
 from cvt_export.errors import CvtError
 from cvt_export.harness import served
 from cvt_export.triton import TritonError
-from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
+from cvt_export.triton.repository import STAGING, RepoOptions, check_destination, write_repository
 
 INSTANCES = (1, 2, 3)
 MAX_BATCH = (1, 2, 4, 8, 16, 32)
@@ -442,7 +442,11 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
     from cvt_export.triton.server import Server
 
     started = time.time()
-    scratch = Path(tempfile.mkdtemp(prefix="cvt-deploy-"))
+    # The candidates' repositories live beside the output, under its lock: one that a killed deploy
+    # left (its servers die with it) is removed by the next write to this repository.
+    for stale in out.glob(f"{STAGING}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{STAGING}deploy-", dir=out))
     try:
         bench = Bench(folder, settings, scratch, progress)
         records = search(bench)

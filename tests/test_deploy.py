@@ -75,6 +75,7 @@ def test_deploy_checks_answers_before_speed_and_confirms_separately(exported: Pa
         steps = record["sustained"][side]["steps"]
         assert steps and record["sustained"][side]["highest_rate"] == max(
             [s["rate"] for s in steps if s["meets"]], default=0.0)
+    assert not list(out.glob(".staging-*"))  # the candidates' repositories went with the run
     assert (out / "cvt.deploy.md").read_text().startswith("# Deploy search")
     assert (out / "cvt.deploy.svg").read_text().startswith("<svg")
     # the written repository serves the written configuration, with answers the oracle agrees with

@@ -38,6 +38,7 @@ from cvt_ref.source import sha256_file
 Runtime = Literal["python", "onnxruntime", "openvino", "tensorrt"]
 RUNTIMES: tuple[Runtime, ...] = ("python", "onnxruntime", "openvino", "tensorrt")
 RECORD = "cvt-repository.json"
+STAGING = ".staging-"  # work folders of a repository's writer (triton, deploy), under its lock
 RECORD_FILES = "files"
 IMAGE_INPUT = "image"
 LABELS_FILE = "labels.txt"
@@ -349,10 +350,10 @@ def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_pat
     labels = folder.labels
     size, classes = variant.image_size, variant.num_classes
     replaced = check_destination(folder, out, opts)  # again, now that no other writer can change it
-    for stale in out.glob(".staging-*"):  # under the lock: left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(f"{STAGING}*"):  # under the lock: left by a writer that was killed, or
+        shutil.rmtree(stale, ignore_errors=True)  # deploy's candidates, whose servers have stopped
     classifier = model_names(opts)[0]
-    staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
         files: dict[str, str] = {}
         version = staged / classifier / "1"
