@@ -379,10 +379,9 @@ def _search(s: Search, scratch: ArtifactFolder, held: Held, configs: list[Measur
 
 def _decide(s: Search, held: Held, configs: list[Measured], sensitivity: dict[str, float],
             found: Measured | None) -> TuneResult:
-    """The configuration to deploy on this backend: among those within the budget, the fastest
-    by the objective when its interval of the median separates from the others'; those it does
-    not separate from are tied with it, and the tie goes to the most faithful (selection
-    cosine, then confirmation cosine)."""
+    """The configuration to deploy on this backend: among those within the budget, those no other
+    one is faster than beyond the noise (95% intervals of the median) are tied for fastest, and
+    the tie goes to the most faithful (selection cosine, then confirmation cosine)."""
     timed = [c for c in configs if c.within and c.speed is not None]
     floats = [c for c in timed if c.precision in FLOAT_CHOICES[s.backend]]
     best_float = max(floats, key=faithful) if floats else None
@@ -391,15 +390,17 @@ def _decide(s: Search, held: Held, configs: list[Measured], sensitivity: dict[st
     if not timed:
         message = f"nothing on {s.backend} is within {fits} on both selection and confirmation ({held.note})"
     else:
-        fastest = min(timed, key=median_ms)
-        tied = [c for c in timed if c is fastest or not faster(fastest, c)]
+        # tied for fastest: the candidates no other one is faster than beyond the noise (overlapping
+        # the fastest one's interval is not enough: overlap is not transitive)
+        tied = sorted((c for c in timed if not any(faster(o, c) for o in timed if o is not c)), key=median_ms)
         chosen = max(tied, key=faithful)
         if len(tied) == 1:
             message = (f"{chosen.name} is within {fits} and the fastest for {s.objective} beyond the "
                        "noise (95% intervals of the median separate)")
         else:
-            message = (f"{', '.join(c.name for c in tied)} are tied for {s.objective} (95% intervals of "
-                       f"the median overlap); {chosen.name} is chosen as the most faithful of them")
+            message = (f"{', '.join(c.name for c in tied)} are tied for {s.objective} (none is faster "
+                       f"than another beyond the noise: 95% intervals of the median); {chosen.name} is "
+                       "chosen as the most faithful of them")
         if chosen.precision == "int8":
             message += "; INT8 everywhere: no mix needed"
     if found is not None and chosen is not found:

@@ -183,6 +183,21 @@ def test_the_recommendation_names_a_tie_when_intervals_overlap() -> None:
     assert any("tied with openvino int8" in line for line in recommend.markdown(rec))
 
 
+def test_a_row_slower_than_another_beyond_the_noise_is_not_tied_through_a_wide_one() -> None:
+    """Overlap is not transitive: the demo's report had ORT FP16 [92.1, 94.1] ms beating ORT FP32
+    [98.6, 102.5] beyond the noise while both overlapped OpenVINO FP32's bimodal interval; FP32,
+    the most faithful, was named. A row another row beats is never the pick."""
+    fp32 = _row("ort", "fp32", 99.7, (98.6, 102.5), 1.0)
+    fp16 = _row("ort", "fp16", 93.4, (92.1, 94.1), 0.999999)
+    wide = _row("openvino", "fp32", 88.0, (75.4, 138.0), 0.9999995)
+    budget = [metrics.parse_budget("cosine>=0.99")]
+    pick = recommend.recommend(_report(fp32, fp16, wide), budget)["objectives"]["latency-b1"]
+    assert (pick["backend"], pick["precision"]) == ("openvino", "fp32")  # the more faithful of the two left
+    assert pick["tied_with"] == ["ort fp16"]
+    alone = recommend.recommend(_report(fp32, fp16), budget)["objectives"]["latency-b1"]
+    assert (alone["precision"], alone["tied_with"]) == ("fp16", [])
+
+
 def test_the_recommendation_calls_a_row_faster_when_intervals_separate() -> None:
     int8 = _row("ort", "int8", 15.6, (15.2, 16.0), 0.9990)
     ov = _row("openvino", "int8", 14.4, (14.1, 14.8), 0.9980)
