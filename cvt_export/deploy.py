@@ -43,7 +43,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from cvt_export.artifacts import ArtifactFolder
 from cvt_export.errors import CvtError
 from cvt_export.harness import served
 from cvt_export.triton import TritonError
-from cvt_export.triton.repository import STAGING, RepoOptions, check_destination, write_repository
+from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
 
 INSTANCES = (1, 2, 3)
 MAX_BATCH = (1, 2, 4, 8, 16, 32)
@@ -427,11 +426,12 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
     `out/NAME.deploy.json` (and .md, .svg)."""
     folder = artifacts.as_folder(folder)
     settings.check()
-    RepoOptions(name=name).check()
-    check_destination(folder, out, RepoOptions(name=name))  # refused now, not after the search
+    opts = RepoOptions(name=name)
+    opts.check()
+    check_destination(folder, out, opts)  # refused now, not after the search
     check_record_files(out, name)
     with artifacts.writer(out, "--out"):  # the repository's one writer from the search to the record
-        check_destination(folder, out, RepoOptions(name=name))
+        check_destination(folder, out, opts)  # again, now that no other writer can change them
         check_record_files(out, name)
         return _deploy(folder, out, name, settings, progress)
 
@@ -442,12 +442,9 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
     from cvt_export.triton.server import Server
 
     started = time.time()
-    # The candidates' repositories live beside the output, under its lock: one that a killed deploy
-    # left (its servers die with it) is removed by the next write to this repository.
-    for stale in out.glob(f"{STAGING}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{STAGING}deploy-", dir=out))
-    try:
+    # The candidates' repositories live in a staging folder of the output, under its lock: one that
+    # a killed deploy left (its servers die with it) is removed by the next write to this repository.
+    with artifacts.staging(out) as scratch:
         bench = Bench(folder, settings, scratch, progress)
         records = search(bench)
         chosen = choose(records)
@@ -474,33 +471,31 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
             confirmed = confirm(bench, targets)
             progress("highest sustained rate: default and chosen, interleaved")
             ladders = sustained_rates(bench, targets, settings.slo, settings.requests)
-        written, why = decide(confirmed)
-        final = configs[written]
-        progress(f"writing {out / name}")
-        write_repository(folder, out, final.options(name), held=True)
-        with Server(out) as server:  # the repository as written answers as it did
-            again = bench.fidelity(served.Target(server.http_url, name), "confirmation")
-        result["confirmation"] = {
-            **{k: confirmed[written][k] for k in ("fidelity", "within_budget", "percentile_ms", "p99_ms",
-                                                  "achieved_rate", "failed", "met_rounds", "meets", "held")},
-            "written": written, "written_configuration": final.label(),
-            "written_candidate": dataclasses.asdict(final), "why": why,
-            "images": len(bench.rows["confirmation"]), "requests": settings.confirm_requests,
-            "rounds": ROUNDS,
-            "written_repository_fidelity": _fid(again),
-            "configurations": {label: {"configuration": configs[label].label(), **rec}
-                               for label, rec in confirmed.items()}}
-        result["confirmation"]["held"] = bool(result["confirmation"]["held"]
-                                              and metrics.within(settings.budgets, again))
-        result["sustained"] = {label: {"configuration": configs[label].label(), **ladder}
-                               for label, ladder in ladders.items()}
-        if "default" not in result["sustained"]:  # the chosen one is the default
-            result["sustained"]["default"] = result["sustained"]["chosen"]
-        result["seconds"] = time.time() - started
-        _write_record(out, name, result)
-        return result
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    written, why = decide(confirmed)
+    final = configs[written]
+    progress(f"writing {out / name}")
+    write_repository(folder, out, final.options(name), held=True)
+    with Server(out) as server:  # the repository as written answers as it did
+        again = bench.fidelity(served.Target(server.http_url, name), "confirmation")
+    result["confirmation"] = {
+        **{k: confirmed[written][k] for k in ("fidelity", "within_budget", "percentile_ms", "p99_ms",
+                                              "achieved_rate", "failed", "met_rounds", "meets", "held")},
+        "written": written, "written_configuration": final.label(),
+        "written_candidate": dataclasses.asdict(final), "why": why,
+        "images": len(bench.rows["confirmation"]), "requests": settings.confirm_requests,
+        "rounds": ROUNDS,
+        "written_repository_fidelity": _fid(again),
+        "configurations": {label: {"configuration": configs[label].label(), **rec}
+                           for label, rec in confirmed.items()}}
+    result["confirmation"]["held"] = bool(result["confirmation"]["held"]
+                                          and metrics.within(settings.budgets, again))
+    result["sustained"] = {label: {"configuration": configs[label].label(), **ladder}
+                           for label, ladder in ladders.items()}
+    if "default" not in result["sustained"]:  # the chosen one is the default
+        result["sustained"]["default"] = result["sustained"]["chosen"]
+    result["seconds"] = time.time() - started
+    _write_record(out, name, result)
+    return result
 
 
 RECORD_SUFFIXES = (".deploy.json", ".deploy.md", ".deploy.svg")

@@ -9,11 +9,13 @@ which is the size of the effects these metrics exist to see.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # The one table of pass/fail bounds per precision, against PyTorch FP32 on the same images.
 # Export refuses an FP32 file and warns for FP16/INT8 outside them; cvt-bench flags a result
@@ -111,6 +113,15 @@ def wilson(successes: float, n: int, z: float = Z95) -> list[float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def unbeaten(items: Sequence[T], interval: Callable[[T], Sequence[float]]) -> list[T]:
+    """The items no other item is faster than beyond the noise: none's interval of the median
+    ends before theirs begins. The tie for fastest, wherever one is decided (the recommendation,
+    tune): "overlaps the fastest one's interval" is not it, since overlap is not transitive (a row
+    can overlap a wide interval and still be slower than a third row beyond the noise). The
+    lowest median is always among them."""
+    return [x for x in items if not any(interval(o)[1] < interval(x)[0] for o in items if o is not x)]
 
 
 def median_interval(samples: Sequence[float] | np.ndarray, z: float = Z95) -> list[float]:

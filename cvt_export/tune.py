@@ -164,10 +164,10 @@ def time_interleaved(backend: str, where: Mapping[str, tuple[ArtifactFolder, str
     return {name: {**metrics.latency_stats(t, batch), "rounds": rounds} for name, t in samples.items()}
 
 
-def faster(a: Measured, b: Measured) -> bool:
-    """a is faster than b beyond the noise: their 95% intervals of the median do not overlap."""
-    assert a.speed is not None and b.speed is not None
-    return bool(a.speed["median_ci_ms"][1] < b.speed["median_ci_ms"][0])
+def ci_ms(c: Measured) -> Sequence[float]:
+    """The 95% interval of a timed candidate's median."""
+    assert c.speed is not None
+    return c.speed["median_ci_ms"]
 
 
 def median_ms(c: Measured) -> float:
@@ -390,9 +390,7 @@ def _decide(s: Search, held: Held, configs: list[Measured], sensitivity: dict[st
     if not timed:
         message = f"nothing on {s.backend} is within {fits} on both selection and confirmation ({held.note})"
     else:
-        # tied for fastest: the candidates no other one is faster than beyond the noise (overlapping
-        # the fastest one's interval is not enough: overlap is not transitive)
-        tied = sorted((c for c in timed if not any(faster(o, c) for o in timed if o is not c)), key=median_ms)
+        tied = sorted(metrics.unbeaten(timed, ci_ms), key=median_ms)  # tied for fastest
         chosen = max(tied, key=faithful)
         if len(tied) == 1:
             message = (f"{chosen.name} is within {fits} and the fastest for {s.objective} beyond the "

@@ -55,21 +55,14 @@ def interval(row: Mapping[str, Any], batch: str) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def separated(a: Mapping[str, Any], b: Mapping[str, Any], batch: str) -> bool:
-    """a is faster than b beyond the noise: a's interval ends before b's begins."""
-    return interval(a, batch)[1] < interval(b, batch)[0]
-
-
 Row = Mapping[str, Any]
 
 
 def pick_fastest(rows: Sequence[Row], batch: str) -> tuple[Row, list[Row]]:
     """The row to deploy and the rows tied for fastest (it included): those that no other row
-    beats beyond the noise. "Overlaps the fastest one's interval" is not enough, since overlap is
-    not transitive: a row can overlap a wide interval of the fastest median and still be slower,
-    beyond the noise, than a third row (the demo's ORT FP32 [98.6, 102.5] ms and ORT FP16 [92.1,
-    94.1] both overlapped OpenVINO's bimodal [75, 138]). The fastest median is always tied."""
-    tied = [r for r in rows if not any(separated(o, r, batch) for o in rows if o is not r)]
+    beats beyond the noise (`metrics.unbeaten`; the demo's ORT FP32 [98.6, 102.5] ms and ORT FP16
+    [92.1, 94.1] both overlapped OpenVINO's bimodal [75, 138], and FP16 beats FP32)."""
+    tied = metrics.unbeaten(rows, lambda r: interval(r, batch))
     return max(tied, key=lambda r: float(judged(r).get("cosine_min", float("-inf")))), tied
 
 

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import site
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,6 @@ from cvt_ref.source import sha256_file
 Runtime = Literal["python", "onnxruntime", "openvino", "tensorrt"]
 RUNTIMES: tuple[Runtime, ...] = ("python", "onnxruntime", "openvino", "tensorrt")
 RECORD = "cvt-repository.json"
-STAGING = ".staging-"  # work folders of a repository's writer (triton, deploy), under its lock
 RECORD_FILES = "files"
 IMAGE_INPUT = "image"
 LABELS_FILE = "labels.txt"
@@ -350,11 +348,8 @@ def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_pat
     labels = folder.labels
     size, classes = variant.image_size, variant.num_classes
     replaced = check_destination(folder, out, opts)  # again, now that no other writer can change it
-    for stale in out.glob(f"{STAGING}*"):  # under the lock: left by a writer that was killed, or
-        shutil.rmtree(stale, ignore_errors=True)  # deploy's candidates, whose servers have stopped
     classifier = model_names(opts)[0]
-    staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
-    try:
+    with artifacts.staging(out) as staged:  # under the lock: what a killed writer staged goes first
         files: dict[str, str] = {}
         version = staged / classifier / "1"
         version.mkdir(parents=True)
@@ -395,8 +390,6 @@ def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_pat
             os.replace(staged / name, out / name)
         artifacts.atomic_write(out / f"{opts.name}.{RECORD}", json.dumps(record, indent=2) + "\n")
         return record
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _write_model(folder: ArtifactFolder, opts: RepoOptions, version: Path) -> str | None:
