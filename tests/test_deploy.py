@@ -75,6 +75,10 @@ def test_deploy_checks_answers_before_speed_and_confirms_separately(exported: Pa
         steps = record["sustained"][side]["steps"]
         assert steps and record["sustained"][side]["highest_rate"] == max(
             [s["rate"] for s in steps if s["meets"]], default=0.0)
+        confirmed = conf["configurations"].get(side, conf["configurations"]["chosen"])
+        at_slo = next(s for s in steps if s["rate"] == 3)  # the ladder's step at the SLO rate is
+        # the confirmation itself
+        assert at_slo["percentile_ms"] == confirmed["percentile_ms"] and at_slo["meets"] == confirmed["meets"]
     assert not list(out.glob(".staging-*"))  # the candidates' repositories went with the run
     assert (out / "cvt.deploy.md").read_text().startswith("# Deploy search")
     assert (out / "cvt.deploy.svg").read_text().startswith("<svg")

@@ -52,10 +52,12 @@ def targets(*labels: str) -> dict[str, Any]:
     return {label: Target("127.0.0.1:1", label) for label in labels}
 
 
-def test_the_ladders_are_walked_together_in_alternating_order() -> None:
+def test_the_ladders_start_from_the_confirmation_and_are_judged_like_it() -> None:
     bench = Load({"default": 4.0, "chosen": 6.0, "slow": 2.0}, {"default": 80, "chosen": 60, "slow": 90})
-    got = deploy.sustained_rates(bench, targets("default", "chosen", "slow"),
-                                 bench.settings.slo, requests=30)
+    confirmed = deploy.confirm(bench, targets("default", "chosen", "slow"))
+    at_slo = len(bench.calls)
+    got = deploy.sustained_rates(bench, targets("default", "chosen", "slow"), bench.settings.slo,
+                                 requests=40, confirmed=confirmed)
     up = [3 * 1.25 ** k for k in range(5)]        # 3, 3.75, 4.69, 5.86, 7.32
     down = [3 / 1.25 ** k for k in range(4)]      # 3, 2.4, 1.92
     assert got["default"]["highest_rate"] == pytest.approx(up[1])
@@ -63,13 +65,31 @@ def test_the_ladders_are_walked_together_in_alternating_order() -> None:
     assert got["slow"]["highest_rate"] == pytest.approx(down[2])
     assert [s["rate"] for s in got["chosen"]["steps"]] == pytest.approx(up)
     assert [s["rate"] for s in got["slow"]["steps"]] == pytest.approx(sorted(down[:3]))
-    order = [(label, round(rate, 3)) for label, rate, _, _ in bench.calls]
-    assert order == [("default", 3), ("chosen", 3), ("slow", 3),              # turn 1
-                     ("slow", 2.4), ("chosen", 3.75), ("default", 3.75),      # turn 2, reversed
-                     ("default", 4.688), ("chosen", 4.688), ("slow", 1.92),   # turn 3
-                     ("chosen", 5.859),                                       # the others stopped
-                     ("chosen", 7.324)]
-    assert all(requests == 30 for _, _, requests, _ in bench.calls)
+    for label in ("default", "chosen", "slow"):  # the step at the SLO rate is the confirmation itself
+        step = next(s for s in got[label]["steps"] if s["rate"] == 3)
+        assert step["percentile_ms"] == confirmed[label]["percentile_ms"]
+        assert (step["meets"], step["met_rounds"]) == (confirmed[label]["meets"],
+                                                       confirmed[label]["met_rounds"])
+    # every further step: three rounds of 14/13/13 requests on seeds 1, 2, 3 (the confirmation's
+    # arrivals), the order swapping each round; each configuration at its own next rate
+    order = [(label, round(rate, 3), n, seed) for label, rate, n, seed in bench.calls[at_slo:]]
+
+    def step(*pairs: tuple[str, float]) -> list[tuple[str, float, int, int]]:
+        runs = []
+        for r, (n, seed) in enumerate([(14, 1), (13, 2), (13, 3)]):
+            runs += [(label, rate, n, seed) for label, rate in (pairs if r % 2 == 0 else pairs[::-1])]
+        return runs
+
+    assert order == (step(("default", 3.75), ("chosen", 3.75), ("slow", 2.4))
+                     + step(("default", 4.688), ("chosen", 4.688), ("slow", 1.92))
+                     + step(("chosen", 5.859),) + step(("chosen", 7.324),))
+
+
+def test_a_ladder_measures_the_slo_rate_itself_without_a_confirmation() -> None:
+    bench = Load({"chosen": 3.5}, {"chosen": 60})
+    got = deploy.sustained_rates(bench, targets("chosen"), bench.settings.slo, requests=30, steps_at_most=3)
+    assert [round(rate, 3) for _, rate, _, _ in bench.calls] == [3] * 3 + [3.75] * 3
+    assert got["chosen"]["highest_rate"] == 3 and len(got["chosen"]["steps"]) == 2
 
 
 def test_the_confirmation_interleaves_rounds_on_shared_arrivals() -> None:
