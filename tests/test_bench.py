@@ -118,6 +118,13 @@ def test_report_schema_and_files(exported_copy: Path, tmp_path: Path) -> None:
     assert rows["torch", "fp32"]["speedup"]["2"] == pytest.approx(1.0)
     assert rows["ort", "fp32"]["fidelity"]["max_abs"] <= 1e-4 and rows["ort", "fp32"]["fidelity"]["pass"]
     assert rows["ort", "fp32"]["batch_consistency_max_abs"] <= 1e-5
+    for (backend, precision), r in rows.items():  # the floor: the row's own GEMM limit, measured now
+        f = r["floor"]
+        assert f["limit_shape"] == [1576, 384, 1536] and f["gemm_gmac_per_s"] > 0, (backend, precision)
+        for b in ("1", "2"):  # the model's GEMM work at that rate, and the row's median over it
+            assert f["ms"][b] == pytest.approx(f["macs_per_image"] * int(b) / f["gemm_gmac_per_s"] / 1e6)
+            assert f["times"][b] == pytest.approx(r["latency"][b]["median_ms"] / f["ms"][b])
+            assert f["times"][b] > 1, (backend, precision, b)  # no inference beats its GEMMs at full speed
     drift = rows["ort", "int8"]["drift"]
     assert [d["point"] for d in drift][:2] == ["stage 0 block 0", "stage 1 block 0"]
     assert drift[-1]["point"] == "logits" and len(drift) == sum(cvt_ref.VARIANTS["cvt-13"].depths) + 1
@@ -128,6 +135,10 @@ def test_report_schema_and_files(exported_copy: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ort | int8 |" in md and "## Fidelity vs PyTorch FP32" in md
+    floor = rows["ort", "int8"]["floor"]
+    assert "## Distance from the GEMM floor" in md and (
+        f"| ort | int8 | {floor['gemm_gmac_per_s']:.1f} | {floor['ms']['1']:.1f} | {floor['times']['1']:.2f}×"
+        in md)
     for png in written[2:]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     broken = json.loads(json.dumps(rep))

@@ -141,15 +141,20 @@ class Profile:
 
 
 @runtime_checkable
-class Profiling(Protocol):
-    """A runner whose runtime reports time per operator (ORT's profiler, OpenVINO's counters)."""
-
-    def profile(self, x: np.ndarray, runs: int) -> Profile: ...
+class GemmLimit(Protocol):
+    """A runner that can measure what its runtime's GEMMs reach here (the floor in the report)."""
 
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
         """This runtime's multiply-adds per second (GMAC/s) on one [m, k] x [k, n] MatMul in the
         runner's precision and settings: the limit its GEMMs can reach here."""
         ...
+
+
+@runtime_checkable
+class Profiling(GemmLimit, Protocol):
+    """A runner whose runtime reports time per operator (ORT's profiler, OpenVINO's counters)."""
+
+    def profile(self, x: np.ndarray, runs: int) -> Profile: ...
 
 
 def kernel_precision(type_name: str) -> str:

@@ -27,6 +27,7 @@ from cvt_export.backends import (
     TensorSpec,
     check_precision,
     check_threads,
+    timed_median_ms,
 )
 from cvt_export.machine import cpu_name
 from cvt_export.precisions import run_by
@@ -93,6 +94,30 @@ class TorchRunner(RunnerBase):
             return self._forward(x)
         finally:
             torch.set_num_threads(before)
+
+    def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
+        """torch.matmul of an [m, k] and a [k, n] tensor in this runner's dtype, device and threads."""
+        import torch
+
+        gen = torch.Generator().manual_seed(1)
+        a = torch.randn(m, k, generator=gen).to(self.device, self.dtype)
+        b = (torch.randn(k, n, generator=gen) / k ** 0.5).to(self.device, self.dtype)
+        cuda = self.device == "cuda"
+
+        def call() -> None:
+            torch.matmul(a, b)
+            if cuda:
+                torch.cuda.synchronize()
+
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                ms = timed_median_ms(call, runs)
+        finally:
+            torch.set_num_threads(before)
+        return m * k * n / ms / 1e6
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         import torch

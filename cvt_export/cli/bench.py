@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -347,7 +347,7 @@ def show(report: dict[str, object]) -> None:
     table = Table(title="cvt-bench (speed-up vs torch fp32 eager, same run)", title_justify="left")
     batches = [str(b) for b in report["settings"]["batches"]]  # type: ignore[index]
     for col in ("backend", "prec", *[f"b{b} ms" for b in batches], *[f"b{b} img/s" for b in batches],
-                f"×b{batches[-1]}", "cos min", "top-1", "runs as"):
+                f"×b{batches[-1]}", f"b{batches[-1]} ×floor", "cos min", "top-1", "runs as"):
         # "runs as" may be long ("fp16 (CPU EP casts to fp32 where it lacks fp16 kernels)"): it
         # wraps in its cell on a narrow terminal and is never cut with an ellipsis
         table.add_column(col, justify="left" if col in ("backend", "prec", "runs as") else "right",
@@ -359,7 +359,8 @@ def show(report: dict[str, object]) -> None:
         table.add_row(r["backend"], r["precision"],
                       *[f"{lat[b]['median_ms']:.1f}" for b in batches],
                       *[f"{lat[b]['images_per_s']:.1f}" for b in batches],
-                      f"{r['speedup'].get(batches[-1], 0):.2f}", f"{fid.get('cosine_min', 1.0):.5f}",
+                      f"{r['speedup'].get(batches[-1], 0):.2f}",
+                      _times_floor(r.get("floor") or {}, batches[-1]), f"{fid.get('cosine_min', 1.0):.5f}",
                       f"{100 * fid.get('top1_agreement', 1.0):.0f}%", r["executed"])
     show_table(table)
     not_run: dict[tuple[str, str], list[str]] = {}
@@ -369,6 +370,11 @@ def show(report: dict[str, object]) -> None:
     for (state, reason), runs in not_run.items():
         style, label = ("red", "error") if state == "error" else ("dim", "not run")
         stdout.print(f"[{style}]{label}: {', '.join(runs)}: {reason}[/]", highlight=False, soft_wrap=True)
+
+
+def _times_floor(floor: dict[str, Any], batch: str) -> str:
+    times = floor.get("times", {}).get(batch)
+    return "–" if times is None else f"{times:.2f}"
 
 
 def _summary(markdown: str) -> None:

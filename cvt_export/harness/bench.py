@@ -21,9 +21,16 @@ import numpy as np
 import cvt_ref
 from cvt_export import artifacts, build, calibration, imageset, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.backends import BACKEND_MODULES, BackendError, BackendUnavailable, Probing, get_backend
+from cvt_export.backends import (
+    BACKEND_MODULES,
+    BackendError,
+    BackendUnavailable,
+    GemmLimit,
+    Probing,
+    get_backend,
+)
 from cvt_export.backends.torch import reference_model
-from cvt_export.harness import timing
+from cvt_export.harness import profile, timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images
@@ -190,8 +197,11 @@ def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batc
 
 
 def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inputs, cfg: BenchConfig,
-              reference: np.ndarray | None, roles: Roles | None = None
+              reference: np.ndarray | None, roles: Roles | None = None, macs: float | None = None
               ) -> tuple[Result, np.ndarray | None]:
+    """One row. `macs`: the model's matrix-product work per image; with it, a runner that can
+    measure its runtime's GEMM limit does so after its timings, and the row says how far each
+    batch's median is from that floor."""
     result = Result(backend, precision)
     b = get_backend(backend)
     if precision not in b.precisions:
@@ -218,6 +228,8 @@ def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inpu
                 x = np.resize(inputs.images, (batch, *inputs.images.shape[1:]))
                 result.latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
                                                             seconds=cfg.seconds)
+            if macs and isinstance(runner, GemmLimit):
+                result.floor = profile.gemm_floor(runner, macs, result.latency)
     except BackendError as e:  # BackendUnavailable: the SDK, device or hardware feature is not here
         result.status = "skipped" if isinstance(e, BackendUnavailable) else "error"
         result.reason, result.latency = str(e), {}
@@ -322,9 +334,10 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     # Folders exported before probes existed: locate them now (one run, about a second).
     located = folder.probes or probes.locate(folder.onnx("fp32"), ref_model, probe_x[:1])
     del ref_model
+    macs = profile.gemm_macs(folder)
     for i, (backend, precision) in enumerate(pairs, 1):
         progress(f"{backend} {precision} ({i}/{len(pairs)})")
-        result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split)
+        result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split, macs)
         if (backend, precision) == BASELINE:
             if logits is None:
                 raise BenchError(f"the PyTorch FP32 reference could not run: {result.reason}")

@@ -21,7 +21,7 @@ import numpy as np
 import cvt_ref
 from cvt_export import machine, precisions
 from cvt_export.artifacts import ArtifactFolder, atomic_write
-from cvt_export.backends import BackendError, Profile, Profiling, get_backend
+from cvt_export.backends import BackendError, GemmLimit, Profile, Profiling, get_backend
 from cvt_export.errors import CvtError
 from cvt_export.harness.report import network_order
 
@@ -82,6 +82,21 @@ def gemm_macs(folder: ArtifactFolder) -> float:
     return sum(float(v) for op, v in counts.items() if str(op).split(".")[1] in GEMM_ATEN) / 2
 
 
+def floor_ms(macs: float, batch: int, rate: float) -> float:
+    """The time `batch` images' matrix products take at `rate` GMAC/s: the GEMM floor."""
+    return macs * batch / (rate * 1e9) * 1000
+
+
+def gemm_floor(runner: GemmLimit, macs: float, latency: dict[str, dict[str, Any]],
+               runs: int = 10) -> dict[str, Any]:
+    """A benchmark row's distance from its own floor: the runtime's GEMM limit measured now, in
+    the row's precision and settings, and per batch the floor and the row's median over it."""
+    rate = runner.gemm_rate(*LIMIT_SHAPE, runs=runs)
+    ms = {b: floor_ms(macs, int(b), rate) for b in latency}
+    return {"gemm_gmac_per_s": rate, "limit_shape": list(LIMIT_SHAPE), "macs_per_image": macs,
+            "ms": ms, "times": {b: latency[b]["median_ms"] / ms[b] for b in latency}}
+
+
 def inputs(folder: ArtifactFolder, batch: int) -> np.ndarray:
     """`batch` of the bundled photographs, preprocessed for the folder's model (cycled if fewer)."""
     photos = cvt_ref.bundled_photos()
@@ -117,7 +132,7 @@ def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int
     for i, batch in enumerate(batches, 1):
         progress(f"{be.name} {precision} batch {batch} ({i}/{len(batches)})")
         f = summarize(runner.profile(inputs(folder, batch), runs), blocks)
-        floor = macs * batch / (rate * 1e9) * 1000
+        floor = floor_ms(macs, batch, rate)
         f.update({"gemm_floor_ms": floor, "gemm_vs_floor": f["gemm_ms"] / floor,
                   "run_vs_floor": f["run_ms"] / floor})
         figures[str(batch)] = f

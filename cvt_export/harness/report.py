@@ -14,7 +14,9 @@ n, top1_ci} or null, `batch_consistency_max_abs`, `latency` {batch: {iterations,
 p90_ms, p99_ms, mean_ms, min_ms, stdev_ms, images_per_s, median_ci_ms, modes_ms}}, `speedup` {batch:
 ratio of the baseline's median to this one's}, `drift` [{point ("stage S block B" or
 "logits"), cosine_min, error (1 - cosine_min), rel_max_abs}] on the first `settings.drift_images`
-images (ONNX Runtime and OpenVINO), and `drift_located`: the point where the error grows most.
+images (ONNX Runtime and OpenVINO), `drift_located`: the point where the error grows most, and
+`floor` (rows whose runtime can measure its GEMM limit; {} otherwise) {gemm_gmac_per_s,
+limit_shape [m, k, n], macs_per_image, ms {batch: the floor}, times {batch: median_ms / floor}}.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Result:
     speedup: dict[str, float] = field(default_factory=dict)
     drift: list[dict[str, Any]] = field(default_factory=list)
     drift_located: str | None = None
+    floor: dict[str, Any] = field(default_factory=dict)
 
 REQUIRED = {"schema", "created", "machine", "model", "inputs", "settings", "baseline", "results"}
 RESULT_KEYS = {"backend", "precision", "status", "reason", "executed", "device", "artifact",
@@ -134,6 +137,7 @@ def markdown(report: dict[str, Any]) -> str:
                        _fmt(r["speedup"].get(b), ".2f") + "×"] if s else ["–"] * 4)
         lines.append(f"| {r['backend']} | {r['precision']} | {r['executed']} | " + " | ".join(cells)
                      + f" | {_fmt(r['first_inference_s'], '.1f')} |")
+    lines += _floor_lines(report, batches)
     lines += ["", "## Fidelity vs PyTorch FP32", "",
               "| backend | precision | max-abs | mean-abs | cosine min | top-1 agree | top-5 agree | "
               "KL mean | batch-1 vs batch max-abs | worst image | within bounds |",
@@ -188,6 +192,30 @@ def markdown(report: dict[str, Any]) -> str:
 
         lines += recommendation(report["recommendation"])
     return "\n".join(lines) + "\n"
+
+
+def _floor_lines(report: dict[str, Any], batches: list[str]) -> list[str]:
+    """Each row's median over its own GEMM floor (what is left to gain on this CPU)."""
+    rows = [r for r in report["results"] if r["status"] == "ok" and r.get("floor")]
+    if not rows:
+        return []
+    f0 = rows[0]["floor"]
+    shape = "×".join(map(str, f0["limit_shape"]))
+    lines = ["", "## Distance from the GEMM floor", "",
+             f"Each row's runtime measured, in this run and in the row's own precision and settings, "
+             f"the multiply-adds per second it reaches on one {shape} MatMul (the GEMM limit). The "
+             f"model's matrix products are {f0['macs_per_image'] / 1e9:.2f} GMAC per image; at that "
+             "limit they take the floor below, and '× floor' is the row's median latency over it: "
+             "1.00× would be an inference that is nothing but GEMMs at full speed.", "",
+             "| backend | precision | GEMM limit GMAC/s | "
+             + " | ".join(f"b{b} floor ms | b{b} × floor" for b in batches) + " |",
+             "|---|---|---|" + "---|" * (2 * len(batches))]
+    for r in rows:
+        f = r["floor"]
+        cells = [f"{_fmt(f['ms'].get(b), '.1f')} | {_fmt(f['times'].get(b), '.2f')}×" for b in batches]
+        lines.append(f"| {r['backend']} | {r['precision']} | {f['gemm_gmac_per_s']:.1f} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def _stage_ends(points: list[str]) -> list[str]:
