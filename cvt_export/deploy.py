@@ -339,7 +339,7 @@ class _Ladder:
     def record(self, rate: float, figures: dict[str, Any]) -> None:
         kept = ("percentile_ms", "p99_ms", "achieved_rate", "failed", "met_rounds", "round_percentiles_ms",
                 "meets")
-        self.steps.append({"rate": rate, **{k: figures[k] for k in kept if k in figures}})
+        self.steps.append({"rate": rate, **{k: figures[k] for k in kept}})
         meets = bool(figures["meets"])
         if self.up is None:
             self.up = meets

@@ -333,8 +333,8 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     ref_probe_logits = validate.reference_logits(ref_model, probe_x)
     # Folders exported before probes existed: locate them now (one run, about a second).
     located = folder.probes or probes.locate(folder.onnx("fp32"), ref_model, probe_x[:1])
+    macs = profile.gemm_macs(folder, ref_model)
     del ref_model
-    macs = profile.gemm_macs(folder)
     for i, (backend, precision) in enumerate(pairs, 1):
         progress(f"{backend} {precision} ({i}/{len(pairs)})")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split, macs)

@@ -68,13 +68,15 @@ def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
             "by_precision": by_precision}
 
 
-def gemm_macs(folder: ArtifactFolder) -> float:
+def gemm_macs(folder: ArtifactFolder, model: Any = None) -> float:
     """Multiply-adds per image in the model's matrix products (its Linear layers, the attention
-    MatMuls and the classifier), from PyTorch's FLOP counter on the reference architecture."""
+    MatMuls and the classifier), from PyTorch's FLOP counter on the reference architecture
+    (`model`: the folder's reference model when the caller has it loaded already)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = cvt_ref.create_model(folder.variant, "random:0").eval()
+    if model is None:
+        model = cvt_ref.create_model(folder.variant, "random:0").eval()
     x = torch.zeros(1, 3, folder.variant.image_size, folder.variant.image_size)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(x)
