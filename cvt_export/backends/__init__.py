@@ -125,10 +125,16 @@ class Profile:
     ops: list[OpTime]
     run_ms: float    # the median run's whole inference time
     runs: int
+    # what a runtime that renames and fuses nodes says of its graph (empty where it keeps the
+    # source graph's names): the source layers each node was made from, and each node's consumers,
+    # producers first (so that a node the runtime made itself can be placed by what it feeds)
+    names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    consumers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def of_median_run(cls, kinds: Mapping[str, tuple[str, str, str]], times: Mapping[str, Any],
-                      walls: list[float]) -> Profile:
+                      walls: list[float], names: Mapping[str, tuple[str, ...]] | None = None,
+                      consumers: Mapping[str, tuple[str, ...]] | None = None) -> Profile:
         """The operators of the run whose whole time was the median (the lower one for an even
         count), so that the parts add up to one real inference: per-operator medians taken from
         different runs do not (a bimodal runtime summed to more than its median run).
@@ -137,7 +143,12 @@ class Profile:
             raise BackendError("the profile holds no run")
         pick = int(np.argsort(walls, kind="stable")[(len(walls) - 1) // 2])
         ops = [OpTime(node, *kinds[node], float(t[pick])) for node, t in times.items()]
-        return cls(ops, float(walls[pick]), len(walls))
+        return cls(ops, float(walls[pick]), len(walls), dict(names or {}), dict(consumers or {}))
+
+
+# The operator name a runner's profile gives a kernel that runs a whole attention (Q·Kᵀ, Softmax,
+# ·V) as one, such as OpenVINO's fused Subgraph: its time is mostly the two MatMuls.
+ATTENTION = "Attention (MatMul·Softmax·MatMul)"
 
 
 @runtime_checkable

@@ -26,6 +26,7 @@ from cvt_export import artifacts, calibration, precisions
 from cvt_export.artifacts import IR_KEY as IR_DIR
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
+    ATTENTION,
     BackendError,
     BackendUnavailable,
     Profile,
@@ -205,6 +206,7 @@ class OpenVinoRunner(RunnerBase):
         except RuntimeError as e:
             raise BackendError(f"openvino: cannot compile {self.path}: {first_line(e)}") from None
         request = compiled.create_infer_request()
+        attention = fused_attention(compiled, ov.Core().read_model(str(self.path)))
         for _ in range(2):
             request.infer({0: x})
         times: dict[str, np.ndarray] = {}
@@ -218,8 +220,10 @@ class OpenVinoRunner(RunnerBase):
                 if str(info.status).endswith("EXECUTED") and not str(info.status).endswith("NOT_EXECUTED"):
                     ms = info.real_time.total_seconds() * 1000
                     times.setdefault(info.node_name, np.zeros(runs))[run] += ms
-                    kind[info.node_name] = (info.node_type, info.exec_type, exec_precision(info.exec_type))
-        return Profile.of_median_run(kind, times, walls)
+                    op = ATTENTION if info.node_name in attention else info.node_type
+                    kind[info.node_name] = (op, info.exec_type, exec_precision(info.exec_type))
+        names, consumers = runtime_graph(compiled)
+        return Profile.of_median_run(kind, times, walls, names, consumers)
 
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
         import tempfile
@@ -240,6 +244,38 @@ class OpenVinoRunner(RunnerBase):
         self.request.infer({0: x})
         # The output tensor's memory belongs to the request and is reused by the next call.
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+def fused_attention(compiled: Any, model: Any) -> set[str]:
+    """The compiled model's nodes that are a whole attention fused into one kernel: OpenVINO's
+    `Subgraph` nodes whose original layers hold a MatMul and a Softmax (Q·Kᵀ, Softmax, ·V)."""
+    types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ops()}
+    found = set()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "originalLayersNames" not in info or str(info["layerType"].astype(str)) != "Subgraph":
+            continue
+        held = {types.get(n) for n in info["originalLayersNames"].astype(str).split(",")}
+        if {"MatMul", "Softmax"} <= held:
+            found.add(op.get_friendly_name())
+    return found
+
+
+def runtime_graph(compiled: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """The compiled graph as its profile needs it: the source layers each node was made from
+    (with and without OpenVINO's suffixes such as "/WithoutBiases") and each node's consumers,
+    in execution order."""
+    names: dict[str, tuple[str, ...]] = {}
+    consumers: dict[str, tuple[str, ...]] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        node = op.get_friendly_name()
+        info = op.get_rt_info()
+        layers = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
+        names[node] = tuple(dict.fromkeys(n for layer in layers if layer
+                                          for n in (layer, layer.split("/")[0])))
+        consumers[node] = tuple(dict.fromkeys(t.get_node().get_friendly_name() for out in op.outputs()
+                                              for t in out.get_target_inputs()))
+    return names, consumers
 
 
 def exec_precision(exec_type: str) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import cvt_ref
 from cvt_export import machine, precisions
 from cvt_export.artifacts import ArtifactFolder, atomic_write
-from cvt_export.backends import BackendError, GemmLimit, Profile, Profiling, get_backend
+from cvt_export.backends import ATTENTION, BackendError, GemmLimit, Profile, Profiling, get_backend
 from cvt_export.errors import CvtError
 from cvt_export.harness.report import network_order
 
@@ -36,7 +36,34 @@ HEAD = "head"
 
 
 def gemm(op: str) -> bool:
-    return op in GEMM_OPS
+    """A matrix-product kernel: the ONNX and ORT GEMMs, OpenVINO's FullyConnected in all its forms
+    (FullyConnectedQuantizedLegacy, FullyConnectedCompressed...) and a fused attention kernel."""
+    return op in GEMM_OPS or op.startswith("FullyConnected") or op == ATTENTION
+
+
+def attribute(profile: Profile, blocks: dict[str, str]) -> dict[str, str]:
+    """Runtime node -> the block it computes: by its own name or a source layer it was made from
+    (the earliest block where they name several), else by what it feeds (a layout reorder, a
+    normalization the runtime rebuilt under its own name), like `probes.node_blocks`: the first
+    block whose output depends on it."""
+    rank = {b: i for i, b in enumerate(network_order(sorted(set(blocks.values()))))}
+
+    def earliest(found: list[str]) -> str | None:
+        return min(found, key=rank.__getitem__) if found else None
+
+    def direct(node: str) -> str | None:
+        return earliest([blocks[n] for n in (node, *profile.names.get(node, ())) if n in blocks])
+
+    owner: dict[str, str] = {}
+    for node in reversed(list(profile.consumers)):  # consumers before their producers
+        block = direct(node) or earliest([owner[c] for c in profile.consumers[node] if c in owner])
+        if block is not None:
+            owner[node] = block
+    for o in profile.ops:
+        block = owner.get(o.node) or direct(o.node)
+        if block is not None:
+            owner[o.node] = block
+    return owner
 
 
 def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
@@ -56,8 +83,9 @@ def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
              for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["ms"])]
     by_block: dict[str, float] = {}
     by_precision: dict[str, float] = {}
+    owner = attribute(profile, blocks)
     for o in profile.ops:
-        key = blocks.get(o.node, NOT_ATTRIBUTED)
+        key = owner.get(o.node, NOT_ATTRIBUTED)
         by_block[key] = by_block.get(key, 0.0) + o.ms
         by_precision[o.precision or "?"] = by_precision.get(o.precision or "?", 0.0) + o.ms
     gemm_ms = groups.get("GEMM", {}).get("ms", 0.0)
