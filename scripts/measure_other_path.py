@@ -66,7 +66,6 @@ def main() -> None:
     from cvt_export.artifacts import ArtifactFolder
     from cvt_export.backends import get_backend
     from cvt_export.backends.openvino import _calibration_images
-
     from cvt_ref.weights import to_native_keys
 
     variant = cvt_ref.get_variant("cvt-13")
@@ -156,11 +155,13 @@ def main() -> None:
                                             "max": max(ratio[b])} for b in BATCHES}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# This project's OpenVINO INT8 vs the best other path (cvt-13, {time.strftime('%Y-%m-%d')})", "",
+    day = time.strftime("%Y-%m-%d")
+    lines = [f"# This project's OpenVINO INT8 vs the best other path (cvt-13, {day})", "",
              f"Machine: {machine.cpu_name()}, {', '.join(machine.isa())}; OpenVINO {version('openvino')}, "
              f"NNCF {version('nncf')}, transformers {version('transformers')}. Median of {args.rounds} "
              f"interleaved rounds ({CALLS[1]} calls at batch 1, {CALLS[8]} at batch 8 per round). Fidelity "
-             f"against the transformers model's own FP32 logits on {len(held_out)} held-out bundled photos.", "",
+             f"against the transformers model's own FP32 logits on {len(held_out)} held-out bundled "
+             "photos.", "",
              "| path | b1 ms | b8 ms | cosine min | top-1 agreement |", "|---|---|---|---|---|"]
     for name in rows:
         f = fidelity[name]

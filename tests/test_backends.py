@@ -76,7 +76,8 @@ def test_backend_matches_reference(backend: str, precision: str, exported: Path,
 
 
 def test_openvino_compiles_a_model_per_batch_size_and_the_dynamic_one_beyond(
-        exported: Path, batch_224: torch.Tensor, reference: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+        exported: Path, batch_224: torch.Tensor, reference: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-batch models (static shapes) compute what the reference computes, one is made per new
     batch size up to PER_BATCH_MODELS, and past that the dynamic model runs the batch."""
     monkeypatch.setattr(ov_backend, "PER_BATCH_MODELS", 2)
