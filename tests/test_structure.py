@@ -101,7 +101,9 @@ def test_nothing_below_the_harness_imports_it() -> None:
 def test_leaf_modules_import_nothing_of_the_project() -> None:
     for name in ("metrics.py", "machine.py", "runtime.py", "quiet.py"):
         project = [m for m in _imports(PACKAGE / name) if m.startswith(("cvt_export", "cvt_ref"))]
-        assert project == [], f"{name} imports {project}"
+        # the machine facts live in one module, a leaf itself: ORT's session asks it for VNNI
+        allowed = {"cvt_export", "cvt_export.machine"} if name == "runtime.py" else set()
+        assert set(project) <= allowed, f"{name} imports {project}"
     for name in ("source.py", "errors.py", "variants.py", "labels.py"):
         heavy = [m for m in _imports(ROOT / "cvt_ref" / name) if m.split(".")[0] in ("torch", "cvt_export")]
         assert heavy == [], f"cvt_ref/{name} imports {heavy}"
