@@ -43,7 +43,9 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     assert 0.3 * f["run_ms"] <= f["kernels_ms"] <= over * f["run_ms"], (f["kernels_ms"], f["run_ms"])
     assert sum(g["share"] for g in f["by_op"]) == pytest.approx(1.0)
     assert sum(f["by_block"].values()) == pytest.approx(f["kernels_ms"])
-    assert 0.4 <= f["gemm_share"] <= 1.0  # most multiply-adds are in the Linear layers
+    # most multiply-adds are in the Linear layers; where they run as fast INT8 kernels the rest
+    # weighs more (ORT INT8 with VNNI: GEMMs 38-44% of its time, beside FP32 convolutions and GELU)
+    assert (0.25 if precision == "int8" else 0.4) <= f["gemm_share"] <= 1.0, f["gemm_share"]
     assert f["by_op"][0]["group"] == "GEMM"
     # every Linear layer runs as a GEMM kernel, whatever the runtime calls it (OpenVINO's
     # FullyConnectedQuantizedLegacy was once left out of the GEMMs and the share read 0.4%)
