@@ -128,7 +128,12 @@ def test_a_changed_export_option_is_reported(baseline: Path, tmp_path: Path) -> 
     changes = {f.what: f.detail for f in outcome.findings if f.kind == "change"}
     assert changes["model.onnx opset"] == "20 → 18"
     assert "Gelu 13 → 0" in changes["model.onnx op histogram"]
-    assert not [f for f in outcome.findings if f.kind == "fail"]
+    # every figure holds but the INT8 rows' top-1 agreement: opset 18 decomposes LayerNorm and
+    # GELU, so the quantizer sees another graph, and on 11 random-weight images (small margins)
+    # its top-1 may move by more than the one image the tolerance allows (measured: 11/11 -> 9/11
+    # on ORT, cosine min 0.99655 -> 0.99565 on 17 photos, both within the INT8 bound)
+    fails = [f for f in outcome.findings if f.kind == "fail"]
+    assert all(f.what.endswith("int8 top1_agreement") for f in fails), fails
 
 
 def test_a_perturbed_backend_fails(baseline: Path, exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
