@@ -75,18 +75,19 @@ def test_backend_matches_reference(backend: str, precision: str, exported: Path,
         assert info.executed in expected
 
 
-def test_openvino_compiles_a_model_per_batch_size_and_the_dynamic_one_beyond(
+def test_openvino_compiles_a_model_per_batch_size_and_keeps_the_latest(
         exported: Path, batch_224: torch.Tensor, reference: np.ndarray,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-batch models (static shapes) compute what the reference computes, one is made per new
-    batch size up to PER_BATCH_MODELS, and past that the dynamic model runs the batch."""
+    batch size, and only the PER_BATCH_MODELS most recently used are kept."""
     monkeypatch.setattr(ov_backend, "PER_BATCH_MODELS", 2)
     x = batch_224.numpy()
     with get_backend("openvino").compile(exported, "fp32") as runner:
         assert isinstance(runner, ov_backend.OpenVinoRunner) and runner.info.details["shapes"] == "per-batch"
-        for n in (1, 3, 1, 2):  # 1 and 3 get a model each; 2 is beyond the bound
+        for n in (1, 3, 1, 2):  # 2 arrives with two kept: 3, the least recently used, goes
             assert np.abs(runner(x[:n]) - reference[:n]).max() <= 1e-4
-        assert sorted(s[0] for s in runner.per_batch) == [1, 3]
+            assert list(runner.per_batch)[-1][0] == n  # the batch ran on a model made for it
+        assert [s[0] for s in runner.per_batch] == [1, 2]
     with get_backend("openvino").compile(exported, "fp32", shapes="dynamic") as runner:
         assert np.abs(runner(x[:3]) - reference[:3]).max() <= 1e-4 and not runner.per_batch
     with pytest.raises(BackendError, match="shapes 'static'"):

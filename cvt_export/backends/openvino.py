@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +50,8 @@ log = logging.getLogger(__name__)
 
 HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32", "mixed": "f32"}
 Int8Source = Literal["nncf", "qdq"]
-# "per-batch": a model compiled for each input shape the runner meets (up to PER_BATCH_MODELS, about
-# 0.6 s each for cvt-13), the dynamic one beyond; "dynamic": one model for every batch size
+# "per-batch": a model compiled for each input shape the runner meets (about 0.6 s each for cvt-13;
+# the PER_BATCH_MODELS most recently used are kept); "dynamic": one model for every batch size
 Shapes = Literal["per-batch", "dynamic"]
 SHAPES: tuple[Shapes, ...] = ("per-batch", "dynamic")
 PER_BATCH_MODELS = 8
@@ -174,7 +175,8 @@ class OpenVinoRunner(RunnerBase):
         self.path, self.config, self.shapes = path, config, shapes
         self.compiled: Any = None
         self.request: Any = None
-        self.per_batch: dict[tuple[int, ...], Any] = {}  # input shape -> request of a model compiled for it
+        # input shape -> request of a model compiled for it, the most recently used last
+        self.per_batch: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def _compile(self, shape: tuple[int, ...] | None = None, extra: dict[str, Any] | None = None) -> Any:
         """The IR compiled with this runner's configuration; for one input shape when given."""
@@ -192,14 +194,18 @@ class OpenVinoRunner(RunnerBase):
     def _request_for(self, x: np.ndarray) -> Any:
         """The request that runs x: a model compiled for x's shape (OpenVINO plans static shapes
         better: cvt-13 INT8 0.80x the time at batch 1 and 0.87x at batch 8 on a 2-core AVX-512
-        VNNI EPYC), made on the first call with that shape, for up to PER_BATCH_MODELS shapes;
-        the dynamic model otherwise."""
-        shape = tuple(x.shape)
+        VNNI EPYC), made on the first call with that shape. At most PER_BATCH_MODELS are kept,
+        the least recently used dropped, so every batch runs on a model made for it."""
         if self.shapes == "dynamic":
             return self.request
-        if shape not in self.per_batch and len(self.per_batch) < PER_BATCH_MODELS:
+        shape = tuple(x.shape)
+        if shape in self.per_batch:
+            self.per_batch.move_to_end(shape)
+        else:
             self.per_batch[shape] = self._compile(shape).create_infer_request()
-        return self.per_batch.get(shape, self.request)
+            if len(self.per_batch) > PER_BATCH_MODELS:
+                self.per_batch.popitem(last=False)
+        return self.per_batch[shape]
 
     def _activate(self) -> None:
         self.compiled = self._compile()
