@@ -61,6 +61,9 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     # the floor: the model's matrix-product work at the GEMM rate measured in the same run
     rate, macs = report["gemm_limit"]["gmac_per_s"], report["gemm_macs_per_image"]
     assert rate > 1 and f["gemm_floor_ms"] == pytest.approx(macs / (rate * 1e9) * 1000)
+    # per block: the GEMM time is the GEMM group's, split; the blocks' floors add up to the floor
+    assert sum(f["gemm_by_block"].values()) == pytest.approx(f["gemm_ms"])
+    assert sum(f["block_gemm_floor_ms"].values()) == pytest.approx(f["gemm_floor_ms"])
     assert f["gemm_vs_floor"] > 0.5 and f["run_vs_floor"] >= f["gemm_vs_floor"] * 0.95
     gemm = f["by_op"][0]["precisions"]
     if precision == "int8":  # the Q/DQ file's GEMMs run as INT8 kernels
@@ -112,6 +115,41 @@ def test_the_models_gemm_work_is_its_linear_layers_and_attention(exported: Path)
         h.remove()
     macs = profile.gemm_macs(ArtifactFolder.open(exported))
     assert linear[0] <= macs <= 1.2 * linear[0], (linear[0], macs)
+
+
+def test_each_blocks_gemm_work_is_its_linear_layers_and_its_two_attention_matmuls(exported: Path) -> None:
+    """Per block, counted by hooks written here: its Linear layers' rows x in x out, plus Q·Kᵀ and
+    ·V, Tq x Tkv x C each (Tq, Tkv from q's and k's projections); the classifier is the head."""
+    import torch
+
+    import cvt_ref
+    from cvt_export.probes import probe_key
+
+    model = cvt_ref.create_model("cvt-13", "random:0").eval()
+    want: dict[str, float] = {}
+    seen: dict[str, dict[str, tuple[int, ...]]] = {}
+    hooks = []
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage.blocks):
+            key = probe_key(s, b)
+            for name, m in block.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    def count(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor,
+                              key: str = key, name: str = name) -> None:
+                        want[key] = want.get(key, 0.0) + args[0].numel() * out.shape[-1]
+                        seen.setdefault(key, {})[name] = tuple(out.shape)
+                    hooks.append(m.register_forward_hook(count))
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    for key, shapes in seen.items():
+        (_, tq, c), (_, tkv, _) = shapes["attn.proj_q"], shapes["attn.proj_k"]
+        want[key] += 2 * tq * tkv * c
+    got = profile.gemm_macs_by_block(ArtifactFolder.open(exported), model)
+    head = got.pop(profile.HEAD)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert head == pytest.approx(model.head.in_features * model.head.out_features)
 
 
 def test_nodes_a_runtime_renamed_are_placed_by_their_source_layers_or_what_they_feed() -> None:

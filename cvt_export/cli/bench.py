@@ -252,6 +252,8 @@ def profile(
         stdout.print(f"GEMM floor {f['gemm_floor_ms']:.1f} ms ({work:.2f} GMAC per image at {rate:.1f} "
                      f"GMAC/s, measured in this run): the GEMMs took {f['gemm_vs_floor']:.2f}x it, the whole "
                      f"inference {f['run_vs_floor']:.2f}x", highlight=False)
+        stdout.print("each stage's GEMMs against their own floor: " + ", ".join(
+            f"{st} {x:.2f}x" for st, x in profiling.stage_gemm_vs_floor(f).items()), highlight=False)
     stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 
