@@ -55,7 +55,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "other-path-cvt-13")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cvt-other-path-") as work:  # removed however it ends
+        measure(args, Path(work))
 
+
+def measure(args: argparse.Namespace, work: Path) -> None:
     import nncf
     import openvino as ov
     import torch
@@ -69,7 +73,6 @@ def main() -> None:
     from cvt_ref.weights import to_native_keys
 
     variant = cvt_ref.get_variant("cvt-13")
-    work = Path(tempfile.mkdtemp(prefix="cvt-other-path-"))
     # transformers' model holding the weights `random:0` gives this project's reference (checked)
     reference = cvt_ref.create_model(variant, WEIGHTS).eval()
     hf = CvtForImageClassification(CvtConfig(**variant.hf_config())).eval()
