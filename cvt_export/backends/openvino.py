@@ -236,7 +236,7 @@ class OpenVinoRunner(RunnerBase):
         x = self.check_input(x)
         compiled = self._compile(None if self.shapes == "dynamic" else tuple(x.shape), {"PERF_COUNT": True})
         request = compiled.create_infer_request()
-        attention = fused_attention(compiled, ov.Core().read_model(str(self.path)))
+        names, consumers, attention = runtime_graph(compiled, ov.Core().read_model(str(self.path)))
         for _ in range(2):
             request.infer({0: x})
         times: dict[str, np.ndarray] = {}
@@ -252,7 +252,6 @@ class OpenVinoRunner(RunnerBase):
                     times.setdefault(info.node_name, np.zeros(runs))[run] += ms
                     op = ATTENTION if info.node_name in attention else info.node_type
                     kind[info.node_name] = (op, info.exec_type, exec_precision(info.exec_type))
-        names, consumers = runtime_graph(compiled)
         return Profile.of_median_run(kind, times, walls, names, consumers)
 
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
@@ -279,27 +278,16 @@ class OpenVinoRunner(RunnerBase):
         return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 
-def fused_attention(compiled: Any, model: Any) -> set[str]:
-    """The compiled model's nodes that are a whole attention fused into one kernel: OpenVINO's
-    `Subgraph` nodes whose original layers hold a MatMul and a Softmax (Q·Kᵀ, Softmax, ·V)."""
+def runtime_graph(compiled: Any, model: Any
+                  ) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]], set[str]]:
+    """The compiled graph as its profile needs it, in one walk: the source layers each node was
+    made from (with and without OpenVINO's suffixes such as "/WithoutBiases"), each node's
+    consumers in execution order, and the nodes that are a whole attention fused into one kernel
+    (`Subgraph` nodes whose source layers in `model`, the IR as read, hold a MatMul and a Softmax)."""
     types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ops()}
-    found = set()
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        if "originalLayersNames" not in info or str(info["layerType"].astype(str)) != "Subgraph":
-            continue
-        held = {types.get(n) for n in info["originalLayersNames"].astype(str).split(",")}
-        if {"MatMul", "Softmax"} <= held:
-            found.add(op.get_friendly_name())
-    return found
-
-
-def runtime_graph(compiled: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
-    """The compiled graph as its profile needs it: the source layers each node was made from
-    (with and without OpenVINO's suffixes such as "/WithoutBiases") and each node's consumers,
-    in execution order."""
     names: dict[str, tuple[str, ...]] = {}
     consumers: dict[str, tuple[str, ...]] = {}
+    attention: set[str] = set()
     for op in compiled.get_runtime_model().get_ordered_ops():
         node = op.get_friendly_name()
         info = op.get_rt_info()
@@ -308,7 +296,10 @@ def runtime_graph(compiled: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, 
                                           for n in (layer, layer.split("/")[0])))
         consumers[node] = tuple(dict.fromkeys(t.get_node().get_friendly_name() for out in op.outputs()
                                               for t in out.get_target_inputs()))
-    return names, consumers
+        if (str(info["layerType"].astype(str)) == "Subgraph"
+                and {"MatMul", "Softmax"} <= {types.get(layer) for layer in layers}):
+            attention.add(node)
+    return names, consumers, attention
 
 
 def exec_precision(exec_type: str) -> str:

@@ -109,12 +109,12 @@ class OrtRunner(RunnerBase):
         return ort_profile(events, skip=2)
 
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
+        import onnxruntime as ort
+
         from cvt_export.precision import gemm_model
 
         session = ort_session(gemm_model(m, k, n, self.info.precision),
                               provider=self.provider, threads=self.threads)
-        import onnxruntime as ort
-
         x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
         # the GEMM, not copies: both operands bound once on the provider's device, the output reused
         device = "cpu" if self.provider == CPU else "cuda"
