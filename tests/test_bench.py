@@ -121,6 +121,9 @@ def test_report_schema_and_files(exported_copy: Path, tmp_path: Path) -> None:
     for (backend, precision), r in rows.items():  # the floor: the row's own GEMM limit, measured now
         f = r["floor"]
         assert f["limit_shape"] == [1576, 384, 1536] and f["gemm_gmac_per_s"] > 0, (backend, precision)
+        # every multiply-add: the matrix products and the convolutions
+        assert f["macs_per_image"] == f["gemm_macs_per_image"] + f["conv_macs_per_image"]
+        assert f["conv_macs_per_image"] > 0.03 * f["gemm_macs_per_image"]
         for b in ("1", "2"):  # the model's GEMM work at that rate, and the row's median over it
             assert f["ms"][b] == pytest.approx(f["macs_per_image"] * int(b) / f["gemm_gmac_per_s"] / 1e6)
             assert f["times"][b] == pytest.approx(r["latency"][b]["median_ms"] / f["ms"][b])

@@ -64,7 +64,11 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     # per block: the GEMM time is the GEMM group's, split; the blocks' floors add up to the floor
     assert sum(f["gemm_by_block"].values()) == pytest.approx(f["gemm_ms"])
     assert sum(f["block_gemm_floor_ms"].values()) == pytest.approx(f["gemm_floor_ms"])
-    assert f["gemm_vs_floor"] > 0.5 and f["run_vs_floor"] >= f["gemm_vs_floor"] * 0.95
+    # the whole inference's floor adds the convolutions' multiply-adds at the same rate
+    conv = report["conv_macs_per_image"]
+    assert f["floor_ms"] == pytest.approx((macs + conv) / (rate * 1e9) * 1000)
+    assert f["run_vs_floor"] == pytest.approx(f["run_ms"] / f["floor_ms"])
+    assert f["gemm_vs_floor"] > 0.5 and f["run_vs_floor"] > 0.5
     gemm = f["by_op"][0]["precisions"]
     if precision == "int8":  # the Q/DQ file's GEMMs run as INT8 kernels
         assert gemm.get("int8", 0.0) > 0.5 * f["gemm_ms"], gemm
@@ -85,6 +89,7 @@ def test_profile_cli_writes_beside_the_report_and_refuses_bad_input(exported: Pa
         assert f"## Batch {b}" in md and f"GEMM {100 * f['gemm_share']:.1f}%" in done.stdout
         assert f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}" in done.stdout
         assert f"GEMM floor {f['gemm_floor_ms']:.1f} ms" in done.stdout
+        assert f"{f['floor_ms']:.1f} ms: the whole inference {f['run_vs_floor']:.2f}x" in done.stdout
     for args, fragment in ((["--backend", "torch"], "reports no time per operator"),
                            (["--runs", "0"], "--runs"),
                            (["--precision", "fp64"], "fp64"),
@@ -115,6 +120,33 @@ def test_the_models_gemm_work_is_its_linear_layers_and_attention(exported: Path)
         h.remove()
     macs = profile.gemm_macs(ArtifactFolder.open(exported))
     assert linear[0] <= macs <= 1.2 * linear[0], (linear[0], macs)
+
+
+def test_convolution_work_is_each_conv_layers_outputs_times_its_kernel(exported: Path) -> None:
+    """Counted by hooks written here: every Conv2d's output elements x in/groups x kh x kw (the
+    three patch embeddings and the depthwise q/k/v projections of every block)."""
+    import torch
+
+    import cvt_ref
+
+    model = cvt_ref.create_model("cvt-13", "random:0").eval()
+    counted = [0.0, 0]
+
+    def count(m: torch.nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        assert isinstance(m, torch.nn.Conv2d)
+        counted[0] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        counted[1] += 1
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    assert counted[1] == 3 + 3 * sum(model.variant.depths)
+    got = profile.work(ArtifactFolder.open(exported), model)
+    assert got.conv == pytest.approx(counted[0], rel=1e-9)
+    assert got.gemm == pytest.approx(profile.gemm_macs(ArtifactFolder.open(exported), model))
+    assert got.total == got.gemm + got.conv
 
 
 def test_each_blocks_gemm_work_is_its_linear_layers_and_its_two_attention_matmuls(exported: Path) -> None:

@@ -250,8 +250,9 @@ def profile(
         stdout.print(f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}", highlight=False)
         work, rate = report["gemm_macs_per_image"] / 1e9, report["gemm_limit"]["gmac_per_s"]
         stdout.print(f"GEMM floor {f['gemm_floor_ms']:.1f} ms ({work:.2f} GMAC per image at {rate:.1f} "
-                     f"GMAC/s, measured in this run): the GEMMs took {f['gemm_vs_floor']:.2f}x it, the whole "
-                     f"inference {f['run_vs_floor']:.2f}x", highlight=False)
+                     f"GMAC/s, measured in this run): the GEMMs took {f['gemm_vs_floor']:.2f}x it; with the "
+                     f"convolutions' {report['conv_macs_per_image'] / 1e9:.2f} GMAC, {f['floor_ms']:.1f} ms: "
+                     f"the whole inference {f['run_vs_floor']:.2f}x", highlight=False)
         stdout.print("each stage's GEMMs against their own floor: " + ", ".join(
             f"{st} {x:.2f}x" for st, x in profiling.stage_gemm_vs_floor(f).items()), highlight=False)
     stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)

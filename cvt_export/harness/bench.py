@@ -197,9 +197,9 @@ def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batc
 
 
 def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inputs, cfg: BenchConfig,
-              reference: np.ndarray | None, roles: Roles | None = None, macs: float | None = None
+              reference: np.ndarray | None, roles: Roles | None = None, macs: profile.Work | None = None
               ) -> tuple[Result, np.ndarray | None]:
-    """One row. `macs`: the model's matrix-product work per image; with it, a runner that can
+    """One row. `macs`: the model's multiply-adds per image; with them, a runner that can
     measure its runtime's GEMM limit does so after its timings, and the row says how far each
     batch's median is from that floor."""
     result = Result(backend, precision)
@@ -333,7 +333,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     ref_probe_logits = validate.reference_logits(ref_model, probe_x)
     # Folders exported before probes existed: locate them now (one run, about a second).
     located = folder.probes or probes.locate(folder.onnx("fp32"), ref_model, probe_x[:1])
-    macs = profile.gemm_macs(folder, ref_model)
+    macs = profile.work(folder, ref_model)
     del ref_model
     for i, (backend, precision) in enumerate(pairs, 1):
         progress(f"{backend} {precision} ({i}/{len(pairs)})")

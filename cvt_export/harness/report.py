@@ -16,7 +16,8 @@ ratio of the baseline's median to this one's}, `drift` [{point ("stage S block B
 "logits"), cosine_min, error (1 - cosine_min), rel_max_abs}] on the first `settings.drift_images`
 images (ONNX Runtime and OpenVINO), `drift_located`: the point where the error grows most, and
 `floor` (rows whose runtime can measure its GEMM limit; {} otherwise) {gemm_gmac_per_s,
-limit_shape [m, k, n], macs_per_image, ms {batch: the floor}, times {batch: median_ms / floor}}.
+limit_shape [m, k, n], macs_per_image (gemm_macs_per_image in matrix products +
+conv_macs_per_image in convolutions), ms {batch: the floor}, times {batch: median_ms / floor}}.
 """
 
 from __future__ import annotations
@@ -204,9 +205,11 @@ def _floor_lines(report: dict[str, Any], batches: list[str]) -> list[str]:
     lines = ["", "## Distance from the GEMM floor", "",
              f"Each row's runtime measured, in this run and in the row's own precision and settings, "
              f"the multiply-adds per second it reaches on one {shape} MatMul (the GEMM limit). The "
-             f"model's matrix products are {f0['macs_per_image'] / 1e9:.2f} GMAC per image; at that "
-             "limit they take the floor below, and '× floor' is the row's median latency over it: "
-             "1.00× would be an inference that is nothing but GEMMs at full speed.", "",
+             f"model does {f0['macs_per_image'] / 1e9:.2f} GMAC per image "
+             f"({f0['gemm_macs_per_image'] / 1e9:.2f} in matrix products, "
+             f"{f0['conv_macs_per_image'] / 1e9:.2f} in convolutions); at that limit they take the "
+             "floor below, and '× floor' is the row's median latency over it: 1.00× would be an "
+             "inference that is nothing but multiply-adds at the GEMM's full speed.", "",
              "| backend | precision | GEMM limit GMAC/s | "
              + " | ".join(f"b{b} floor ms | b{b} × floor" for b in batches) + " |",
              "|---|---|---|" + "---|" * (2 * len(batches))]
