@@ -49,7 +49,10 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
     assert f["by_op"][0]["group"] == "GEMM"
     # every Linear layer runs as a GEMM kernel, whatever the runtime calls it (OpenVINO's
     # FullyConnectedQuantizedLegacy was once left out of the GEMMs and the share read 0.4%)
-    assert f["by_op"][0]["nodes"] >= linear_layers(folder), f["by_op"][0]
+    # and so does every block's attention (q·kᵀ and ·V, one fused kernel or two): OpenVINO rebuilds
+    # the float attention under generated names ("MatMul_9948"), which once left it out
+    blocks = sum(folder.variant.depths)
+    assert f["by_op"][0]["nodes"] >= linear_layers(folder) + blocks, f["by_op"][0]
     non_gemm = [g for g in f["by_op"] if g["group"] != "GEMM"]
     assert f["top_non_gemm"] == [g["group"] for g in non_gemm[:3]]
     assert [g["ms"] for g in non_gemm] == sorted((g["ms"] for g in non_gemm), reverse=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
@@ -297,9 +298,19 @@ def runtime_graph(compiled: Any, model: Any
         consumers[node] = tuple(dict.fromkeys(t.get_node().get_friendly_name() for out in op.outputs()
                                               for t in out.get_target_inputs()))
         if (str(info["layerType"].astype(str)) == "Subgraph"
-                and {"MatMul", "Softmax"} <= {types.get(layer) for layer in layers}):
+                and {"MatMul", "Softmax"} <= {source_type(layer, types) for layer in layers}):
             attention.add(node)
     return names, consumers, attention
+
+
+def source_type(layer: str, types: dict[str, str]) -> str | None:
+    """The operator type of a source layer a compiled node names: the IR's, or for a layer
+    OpenVINO's own transformations made (in float IRs the attention's MatMul and Softmax are
+    rebuilt as "MatMul_9948", "Softmax_9952") the type its generated name starts with."""
+    if layer in types:
+        return types[layer]
+    made = re.fullmatch(r"([A-Za-z]+)_\d+", layer)
+    return made.group(1) if made else None
 
 
 def exec_precision(exec_type: str) -> str:
