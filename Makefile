@@ -49,7 +49,7 @@ test: lint
 	$(BIN)/python -m pytest -q -m "not slow" --durations=30 $(PYTEST_ARGS)
 
 # Everything, slow tests included (full-size models, real tritonserver, tune, the regression
-# matrix; about an hour here). Run it before you stop.
+# matrix; 27-75 minutes here, by CPU). Run it before you stop.
 test-full: lint
 	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
