@@ -139,6 +139,10 @@ def test_report_schema_and_files(exported_copy: Path, tmp_path: Path) -> None:
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ort | int8 |" in md and "## Fidelity vs PyTorch FP32" in md
     floor = rows["ort", "int8"]["floor"]
+    assert "No floor for" not in md  # every row here measured its limit
+    unmeasured = json.loads(json.dumps(rep))  # a row whose runner measures no limit (TensorRT's) says so
+    next(r for r in unmeasured["results"] if r["precision"] == "int8")["floor"] = {}
+    assert "No floor for ort int8: their runner measures no GEMM limit" in report.markdown(unmeasured)
     assert "## Distance from the GEMM floor" in md and (
         f"| ort | int8 | {floor['gemm_gmac_per_s']:.1f} | {floor['ms']['1']:.1f} | {floor['times']['1']:.2f}×"
         in md)

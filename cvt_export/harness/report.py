@@ -218,6 +218,12 @@ def _floor_lines(report: dict[str, Any], batches: list[str]) -> list[str]:
         cells = [f"{_fmt(f['ms'].get(b), '.1f')} | {_fmt(f['times'].get(b), '.2f')}×" for b in batches]
         lines.append(f"| {r['backend']} | {r['precision']} | {f['gemm_gmac_per_s']:.1f} | "
                      + " | ".join(cells) + " |")
+    without = [f"{r['backend']} {r['precision']}" for r in report["results"]
+               if r["status"] == "ok" and not r.get("floor")]
+    if without:
+        lines += ["", f"No floor for {', '.join(without)}: their runner measures no GEMM limit "
+                      "(TensorRT's: on a GPU one such GEMM takes microseconds, less than launching it; "
+                      "docs/benchmark.md)."]
     return lines
 
 
