@@ -22,6 +22,7 @@ import cvt_ref
 from cvt_export import calibration, imageset, metrics
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import bench, recommend
+from cvt_ref.errors import CvtError
 
 
 def reencode(src: Path, dst: Path, quality: int = 55, scale: float = 0.6) -> Path:
@@ -204,3 +205,33 @@ def test_the_recommendation_calls_a_row_faster_when_intervals_separate() -> None
     pick = recommend.recommend(_report(int8, ov))["objectives"]["latency-b1"]
     assert (pick["backend"], pick["tied_with"]) == ("openvino", [])
     assert "beyond the noise" in pick["why"] and pick["confirmation"]["images"] == 50
+
+
+def test_an_objective_no_row_serves_says_why(tmp_path: Path) -> None:
+    """Three causes, told apart: the batch size was not timed, nothing deployable ran, or the rows
+    that ran are outside the budget (named with the cosine that decided). The reason travels in
+    recommendation.json to `--from-recommendation`, as one line."""
+    ort8 = _row("ort", "int8", 15.6, (15.2, 16.0), 0.9922)
+    ort8["latency"].pop("8")
+    rec = recommend.recommend(_report(ort8))
+    assert rec["objectives"] == {"latency-b1": None, "throughput-b8": None}
+    assert rec["unmet"]["throughput-b8"] == "batch 8 was not timed (this run: --batch 1; add 8 to time it)"
+    assert rec["unmet"]["latency-b1"] == ("no row timed at batch 1 is within the budget: ort int8 "
+                                          f"({', '.join(metrics.within_bounds('int8', ort8['fidelity']))})")
+    assert "cosine_min 0.9922 < " in rec["unmet"]["latency-b1"]  # INT8's bound is above 0.9922
+    budget = [metrics.parse_budget("cosine>=0.995")]
+    assert recommend.recommend(_report(ort8), budget)["unmet"]["latency-b1"] == (
+        "no row timed at batch 1 is within the budget: ort int8 (misses cosine>=0.995)")
+    assert "- throughput-b8: batch 8 was not timed" in "\n".join(recommend.markdown(rec))
+    torch_only = _row("torch", "fp32", 70.0, (69.0, 71.0), 1.0)
+    assert recommend.recommend(_report(torch_only))["unmet"]["latency-b1"].startswith("no deployable row")
+    served = recommend.recommend(_report(_row("ort", "fp32", 50.0, (49.0, 51.0), 1.0)), budget)
+    assert served["unmet"] == {} and served["objectives"]["latency-b1"] is not None
+    path = tmp_path / "recommendation.json"
+    path.write_text(json.dumps({**rec, "schema": recommend.SCHEMA,
+                                "unmet": {"throughput-b8": "crafted\nsecond line"}}))
+    with pytest.raises(CvtError, match=r"no configuration for throughput-b8: crafted$"):
+        recommend.read(path, "throughput-b8")
+    path.write_text(json.dumps({**rec, "schema": recommend.SCHEMA}))
+    with pytest.raises(CvtError, match="batch 8 was not timed"):
+        recommend.read(path, "throughput-b8")

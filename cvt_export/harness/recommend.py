@@ -70,14 +70,42 @@ def _name(row: Mapping[str, Any]) -> str:
     return f"{row['backend']} {row['precision']}"
 
 
+def broken(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> str:
+    """What keeps a row outside the budget on the selection images, e.g. "cosine_min 0.9922 <
+    0.995" (each precision's bounds) or "cosine>=0.999" (a --budget it misses)."""
+    fid = judged(row)
+    if not fid:
+        return "no fidelity figures"
+    if budgets:
+        return ", ".join(f"misses {b}" for b in budgets if not b.holds(fid))
+    return ", ".join(metrics.within_bounds(row["precision"], fid))
+
+
+def unmet(report: Mapping[str, Any], batch: str, budgets: Sequence[metrics.Budget] = ()) -> str:
+    """Why no row serves an objective at `batch`: the batch size was not timed, no deployable row
+    ran, or the rows that ran at it are outside the budget (each named with what it breaks)."""
+    ran = [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE]
+    if not ran:
+        return "no deployable row (ONNX Runtime, OpenVINO, TensorRT) ran"
+    timed = [r for r in ran if batch in r["latency"]]
+    if not timed:
+        batches = sorted({int(b) for r in ran for b in r["latency"]})
+        return (f"batch {batch} was not timed (this run: --batch {','.join(map(str, batches))}; "
+                f"add {batch} to time it)")
+    return f"no row timed at batch {batch} is within the budget: " + "; ".join(
+        f"{_name(r)} ({broken(r, budgets)})" for r in timed)
+
+
 def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ()) -> dict[str, Any]:
     rows = [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE
             and within(r, budgets)]
     chosen: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
     for objective, (batch, key) in OBJECTIVES.items():
         timed = [r for r in rows if batch in r["latency"]]
         if not timed:
             chosen[objective] = None
+            reasons[objective] = unmet(report, batch, budgets)
             continue
         best, tied = pick_fastest(timed, batch)
         fid, shown = judged(best), stated(best)
@@ -100,7 +128,7 @@ def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ())
             "model": report["model"],
             "budget": [str(b) for b in budgets] or "each precision's bounds (cvt_export.metrics.BOUNDS)",
             "judged_on": inputs.get("held_out_note", f"{inputs['images']} images"),
-            "roles": inputs.get("roles"), "objectives": chosen}
+            "roles": inputs.get("roles"), "objectives": chosen, "unmet": reasons}
 
 
 def markdown(rec: Mapping[str, Any]) -> list[str]:
@@ -109,7 +137,8 @@ def markdown(rec: Mapping[str, Any]) -> list[str]:
              f"confirmation images, which decided nothing ({rec['judged_on']}):", ""]
     for objective, pick in rec["objectives"].items():
         if pick is None:
-            lines.append(f"- {objective}: nothing within the budget was timed at that batch size")
+            why = (rec.get("unmet") or {}).get(objective, "nothing within the budget")
+            lines.append(f"- {objective}: {why}")
             continue
         lo, hi = pick.get("median_ci_ms") or (pick["median_ms"], pick["median_ms"])
         figure = (f"{pick['median_ms']:.1f} ms [95% {lo:.1f}, {hi:.1f}]" if objective == "latency-b1"
@@ -163,7 +192,9 @@ def read(path: Path, objective: str) -> dict[str, Any]:
         raise CvtError(f"--from-recommendation {path}: has no {objective!r} entry; re-run cvt-bench")
     pick = objectives[objective]
     if pick is None:
-        raise CvtError(f"{path}: no configuration within the budget for {objective}")
+        why = (rec.get("unmet") or {}).get(objective) if isinstance(rec.get("unmet"), dict) else None
+        why = why.splitlines()[0][:300] if isinstance(why, str) and why.strip() else "none within the budget"
+        raise CvtError(f"{path}: no configuration for {objective}: {why}")
     if not isinstance(pick, dict):
         raise CvtError(f"--from-recommendation {path}: {objective} is not an object; re-run cvt-bench")
     backend = _field(pick, "backend", path, objective)
