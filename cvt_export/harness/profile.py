@@ -128,34 +128,20 @@ def _macs(counts: dict[str, dict[Any, int]], module: str, aten: frozenset[str]) 
     return sum(float(v) for op, v in counts.get(module, {}).items() if str(op).split(".")[1] in aten) / 2
 
 
-def gemm_macs_by_block(folder: ArtifactFolder, model: Any = None) -> dict[str, float]:
-    """Multiply-adds per image in the model's matrix products (its Linear layers, the attention
-    MatMuls and the classifier) per block ("stage S block B"; the classifier is HEAD), from
-    PyTorch's FLOP counter on the reference architecture (`model`: the folder's reference model
-    when the caller has it loaded already)."""
-    from cvt_export.probes import probe_key
-
-    model, counts = _flop_counts(folder, model)
-    root = type(model).__name__
-    by_block = {probe_key(s, b): _macs(counts, f"{root}.stages.{s}.blocks.{b}", GEMM_ATEN)
-                for s, stage in enumerate(model.stages) for b in range(len(stage.blocks))}
-    by_block[HEAD] = _macs(counts, "Global", GEMM_ATEN) - sum(by_block.values())  # the classifier
-    return by_block
-
-
-def gemm_macs(folder: ArtifactFolder, model: Any = None) -> float:
-    """Multiply-adds per image in the model's matrix products (`gemm_macs_by_block`, summed)."""
-    return sum(gemm_macs_by_block(folder, model).values())
-
-
 @dataclass(frozen=True)
 class Work:
-    """A model's multiply-adds per image: in its matrix products and in its convolutions (the
-    patch embeddings and the depthwise q/k/v projections). Every one of them takes at least
-    1 / (GEMM limit) seconds, so `total` at that rate is the floor no inference can beat."""
+    """A model's multiply-adds per image: in its matrix products (its Linear layers, the attention
+    MatMuls and the classifier) per block ("stage S block B"; the classifier is HEAD), and in its
+    convolutions (the patch embeddings and the depthwise q/k/v projections). Every one of them
+    takes at least 1 / (GEMM limit) seconds, so `total` at that rate is the floor no inference
+    can beat."""
 
-    gemm: float
+    gemm_by_block: dict[str, float]
     conv: float
+
+    @property
+    def gemm(self) -> float:
+        return sum(self.gemm_by_block.values())
 
     @property
     def total(self) -> float:
@@ -163,8 +149,26 @@ class Work:
 
 
 def work(folder: ArtifactFolder, model: Any = None) -> Work:
+    """The model's work from one run of PyTorch's FLOP counter on the reference architecture
+    (`model`: the folder's reference model when the caller has it loaded already)."""
+    from cvt_export.probes import probe_key
+
     model, counts = _flop_counts(folder, model)
-    return Work(gemm=_macs(counts, "Global", GEMM_ATEN), conv=_macs(counts, "Global", CONV_ATEN))
+    root = type(model).__name__
+    by_block = {probe_key(s, b): _macs(counts, f"{root}.stages.{s}.blocks.{b}", GEMM_ATEN)
+                for s, stage in enumerate(model.stages) for b in range(len(stage.blocks))}
+    by_block[HEAD] = _macs(counts, "Global", GEMM_ATEN) - sum(by_block.values())  # the classifier
+    return Work(gemm_by_block=by_block, conv=_macs(counts, "Global", CONV_ATEN))
+
+
+def gemm_macs_by_block(folder: ArtifactFolder, model: Any = None) -> dict[str, float]:
+    """Multiply-adds per image in the model's matrix products, per block (`Work.gemm_by_block`)."""
+    return work(folder, model).gemm_by_block
+
+
+def gemm_macs(folder: ArtifactFolder, model: Any = None) -> float:
+    """Multiply-adds per image in the model's matrix products (`Work.gemm`)."""
+    return work(folder, model).gemm
 
 
 def floor_ms(macs: float, batch: int, rate: float) -> float:
@@ -214,9 +218,8 @@ def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int
     shape = "x".join(map(str, LIMIT_SHAPE))
     progress(f"{be.name} {precision}: this CPU's GEMM limit on one {shape} MatMul")
     rate = runner.gemm_rate(*LIMIT_SHAPE, runs=max(runs, 10))
-    block_macs = gemm_macs_by_block(folder)
-    macs = sum(block_macs.values())
-    conv = work(folder).conv
+    model_work = work(folder)
+    block_macs, macs, conv = model_work.gemm_by_block, model_work.gemm, model_work.conv
     figures = {}
     for i, batch in enumerate(batches, 1):
         progress(f"{be.name} {precision} batch {batch} ({i}/{len(batches)})")
