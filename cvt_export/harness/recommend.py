@@ -39,13 +39,19 @@ def stated(row: Mapping[str, Any]) -> Mapping[str, Any]:
     return fid.get("confirmation") or judged(row)
 
 
-def within(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> bool:
+def broken(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> str:
+    """What keeps a row outside the budget on the selection images ("" when nothing does), e.g.
+    "cosine_min 0.9922 < 0.995" (each precision's bounds) or "misses cosine>=0.999" (a --budget)."""
     fid = judged(row)
     if not fid:
-        return False
+        return "no fidelity figures"
     if budgets:
-        return metrics.within(budgets, fid)
-    return not metrics.within_bounds(row["precision"], fid)
+        return ", ".join(f"misses {b}" for b in budgets if not b.holds(fid))
+    return ", ".join(metrics.within_bounds(row["precision"], fid))
+
+
+def within(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> bool:
+    return not broken(row, budgets)
 
 
 def interval(row: Mapping[str, Any], batch: str) -> tuple[float, float]:
@@ -68,17 +74,6 @@ def pick_fastest(rows: Sequence[Row], batch: str) -> tuple[Row, list[Row]]:
 
 def _name(row: Mapping[str, Any]) -> str:
     return f"{row['backend']} {row['precision']}"
-
-
-def broken(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> str:
-    """What keeps a row outside the budget on the selection images, e.g. "cosine_min 0.9922 <
-    0.995" (each precision's bounds) or "cosine>=0.999" (a --budget it misses)."""
-    fid = judged(row)
-    if not fid:
-        return "no fidelity figures"
-    if budgets:
-        return ", ".join(f"misses {b}" for b in budgets if not b.holds(fid))
-    return ", ".join(metrics.within_bounds(row["precision"], fid))
 
 
 def unmet(report: Mapping[str, Any], batch: str, budgets: Sequence[metrics.Budget] = ()) -> str:
@@ -192,7 +187,8 @@ def read(path: Path, objective: str) -> dict[str, Any]:
         raise CvtError(f"--from-recommendation {path}: has no {objective!r} entry; re-run cvt-bench")
     pick = objectives[objective]
     if pick is None:
-        why = (rec.get("unmet") or {}).get(objective) if isinstance(rec.get("unmet"), dict) else None
+        unmet = rec.get("unmet")
+        why = unmet.get(objective) if isinstance(unmet, dict) else None
         why = why.splitlines()[0][:300] if isinstance(why, str) and why.strip() else "none within the budget"
         raise CvtError(f"{path}: no configuration for {objective}: {why}")
     if not isinstance(pick, dict):
