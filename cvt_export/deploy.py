@@ -186,8 +186,8 @@ class Bench:
     def __init__(self, folder: ArtifactFolder, settings: Settings, scratch: Path,
                  progress: Callable[[str], None]) -> None:
         from cvt_export import validate
-        from cvt_export.backends.torch import reference_model
         from cvt_export.harness.bench import load_inputs, roles
+        from cvt_export.reference import reference_model
 
         self.folder, self.settings, self.scratch, self.progress = folder, settings, scratch, progress
         inputs = load_inputs(None, None, folder.variant)

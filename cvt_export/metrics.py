@@ -267,3 +267,90 @@ def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:
         "images_per_s": float(batch * 1000 / np.median(t)),
         "median_ci_ms": median_interval(t), "modes_ms": modes(t),
     }
+
+
+# --- paired comparison with the reference, per image -----------------------------------------
+
+def _log_binom_pmf(m: int, p: float) -> np.ndarray:
+    """log P(X = k) for k = 0..m, X ~ Binomial(m, p), 0 < p < 1."""
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, m + 1, dtype=np.float64)))])
+    k = np.arange(m + 1, dtype=np.float64)
+    return log_fact[m] - log_fact[:m + 1] - log_fact[::-1] + k * np.log(p) + (m - k) * np.log1p(-p)
+
+
+def binom_tails(k: int, m: int, p: float) -> tuple[float, float]:
+    """(P(X <= k), P(X >= k)) for X ~ Binomial(m, p)."""
+    if p <= 0.0:
+        return 1.0, float(k <= 0)
+    if p >= 1.0:
+        return float(k >= m), 1.0
+    pmf = np.exp(_log_binom_pmf(m, p))
+    return float(min(1.0, pmf[:k + 1].sum())), float(min(1.0, pmf[k:].sum()))
+
+
+def clopper_pearson(k: int, m: int, alpha: float = 0.05) -> list[float]:
+    """The exact (Clopper-Pearson) interval of a proportion k/m: the inversion of the two-sided
+    binomial test that doubles the smaller tail, so it holds 0.5 exactly when `mcnemar_p`>= alpha."""
+    if m <= 0:
+        return [0.0, 1.0]
+
+    def solve(f: Callable[[float], float]) -> float:  # f decreasing in p, find f(p) = alpha / 2
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) > alpha / 2 else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if k == 0 else 1.0 - solve(lambda p: binom_tails(k, m, 1.0 - p)[1])
+    upper = 1.0 if k == m else solve(lambda p: binom_tails(k, m, p)[0])
+    return [float(lower), float(upper)]
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact McNemar test: two-sided p of `gained` among the discordant pairs under Binomial(m, 1/2)."""
+    m = gained + lost
+    if m == 0:
+        return 1.0
+    below, above = binom_tails(gained, m, 0.5)
+    return float(min(1.0, 2.0 * min(below, above)))
+
+
+def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: float = 0.05) -> dict[str, Any]:
+    """A row's accuracy against the reference's on the same images. `lost`: right on the
+    reference, wrong here; `gained`: the reverse. The difference (row - reference) gets an exact
+    interval conditional on the number of discordant images (Clopper-Pearson on gained/(gained +
+    lost), scaled by their share; with none discordant, +- the exact upper bound of a 0/n share),
+    and the verdict comes from the exact McNemar test: "within noise" when p >= alpha."""
+    ref = np.asarray(ref_correct, dtype=bool)
+    row = np.asarray(row_correct, dtype=bool)
+    n = len(ref)
+    lost, gained = int((ref & ~row).sum()), int((~ref & row).sum())
+    m = lost + gained
+    if n == 0:
+        return {"n": 0, "lost": 0, "gained": 0, "difference": 0.0, "difference_ci": [-1.0, 1.0],
+                "p_value": 1.0, "within_noise": True}
+    if m:
+        lo, hi = clopper_pearson(gained, m, alpha)
+        ci = [m / n * (2 * lo - 1), m / n * (2 * hi - 1)]
+    else:
+        bound = clopper_pearson(0, n, alpha)[1]
+        ci = [-bound, bound]
+    p = mcnemar_p(gained, lost)
+    return {"n": n, "lost": lost, "gained": gained, "difference": (gained - lost) / n,
+            "difference_ci": [float(ci[0]), float(ci[1])], "p_value": p, "within_noise": p >= alpha}
+
+
+def class_losses(labels: np.ndarray, ref_correct: np.ndarray, row_correct: np.ndarray,
+                 top: int = 10) -> list[dict[str, Any]]:
+    """The classes whose images this row gets wrong most often where the reference got them right
+    (net of the reverse), worst first; only classes with a net loss."""
+    labels = np.asarray(labels)
+    out = []
+    for cls in np.unique(labels):
+        rows = labels == cls
+        ref_n, row_n = int(ref_correct[rows].sum()), int(row_correct[rows].sum())
+        if ref_n > row_n:
+            out.append({"class": int(cls), "images": int(rows.sum()), "reference_correct": ref_n,
+                        "row_correct": row_n, "net_lost": ref_n - row_n})
+    out.sort(key=lambda c: (-c["net_lost"], -c["images"], c["class"]))
+    return out[:top]

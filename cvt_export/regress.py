@@ -20,8 +20,8 @@ import numpy as np
 
 from cvt_export import artifacts, machine, metrics, precisions, validate
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.backends.torch import reference_model
 from cvt_export.harness import bench
+from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 
 SCHEMA = "cvt-regress/1"

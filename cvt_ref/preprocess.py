@@ -94,17 +94,31 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
         raise ImageError(f"{name}: cannot read it as an image ({e})") from None
 
 
-def preprocess_array(image: Image.Image | str | Path, variant: str | Variant) -> np.ndarray:
-    """-> float32[3, H, W] numpy, normalized (no torch: what a serving process needs)."""
+# Bumped whenever the arithmetic below changes what a pixel becomes: caches of model outputs key
+# on it (with the variant's size, crop and mean/std), so a changed pipeline never reuses them.
+PREPROCESS_VERSION = 1
+
+
+def crop_uint8(image: Image.Image | str | Path, variant: str | Variant) -> np.ndarray:
+    """-> uint8[H, W, 3]: decoded, RGB, resized and cropped, not yet normalized (a quarter of
+    the float tensor's bytes: what decode workers hand back)."""
     v = get_variant(variant)
     if not isinstance(image, Image.Image):
         image = load_image(image)
-    rgb = resize_and_crop(to_rgb(image), v)
-    x = np.asarray(rgb, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(v.mean, dtype=np.float32)
-    std = np.asarray(v.std, dtype=np.float32)
-    x = (x - mean) / std
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.asarray(resize_and_crop(to_rgb(image), v), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, variant: str | Variant) -> np.ndarray:
+    """uint8[..., H, W, 3] -> float32[..., 3, H, W]: /255, then the variant's mean and std."""
+    v = get_variant(variant)
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    y = (x - np.asarray(v.mean, dtype=np.float32)) / np.asarray(v.std, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(y, -1, -3))
+
+
+def preprocess_array(image: Image.Image | str | Path, variant: str | Variant) -> np.ndarray:
+    """-> float32[3, H, W] numpy, normalized (no torch: what a serving process needs)."""
+    return normalize(crop_uint8(image, variant), variant)
 
 
 def preprocess(image: Image.Image | str | Path, variant: str | Variant) -> torch.Tensor:

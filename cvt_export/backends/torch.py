@@ -31,8 +31,8 @@ from cvt_export.backends import (
 )
 from cvt_export.machine import cpu_name
 from cvt_export.precisions import run_by
+from cvt_export.reference import reference_model
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
-from cvt_ref.model import CvT
 
 
 def cpu_has_bf16() -> bool:
@@ -42,21 +42,6 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def reference_model(folder: ArtifactFolder | str | Path) -> CvT:
-    """The FP32 PyTorch model an artifact folder was exported from (weights checked by sha256)."""
-    import cvt_ref
-
-    folder = as_folder(folder)
-    weights = folder.weights
-    stress = folder.source.get("outliers") or {}
-    model = cvt_ref.create_model(folder.variant, weights["spec"], activation=weights.get("activation"),
-                                 outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0))
-    if model.weights is not None and weights.get("sha256") and model.weights.sha256 != weights["sha256"]:
-        raise BackendError(f"torch: {weights['spec']} is not the file {folder.path} was exported from "
-                           "(sha256 differs); re-export or pass the original weights")
-    return model
 
 
 class TorchRunner(RunnerBase):

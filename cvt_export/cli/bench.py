@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -203,6 +204,86 @@ def regress(
                  "unreviewed change(s); if intended, run `cvt-bench regress --update` and commit the "
                  "baseline")
     raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def accuracy(
+    dataset: Annotated[Path, typer.Option(
+        help="image folder (ImageFolder class folders named after the model's labels, synsets or "
+        "indices give accuracy; any other folder gives agreement with the reference)")],
+    artifacts: Annotated[Path, typer.Option(help="artifact folder")] = Path("artifacts/cvt-13"),
+    backend: Annotated[str, typer.Option(help="ort | openvino | torch | trt | all, or a comma list")] = "ort",
+    precision: Annotated[str, typer.Option(help="comma list of precisions")] = "fp32,int8",
+    batch: Annotated[int, typer.Option(help="images per batch, every row")] = 16,
+    workers: Annotated[int, typer.Option(help="decode processes (0: decode in this process)")] = 1,
+    shard_size: Annotated[int, typer.Option(
+        help="images per shard, on average (what a re-run redoes)")] = 256,
+    reference_cache: Annotated[Path | None, typer.Option(
+        help="SQLite file of the reference's outputs, shared between runs and artifact folders of "
+        "the same model [default: OUT/reference-cache.sqlite]")] = None,
+    limit: Annotated[int | None, typer.Option(help="use N images spread over the folder")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for every backend (>= 1)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="folder for accuracy.json/.md/.png and the per-image shards "
+        "[default: ARTIFACTS/accuracy]")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Accuracy on a whole validation set: every image decoded once (in worker processes) and run
+    through the PyTorch reference and every row; per-image results in shards beside the report.
+    Memory stays flat whatever the folder's size; the same command after a crash or Ctrl-C goes on
+    from the finished shards; the reference's outputs are cached by model, preprocessing and image.
+
+    Examples: cvt-bench accuracy --dataset ~/imagenet/val --artifacts artifacts/cvt-13;
+    cvt-bench accuracy --dataset ~/val --backend ort,openvino --precision fp32,int8 --workers 4
+    """
+    setup_logging(verbose)
+    names = _backends(backend)
+    precisions = _precisions(precision)
+    where = out or artifacts / "accuracy"
+    _accuracy_paths(dataset, artifacts, where, reference_cache)
+    folder = ArtifactFolder.open(artifacts)
+    from cvt_export.backends import get_backend
+    from cvt_export.harness import accuracy as acc
+    from cvt_export.harness import accuracy_report
+
+    for name in names:
+        get_backend(name)  # an unknown name fails before any work
+    rows = tuple((get_backend(b).name, p) for b in names for p in precisions)
+    cfg = acc.PassConfig(dataset, where, rows, batch=batch, workers=workers, shard_size=shard_size,
+                         reference_cache=reference_cache, limit=limit, threads=threads)
+    cfg.check()
+    with status("accuracy pass") as live:
+        def show_progress(p: acc.Progress) -> None:
+            rate = p.images / max(1e-9, time.monotonic() - p.started)
+            live.update(f"accuracy pass ({p.images}/{p.total}) {rate:.1f} images/s")
+
+        with folder.lock():  # one writer: optimized graphs and IRs may be made beside the files
+            report = acc.run(cfg, folder, show_progress)
+    written = accuracy_report.write_all(report, where)
+    for line in accuracy_report.markdown(report).splitlines()[2:]:
+        stdout.print(line, highlight=False, soft_wrap=True)
+    stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def _accuracy_paths(dataset: Path, artifacts: Path, out: Path, cache: Path | None) -> None:
+    """Refuse outputs that would land among the inputs: shards or plots inside the image folder
+    (the next run would read them as images), the report into the export's root, a cache that is
+    a folder."""
+    if not dataset.is_dir():
+        raise CvtError(f"--dataset {dataset}: no such folder")
+    resolved = out.resolve()
+    if resolved == dataset.resolve() or dataset.resolve() in resolved.parents:
+        raise CvtError(f"--out {out}: inside --dataset {dataset}; choose a folder outside it")
+    if resolved == artifacts.resolve():
+        raise CvtError(f"--out {out}: is the artifact folder itself; choose another folder "
+                       f"(default {artifacts / 'accuracy'})")
+    output_folder(out)
+    if cache is not None:
+        if cache.is_dir():
+            raise CvtError(f"--reference-cache {cache}: is a folder; give a file name")
+        if dataset.resolve() in cache.resolve().parents:
+            raise CvtError(f"--reference-cache {cache}: inside --dataset {dataset}; choose a file outside it")
 
 
 @app.command()

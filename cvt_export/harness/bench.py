@@ -29,9 +29,9 @@ from cvt_export.backends import (
     Probing,
     get_backend,
 )
-from cvt_export.backends.torch import reference_model
 from cvt_export.harness import profile, timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
+from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images
 from cvt_ref.source import sha256_file
@@ -104,6 +104,22 @@ def class_index(labels: list[str]) -> dict[str, int]:
     return index
 
 
+def folder_labels(paths: list[Path], dataset: Path, variant: cvt_ref.Variant,
+                  labels: list[str] | None = None) -> tuple[np.ndarray | None, str]:
+    """int[N] labels from an ImageFolder layout (folders named after the model's labels, synsets
+    or class indices), or None and why not."""
+    index = class_index(labels or cvt_ref.class_names(variant.num_classes))
+    folders = [p.parent.name if p.parent != dataset else None for p in paths]
+    unknown = sorted({f for f in folders if f is not None and f.lower() not in index})
+    if None in folders:
+        return None, "accuracy skipped: some images are not in class folders (ImageFolder layout)"
+    if unknown:
+        return None, (f"accuracy skipped: class folders {', '.join(unknown[:3])}"
+                      f"{' ...' if len(unknown) > 3 else ''} are not the model's labels, synsets or "
+                      f"class indices 0..{variant.num_classes - 1}")
+    return np.asarray([index[f.lower()] for f in folders if f is not None], dtype=np.int64), ""
+
+
 def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Variant,
                 labels: list[str] | None = None, *, golden: bool = False) -> Inputs:
     """The bundled evaluation set (17 photographs in `imageset.VIEWS` views each), an image
@@ -125,17 +141,7 @@ def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Varian
         items = calibration.spread(items, limit)
     found_labels, note = None, ""
     if dataset is not None:
-        index = class_index(labels or cvt_ref.class_names(variant.num_classes))
-        folders = [it.path.parent.name if it.path.parent != dataset else None for it in items]
-        unknown = sorted({f for f in folders if f is not None and f.lower() not in index})
-        if None in folders:
-            note = "accuracy skipped: some images are not in class folders (ImageFolder layout)"
-        elif unknown:
-            note = (f"accuracy skipped: class folders {', '.join(unknown[:3])}"
-                    f"{' ...' if len(unknown) > 3 else ''} are not the model's labels, synsets or "
-                    f"class indices 0..{variant.num_classes - 1}")
-        else:
-            found_labels = np.asarray([index[f.lower()] for f in folders if f is not None], dtype=np.int64)
+        found_labels, note = folder_labels([it.path for it in items], dataset, variant, labels)
     images = cvt_ref.preprocess_batch([it.image() for it in items], variant).numpy()
     digest = hashlib.sha256(images.tobytes()).hexdigest()
     names = [str(it.path.relative_to(dataset)) if dataset else it.name for it in items]

@@ -371,8 +371,8 @@ def bench_served(target: Target, folder: Any, precision: str | None,
     disagrees with the config is refused before any work. Stops at the first load with failed
     requests (`failed_at` says which)."""
     from cvt_export import artifacts, machine, validate
-    from cvt_export.backends.torch import reference_model
     from cvt_export.harness.bench import load_inputs
+    from cvt_export.reference import reference_model
 
     folder = artifacts.as_folder(folder)
     served = probe(target, folder.variant.image_size, folder.variant.num_classes)

@@ -1,0 +1,492 @@
+"""The accuracy pass: a whole image folder through the reference and every row, streamed.
+
+images listed (sorted) ─► shards (content-defined, so adding or removing a file redoes one)
+  ─► decode workers (processes, a bounded queue of uint8 batches) ─► each batch through the
+  reference (from the cache when it has the image) and every row, once
+  ─► per row and shard, an .npz of per-image results and its record (hash) ─► statistics.
+
+Memory holds a few batches and the per-image top-5s, whatever the folder's size. A re-run with the
+same command trusts a shard file only when its record names the same images and the same model
+and the file's bytes hash to the recorded sha256; everything else is redone. The reference's
+logits are cached by (model content, preprocessing, image content) in SQLite, which survives a
+kill mid-write, so a second artifact folder of the same model, or a resumed pass, skips them.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cvt_ref
+from cvt_export import artifacts, machine, metrics
+from cvt_export.artifacts import ArtifactFolder
+from cvt_export.backends import BackendError, BackendUnavailable, Runner, get_backend
+from cvt_export.harness.bench import folder_labels
+from cvt_export.harness.decoding import decode, watch_parent
+from cvt_export.records import (
+    AccuracyReport,
+    ClassLoss,
+    DatasetInfo,
+    Paired,
+    RecordError,
+    RowAccuracy,
+    ShardRecord,
+)
+from cvt_export.reference import reference_model
+from cvt_ref.errors import CvtError
+from cvt_ref.preprocess import PREPROCESS_VERSION, list_images, normalize
+
+log = logging.getLogger(__name__)
+
+TOP = 5
+SHARDS = "shards"
+REFERENCE = ("torch", "fp32")
+
+
+class AccuracyError(CvtError):
+    """Bad input to the accuracy pass: no images, an unknown row, a batch of 0..."""
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    dataset: Path
+    out: Path
+    rows: tuple[tuple[str, str], ...] = ()  # (backend, precision) besides the reference
+    batch: int = 16
+    workers: int = 1          # decode processes; 0 decodes in this process
+    shard_size: int = 256     # images per shard, on average
+    reference_cache: Path | None = None  # default: OUT/reference-cache.sqlite
+    limit: int | None = None
+    threads: int | None = None
+
+    def check(self) -> None:
+        if self.batch < 1:
+            raise AccuracyError(f"--batch {self.batch}: must be >= 1")
+        if self.workers < 0:
+            raise AccuracyError(f"--workers {self.workers}: use 0 (decode here) or more")
+        if self.shard_size < 1:
+            raise AccuracyError(f"--shard-size {self.shard_size}: must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise AccuracyError(f"--limit {self.limit}: must be >= 1")
+        if not self.dataset.is_dir():
+            raise AccuracyError(f"--dataset {self.dataset}: no such folder")
+
+    @property
+    def cache_path(self) -> Path:
+        return self.reference_cache or self.out / "reference-cache.sqlite"
+
+
+# --- what is there: images, shards ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    name: str      # relative to the dataset folder
+    stat: str      # size and modification time: a changed file changes its shard's key
+    label: int     # -1: none
+
+
+@dataclass(frozen=True)
+class Shard:
+    key: str
+    entries: tuple[Entry, ...]
+
+    @property
+    def folder(self) -> str:
+        return f"{SHARDS}/{self.key[:20]}"
+
+
+def list_entries(cfg: PassConfig, variant: cvt_ref.Variant, labels: list[str]) -> tuple[list[Entry], str]:
+    paths = list_images(cfg.dataset)
+    if not paths:
+        raise AccuracyError(f"--dataset {cfg.dataset}: holds no images")
+    if cfg.limit and cfg.limit < len(paths):
+        step = len(paths) / cfg.limit
+        paths = [paths[int(i * step)] for i in range(cfg.limit)]
+    found, note = folder_labels(paths, cfg.dataset, variant, labels)
+    entries = []
+    for i, p in enumerate(paths):
+        st = p.stat()
+        entries.append(Entry(p, p.relative_to(cfg.dataset).as_posix(), f"{st.st_size}:{st.st_mtime_ns}",
+                             int(found[i]) if found is not None else -1))
+    return entries, note
+
+
+def plan(entries: Sequence[Entry], size: int) -> list[Shard]:
+    """Content-defined shards: one ends after an image whose name hashes to 0 mod `size` (or at
+    4x `size`), so a file added or removed changes the key of its own shard only."""
+    shards, current = [], []
+    for e in entries:
+        current.append(e)
+        h = int.from_bytes(hashlib.sha256(e.name.encode()).digest()[:8], "big")
+        if h % size == 0 or len(current) >= 4 * size:
+            shards.append(current)
+            current = []
+    if current:
+        shards.append(current)
+    out = []
+    for group in shards:
+        key = hashlib.sha256()
+        for e in group:
+            key.update(f"{e.name}\0{e.stat}\0{e.label}\n".encode())
+        out.append(Shard(key.hexdigest(), tuple(group)))
+    return out
+
+
+# --- decoding in worker processes ----------------------------------------------------------------
+
+class Decoder:
+    """Batches decoded by `workers` processes, at most 2 per worker in flight, in order."""
+
+    def __init__(self, workers: int, variant: cvt_ref.Variant) -> None:
+        self.variant = variant
+        self.pool: cf.ProcessPoolExecutor | None = None
+        self.depth = 2 * max(1, workers)
+        if workers:
+            self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                               initializer=watch_parent, initargs=(os.getpid(),))
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def batches(self, jobs: Sequence[Sequence[Path]]) -> Iterator[tuple[np.ndarray, list[str]]]:
+        if self.pool is None:
+            for paths in jobs:
+                yield decode(paths, self.variant)
+            return
+        pending: collections.deque[cf.Future[tuple[np.ndarray, list[str]]]] = collections.deque()
+        queued = iter(jobs)
+        for paths in queued:
+            pending.append(self.pool.submit(decode, paths, self.variant))
+            if len(pending) >= self.depth:
+                break
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(queued, None)
+            if nxt is not None:
+                pending.append(self.pool.submit(decode, nxt, self.variant))
+            yield done
+
+
+# --- the reference's cache -------------------------------------------------------------------------
+
+class ReferenceCache:
+    """Reference logits by sha256(model content, preprocessing, image content), in SQLite."""
+
+    def __init__(self, path: Path, scope: str) -> None:
+        self.path, self.scope = path, scope
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path)
+            self.db.execute("CREATE TABLE IF NOT EXISTS logits (key TEXT PRIMARY KEY, value BLOB)")
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            raise AccuracyError(f"--reference-cache {path}: not a usable cache ({e}); "
+                                "choose another file") from None
+
+    def key(self, digest: str) -> str:
+        return hashlib.sha256(f"{self.scope}\0{digest}".encode()).hexdigest()
+
+    def get(self, digests: Sequence[str], classes: int) -> dict[int, np.ndarray]:
+        keys = [self.key(d) for d in digests]
+        marks = ",".join("?" * len(keys))
+        found = dict(self.db.execute(f"SELECT key, value FROM logits WHERE key IN ({marks})", keys))
+        out = {}
+        for i, k in enumerate(keys):
+            blob = found.get(k)
+            if blob is not None and len(blob) == 4 * classes:
+                out[i] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def put(self, digests: Sequence[str], logits: np.ndarray) -> None:
+        rows = [(self.key(d), np.ascontiguousarray(x, dtype=np.float32).tobytes())
+                for d, x in zip(digests, logits, strict=True)]
+        self.db.executemany("INSERT OR REPLACE INTO logits VALUES (?, ?)", rows)
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def model_key(model: Any, variant: cvt_ref.Variant) -> str:
+    """The reference's content: every parameter and buffer, and the variant it is built as."""
+    h = hashlib.sha256(repr(variant).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    h.update(str(getattr(model, "activation", "")).encode())
+    return h.hexdigest()
+
+
+def preprocessing_key(variant: cvt_ref.Variant) -> str:
+    return (f"v{PREPROCESS_VERSION} {variant.image_size}px {variant.crop} resize {variant.resize_size} "
+            f"mean {variant.mean} std {variant.std}")
+
+
+# --- per-shard files ------------------------------------------------------------------------------
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    data = buf.getvalue()
+    artifacts.atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_part(out: Path, shard: Shard, row: str, row_key: str, arrays: dict[str, np.ndarray]) -> None:
+    """The file first, then its record: a kill between the two leaves a file that is not trusted."""
+    folder = out / shard.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = _save_npz(folder / f"{row}.npz", arrays)
+    rec = ShardRecord(shard.key, row, row_key, len(shard.entries), f"{row}.npz", digest)
+    artifacts.atomic_write(folder / f"{row}.json", json.dumps(rec.to_json(), indent=1) + "\n")
+
+
+def read_part(out: Path, shard: Shard, row: str, row_key: str) -> dict[str, np.ndarray] | None:
+    """A finished part, or None: no record, another shard's or model's, or bytes that do not match."""
+    folder = out / shard.folder
+    try:
+        rec = ShardRecord.read(folder / f"{row}.json")
+    except RecordError:
+        return None
+    if (rec.shard, rec.row, rec.row_key, rec.images, rec.file) != (shard.key, row, row_key,
+                                                                   len(shard.entries), f"{row}.npz"):
+        return None
+    try:
+        data = (folder / rec.file).read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if any(len(v) != len(shard.entries) for v in arrays.values()):
+        return None
+    return arrays
+
+
+def row_results(logits: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image: top-5 classes and probabilities, cosine and max-abs against the reference."""
+    top = metrics.topk(logits, TOP).astype(np.int32)
+    prob = np.exp(metrics.log_softmax(logits))
+    return {"top5": top, "prob5": np.take_along_axis(prob, top, axis=1).astype(np.float32),
+            "cosine": metrics.cosine(ref, logits),
+            "max_abs": np.abs(ref.astype(np.float64) - logits.astype(np.float64)).max(axis=1)}
+
+
+# --- the pass ------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    key: str
+    runner: Runner | None = None
+    status: str = "ok"
+    reason: str = ""
+    executed: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-{self.precision}"
+
+
+@dataclass
+class Progress:
+    images: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def open_rows(folder: ArtifactFolder, cfg: PassConfig) -> list[Row]:
+    rows = []
+    for backend, precision in dict.fromkeys(cfg.rows):
+        if (backend, precision) == REFERENCE:
+            continue
+        b = get_backend(backend)
+        file_key = (folder.sha256(precision) if folder.has(precision)
+                    else folder.sha256("fp32") if precision == "bf16" else "")
+        row = Row(b.name, precision, hashlib.sha256(f"{b.name} {precision} {file_key}".encode()).hexdigest())
+        ok, why = b.available()
+        if precision not in b.precisions:
+            row.status, row.reason = "skipped", f"{b.name} has no {precision} path"
+        elif not ok:
+            row.status, row.reason = "skipped", why
+        rows.append(row)
+    return rows
+
+
+def _start(row: Row, folder: ArtifactFolder, cfg: PassConfig, stack: contextlib.ExitStack) -> None:
+    if row.runner is not None or row.status != "ok":
+        return
+    try:
+        row.runner = stack.enter_context(get_backend(row.backend).compile(folder, row.precision,
+                                                                          threads=cfg.threads))
+        row.executed = row.runner.info.executed
+    except BackendError as e:
+        row.status = "skipped" if isinstance(e, BackendUnavailable) else "error"
+        row.reason = str(e)
+
+
+def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], None] = lambda p: None
+        ) -> AccuracyReport:
+    cfg.check()
+    variant = folder.variant
+    entries, note = list_entries(cfg, variant, folder.labels)
+    shards = plan(entries, cfg.shard_size)
+    model = reference_model(folder)
+    mkey = model_key(model, variant)
+    prep = preprocessing_key(variant)
+    ref_key = hashlib.sha256(f"{mkey}\0{prep}".encode()).hexdigest()
+    state = Progress(total=len(entries))
+    reused = cached = 0
+    with contextlib.ExitStack() as stack:
+        rows = open_rows(folder, cfg)
+        cache = ReferenceCache(cfg.cache_path, ref_key)
+        stack.callback(cache.close)
+        decoder = stack.enter_context(Decoder(cfg.workers, variant))
+        for shard in shards:
+            wanted = {r.name: r for r in rows if r.status == "ok"
+                      and read_part(cfg.out, shard, r.name, r.key) is None}
+            need_ref = read_part(cfg.out, shard, "reference", ref_key) is None
+            need_images = read_part(cfg.out, shard, "images", ref_key) is None
+            if not (wanted or need_ref or need_images):
+                reused += 1
+                state.images += len(shard.entries)
+                progress(state)
+                continue
+            for r in wanted.values():
+                _start(r, folder, cfg, stack)
+            wanted = {k: r for k, r in wanted.items() if r.status == "ok"}
+            got, n_cached = _run_shard(shard, cfg, decoder, model, cache, variant, wanted, state, progress)
+            cached += n_cached
+            write_part(cfg.out, shard, "images", ref_key, got.pop("images"))
+            write_part(cfg.out, shard, "reference", ref_key, got.pop("reference"))
+            for name, arrays in got.items():
+                write_part(cfg.out, shard, name, wanted[name].key, arrays)
+    reference = Row(*REFERENCE, ref_key, executed="fp32 (PyTorch eager)")
+    return summarize(cfg, folder, shards, reference, rows, mkey, prep,
+                     DatasetInfo(str(cfg.dataset), len(entries), note == "", note,
+                                 len({e.label for e in entries if e.label >= 0}), len(shards),
+                                 cfg.shard_size, reused, cached, str(cfg.cache_path)), state.started)
+
+
+def _run_shard(shard: Shard, cfg: PassConfig, decoder: Decoder, model: Any, cache: ReferenceCache,
+               variant: cvt_ref.Variant, rows: dict[str, Row], state: Progress,
+               progress: Callable[[Progress], None]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    import torch
+
+    classes = variant.num_classes
+    jobs = [[e.path for e in shard.entries[i:i + cfg.batch]]
+            for i in range(0, len(shard.entries), cfg.batch)]
+    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ["reference", *rows]}
+    digests: list[str] = []
+    n_cached = 0
+    for pixels, sums in decoder.batches(jobs):
+        x = normalize(pixels, variant)
+        known = cache.get(sums, classes)
+        n_cached += len(known)
+        missing = [i for i in range(len(sums)) if i not in known]
+        ref = np.empty((len(sums), classes), dtype=np.float32)
+        for i, v in known.items():
+            ref[i] = v
+        if missing:
+            with torch.inference_mode():
+                fresh = model(torch.from_numpy(x[missing])).numpy()
+            ref[missing] = fresh
+            cache.put([sums[i] for i in missing], fresh)
+        parts["reference"].append(row_results(ref, ref))
+        for name, row in rows.items():
+            assert row.runner is not None
+            parts[name].append(row_results(row.runner(x), ref))
+        digests += sums
+        state.images += len(sums)
+        progress(state)
+    out = {name: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for name, ps in parts.items()}
+    out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
+                     "sha256": np.frombuffer(bytes.fromhex("".join(digests)), np.uint8).reshape(-1, 32),
+                     "label": np.asarray([e.label for e in shard.entries], dtype=np.int64)}
+    return out, n_cached
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+def _gather(out: Path, shards: Sequence[Shard], row: str, key: str) -> dict[str, np.ndarray] | None:
+    parts = [read_part(out, s, row, key) for s in shards]
+    if any(p is None for p in parts):
+        return None
+    return {k: np.concatenate([p[k] for p in parts if p is not None]) for k in parts[0] or {}}
+
+
+def _row_stats(row: Row, got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+               images: dict[str, np.ndarray], labelled: bool, names: list[str],
+               is_reference: bool) -> RowAccuracy:
+    n = len(got["top5"])
+    top1, ref_top1 = got["top5"][:, 0], ref["top5"][:, 0]
+    agree = float((top1 == ref_top1).mean())
+    contains = float((got["top5"] == ref_top1[:, None]).any(axis=1).mean())
+    worst = int(np.argmin(got["cosine"]))
+    fields: dict[str, Any] = {
+        "n": n, "top1_agreement": agree, "top1_agreement_ci": tuple(metrics.wilson(agree * n, n)),
+        "top5_contains_reference": contains, "cosine_min": float(got["cosine"].min()),
+        "cosine_p5": float(np.percentile(got["cosine"], 5)), "worst_image": images["name"][worst].item()}
+    if labelled:
+        labels = images["label"]
+        correct, ref_correct = top1 == labels, ref_top1 == labels
+        top5 = float((got["top5"] == labels[:, None]).any(axis=1).mean())
+        acc = float(correct.mean())
+        fields.update(top1=acc, top1_ci=tuple(metrics.wilson(acc * n, n)), top5=top5,
+                      top5_ci=tuple(metrics.wilson(top5 * n, n)))
+        if not is_reference:
+            p = metrics.paired_accuracy(ref_correct, correct)
+            fields["paired"] = Paired(p["n"], p["lost"], p["gained"], p["difference"],
+                                      tuple(p["difference_ci"]), p["p_value"], p["within_noise"])
+            fields["classes_lost"] = tuple(
+                ClassLoss(c["class"], names[c["class"]] if c["class"] < len(names) else str(c["class"]),
+                          c["images"], c["reference_correct"], c["row_correct"], c["net_lost"])
+                for c in metrics.class_losses(labels, ref_correct, correct))
+    return RowAccuracy(row.backend, row.precision, executed=row.executed, **fields)
+
+
+def summarize(cfg: PassConfig, folder: ArtifactFolder, shards: Sequence[Shard], reference: Row,
+              rows: list[Row], mkey: str, prep: str, info: DatasetInfo, started: float) -> AccuracyReport:
+    images = _gather(cfg.out, shards, "images", reference.key)
+    ref = _gather(cfg.out, shards, "reference", reference.key)
+    if images is None or ref is None:
+        raise AccuracyError("the pass ended with shards missing: run the same command again to finish them")
+    labelled = info.labelled
+    names = folder.labels
+    ref_row = _row_stats(reference, ref, ref, images, labelled, names, True)
+    out = []
+    for row in rows:
+        got = _gather(cfg.out, shards, row.name, row.key) if row.status == "ok" else None
+        if got is None:
+            out.append(RowAccuracy(row.backend, row.precision, row.status if row.status != "ok" else "error",
+                                   row.reason or "no results", row.executed))
+            continue
+        out.append(_row_stats(row, got, ref, images, labelled, names, False))
+    return AccuracyReport(
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), machine=machine.describe(),
+        variant=folder.variant_name, weights=folder.weights_spec, artifacts=str(folder.path),
+        model_key=mkey, preprocessing=prep, dataset=info, reference=ref_row, rows=tuple(out),
+        seconds=round(time.monotonic() - started, 1), workers=cfg.workers, batch=cfg.batch)

@@ -1,0 +1,127 @@
+"""The accuracy pass as files people read: accuracy.json, accuracy.md and accuracy.png, all
+rendered from the typed `AccuracyReport` record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cvt_export.artifacts import atomic_write
+from cvt_export.records import AccuracyReport, RowAccuracy
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _ci(ci: tuple[float, ...]) -> str:
+    return f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if len(ci) == 2 else ""
+
+
+def _label(r: RowAccuracy) -> str:
+    return f"{r.backend} {r.precision}"
+
+
+def verdict(r: RowAccuracy) -> str:
+    p = r.paired
+    if p is None:
+        return "–"
+    diff = f"{100 * p.difference:+.2f} points {_ci(p.difference_ci)}"
+    word = "within noise" if p.within_noise else ("better, beyond noise" if p.difference > 0
+                                                  else "WORSE, beyond noise")
+    return f"{diff}, McNemar p {p.p_value:.3g}: {word}"
+
+
+def markdown(rep: AccuracyReport) -> str:
+    d, m = rep.dataset, rep.machine
+    lines = [
+        f"# cvt-bench accuracy: {rep.variant} ({rep.weights})", "",
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores. {d.images} images from {d.source}"
+        f" in {d.shards} shards ({d.shards_reused} reused from an earlier run); reference outputs "
+        f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.", "",
+    ]
+    if d.labelled:
+        lines += [f"Labelled: {d.classes} classes. Intervals are 95%: Wilson for accuracies; for the "
+                  "change against the reference, exact and conditional on the images that flipped, "
+                  "with the exact McNemar test deciding 'within noise'.", "",
+                  "| row | runs as | n | top-1 [95%] | top-5 [95%] | lost | gained | change vs reference |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in (rep.reference, *rep.rows):
+            if r.status != "ok":
+                continue
+            p = r.paired
+            lines.append(f"| {_label(r)} | {r.executed} | {r.n} | {_pct(r.top1)} {_ci(r.top1_ci)} | "
+                         f"{_pct(r.top5)} {_ci(r.top5_ci)} | {p.lost if p else '–'} | "
+                         f"{p.gained if p else '–'} | {verdict(r) if p else 'reference'} |")
+    else:
+        lines += [f"Unlabelled ({d.label_note or 'no class folders'}): agreement with the reference "
+                  "instead of accuracy.", ""]
+    lines += ["", "## Agreement with the reference (PyTorch FP32)", "",
+              "| row | top-1 agreement [95%] | reference's top-1 in top-5 | cosine min | cosine p5 | "
+              "worst image |", "|---|---|---|---|---|---|"]
+    for r in rep.rows:
+        if r.status == "ok":
+            lines.append(f"| {_label(r)} | {_pct(r.top1_agreement)} {_ci(r.top1_agreement_ci)} | "
+                         f"{_pct(r.top5_contains_reference)} | {r.cosine_min:.5f} | {r.cosine_p5:.5f} | "
+                         f"{r.worst_image} |")
+    lost = [r for r in rep.rows if r.classes_lost]
+    if lost:
+        lines += ["", "## Classes that lose most", "",
+                  "| row | class | images | reference right | row right | net lost |",
+                  "|---|---|---|---|---|---|"]
+        for r in lost:
+            for c in r.classes_lost[:5]:
+                lines.append(f"| {_label(r)} | {c.label} {c.name} | {c.images} | {c.reference_correct} | "
+                             f"{c.row_correct} | {c.net_lost} |")
+    skipped = [r for r in rep.rows if r.status != "ok"]
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(f"{_label(r)} ({r.reason})" for r in skipped) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: AccuracyReport, path: Path) -> Path:
+    """Top-1 (or agreement) per row with its interval, and the paired change with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in (rep.reference, *rep.rows) if r.status == "ok"]
+    labelled = rep.dataset.labelled
+    fig, axes = plt.subplots(1, 2 if labelled else 1, figsize=(10 if labelled else 6, 0.5 * len(rows) + 2),
+                             dpi=110, squeeze=False)
+    ax = axes[0][0]
+    for i, r in enumerate(rows):
+        value, ci = (r.top1, r.top1_ci) if labelled else (r.top1_agreement, r.top1_agreement_ci)
+        if value is None or len(ci) != 2:
+            continue
+        ax.errorbar([100 * value], [i], xerr=[[100 * (value - ci[0])], [100 * (ci[1] - value)]], fmt="o",
+                    capsize=3)
+    ax.set_yticks(range(len(rows)), [_label(r) for r in rows])
+    ax.set_xlabel("top-1 accuracy, % (95% interval)" if labelled else "top-1 agreement with the reference, %")
+    ax.grid(alpha=0.3)
+    if labelled:
+        ax = axes[0][1]
+        for i, r in enumerate(rows):
+            if r.paired is None:
+                continue
+            p = r.paired
+            ax.errorbar([100 * p.difference], [i], xerr=[[100 * (p.difference - p.difference_ci[0])],
+                                                         [100 * (p.difference_ci[1] - p.difference)]],
+                        fmt="o", capsize=3, color="C3" if not p.within_noise else "C0")
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(rows)), [_label(r) for r in rows])
+        ax.set_xlabel("change in top-1 vs reference, points (paired, 95%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{rep.variant}: {rep.dataset.images} images from {Path(rep.dataset.source).name}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_all(rep: AccuracyReport, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "accuracy.json", json.dumps(rep.to_json(), indent=2) + "\n")
+    atomic_write(out / "accuracy.md", markdown(rep))
+    return [out / "accuracy.json", out / "accuracy.md", plot(rep, out / "accuracy.png")]

@@ -1,0 +1,43 @@
+"""What a decode worker of the accuracy pass runs: file bytes -> cropped uint8 pixels and the
+file's sha256. Light on purpose (PIL and numpy, no torch or runtime): each worker process imports
+only this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cvt_ref.errors import ImageError
+from cvt_ref.preprocess import crop_uint8, decode_image
+from cvt_ref.variants import Variant
+
+
+def watch_parent(parent: int) -> None:
+    """A decode worker ends when the pass that started it is gone (SIGKILL included)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def decode(paths: Sequence[Path], variant: Variant) -> tuple[np.ndarray, list[str]]:
+    """uint8[B, H, W, 3] and each file's sha256 (its content, the cache's key)."""
+    pixels, digests = [], []
+    for p in paths:
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{p}: cannot read it ({e.strerror or e})") from None
+        digests.append(hashlib.sha256(data).hexdigest())
+        image = decode_image(data, str(p))
+        pixels.append(crop_uint8(image, variant))
+    return np.stack(pixels), digests

@@ -1,0 +1,311 @@
+"""The accuracy pass (`cvt-bench accuracy`): streamed, resumable, cached, with paired statistics.
+
+Oracles: ONNX Runtime sessions opened here on the folder's files (not the project's runner) for
+what each row computes; labels from class folders this test names; scipy for the exact tests and
+intervals; an uninterrupted run for what a killed-and-resumed one must end with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cvt_ref
+from cvt_export import imageset, metrics
+from cvt_export.artifacts import ArtifactFolder
+from cvt_export.harness import accuracy as acc
+from cvt_export.records import AccuracyReport, RecordError
+from cvt_ref.preprocess import preprocess_array
+from helpers import BIN, assert_user_error, run_cli
+
+CLASSES = (1, 2, 3, 993, 385)
+
+
+# --- statistics against scipy --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("gained", "lost"), [(3, 7), (0, 7), (7, 0), (40, 60), (1, 1), (120, 80)])
+def test_exact_mcnemar_and_interval_match_scipy(gained: int, lost: int) -> None:
+    from scipy.stats import binomtest
+
+    m = gained + lost
+    expected = binomtest(gained, m, 0.5)
+    assert metrics.mcnemar_p(gained, lost) == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-12)
+    ci = expected.proportion_ci(confidence_level=0.95, method="exact")
+    assert metrics.clopper_pearson(gained, m) == pytest.approx([ci.low, ci.high], abs=1e-9)
+
+
+def test_paired_accuracy_by_hand() -> None:
+    """100 images: the reference right on 60; the row loses 9 of them and gains 1 elsewhere."""
+    ref = np.zeros(100, dtype=bool)
+    ref[:60] = True
+    row = ref.copy()
+    row[:9] = False
+    row[80] = True
+    p = metrics.paired_accuracy(ref, row)
+    assert (p["lost"], p["gained"], p["n"]) == (9, 1, 100)
+    assert p["difference"] == pytest.approx(-0.08)
+    assert p["p_value"] == pytest.approx(22 / 1024)  # 2 * P(X <= 1), X ~ Bin(10, 1/2)
+    assert not p["within_noise"]
+    lo, hi = p["difference_ci"]
+    assert lo < -0.08 < hi < 0
+    same = metrics.paired_accuracy(ref, ref)
+    assert same["within_noise"] and same["difference"] == 0 and same["difference_ci"][0] < 0
+
+
+def test_class_losses_by_hand() -> None:
+    labels = np.asarray([0, 0, 0, 1, 1, 2, 2])
+    ref = np.asarray([1, 1, 1, 1, 0, 1, 1], dtype=bool)
+    row = np.asarray([0, 0, 1, 1, 1, 1, 0], dtype=bool)
+    got = metrics.class_losses(labels, ref, row)
+    assert [(c["class"], c["net_lost"]) for c in got] == [(0, 2), (2, 1)]  # class 1: one lost, one gained
+
+
+# --- records ----------------------------------------------------------------------------------------
+
+def test_report_records_refuse_foreign_and_newer_files(tmp_path: Path) -> None:
+    for data, words in (({"schema": "cvt-accuracy/2"}, "newer cvt-export"),
+                        ({"schema": "cvt-bench/1"}, "not a accuracy report"),
+                        ([1, 2], "expected a JSON object"),
+                        ({"schema": "cvt-accuracy/1", "created": "x"}, "missing field")):
+        with pytest.raises(RecordError, match=words):
+            AccuracyReport.from_json(data)
+    broken = tmp_path / "accuracy.json"
+    broken.write_text('{"schema": ')
+    with pytest.raises(RecordError, match=r"accuracy\.json: not a accuracy report"):
+        AccuracyReport.read(broken)
+
+
+# --- the pass against ONNX Runtime run here ---------------------------------------------------------
+
+def make_folder(root: Path, n: int, size: tuple[int, int] | None = None) -> dict[str, int]:
+    """n JPEGs in class-index folders (labels known here), views of the bundled photographs."""
+    items = imageset.bundled_items()
+    labels = {}
+    for i in range(n):
+        it = items[(7 * i) % len(items)]
+        cls = CLASSES[i % len(CLASSES)]
+        image = it.image().convert("RGB")
+        if size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        name = f"{cls}/{i:04d}.jpg"
+        (root / str(cls)).mkdir(parents=True, exist_ok=True)
+        image.save(root / name, quality=90)
+        labels[name] = cls
+    return labels
+
+
+def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def test_pass_matches_onnx_runtime_run_here(exported: Path, tmp_path: Path) -> None:
+    labels = make_folder(tmp_path / "val", 20)
+    out = tmp_path / "acc"
+    cfg = acc.PassConfig(tmp_path / "val", out, (("ort", "fp32"), ("ort", "int8")), batch=4, workers=1,
+                         shard_size=6)
+    rep = acc.run(cfg, ArtifactFolder.open(exported))
+    names = sorted(labels)
+    x = np.stack([preprocess_array(tmp_path / "val" / n, "cvt-13") for n in names])
+    y = np.asarray([labels[n] for n in names])
+    folder = ArtifactFolder.open(exported)
+    oracle = {p: ort_logits(folder.onnx(p), x) for p in ("fp32", "int8")}
+    assert rep.dataset.images == 20 and rep.dataset.labelled and rep.dataset.shards >= 2
+    shards = acc.plan(acc.list_entries(cfg, folder.variant, folder.labels)[0], cfg.shard_size)
+    for precision, row in zip(("fp32", "int8"), rep.rows, strict=True):
+        logits = oracle[precision]
+        prob = np.exp(metrics.log_softmax(logits))
+        got = acc._gather(out, shards, f"ort-{precision}", acc.open_rows(folder, cfg)[
+            ("fp32", "int8").index(precision)].key)
+        assert got is not None
+        # the probabilities the pass stored at its top-5 classes are the oracle's at those classes
+        np.testing.assert_allclose(got["prob5"], np.take_along_axis(prob, got["top5"], axis=1), atol=2e-5)
+        margin = np.sort(logits, axis=1)[:, -1] - np.sort(logits, axis=1)[:, -2]
+        clear = margin > 1e-3
+        np.testing.assert_array_equal(got["top5"][clear, 0], logits.argmax(axis=1)[clear])
+        top1 = float((logits.argmax(axis=1) == y).mean())
+        top5 = float((np.argsort(-logits, axis=1)[:, :5] == y[:, None]).any(axis=1).mean())
+        assert (row.top1, row.top5, row.n) == (pytest.approx(top1), pytest.approx(top5), 20)
+        assert row.top1_ci == pytest.approx(tuple(metrics.wilson(top1 * 20, 20)))
+        ref_right = oracle["fp32"].argmax(axis=1) == y
+        p = row.paired
+        assert p is not None
+        assert (p.lost, p.gained) == (int((ref_right & (logits.argmax(1) != y)).sum()),
+                                      int((~ref_right & (logits.argmax(1) == y)).sum()))
+    assert rep.rows[0].cosine_min > 0.99999 and rep.rows[1].cosine_min < 0.9999
+    # a second folder of the same model takes every reference output from the cache
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(exported, copy)
+    again = acc.run(acc.PassConfig(tmp_path / "val", tmp_path / "acc2", (("ort", "fp32"),), batch=4,
+                                   workers=0, reference_cache=out / "reference-cache.sqlite"),
+                    ArtifactFolder.open(copy))
+    assert again.dataset.reference_cached == 20 and again.dataset.shards_reused == 0
+    assert again.rows[0].top1 == rep.rows[0].top1
+
+
+def test_reference_cache_never_serves_another_model_or_preprocessing(tmp_path: Path) -> None:
+    a = cvt_ref.create_model("cvt-13", "random:0")
+    b = cvt_ref.create_model("cvt-13", "random:0")
+    v = cvt_ref.VARIANTS["cvt-13"]
+    assert acc.model_key(a, v) == acc.model_key(b, v)
+    import torch
+
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-6
+    assert acc.model_key(a, v) != acc.model_key(b, v)
+    assert acc.preprocessing_key(v) != acc.preprocessing_key(cvt_ref.VARIANTS["cvt-13-384"])
+    one = acc.ReferenceCache(tmp_path / "c.sqlite", "scope-a")
+    one.put(["d1"], np.ones((1, 10), dtype=np.float32))
+    assert list(one.get(["d1"], 10)) == [0] and one.get(["d1"], 1000) == {}
+    other = acc.ReferenceCache(tmp_path / "c.sqlite", "scope-b")
+    assert other.get(["d1"], 10) == {}
+    one.close()
+    other.close()
+
+
+def test_shards_are_content_defined() -> None:
+    """Adding one file changes the key of the shard it falls in, and no other."""
+    def entries(names: list[str]) -> list[acc.Entry]:
+        return [acc.Entry(Path(n), n, "1:1", -1) for n in names]
+
+    names = [f"img{i:05d}.jpg" for i in range(2000)]
+    before = {s.key for s in acc.plan(entries(names), 50)}
+    after = {s.key for s in acc.plan(entries(sorted([*names, "img01000b.jpg"])), 50)}
+    assert len(before - after) == 1 and len(after - before) == 1
+    sizes = [len(s.entries) for s in acc.plan(entries(names), 50)]
+    assert sum(sizes) == 2000 and max(sizes) <= 200
+
+
+# --- a kill, a resume, memory ---------------------------------------------------------------------
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.add(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _figures(path: Path) -> list[tuple[object, ...]]:
+    rep = AccuracyReport.read(path)
+    return [(r.backend, r.precision, r.n, r.top1, r.top5, r.top1_agreement, r.cosine_min,
+             r.paired.lost if r.paired else None, r.paired.gained if r.paired else None)
+            for r in (rep.reference, *rep.rows)]
+
+
+@pytest.mark.heavy
+def test_a_killed_pass_resumes_to_the_same_figures(exported: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "val", 24)
+    args = ["accuracy", "--dataset", str(tmp_path / "val"), "--artifacts", str(exported), "--backend", "ort",
+            "--precision", "int8", "--batch", "2", "--shard-size", "4", "--workers", "1"]
+    whole = run_cli("cvt-bench", *args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([str(BIN / "cvt-bench"), *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    workers: set[int] = set()
+    while time.monotonic() < deadline and len(list(out.glob("shards/*/ort-int8.json"))) < 2:
+        workers |= _children(proc.pid)
+        time.sleep(0.05)
+    workers |= _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(out.glob("shards/*/ort-int8.json")))
+    assert 2 <= finished < 6, "the kill should land mid-pass"
+    # a half-written part: a file with no record, and a record whose file was damaged
+    part = next(out.glob("shards/*/ort-int8.npz"))
+    part.write_bytes(part.read_bytes()[:-7] + b"damaged")
+    time.sleep(1.5)  # decode workers notice their parent is gone
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()
+                and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()], "orphaned decode workers"
+    resumed = run_cli("cvt-bench", *args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    rep = AccuracyReport.read(out / "accuracy.json")
+    assert 0 < rep.dataset.shards_reused < rep.dataset.shards
+    assert rep.dataset.reference_cached >= 1  # at least the damaged part's images
+    assert _figures(out / "accuracy.json") == _figures(tmp_path / "whole" / "accuracy.json")
+
+
+def _tree_peak_mb(proc: subprocess.Popen[bytes]) -> float:
+    """The highest resident memory of a process and its children together, sampled every 20 ms."""
+    peak = 0.0
+
+    def rss(pid: int) -> float:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    while proc.poll() is None:
+        peak = max(peak, rss(proc.pid) + sum(rss(c) for c in _children(proc.pid)))
+        time.sleep(0.02)
+    return peak
+
+
+@pytest.mark.heavy
+def test_memory_does_not_grow_with_the_folder(exported: Path, tmp_path: Path) -> None:
+    """24 and 120 large JPEGs (1600x1200, 5.8 MB decoded each): the peak of the process tree (the
+    pass and its decode worker) moves by less than 50 MB (measured here: -28 to +3 MB, the
+    allocators' noise). Holding each decoded image would add 550 MB; holding the normalized
+    tensors, as the in-memory `--dataset` does, 58 MB."""
+    peaks = {}
+    for n in (24, 120):
+        make_folder(tmp_path / f"val{n}", n, size=(1600, 1200))
+        proc = subprocess.Popen(
+            [str(BIN / "cvt-bench"), "accuracy", "--dataset", str(tmp_path / f"val{n}"), "--artifacts",
+             str(exported), "--backend", "ort", "--precision", "int8", "--batch", "4",
+             "--out", str(tmp_path / f"out{n}")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result: list[float] = []
+        t = threading.Thread(target=lambda p=proc, got=result: got.append(_tree_peak_mb(p)))
+        t.start()
+        _, err = proc.communicate(timeout=600)
+        t.join()
+        assert proc.returncode == 0, err.decode()
+        peaks[n] = result[0]
+    assert peaks[120] - peaks[24] < 50, peaks
+
+
+def test_bad_input_is_one_line(exported: Path, tmp_path: Path) -> None:
+    make_folder(tmp_path / "val", 2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "val" / "1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    base = ["accuracy", "--artifacts", str(exported)]
+    cases = [
+        (["--dataset", str(tmp_path / "nope")], "no such folder"),
+        (["--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")], "holds no images"),
+        (["--dataset", str(tmp_path / "val"), "--out", str(tmp_path / "val" / "report")], "inside --dataset"),
+        (["--dataset", str(tmp_path / "val"), "--out", str(exported)], "artifact folder itself"),
+        (["--dataset", str(tmp_path / "val"), "--batch", "0", "--out", str(tmp_path / "o2")], "--batch 0"),
+        (["--dataset", str(tmp_path / "val"), "--backend", "nope", "--out", str(tmp_path / "o3")], "nope"),
+        (["--dataset", str(tmp_path / "val"), "--workers", "0", "--out", str(tmp_path / "o4")], "broken.jpg"),
+        (["--dataset", str(tmp_path / "val"), "--workers", "1", "--out", str(tmp_path / "o5")], "broken.jpg"),
+        (["--dataset", str(tmp_path / "val"), "--reference-cache", str(tmp_path / "val" / "c.db"),
+          "--out", str(tmp_path / "o6")], "inside --dataset"),
+    ]
+    before = {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file()}
+    for extra, words in cases:
+        assert_user_error(run_cli("cvt-bench", *base, *extra), words)
+    assert not (tmp_path / "val" / "report").exists() and not (tmp_path / "val" / "c.db").exists()
+    assert {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file()} == before  # export untouched
