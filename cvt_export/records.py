@@ -146,6 +146,7 @@ class ShardRecord(Record):
     images: int
     file: str         # the .npz beside this record
     sha256: str       # of that file's bytes
+    executed: str = ""  # what really ran (the runner's report), for a report made from shards alone
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,16 @@ class DatasetInfo:
 
 
 @dataclass(frozen=True)
+class ClusterInfo:
+    """Where a pass ran when it ran on a Ray cluster."""
+
+    address: str
+    nodes: int            # nodes an actor was placed on
+    lost: int             # nodes lost mid-pass
+    shards_redone: int    # shards that went back to the queue with a lost node
+
+
+@dataclass(frozen=True)
 class AccuracyReport(Record):
     """`cvt-bench accuracy`'s accuracy.json (fields documented in docs/accuracy.md)."""
 
@@ -229,3 +240,4 @@ class AccuracyReport(Record):
     seconds: float = 0.0
     workers: int = 0
     batch: int = 0
+    cluster: ClusterInfo | None = None

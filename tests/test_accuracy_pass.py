@@ -122,7 +122,7 @@ def test_pass_matches_onnx_runtime_run_here(exported: Path, tmp_path: Path) -> N
     folder = ArtifactFolder.open(exported)
     oracle = {p: ort_logits(folder.onnx(p), x) for p in ("fp32", "int8")}
     assert rep.dataset.images == 20 and rep.dataset.labelled and rep.dataset.shards >= 2
-    shards = acc.plan(acc.list_entries(cfg, folder.variant, folder.labels)[0], cfg.shard_size)
+    shards = acc.plan_shards(acc.list_entries(cfg, folder.variant, folder.labels)[0], cfg.shard_size)
     for precision, row in zip(("fp32", "int8"), rep.rows, strict=True):
         logits = oracle[precision]
         prob = np.exp(metrics.log_softmax(logits))
@@ -167,10 +167,10 @@ def test_reference_cache_never_serves_another_model_or_preprocessing(tmp_path: P
         next(b.parameters()).view(-1)[0] += 1e-6
     assert acc.model_key(a, v) != acc.model_key(b, v)
     assert acc.preprocessing_key(v) != acc.preprocessing_key(cvt_ref.VARIANTS["cvt-13-384"])
-    one = acc.ReferenceCache(tmp_path / "c.sqlite", "scope-a")
+    one = acc.ReferenceCache(tmp_path / "c.sqlite", "scope-a", 10)
     one.put(["d1"], np.ones((1, 10), dtype=np.float32))
     assert list(one.get(["d1"], 10)) == [0] and one.get(["d1"], 1000) == {}
-    other = acc.ReferenceCache(tmp_path / "c.sqlite", "scope-b")
+    other = acc.ReferenceCache(tmp_path / "c.sqlite", "scope-b", 10)
     assert other.get(["d1"], 10) == {}
     one.close()
     other.close()
@@ -182,10 +182,10 @@ def test_shards_are_content_defined() -> None:
         return [acc.Entry(Path(n), n, "1:1", -1) for n in names]
 
     names = [f"img{i:05d}.jpg" for i in range(2000)]
-    before = {s.key for s in acc.plan(entries(names), 50)}
-    after = {s.key for s in acc.plan(entries(sorted([*names, "img01000b.jpg"])), 50)}
+    before = {s.key for s in acc.plan_shards(entries(names), 50)}
+    after = {s.key for s in acc.plan_shards(entries(sorted([*names, "img01000b.jpg"])), 50)}
     assert len(before - after) == 1 and len(after - before) == 1
-    sizes = [len(s.entries) for s in acc.plan(entries(names), 50)]
+    sizes = [len(s.entries) for s in acc.plan_shards(entries(names), 50)]
     assert sum(sizes) == 2000 and max(sizes) <= 200
 
 

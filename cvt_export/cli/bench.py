@@ -224,6 +224,9 @@ def accuracy(
         "the same model [default: OUT/reference-cache.sqlite]")] = None,
     limit: Annotated[int | None, typer.Option(help="use N images spread over the folder")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for every backend (>= 1)")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", help="run the shards on this Ray cluster (an address such as 10.0.0.5:6379, or "
+        "'auto'); the dataset and artifact folder must be at the same paths on every node")] = None,
     out: Annotated[Path | None, typer.Option(
         help="folder for accuracy.json/.md/.png and the per-image shards "
         "[default: ARTIFACTS/accuracy]")] = None,
@@ -254,12 +257,22 @@ def accuracy(
                          reference_cache=reference_cache, limit=limit, threads=threads)
     cfg.check()
     with status("accuracy pass") as live:
-        def show_progress(p: acc.Progress) -> None:
-            rate = p.images / max(1e-9, time.monotonic() - p.started)
-            live.update(f"accuracy pass ({p.images}/{p.total}) {rate:.1f} images/s")
+        shown = [0.0]
 
-        with folder.lock():  # one writer: optimized graphs and IRs may be made beside the files
-            report = acc.run(cfg, folder, show_progress)
+        def show_progress(p: acc.Progress) -> None:  # a line every 5 s at most (CI logs)
+            now = time.monotonic()
+            if now - shown[0] >= 5 or p.images == p.total:
+                shown[0] = now
+                rate = p.images / max(1e-9, now - p.started)
+                live.update(f"accuracy pass ({p.images}/{p.total}) {rate:.1f} images/s")
+
+        if ray is not None:
+            from cvt_export.harness import cluster
+
+            report = cluster.run(cfg, folder, ray, show_progress)
+        else:
+            with folder.lock():  # one writer: optimized graphs and IRs may be made beside the files
+                report = acc.run(cfg, folder, show_progress)
     written = accuracy_report.write_all(report, where)
     for line in accuracy_report.markdown(report).splitlines()[2:]:
         stdout.print(line, highlight=False, soft_wrap=True)

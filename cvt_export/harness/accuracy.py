@@ -128,7 +128,7 @@ def list_entries(cfg: PassConfig, variant: cvt_ref.Variant, labels: list[str]) -
     return entries, note
 
 
-def plan(entries: Sequence[Entry], size: int) -> list[Shard]:
+def plan_shards(entries: Sequence[Entry], size: int) -> list[Shard]:
     """Content-defined shards: one ends after an image whose name hashes to 0 mod `size` (or at
     4x `size`), so a file added or removed changes the key of its own shard only."""
     shards, current = [], []
@@ -193,8 +193,8 @@ class Decoder:
 class ReferenceCache:
     """Reference logits by sha256(model content, preprocessing, image content), in SQLite."""
 
-    def __init__(self, path: Path, scope: str) -> None:
-        self.path, self.scope = path, scope
+    def __init__(self, path: Path, scope: str, classes: int) -> None:
+        self.path, self.scope, self.classes = path, scope, classes
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path)
@@ -217,6 +217,9 @@ class ReferenceCache:
             if blob is not None and len(blob) == 4 * classes:
                 out[i] = np.frombuffer(blob, dtype=np.float32)
         return out
+
+    def lookup(self, digests: Sequence[str]) -> dict[int, np.ndarray]:
+        return self.get(digests, self.classes)
 
     def put(self, digests: Sequence[str], logits: np.ndarray) -> None:
         rows = [(self.key(d), np.ascontiguousarray(x, dtype=np.float32).tobytes())
@@ -253,12 +256,13 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_part(out: Path, shard: Shard, row: str, row_key: str, arrays: dict[str, np.ndarray]) -> None:
+def write_part(out: Path, shard: Shard, row: str, row_key: str, arrays: dict[str, np.ndarray],
+               executed: str = "") -> None:
     """The file first, then its record: a kill between the two leaves a file that is not trusted."""
     folder = out / shard.folder
     folder.mkdir(parents=True, exist_ok=True)
     digest = _save_npz(folder / f"{row}.npz", arrays)
-    rec = ShardRecord(shard.key, row, row_key, len(shard.entries), f"{row}.npz", digest)
+    rec = ShardRecord(shard.key, row, row_key, len(shard.entries), f"{row}.npz", digest, executed)
     artifacts.atomic_write(folder / f"{row}.json", json.dumps(rec.to_json(), indent=1) + "\n")
 
 
@@ -336,97 +340,175 @@ def open_rows(folder: ArtifactFolder, cfg: PassConfig) -> list[Row]:
     return rows
 
 
-def _start(row: Row, folder: ArtifactFolder, cfg: PassConfig, stack: contextlib.ExitStack) -> None:
-    if row.runner is not None or row.status != "ok":
-        return
-    try:
-        row.runner = stack.enter_context(get_backend(row.backend).compile(folder, row.precision,
-                                                                          threads=cfg.threads))
-        row.executed = row.runner.info.executed
-    except BackendError as e:
-        row.status = "skipped" if isinstance(e, BackendUnavailable) else "error"
-        row.reason = str(e)
+class Evaluator:
+    """The reference and the rows' runners, opened once; evaluates one shard at a time. The pass
+    holds one in this process; on a Ray cluster each node's actor holds its own."""
+
+    def __init__(self, folder: ArtifactFolder, rows: Sequence[Row], *, batch: int, workers: int,
+                 threads: int | None, model: Any | None = None) -> None:
+        self.folder, self.batch, self.threads = folder, batch, threads
+        self.variant = folder.variant
+        self.model = model if model is not None else reference_model(folder)
+        self.rows = {r.name: r for r in rows}
+        self.stack = contextlib.ExitStack()
+        self.decoder = self.stack.enter_context(Decoder(workers, self.variant))
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def start(self, name: str) -> Row:
+        """The row's runner, compiled on first use; a row that cannot run says why."""
+        row = self.rows[name]
+        if row.runner is None and row.status == "ok":
+            try:
+                row.runner = self.stack.enter_context(
+                    get_backend(row.backend).compile(self.folder, row.precision, threads=self.threads))
+                row.executed = row.runner.info.executed
+            except BackendError as e:
+                row.status = "skipped" if isinstance(e, BackendUnavailable) else "error"
+                row.reason = str(e)
+        return row
+
+    def evaluate(self, shard: Shard, wanted: Sequence[str],
+                 known: Callable[[list[str]], dict[int, np.ndarray]],
+                 fresh: Callable[[list[str], np.ndarray], None],
+                 done: Callable[[int], None] = lambda n: None) -> Parts:
+        """Every image of the shard through the reference (unless `known` has its logits; new ones
+        go to `fresh`) and the `wanted` rows that can run."""
+        import torch
+
+        rows = [r for r in (self.start(name) for name in wanted) if r.status == "ok"]
+        jobs = [[e.path for e in shard.entries[i:i + self.batch]]
+                for i in range(0, len(shard.entries), self.batch)]
+        parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ["reference",
+                                                                              *(r.name for r in rows)]}
+        digests: list[str] = []
+        cached = 0
+        for pixels, sums in self.decoder.batches(jobs):
+            x = normalize(pixels, self.variant)
+            have = known(sums)
+            cached += len(have)
+            missing = [i for i in range(len(sums)) if i not in have]
+            ref = np.empty((len(sums), self.variant.num_classes), dtype=np.float32)
+            for i, v in have.items():
+                ref[i] = v
+            if missing:
+                with torch.inference_mode():
+                    ref[missing] = self.model(torch.from_numpy(x[missing])).numpy()
+                fresh([sums[i] for i in missing], ref[missing])
+            parts["reference"].append(row_results(ref, ref))
+            for r in rows:
+                assert r.runner is not None
+                parts[r.name].append(row_results(r.runner(x), ref))
+            digests += sums
+            done(len(sums))
+        out = {name: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for name, ps in parts.items()}
+        out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
+                         "sha256": np.frombuffer(bytes.fromhex("".join(digests)), np.uint8).reshape(-1, 32),
+                         "label": np.asarray([e.label for e in shard.entries], dtype=np.int64)}
+        return Parts(out, cached, {r.name: r.executed for r in rows},
+                     {name: (r.status, r.reason) for name, r in self.rows.items() if r.status != "ok"})
+
+
+@dataclass
+class Parts:
+    """One shard's results: arrays per part ("images", "reference", each row's name)."""
+
+    arrays: dict[str, dict[str, np.ndarray]]
+    cached: int                   # images whose reference logits were known
+    executed: dict[str, str]      # per row: what really ran
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # row -> (status, reason)
+
+
+@dataclass
+class Plan:
+    """What a pass must do: the shards, and per shard the parts not yet finished."""
+
+    shards: list[Shard]
+    todo: dict[str, list[str]]    # shard key -> row names to run (the reference always runs)
+    ref_key: str
+
+    def missing(self, out: Path, rows: Sequence[Row]) -> None:
+        for shard in self.shards:
+            wanted = [r.name for r in rows
+                      if r.status == "ok" and read_part(out, shard, r.name, r.key) is None]
+            if wanted or any(read_part(out, shard, part, self.ref_key) is None
+                             for part in ("images", "reference")):
+                self.todo[shard.key] = wanted
+
+
+def save(out: Path, shard: Shard, parts: Parts, rows: Sequence[Row], ref_key: str) -> None:
+    keys = {r.name: r.key for r in rows}
+    arrays = dict(parts.arrays)
+    write_part(out, shard, "images", ref_key, arrays.pop("images"))
+    write_part(out, shard, "reference", ref_key, arrays.pop("reference"))
+    for name, got in arrays.items():
+        write_part(out, shard, name, keys[name], got, parts.executed.get(name, ""))
+    for r in rows:
+        r.executed = parts.executed.get(r.name, r.executed)
+        if r.name in parts.failed and r.status == "ok":
+            r.status, r.reason = parts.failed[r.name]
+
+
+@dataclass
+class Setup:
+    """What every pass, local or on a cluster, starts from."""
+
+    entries: list[Entry]
+    note: str
+    plan: Plan
+    rows: list[Row]
+    model: Any
+    model_key: str
+    preprocessing: str
+
+
+def setup(cfg: PassConfig, folder: ArtifactFolder) -> Setup:
+    cfg.check()
+    entries, note = list_entries(cfg, folder.variant, folder.labels)
+    model = reference_model(folder)
+    mkey, prep = model_key(model, folder.variant), preprocessing_key(folder.variant)
+    plan = Plan(plan_shards(entries, cfg.shard_size), {},
+                hashlib.sha256(f"{mkey}\0{prep}".encode()).hexdigest())
+    rows = open_rows(folder, cfg)
+    plan.missing(cfg.out, rows)
+    return Setup(entries, note, plan, rows, model, mkey, prep)
 
 
 def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], None] = lambda p: None
         ) -> AccuracyReport:
-    cfg.check()
-    variant = folder.variant
-    entries, note = list_entries(cfg, variant, folder.labels)
-    shards = plan(entries, cfg.shard_size)
-    model = reference_model(folder)
-    mkey = model_key(model, variant)
-    prep = preprocessing_key(variant)
-    ref_key = hashlib.sha256(f"{mkey}\0{prep}".encode()).hexdigest()
-    state = Progress(total=len(entries))
-    reused = cached = 0
-    with contextlib.ExitStack() as stack:
-        rows = open_rows(folder, cfg)
-        cache = ReferenceCache(cfg.cache_path, ref_key)
-        stack.callback(cache.close)
-        decoder = stack.enter_context(Decoder(cfg.workers, variant))
-        for shard in shards:
-            wanted = {r.name: r for r in rows if r.status == "ok"
-                      and read_part(cfg.out, shard, r.name, r.key) is None}
-            need_ref = read_part(cfg.out, shard, "reference", ref_key) is None
-            need_images = read_part(cfg.out, shard, "images", ref_key) is None
-            if not (wanted or need_ref or need_images):
-                reused += 1
-                state.images += len(shard.entries)
+    s = setup(cfg, folder)
+    state = Progress(total=len(s.entries))
+    state.images = sum(len(sh.entries) for sh in s.plan.shards if sh.key not in s.plan.todo)
+    cached = 0
+    if s.plan.todo:
+        cache = ReferenceCache(cfg.cache_path, s.plan.ref_key, folder.variant.num_classes)
+        evaluator = Evaluator(folder, s.rows, batch=cfg.batch, workers=cfg.workers, threads=cfg.threads,
+                              model=s.model)
+        try:
+            def done(n: int) -> None:
+                state.images += n
                 progress(state)
-                continue
-            for r in wanted.values():
-                _start(r, folder, cfg, stack)
-            wanted = {k: r for k, r in wanted.items() if r.status == "ok"}
-            got, n_cached = _run_shard(shard, cfg, decoder, model, cache, variant, wanted, state, progress)
-            cached += n_cached
-            write_part(cfg.out, shard, "images", ref_key, got.pop("images"))
-            write_part(cfg.out, shard, "reference", ref_key, got.pop("reference"))
-            for name, arrays in got.items():
-                write_part(cfg.out, shard, name, wanted[name].key, arrays)
-    reference = Row(*REFERENCE, ref_key, executed="fp32 (PyTorch eager)")
-    return summarize(cfg, folder, shards, reference, rows, mkey, prep,
-                     DatasetInfo(str(cfg.dataset), len(entries), note == "", note,
-                                 len({e.label for e in entries if e.label >= 0}), len(shards),
-                                 cfg.shard_size, reused, cached, str(cfg.cache_path)), state.started)
+
+            for shard in s.plan.shards:
+                if shard.key in s.plan.todo:
+                    parts = evaluator.evaluate(shard, s.plan.todo[shard.key], cache.lookup, cache.put, done)
+                    cached += parts.cached
+                    save(cfg.out, shard, parts, s.rows, s.plan.ref_key)
+        finally:
+            evaluator.close()
+            cache.close()
+    progress(state)
+    return finish(cfg, folder, s, cached, state.started)
 
 
-def _run_shard(shard: Shard, cfg: PassConfig, decoder: Decoder, model: Any, cache: ReferenceCache,
-               variant: cvt_ref.Variant, rows: dict[str, Row], state: Progress,
-               progress: Callable[[Progress], None]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-    import torch
-
-    classes = variant.num_classes
-    jobs = [[e.path for e in shard.entries[i:i + cfg.batch]]
-            for i in range(0, len(shard.entries), cfg.batch)]
-    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ["reference", *rows]}
-    digests: list[str] = []
-    n_cached = 0
-    for pixels, sums in decoder.batches(jobs):
-        x = normalize(pixels, variant)
-        known = cache.get(sums, classes)
-        n_cached += len(known)
-        missing = [i for i in range(len(sums)) if i not in known]
-        ref = np.empty((len(sums), classes), dtype=np.float32)
-        for i, v in known.items():
-            ref[i] = v
-        if missing:
-            with torch.inference_mode():
-                fresh = model(torch.from_numpy(x[missing])).numpy()
-            ref[missing] = fresh
-            cache.put([sums[i] for i in missing], fresh)
-        parts["reference"].append(row_results(ref, ref))
-        for name, row in rows.items():
-            assert row.runner is not None
-            parts[name].append(row_results(row.runner(x), ref))
-        digests += sums
-        state.images += len(sums)
-        progress(state)
-    out = {name: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for name, ps in parts.items()}
-    out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
-                     "sha256": np.frombuffer(bytes.fromhex("".join(digests)), np.uint8).reshape(-1, 32),
-                     "label": np.asarray([e.label for e in shard.entries], dtype=np.int64)}
-    return out, n_cached
+def finish(cfg: PassConfig, folder: ArtifactFolder, s: Setup, cached: int, started: float) -> AccuracyReport:
+    info = DatasetInfo(str(cfg.dataset), len(s.entries), s.note == "", s.note,
+                       len({e.label for e in s.entries if e.label >= 0}), len(s.plan.shards),
+                       cfg.shard_size, len(s.plan.shards) - len(s.plan.todo), cached, str(cfg.cache_path))
+    reference = Row(*REFERENCE, s.plan.ref_key, executed="fp32 (PyTorch eager)")
+    return summarize(cfg, folder, s.plan.shards, reference, s.rows, s.model_key, s.preprocessing, info,
+                     started)
 
 
 # --- statistics ------------------------------------------------------------------------------------
@@ -484,6 +566,10 @@ def summarize(cfg: PassConfig, folder: ArtifactFolder, shards: Sequence[Shard], 
             out.append(RowAccuracy(row.backend, row.precision, row.status if row.status != "ok" else "error",
                                    row.reason or "no results", row.executed))
             continue
+        if not row.executed:  # nothing ran this time: what ran when the shards were made
+            with contextlib.suppress(RecordError):
+                rec = ShardRecord.read(cfg.out / shards[0].folder / f"{row.name}.json")
+                row.executed = rec.executed
         out.append(_row_stats(row, got, ref, images, labelled, names, False))
     return AccuracyReport(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), machine=machine.describe(),

@@ -40,6 +40,10 @@ def markdown(rep: AccuracyReport) -> str:
         f" in {d.shards} shards ({d.shards_reused} reused from an earlier run); reference outputs "
         f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.", "",
     ]
+    if rep.cluster is not None:
+        c = rep.cluster
+        lines[-1:-1] = [f"Ran on the Ray cluster at {c.address}: {c.nodes} nodes, {c.lost} lost mid-pass, "
+                        f"{c.shards_redone} shards redone on the nodes left."]
     if d.labelled:
         lines += [f"Labelled: {d.classes} classes. Intervals are 95%: Wilson for accuracies; for the "
                   "change against the reference, exact and conditional on the images that flipped, "
