@@ -199,7 +199,7 @@ def validation_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tu
 
 
 def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_path: Path,
-                pixels: np.ndarray | None, opts: precision.Int8Options, where: Path,
+                pixels: imageset.Pixels | None, opts: precision.Int8Options, where: Path,
                 step: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
     """The FP32 file Q/DQ is placed on: the export itself, or (SmoothQuant on) the export of the
     migrated model (same function, flatter activations), written to `where`."""
@@ -209,7 +209,7 @@ def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_p
     step(f"SmoothQuant migration (strength {opts.smooth})")
     smooth_model, summary = smoothed(model, pixels, opts.smooth)
     src = where / ".model.smoothed.onnx"
-    if not migrated_file(fp32_path, model, smooth_model, src, pixels[:2]):
+    if not migrated_file(fp32_path, model, smooth_model, src, pixels.head(2)):
         step("FP32 export of the migrated model")
         export_fp32(smooth_model, variant, src, export_opts)
     return src, summary
@@ -231,7 +231,7 @@ class Int8Remaker:
             smooth=policy.get("smooth"))
         self.info = entry["calibration"]
         self.src = folder.onnx("fp32")
-        self.pixels: np.ndarray | None = None
+        self.pixels: imageset.Pixels | None = None
         self.cache: Path | None = None  # the calibration ranges, once entered
 
     def __enter__(self) -> Int8Remaker:

@@ -16,9 +16,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
-import cvt_ref
 from cvt_export import artifacts, imageset
 from cvt_export.precision import Int8Options
 from cvt_ref.errors import CvtError
@@ -74,9 +71,9 @@ class CalibrationSet:
         return hashlib.sha256("\n".join(f"{d} {v}" for d, v in zip(self.digests, views, strict=True))
                               .encode()).hexdigest()
 
-    def load(self, variant: Variant) -> np.ndarray:
-        """The images through the reference preprocessing, [N, 3, H, W] float32."""
-        return cvt_ref.preprocess_batch([it.image() for it in self.items], variant).numpy()
+    def load(self, variant: Variant) -> imageset.Pixels:
+        """The images through the reference preprocessing, decoded a batch at a time when read."""
+        return imageset.Pixels(self.items, variant)
 
     def few_warning(self) -> str | None:
         """Said in the export's output and recorded in the manifest when there are too few."""

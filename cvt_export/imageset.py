@@ -19,14 +19,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from cvt_ref.preprocess import load_image, to_rgb
+from cvt_ref.preprocess import load_image, preprocess_array, to_rgb
+from cvt_ref.variants import Variant
 
 ROLES = ("calibration", "selection", "confirmation")
 SAME_BITS = 48  # of 256: copies measured at <= 40 (JPEG q40, 0.3x), distinct bundled photographs at >= 73
@@ -144,3 +145,53 @@ def digest(items: Sequence[Item]) -> str:
     for it in items:
         h.update(hashlib.sha256(it.path.read_bytes()).digest() + it.view.encode() + b"\n")
     return h.hexdigest()
+
+
+class Pixels:
+    """Calibration inputs as float32[N, 3, H, W], never all in memory: each reader (ONNX Runtime's
+    calibration, SmoothQuant's ranges, NNCF) walks them in batches, decoding as it goes, so a
+    calibration folder of thousands of images costs one batch of memory. An array can stand in
+    for it (`Pixels.of`), as tests do."""
+
+    def __init__(self, items: tuple[Item, ...], variant: Variant | None,
+                 array: np.ndarray | None = None) -> None:
+        self.items, self.variant, self.array = items, variant, array
+
+    @classmethod
+    def of(cls, images: np.ndarray | Pixels) -> Pixels:
+        return images if isinstance(images, Pixels) else cls((), None, np.asarray(images))
+
+    def __len__(self) -> int:
+        return len(self.array) if self.array is not None else len(self.items)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        if self.array is not None:
+            return self.array[start:stop]
+        assert self.variant is not None
+        return np.stack([preprocess_array(it.image(), self.variant) for it in self.items[start:stop]])
+
+    def batches(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Batches of `size` inputs from batch index `start` to `stop` (exclusive)."""
+        end = len(self) if stop is None else min(len(self), stop * size)
+        for i in range(start * size, end, size):
+            yield self.slice(i, min(i + size, end))
+
+    def head(self, n: int) -> np.ndarray:
+        return self.slice(0, min(n, len(self)))
+
+    def each(self, size: int = 1) -> Batches:
+        """Batches as an iterable that starts again each time it is iterated (NNCF walks its
+        dataset once per statistics pass)."""
+        return Batches(self, size)
+
+
+@dataclass(frozen=True)
+class Batches:
+    pixels: Pixels
+    size: int
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.pixels.batches(self.size)
+
+    def __len__(self) -> int:
+        return -(-len(self.pixels) // self.size)

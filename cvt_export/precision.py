@@ -30,6 +30,7 @@ import onnx
 
 from cvt_export import precisions
 from cvt_export.exporter import ExportError, save
+from cvt_export.imageset import Pixels
 from cvt_export.options import CALIB_METHODS as CALIB_METHODS
 from cvt_export.options import SMOOTH_CHOICES as SMOOTH_CHOICES
 from cvt_export.options import Int8Options as Int8Options
@@ -125,18 +126,19 @@ def _set_precision(proto: onnx.ModelProto, precision: str) -> None:
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over preprocessed images, with ranges."""
 
-    def __init__(self, images: np.ndarray, progress: Callable[[str], None] | None = None) -> None:
-        self.batches = [images[i:i + CALIB_BATCH] for i in range(0, len(images), CALIB_BATCH)]
-        self.current: Iterator[np.ndarray] = iter(self.batches)
+    def __init__(self, images: np.ndarray | Pixels, progress: Callable[[str], None] | None = None) -> None:
+        self.pixels = Pixels.of(images)
+        self.current: Iterator[np.ndarray] = self.pixels.batches(CALIB_BATCH)
         self.progress = progress
-        self.images = len(images)
+        self.images = len(self.pixels)
+        self.count = -(-self.images // CALIB_BATCH)
         self.served = 0
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.count
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self.current = iter(self.batches[start_index:end_index])
+        self.current = self.pixels.batches(CALIB_BATCH, start_index, end_index)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.current, None)
@@ -144,7 +146,7 @@ class _Reader:
             return None
         self.served += 1
         if self.progress is not None:  # the count starts again if ORT reads the images a second time
-            k, total = (self.served - 1) % len(self.batches) + 1, len(self.batches)
+            k, total = (self.served - 1) % self.count + 1, self.count
             self.progress(f"calibrating INT8 on {self.images} images ({k}/{total})")
         return {INPUT_NAME: batch}
 
@@ -159,7 +161,7 @@ def _ort_method(opts: Int8Options) -> tuple[Any, dict[str, Any]]:
     return CalibrationMethod.Percentile, {"CalibPercentile": opts.percentile}
 
 
-def to_int8(src: Path, dst: Path, images: np.ndarray | None, opts: Int8Options, cache: Path,
+def to_int8(src: Path, dst: Path, images: np.ndarray | Pixels | None, opts: Int8Options, cache: Path,
             *, tensorrt_rules: bool = True, progress: Callable[[str], None] | None = None) -> Derived:
     """Write the Q/DQ file (its `calibrated`: False when the cached ranges served).
 

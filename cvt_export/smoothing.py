@@ -26,6 +26,7 @@ import torch
 from onnx import numpy_helper
 
 from cvt_export.exporter import save
+from cvt_export.imageset import Pixels
 from cvt_export.runtime import ort_session, run_logits
 from cvt_ref.model import CvT
 from cvt_ref.rescale import SITES, blocks, channel_ranges, consumers, rescale
@@ -36,13 +37,13 @@ BATCH = 4
 FLOOR = 1e-5  # a channel never seen active keeps a finite factor
 
 
-def factors(model: CvT, images: np.ndarray, strength: float) -> dict[str, dict[str, torch.Tensor]]:
+def factors(model: CvT, images: np.ndarray | Pixels, strength: float) -> dict[str, dict[str, torch.Tensor]]:
     """Per block and site, s [C] (divide the activation by it)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"migration strength {strength} must be in [0, 1]")
     peaks: dict[str, dict[str, torch.Tensor]] = {}
-    for i in range(0, len(images), BATCH):
-        got = channel_ranges(model, torch.from_numpy(images[i:i + BATCH]))
+    for batch in Pixels.of(images).batches(BATCH):  # decoded a batch at a time: flat memory
+        got = channel_ranges(model, torch.from_numpy(batch))
         for name, sites in got.items():
             for site, peak in sites.items():
                 old = peaks.setdefault(name, {}).get(site)
@@ -58,7 +59,7 @@ def factors(model: CvT, images: np.ndarray, strength: float) -> dict[str, dict[s
     return out
 
 
-def smoothed(model: CvT, images: np.ndarray, strength: float) -> tuple[CvT, dict[str, Any]]:
+def smoothed(model: CvT, images: np.ndarray | Pixels, strength: float) -> tuple[CvT, dict[str, Any]]:
     """A copy of `model` with the migration applied, and a summary for the manifest: per site
     kind, the largest ratio of a channel's range to the median channel's, before and after."""
     found = factors(model, images, strength)
@@ -66,8 +67,9 @@ def smoothed(model: CvT, images: np.ndarray, strength: float) -> tuple[CvT, dict
     for name, block in blocks(out):
         for site in SITES:
             rescale(block, site, 1.0 / found[name][site])
-    before = _spread(model, images[:BATCH])
-    after = _spread(out, images[:BATCH])
+    head = Pixels.of(images).head(BATCH)
+    before = _spread(model, head)
+    after = _spread(out, head)
     return out, {"strength": strength, "sites": list(SITES),
                  "outlier_ratio_before": before, "outlier_ratio_after": after}
 

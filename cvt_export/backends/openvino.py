@@ -40,6 +40,7 @@ from cvt_export.backends import (
     onnx_io,
     timed_median_ms,
 )
+from cvt_export.imageset import Pixels
 from cvt_export.machine import cpu_name, int8_dot_exact, isa
 from cvt_export.precisions import run_by
 from cvt_export.quiet import quiet_loggers
@@ -70,7 +71,7 @@ def ir_name(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> st
     return f"model.{ir}-{int8_source}.xml" if ir == "int8" else f"model.{ir}.xml"
 
 
-def _calibration_images(folder: ArtifactFolder) -> np.ndarray:
+def _calibration_images(folder: ArtifactFolder) -> Pixels:
     """The same images the ONNX INT8 export calibrated on (checked by content hash)."""
     info = folder.calibration
     if not info:
@@ -118,7 +119,7 @@ def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
 
             images = _calibration_images(folder)
             with quiet_loggers("nncf"):
-                model = nncf.quantize(model, nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
+                model = nncf.quantize(model, nncf.Dataset(images.each(1)),
                                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
             details.update({"nncf": nncf.__version__, "calibration": (folder.calibration or {})["sha256"]})
         ov.save_model(model, str(staged / name), compress_to_fp16=(ir == "fp16"))

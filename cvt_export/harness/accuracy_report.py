@@ -41,9 +41,9 @@ def markdown(rep: AccuracyReport) -> str:
         f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.", "",
     ]
     if rep.cluster is not None:
-        c = rep.cluster
-        lines[-1:-1] = [f"Ran on the Ray cluster at {c.address}: {c.nodes} nodes, {c.lost} lost mid-pass, "
-                        f"{c.shards_redone} shards redone on the nodes left."]
+        on = rep.cluster
+        lines[-1:-1] = [f"Ran on the Ray cluster at {on.address}: {on.nodes} nodes, {on.lost} lost mid-pass, "
+                        f"{on.shards_redone} shards redone on the nodes left."]
     if d.labelled:
         lines += [f"Labelled: {d.classes} classes. Intervals are 95%: Wilson for accuracies; for the "
                   "change against the reference, exact and conditional on the images that flipped, "
