@@ -309,3 +309,17 @@ def test_bad_input_is_one_line(exported: Path, tmp_path: Path) -> None:
         assert_user_error(run_cli("cvt-bench", *base, *extra), words)
     assert not (tmp_path / "val" / "report").exists() and not (tmp_path / "val" / "c.db").exists()
     assert {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file()} == before  # export untouched
+
+
+def test_the_in_memory_benchmark_refuses_a_folder_it_cannot_hold(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cvt-bench --dataset` holds its inputs in memory: past its limit it says so at once and
+    names the streamed pass, unless --limit takes a sample."""
+    from cvt_export.harness import bench
+
+    make_folder(tmp_path / "val", 4)
+    monkeypatch.setattr(bench, "IN_MEMORY", 3)
+    cfg = bench.BenchConfig(dataset=tmp_path / "val", backends=("ort",))
+    with pytest.raises(bench.BenchError, match="4 images.*cvt-bench accuracy --dataset"):
+        cfg.check()
+    bench.BenchConfig(dataset=tmp_path / "val", backends=("ort",), limit=3).check()

@@ -33,7 +33,7 @@ from cvt_export.harness import profile, timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
-from cvt_ref.preprocess import list_images
+from cvt_ref.preprocess import list_images, preprocess_array
 from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class BenchConfig:
                              "backend's default)")
         for name in self.backends:
             get_backend(name)  # unknown names fail here, before any work
+        if self.dataset is not None and self.dataset.is_dir():  # before an export, not after it
+            n = len(list_images(self.dataset))
+            check_in_memory(self.dataset, min(n, self.limit or n))
 
 
 @dataclass
@@ -102,6 +105,18 @@ def class_index(labels: list[str]) -> dict[str, int]:
         index.update({s.lower(): i for i, s in enumerate(cvt_ref.imagenet_synsets())})
     index.update({str(i): i for i in range(len(labels))})
     return index
+
+
+IN_MEMORY = 2000  # the most inputs `cvt-bench --dataset` holds (about 1.2 GB at 224 px)
+
+
+def check_in_memory(dataset: Path, n: int) -> None:
+    if n > IN_MEMORY:
+        raise BenchError(
+            f"--dataset {dataset}: {n} images; the benchmark holds its inputs in memory (0.6 MB each "
+            f"at 224 px), so it takes at most {IN_MEMORY}: pass --limit {IN_MEMORY} for latency and "
+            f"fidelity on a sample, and `cvt-bench accuracy --dataset {dataset}` for accuracy on "
+            "every image (streamed)")
 
 
 def folder_labels(paths: list[Path], dataset: Path, variant: cvt_ref.Variant,
@@ -136,13 +151,15 @@ def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Varian
         paths, source = list_images(dataset), str(dataset)
         if not paths:
             raise BenchError(f"--dataset {dataset}: holds no images")
-        items = imageset.file_items(calibration.spread(paths, limit) if limit else paths)
+        chosen = calibration.spread(paths, limit) if limit else paths
+        check_in_memory(dataset, len(chosen))
+        items = imageset.file_items(chosen)
     if limit and dataset is None:
         items = calibration.spread(items, limit)
     found_labels, note = None, ""
     if dataset is not None:
         found_labels, note = folder_labels([it.path for it in items], dataset, variant, labels)
-    images = cvt_ref.preprocess_batch([it.image() for it in items], variant).numpy()
+    images = np.stack([preprocess_array(it.image(), variant) for it in items])  # one decoded image at a time
     digest = hashlib.sha256(images.tobytes()).hexdigest()
     names = [str(it.path.relative_to(dataset)) if dataset else it.name for it in items]
     return Inputs(names, images, found_labels, source, digest, note, [it.path for it in items], items)
