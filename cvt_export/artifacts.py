@@ -124,16 +124,37 @@ def writer(out: Path, option: str) -> Iterator[None]:
         raise
 
 
+SCRATCH_MARK = ".cvt-export-scratch"  # inside every staging folder: what makes it the toolchain's
+_MARK_TEXT = "cvt-export staging folder: removed by the next writer of this folder if left behind\n"
+
+
+def is_marked_scratch(folder: Path) -> bool:
+    """A staging folder this toolchain made: a real folder (not a link) holding its mark."""
+    mark = folder / SCRATCH_MARK
+    try:
+        return (folder.is_dir() and not folder.is_symlink() and mark.is_file() and not mark.is_symlink()
+                and mark.read_text() == _MARK_TEXT)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A private folder beside the artifacts (same file system, so renames are atomic).
 
-    Call under the lock: any other staging folder then belongs to a writer that was killed.
+    Call under the lock: another staging folder that carries the mark then belongs to a writer
+    that was killed, and goes. Nothing is removed for its name alone: a folder of the user's
+    called `.staging-mine` stays (an empty one, which a writer killed before its mark may leave,
+    is removed by rmdir, which cannot remove anything else).
     """
     for stale in out.glob(".staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if is_marked_scratch(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.is_dir() and not stale.is_symlink():
+            remove_if_empty(stale)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
+        (tmp / SCRATCH_MARK).write_text(_MARK_TEXT)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -296,7 +296,7 @@ def test_bad_input_is_one_line(exported: Path, tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "nope")], "no such folder"),
         (["--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")], "holds no images"),
         (["--dataset", str(tmp_path / "val"), "--out", str(tmp_path / "val" / "report")], "inside --dataset"),
-        (["--dataset", str(tmp_path / "val"), "--out", str(exported)], "artifact folder itself"),
+        (["--dataset", str(tmp_path / "val"), "--out", str(exported)], "is the --artifacts"),
         (["--dataset", str(tmp_path / "val"), "--batch", "0", "--out", str(tmp_path / "o2")], "--batch 0"),
         (["--dataset", str(tmp_path / "val"), "--backend", "nope", "--out", str(tmp_path / "o3")], "nope"),
         (["--dataset", str(tmp_path / "val"), "--workers", "0", "--out", str(tmp_path / "o4")], "broken.jpg"),
@@ -320,6 +320,6 @@ def test_the_in_memory_benchmark_refuses_a_folder_it_cannot_hold(tmp_path: Path,
     make_folder(tmp_path / "val", 4)
     monkeypatch.setattr(bench, "IN_MEMORY", 3)
     cfg = bench.BenchConfig(dataset=tmp_path / "val", backends=("ort",))
-    with pytest.raises(bench.BenchError, match="4 images.*cvt-bench accuracy --dataset"):
+    with pytest.raises(bench.BenchError, match=r"4 images.*cvt-bench accuracy --dataset"):
         cfg.check()
     bench.BenchConfig(dataset=tmp_path / "val", backends=("ort",), limit=3).check()

@@ -380,3 +380,34 @@ def test_a_child_forked_under_the_lock_does_not_keep_it(tmp_path: Path) -> None:
     finally:
         child.terminate()
         child.join(timeout=10)
+
+
+def test_staging_removes_only_what_carries_its_mark(tmp_path: Path) -> None:
+    """A user's `.staging-mine` inside --out is theirs: the next writer removes a killed writer's
+    staging folder (it carries the mark) and an empty one, never a folder for its name."""
+    from cvt_export import artifacts
+
+    out = tmp_path / "out"
+    mine = out / ".staging-mine"
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("chapter 1")
+    (out / ".staging-empty").mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("x")
+    (outside / artifacts.SCRATCH_MARK).write_text((out / "x").name)  # a mark with other words
+    (out / ".staging-link").symlink_to(outside, target_is_directory=True)
+    killed = None
+    with artifacts.staging(out) as staged:  # a writer that dies: its folder stays behind
+        killed = staged
+        (staged / "model.onnx").write_bytes(b"half")
+        import shutil
+
+        shutil.copytree(staged, out / ".staging-killed")
+    assert not killed.exists()
+    with artifacts.staging(out) as staged:
+        assert (staged / artifacts.SCRATCH_MARK).is_file()
+        assert not (out / ".staging-killed").exists() and not (out / ".staging-empty").exists()
+    assert (mine / "thesis.tex").read_text() == "chapter 1"
+    assert (outside / "keep.txt").exists() and (out / ".staging-link").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == [".staging-link", ".staging-mine"]

@@ -83,6 +83,24 @@ def test_report_outputs_are_checked_before_the_run(exported: Path, tmp_path: Pat
     for args, fragment in cases:
         assert_user_error(run_cli("cvt-bench", *base, *args), fragment)
     assert not (folder / "ort").exists()  # no backend ran
+    # outputs that would overwrite what the command reads
+    manifest = (folder / "manifest.json").read_bytes()
+    baseline = tmp_path / "baseline.json"
+    baseline.write_bytes(Path("reports/baseline/cvt-13.json").read_bytes())
+    before = baseline.read_bytes()
+    cases = [
+        (["--out", str(folder)], "is the --artifacts"),
+        (["--out", str(tmp_path / "rep"), "--json", str(folder / "manifest.json")], "inside the export"),
+    ]
+    for args, fragment in cases:
+        assert_user_error(run_cli("cvt-bench", *base, *args), fragment)
+    regress = ["regress", "--backend", "ort", "--precision", "fp32", "--baseline", str(baseline)]
+    for args, fragment in [(["--json", str(baseline)], "is the --baseline"),
+                           (["--out", str(folder)], "export folder"),
+                           (["--artifacts", str(folder), "--out", str(folder)], "is the --artifacts")]:
+        assert_user_error(run_cli("cvt-bench", *regress, *args), fragment)
+    assert baseline.read_bytes() == before and (folder / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".md", ".png")) == []
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from cvt_export.backends import BACKEND_MODULES
 from cvt_export.cli import github
 from cvt_export.cli.common import (
     VerboseOpt,
+    not_an_input,
     output_file,
     parse_budgets,
     run_app,
@@ -107,8 +108,10 @@ def main_command(
 
     names = _backends(backend)
     folder = out or (artifacts or Path("artifacts") / variant) / "report"
+    not_an_input(folder, "--out", {"--artifacts": artifacts, "--dataset": dataset})
     output_folder(folder)  # a report that cannot be written is refused now, not after the run
     if json_file:
+        not_an_input(json_file, "--json", {"--artifacts": artifacts, "--dataset": dataset}, file=True)
         output_file(json_file, "--json")
     cfg = harness.BenchConfig(
         backends=names, precisions=_precisions(precision),
@@ -167,11 +170,14 @@ def regress(
         raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
     if iters < 1:
         raise CvtError(f"--iters {iters}: must be >= 1")
+    inputs = {"--baseline": baseline, "--artifacts": artifacts}
     if out:
+        not_an_input(out, "--out", inputs)
         output_folder(out)
     if update:
         output_folder(baseline.parent)
     if json_file:
+        not_an_input(json_file, "--json", inputs, file=True)
         output_file(json_file, "--json")
     names = _backends(backend)
     harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
@@ -288,9 +294,7 @@ def _accuracy_paths(dataset: Path, artifacts: Path, out: Path, cache: Path | Non
     resolved = out.resolve()
     if resolved == dataset.resolve() or dataset.resolve() in resolved.parents:
         raise CvtError(f"--out {out}: inside --dataset {dataset}; choose a folder outside it")
-    if resolved == artifacts.resolve():
-        raise CvtError(f"--out {out}: is the artifact folder itself; choose another folder "
-                       f"(default {artifacts / 'accuracy'})")
+    not_an_input(out, "--out", {"--artifacts": artifacts})
     output_folder(out)
     if cache is not None:
         if cache.is_dir():
@@ -325,6 +329,7 @@ def profile(
         raise CvtError("--runs and every --batch must be >= 1")
     folder = ArtifactFolder.open(artifacts)
     where = out or artifacts / "report"
+    not_an_input(where, "--out", {"--artifacts": artifacts})
     output_folder(where)
     from cvt_export.harness import profile as profiling
 

@@ -193,3 +193,20 @@ def output_file(path: Path, option: str) -> None:
     if not path.parent.is_dir():
         raise ArtifactError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
     check_writable(path.parent, option)
+
+
+def not_an_input(path: Path, option: str, inputs: dict[str, Path | None], *, file: bool = False) -> None:
+    """Refuse an output (`--json FILE`, `--out FOLDER`) that would overwrite what the command
+    reads: another option's file or folder, or an export folder (its manifest and files are the
+    export's; a file output may not land in its root either)."""
+    from cvt_export.artifacts import ArtifactFolder
+
+    target = path.resolve()
+    for other, given in inputs.items():
+        if given is not None and target == given.resolve():
+            raise CvtError(f"{option} {path}: is the {other} this command reads; choose another "
+                           f"{'folder' if given.is_dir() else 'file'}")
+    for folder in (target, target.parent) if file else (target,):
+        if folder.is_dir() and ArtifactFolder.is_export(folder):
+            raise CvtError(f"{option} {path}: {'is' if folder == target else 'is inside'} the export "
+                           f"folder {folder}; write reports to another folder (such as {folder / 'report'})")

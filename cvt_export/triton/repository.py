@@ -376,7 +376,7 @@ def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_pat
                 (staged / opts.name / LABELS_FILE).write_text("\n".join(labels) + "\n")
             names += [pre, opts.name]
         for path in sorted(staged.rglob("*")):
-            if path.is_file():
+            if path.is_file() and path.parent != staged:  # the models' files, not the staging mark
                 files[str(path.relative_to(staged))] = sha256_file(path)
         validate_repository(staged, names)
         record = {"schema": 1, "name": opts.name, "models": names, "options": asdict(opts),
