@@ -11,8 +11,12 @@ Beyond the original (decided here, see README): EXIF orientation is applied firs
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,22 +30,63 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode, so a truncated file fails here, not later in a worker."""
-    path = Path(path)
+# The decode budget, checked from the header before any pixel is decoded. PIL's own guard warns
+# from 89 Mpx and refuses from 179 Mpx; here the warning's threshold is the limit, said in one line.
+MAX_PIXELS = 89_478_485
+# The preprocessing scales the shorter side to 256 (224 variants): a 20000x1 PNG of 138 bytes would
+# become a 5,120,000x256 image (3.9 GB). 100:1 keeps that under 7 Mpx.
+MAX_ASPECT = 100
+
+
+def _budget(image: Image.Image, name: str) -> None:
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: refused, too many pixels to decode safely ({w}x{h}, "
+                         f"{w * h / 1e6:.0f} Mpx; the limit is {MAX_PIXELS / 1e6:.0f} Mpx); resize it first")
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"{name}: {w}x{h} pixels, an aspect ratio beyond {MAX_ASPECT}:1 (the "
+                         "preprocessing scales the shorter side up to the model's size); crop it first")
+
+
+@contextlib.contextmanager
+def _opened(source: str | Path | IO[bytes], name: str) -> Iterator[Image.Image]:
+    """PIL's image with its header read and checked against the decode budget; every failure to
+    read it is one ImageError naming `name`."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _budget says it instead
+            image = Image.open(source)
+        with image:
+            _budget(image, name)
+            yield image
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: refused, too many pixels to decode safely (more than twice the "
+                         f"{MAX_PIXELS / 1e6:.0f} Mpx limit); resize it first") from None
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot read it as an image ({e})") from None
+
+
+def _regular(path: Path) -> Path:
+    """A path that names a regular file (a FIFO or a device would block or never end)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ImageError(f"{path}: not a regular file (a pipe, socket or device); give an image file")
+    return path
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, check the decode budget, and fully decode, so a truncated file fails here, not
+    later in a worker."""
+    path = _regular(Path(path))
+    with _opened(path, str(path)) as image:
+        try:
             image.load()
             return ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, too many pixels to decode safely ({e}); resize it "
-                         "first") from None
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder, not an image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot read it as an image ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{path}: cannot read it as an image ({e})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -82,16 +127,12 @@ def resize_and_crop(image: Image.Image, variant: Variant) -> Image.Image:
 def decode_image(data: bytes, name: str = "image") -> Image.Image:
     """Encoded bytes (JPEG, PNG, ...) -> a decoded image, with the same checks as a file: what a
     server receives from a client."""
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
+    with _opened(io.BytesIO(data), name) as image:
+        try:
             image.load()
             return ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refused, too many pixels to decode safely ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: cannot read it as an image ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: cannot read it as an image ({e})") from None
 
 
 # Bumped whenever the arithmetic below changes what a pixel becomes: caches of model outputs key
@@ -144,18 +185,10 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def check_image(path: Path) -> None:
-    """Open the header only: an unreadable file or a decompression bomb is refused in
-    milliseconds, before any long job starts (the pixels are decoded later)."""
-    try:
-        with Image.open(path):
-            pass
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, too many pixels to decode safely ({e}); resize it "
-                         "first") from None
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot read it as an image ({e})") from None
+    """Open the header only: an unreadable file, a decompression bomb or an image beyond the
+    aspect-ratio bound is refused in milliseconds, before any long job starts."""
+    with _opened(_regular(Path(path)), str(path)):
+        pass
 
 
 def bundled_photos() -> list[Path]:

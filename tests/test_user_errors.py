@@ -43,6 +43,33 @@ def test_a_decompression_bomb_in_predict_and_calib(tmp_path: Path, photos: list[
     assert not out.exists()  # refused before the export made anything
 
 
+def test_images_beyond_the_decode_budget_are_one_line(tmp_path: Path) -> None:
+    """A 138-byte PNG of 20000x1 (its shorter side scaled to 256 would be a 3.9 GB image), a header
+    of 10000x10000 (100 Mpx: PIL only warns there) and a FIFO (opening it would wait forever):
+    one line each, no PIL warning, and quickly."""
+    import os
+    import time
+
+    from PIL import Image
+
+    thin = tmp_path / "thin.png"
+    Image.new("L", (20000, 1)).save(thin)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    cases = [(thin, "aspect ratio beyond 100:1"), (bomb_png(tmp_path / "big.png", 10000), "too many pixels"),
+             (fifo, "not a regular file")]
+    for path, fragment in cases:
+        started = time.monotonic()
+        result = run_cli("cvt-export", "predict", str(path))
+        assert_user_error(result, fragment)
+        assert "Warning" not in result.stderr and time.monotonic() - started < 60
+    from cvt_ref.errors import ImageError
+    from cvt_ref.preprocess import decode_image
+
+    with pytest.raises(ImageError, match=r"request: .*aspect ratio"):
+        decode_image(thin.read_bytes(), "request")  # what Triton's preprocessing and the decode workers use
+
+
 def test_export_into_a_read_only_folder(readonly_dir: Path) -> None:
     for out, fragment in ((readonly_dir, "cannot write there"), (readonly_dir / "sub", "cannot create")):
         assert_user_error(run_cli("cvt-export", "onnx", "--out", str(out)), fragment)
