@@ -73,6 +73,8 @@ ROUNDS = 3            # interleaved confirmation rounds of the chosen and the de
 SLO_RE = re.compile(r"^\s*p(50|90|99)\s*<=\s*([0-9.]+)\s*ms\s*@\s*rate\s*=\s*([0-9.]+)\s*$")
 
 
+REQUESTS_MAX = 100_000  # per candidate: at --slo rates of 1-100/s, minutes to hours, not years
+
 class DeployError(TritonError):
     """An SLO, budget or search setting that cannot be used."""
 
@@ -158,8 +160,10 @@ class Settings:
     def check(self) -> None:
         if not self.budgets:
             raise DeployError("--budget: give at least one fidelity bound, e.g. \"cosine>=0.999\"")
-        if not 1 <= self.max_candidates <= 200 or self.requests < 20 or self.confirm_requests < 20:
-            raise DeployError("--max-candidates 1..200, --requests and --confirm-requests >= 20")
+        if (not 1 <= self.max_candidates <= 200 or not 20 <= self.requests <= REQUESTS_MAX
+                or not 20 <= self.confirm_requests <= REQUESTS_MAX):
+            raise DeployError(f"--max-candidates 1..200, --requests and --confirm-requests "
+                              f"20..{REQUESTS_MAX}")
         if not 1 <= self.fidelity_images <= 100:
             raise DeployError(f"--fidelity-images {self.fidelity_images}: use 1..100")
 

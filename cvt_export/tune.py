@@ -202,8 +202,8 @@ def tune(folder: ArtifactFolder | Path, backend: str, budgets: Sequence[Budget],
          step: Callable[[str], None] = lambda s: None) -> TuneResult:
     """Search and, when a mix is within the budget, write it; the folder's lock is held from start
     to end (a second tune, an export or a bench of the same folder is refused meanwhile)."""
-    if seconds <= 0:
-        raise TuneError(f"--seconds {seconds}: must be > 0")
+    if not 0 < seconds <= 3600:  # NaN fails it too
+        raise TuneError(f"--seconds {seconds}: must be in (0, 3600]")
     if not 0.0 <= margin < 1.0:
         raise TuneError(f"--margin {margin:g}: a share of what the budget allows to be lost, 0 <= m < 1 "
                         "(0.2 asks cosine>=0.9995 for 0.9996)")

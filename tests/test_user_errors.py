@@ -15,7 +15,7 @@ from conftest import copy_artifacts
 from safetensors.torch import save_file
 
 import cvt_ref
-from cvt_export import calibration
+from cvt_export import calibration, metrics
 from helpers import assert_user_error, run_cli
 
 
@@ -266,6 +266,10 @@ def test_a_benchmark_in_a_pipe_is_whole(exported_copy: Path, tmp_path: Path) -> 
     (("cvt-bench", "regress", "--nope"), "No such option: --nope"),
     (("cvt-export", "onnx", "--out"), "'--out' requires an argument"),
     (("cvt-bench", "--iters", "many"), "Invalid value for '--iters'"),
+    # NaN passes a check written as `x <= 0` or `x > max`: the gate would be blind, a run endless
+    (("cvt-bench", "regress", "--max-slowdown", "nan"), "--max-slowdown nan"),
+    (("cvt-bench", "--seconds", "nan", "--backend", "ort"), "--seconds must be in (0, 3600]"),
+    (("cvt-bench", "triton", "--rate", "nan", "--url", "127.0.0.1:9"), "--rate 'nan'"),
 ])
 def test_parser_errors_are_one_line(args: tuple[str, ...], fragment: str) -> None:
     """The parser's own errors (wrong type, unknown option or command, a missing value) are the
@@ -362,3 +366,36 @@ def test_a_counted_series_on_a_terminal_has_a_progress_bar() -> None:
                      "█" * 10 + "░" * 10 + " calibrating INT8 on 4 images (3/4, about 10 s left)",
                      "validating"]
     assert bar(4, 4, 8) == "██████░░" and bar(5, 4, 8) == "████████" and bar(1, 0, 4) == "░░░░"
+
+
+def test_deploy_refuses_a_search_of_years() -> None:
+    """--requests 1000000000 was accepted: 31 years per candidate at the SLO's rate."""
+    from cvt_export import deploy
+
+    slo = deploy.Slo.parse("p99<=300ms@rate=5")
+    budgets = [metrics.parse_budget("cosine>=0.99")]
+    with pytest.raises(deploy.DeployError, match="--requests"):
+        deploy.Settings(slo=slo, budgets=budgets, requests=1_000_000_000).check()
+    deploy.Settings(slo=slo, budgets=budgets).check()
+
+
+def test_a_port_left_in_time_wait_is_free_and_a_listening_one_is_not() -> None:
+    """`cvt-export serve` on the port of a server stopped seconds ago: its connections in TIME_WAIT
+    must not make the port check refuse what tritonserver can listen on."""
+    import socket
+
+    from cvt_export.triton.server import TritonError, check_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    with pytest.raises(TritonError, match="cannot listen"):
+        check_port(port, "--http-port")  # a server is listening there
+    served.close()  # the server's side closes first: its end of the connection is in TIME_WAIT
+    listener.close()
+    client.close()
+    check_port(port, "--http-port")

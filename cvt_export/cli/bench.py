@@ -166,7 +166,7 @@ def regress(
     from cvt_export import regress as gate
     from cvt_export.harness import bench as harness
 
-    if max_slowdown is not None and max_slowdown <= 1:
+    if max_slowdown is not None and not 1 < max_slowdown < float("inf"):  # NaN fails it too
         raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
     if iters < 1:
         raise CvtError(f"--iters {iters}: must be >= 1")
@@ -395,7 +395,7 @@ def triton(
             rates = tuple(float(v) for v in rate.split(",") if v.strip())
         except ValueError:
             raise CvtError(f"--rate {rate!r}: use comma-separated numbers (requests per second)") from None
-        if not rates or min(rates) <= 0 or max(rates) > 10_000:
+        if not rates or not all(0 < r <= 10_000 for r in rates):  # NaN fails it too
             raise CvtError(f"--rate {rate!r}: each rate in (0, 10000] requests per second")
         loads = tuple(Load("rate", r) for r in rates)
     else:

@@ -73,8 +73,8 @@ class BenchConfig:
             raise BenchError(f"--limit {self.limit}: must be >= 1")
         if self.iters is not None and self.iters < 1:
             raise BenchError(f"--iters {self.iters}: must be >= 1")
-        if self.seconds <= 0 or self.warmup < 0:
-            raise BenchError("--seconds must be > 0 and --warmup >= 0")
+        if not 0 < self.seconds <= 3600 or self.warmup < 0:  # NaN fails it too
+            raise BenchError("--seconds must be in (0, 3600] and --warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise BenchError(f"--threads {self.threads}: use 1 or more (leave it out for each "
                              "backend's default)")

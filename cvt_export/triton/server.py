@@ -89,6 +89,9 @@ def check_port(port: int, flag: str) -> None:
     if not 1 <= port <= 65535:
         raise TritonError(f"{flag} {port}: use 1..65535 (0 picks a free port)")
     with socket.socket() as s:
+        # as servers bind: connections of a stopped server in TIME_WAIT do not hold the port (a
+        # restart 30 s after SIGTERM was refused), a socket listening on it still does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
