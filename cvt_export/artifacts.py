@@ -138,6 +138,11 @@ def is_marked_scratch(folder: Path) -> bool:
         return False
 
 
+def mark_scratch(folder: Path) -> None:
+    """Make `folder` a staging folder of this toolchain (what lets a later writer remove it)."""
+    (folder / SCRATCH_MARK).write_text(_MARK_TEXT)
+
+
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A private folder beside the artifacts (same file system, so renames are atomic).
@@ -154,7 +159,7 @@ def staging(out: Path) -> Iterator[Path]:
             remove_if_empty(stale)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        (tmp / SCRATCH_MARK).write_text(_MARK_TEXT)
+        mark_scratch(tmp)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -208,6 +208,8 @@ class DatasetInfo:
     shards_reused: int
     reference_cached: int      # images whose reference outputs came from the cache
     reference_cache: str
+    unreadable: int = 0        # images that could not be read (left out of every figure)
+    unreadable_files: tuple[str, ...] = ()  # the first of them, "name: reason"
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,7 @@ class ClusterInfo:
     nodes: int            # nodes an actor was placed on
     lost: int             # nodes lost mid-pass
     shards_redone: int    # shards that went back to the queue with a lost node
+    shards_by_node: dict[str, int] = field(default_factory=dict)  # node id -> shards it finished
 
 
 @dataclass(frozen=True)
@@ -241,3 +244,4 @@ class AccuracyReport(Record):
     workers: int = 0
     batch: int = 0
     cluster: ClusterInfo | None = None
+    time: dict[str, float] = field(default_factory=dict)  # seconds: wall, decode_wait, reference, each row

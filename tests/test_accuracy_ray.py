@@ -108,6 +108,7 @@ class Cluster:
     address: str
     head: Node
     worker: Node
+    other: Node
 
 
 @pytest.fixture
@@ -120,35 +121,36 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     port = _free_port()
     address = f"127.0.0.1:{port}"
     head = _start("--head", "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats")
-    worker: Node | None = None
+    workers: list[Node] = []
     raylets: set[int] = set()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.5)
         time.sleep(2)
-        worker = _start("--address", address)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        while time.monotonic() < deadline and sum(n["Alive"] for n in ray.nodes()) < 2:
-            time.sleep(0.5)
-        assert sum(n["Alive"] for n in ray.nodes()) == 2, "the worker node did not join"
+        for joined in (2, 3):  # one at a time: two nodes starting together on one machine did not join
+            workers.append(_start("--address", address))
+            while time.monotonic() < deadline and sum(n["Alive"] for n in ray.nodes()) < joined:
+                time.sleep(0.5)
+            assert sum(n["Alive"] for n in ray.nodes()) == joined, "a worker node did not join"
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        raylets = head.raylets() | worker.raylets()
-        yield Cluster(address, head, worker)
+        raylets = head.raylets() | {pid for w in workers for pid in w.raylets()}
+        yield Cluster(address, head, workers[0], workers[1])
     finally:
         ray.shutdown()
-        raylets |= head.raylets() | (worker.raylets() if worker else set())
-        for node in (worker, head):
-            if node is not None:
-                node.kill()
+        raylets |= head.raylets() | {pid for w in workers for pid in w.raylets()}
+        nodes = [*workers, head]
+        for node in nodes:
+            node.kill()
         left = [0]
         deadline = time.monotonic() + 20  # workers notice their raylet is gone within seconds
         while left and time.monotonic() < deadline:
             time.sleep(0.5)
-            left = head.alive(raylets) + (worker.alive(raylets) if worker else [])
+            left = [pid for node in nodes for pid in node.alive(raylets)]
             for pid in left:
                 with _quiet():
                     os.kill(pid, signal.SIGKILL)
@@ -172,7 +174,7 @@ def test_the_cluster_pass_equals_the_single_machine_pass(cluster: Cluster, expor
                                                           tmp_path: Path) -> None:
     from cvt_export.harness import cluster as on_ray
 
-    make_folder(tmp_path / "val", 12)
+    make_folder(tmp_path / "val", 18)
     folder = ArtifactFolder.open(exported)
     rows = (("ort", "int8"),)
     local_cfg = acc.PassConfig(tmp_path / "val", tmp_path / "local", rows, batch=2, workers=0, shard_size=3)
@@ -186,7 +188,7 @@ def test_the_cluster_pass_equals_the_single_machine_pass(cluster: Cluster, expor
             cluster.worker.kill()
 
     on = on_ray.run(ray_cfg, folder, cluster.address, kill_the_worker_after_one_shard)
-    assert on.dataset.shards == local.dataset.shards >= 4 and on.dataset.images == 12
+    assert on.dataset.shards == local.dataset.shards >= 4 and on.dataset.images == 18
     s = acc.setup(local_cfg, folder)
     a = _per_image(tmp_path / "local", s.rows, s.plan.shards, s.plan.ref_key)
     b = _per_image(tmp_path / "ray", s.rows, s.plan.shards, s.plan.ref_key)
@@ -196,6 +198,8 @@ def test_the_cluster_pass_equals_the_single_machine_pass(cluster: Cluster, expor
     for x, y in zip((local.reference, *local.rows), (on.reference, *on.rows), strict=True):
         assert (x.top1, x.top5, x.top1_agreement, x.cosine_min, x.n) == (y.top1, y.top5, y.top1_agreement,
                                                                           y.cosine_min, y.n)
-    assert on.cluster is not None and (on.cluster.nodes, on.cluster.lost) == (2, 1)
+    assert on.cluster is not None and (on.cluster.nodes, on.cluster.lost) == (3, 1)
     assert on.cluster.shards_redone >= 1 and local.cluster is None
+    assert sum(on.cluster.shards_by_node.values()) == on.dataset.shards
+    assert len(on.cluster.shards_by_node) >= 2  # the nodes left shared the work
     assert not cluster.worker.alive(cluster.worker.raylets())

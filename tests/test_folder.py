@@ -201,6 +201,7 @@ def test_a_triton_repository_has_one_writer_at_a_time(exported: Path, tmp_path: 
             assert_user_error(run_cli(*args), "another cvt-export command")
         assert snapshot(tmp_path) == before
     (repo / ".staging-killed" / "cvt").mkdir(parents=True)
+    artifacts.mark_scratch(repo / ".staging-killed")  # what every staging folder carries
     done = run_cli("cvt-export", "triton", "--artifacts", str(exported), "--out", str(repo))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in repo.iterdir()) == [artifacts.LOCK, "cvt", "cvt.cvt-repository.json"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -55,6 +56,7 @@ from cvt_ref.preprocess import PREPROCESS_VERSION, list_images, normalize
 log = logging.getLogger(__name__)
 
 TOP = 5
+UNREADABLE_LISTED = 20  # unreadable files named in the report (all are counted)
 SHARDS = "shards"
 REFERENCE = ("torch", "fp32")
 
@@ -151,6 +153,9 @@ def plan_shards(entries: Sequence[Entry], size: int) -> list[Shard]:
 
 # --- decoding in worker processes ----------------------------------------------------------------
 
+Decoded = tuple[np.ndarray, list[str], list[tuple[int, str]]]
+
+
 class Decoder:
     """Batches decoded by `workers` processes, at most 2 per worker in flight, in order."""
 
@@ -169,12 +174,12 @@ class Decoder:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def batches(self, jobs: Sequence[Sequence[Path]]) -> Iterator[tuple[np.ndarray, list[str]]]:
+    def batches(self, jobs: Sequence[Sequence[Path]]) -> Iterator[Decoded]:
         if self.pool is None:
             for paths in jobs:
                 yield decode(paths, self.variant)
             return
-        pending: collections.deque[cf.Future[tuple[np.ndarray, list[str]]]] = collections.deque()
+        pending: collections.deque[cf.Future[Decoded]] = collections.deque()
         queued = iter(jobs)
         for paths in queued:
             pending.append(self.pool.submit(decode, paths, self.variant))
@@ -262,7 +267,8 @@ def write_part(out: Path, shard: Shard, row: str, row_key: str, arrays: dict[str
     folder = out / shard.folder
     folder.mkdir(parents=True, exist_ok=True)
     digest = _save_npz(folder / f"{row}.npz", arrays)
-    rec = ShardRecord(shard.key, row, row_key, len(shard.entries), f"{row}.npz", digest, executed)
+    rows = len(next(iter(arrays.values())))
+    rec = ShardRecord(shard.key, row, row_key, rows, f"{row}.npz", digest, executed)
     artifacts.atomic_write(folder / f"{row}.json", json.dumps(rec.to_json(), indent=1) + "\n")
 
 
@@ -273,8 +279,7 @@ def read_part(out: Path, shard: Shard, row: str, row_key: str) -> dict[str, np.n
         rec = ShardRecord.read(folder / f"{row}.json")
     except RecordError:
         return None
-    if (rec.shard, rec.row, rec.row_key, rec.images, rec.file) != (shard.key, row, row_key,
-                                                                   len(shard.entries), f"{row}.npz"):
+    if (rec.shard, rec.row, rec.row_key, rec.file) != (shard.key, row, row_key, f"{row}.npz"):
         return None
     try:
         data = (folder / rec.file).read_bytes()
@@ -284,7 +289,7 @@ def read_part(out: Path, shard: Shard, row: str, row_key: str) -> dict[str, np.n
         return None
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    if any(len(v) != len(shard.entries) for v in arrays.values()):
+    if any(len(v) != rec.images for v in arrays.values()):
         return None
     return arrays
 
@@ -373,41 +378,95 @@ class Evaluator:
                  known: Callable[[list[str]], dict[int, np.ndarray]],
                  fresh: Callable[[list[str], np.ndarray], None],
                  done: Callable[[int], None] = lambda n: None) -> Parts:
-        """Every image of the shard through the reference (unless `known` has its logits; new ones
-        go to `fresh`) and the `wanted` rows that can run."""
-        import torch
-
+        """Every image of the shard that decodes through the reference (unless `known` has its
+        logits; new ones go to `fresh`) and the `wanted` rows that can run; the images that do not
+        decode are recorded with the reason."""
         rows = [r for r in (self.start(name) for name in wanted) if r.status == "ok"]
         jobs = [[e.path for e in shard.entries[i:i + self.batch]]
                 for i in range(0, len(shard.entries), self.batch)]
         parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ["reference",
                                                                               *(r.name for r in rows)]}
         digests: list[str] = []
-        cached = 0
-        for pixels, sums in self.decoder.batches(jobs):
-            x = normalize(pixels, self.variant)
-            have = known(sums)
-            cached += len(have)
-            missing = [i for i in range(len(sums)) if i not in have]
-            ref = np.empty((len(sums), self.variant.num_classes), dtype=np.float32)
-            for i, v in have.items():
-                ref[i] = v
-            if missing:
-                with torch.inference_mode():
-                    ref[missing] = self.model(torch.from_numpy(x[missing])).numpy()
-                fresh([sums[i] for i in missing], ref[missing])
-            parts["reference"].append(row_results(ref, ref))
-            for r in rows:
-                assert r.runner is not None
-                parts[r.name].append(row_results(r.runner(x), ref))
-            digests += sums
-            done(len(sums))
-        out = {name: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for name, ps in parts.items()}
+        errors: list[str] = []
+        took = Took()
+        batches = self.decoder.batches(jobs)
+        for job in jobs:
+            t0 = time.perf_counter()
+            pixels, sums, failed = next(batches)
+            took.add("decode_wait", time.perf_counter() - t0)
+            reasons = dict(failed)
+            errors += [reasons.get(i, "") for i in range(len(job))]
+            it = iter(sums)
+            digests += ["" if i in reasons else next(it) for i in range(len(job))]
+            if len(sums):
+                ref = self._reference(normalize(pixels, self.variant), sums, known, fresh, took)
+                parts["reference"].append(row_results(ref.logits, ref.logits))
+                for r in rows:
+                    assert r.runner is not None
+                    t0 = time.perf_counter()
+                    got = r.runner(ref.x)
+                    took.add(r.name, time.perf_counter() - t0)
+                    parts[r.name].append(row_results(got, ref.logits))
+            done(len(job))
+        out = {name: _concat(ps) for name, ps in parts.items()}
         out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
-                         "sha256": np.frombuffer(bytes.fromhex("".join(digests)), np.uint8).reshape(-1, 32),
-                         "label": np.asarray([e.label for e in shard.entries], dtype=np.int64)}
-        return Parts(out, cached, {r.name: r.executed for r in rows},
-                     {name: (r.status, r.reason) for name, r in self.rows.items() if r.status != "ok"})
+                         "sha256": np.asarray([bytes.fromhex(d) if d else bytes(32) for d in digests]
+                                              ).view(np.uint8).reshape(-1, 32),
+                         "label": np.asarray([e.label for e in shard.entries], dtype=np.int64),
+                         "ok": np.asarray([not e for e in errors], dtype=bool),
+                         "error": np.asarray(errors, dtype=str)}
+        return Parts(out, took.cached, {r.name: r.executed for r in rows},
+                     {name: (r.status, r.reason) for name, r in self.rows.items() if r.status != "ok"},
+                     took.seconds)
+
+    def _reference(self, x: np.ndarray, sums: list[str], known: Callable[[list[str]], dict[int, np.ndarray]],
+                   fresh: Callable[[list[str], np.ndarray], None], took: Took) -> Batch:
+        import torch
+
+        have = known(sums)
+        took.cached += len(have)
+        missing = [i for i in range(len(sums)) if i not in have]
+        ref = np.empty((len(sums), self.variant.num_classes), dtype=np.float32)
+        for i, v in have.items():
+            ref[i] = v
+        if missing:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                ref[missing] = self.model(torch.from_numpy(x[missing])).numpy()
+            took.add("reference", time.perf_counter() - t0)
+            fresh([sums[i] for i in missing], ref[missing])
+        return Batch(x, ref)
+
+
+@dataclass
+class Batch:
+    x: np.ndarray         # normalized inputs
+    logits: np.ndarray    # the reference's
+
+
+@dataclass
+class Took:
+    """Where a shard's time went (seconds): waiting for decoded batches, the reference, each row."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: int = 0
+
+    def add(self, what: str, s: float) -> None:
+        self.seconds[what] = self.seconds.get(what, 0.0) + s
+
+    def merge(self, parts: Parts) -> None:
+        self.cached += parts.cached
+        for k, v in parts.seconds.items():
+            self.add(k, v)
+
+
+EMPTY: dict[str, np.ndarray] = {"top5": np.zeros((0, TOP), np.int32), "prob5": np.zeros((0, TOP), np.float32),
+         "cosine": np.zeros(0), "max_abs": np.zeros(0)}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A row's per-batch results as one set of arrays (empty ones when no image of the shard decoded)."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in EMPTY} if parts else dict(EMPTY)
 
 
 @dataclass
@@ -418,6 +477,7 @@ class Parts:
     cached: int                   # images whose reference logits were known
     executed: dict[str, str]      # per row: what really ran
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # row -> (status, reason)
+    seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, reference, each row
 
 
 @dataclass
@@ -470,9 +530,31 @@ def setup(cfg: PassConfig, folder: ArtifactFolder) -> Setup:
     mkey, prep = model_key(model, folder.variant), preprocessing_key(folder.variant)
     plan = Plan(plan_shards(entries, cfg.shard_size), {},
                 hashlib.sha256(f"{mkey}\0{prep}".encode()).hexdigest())
+    same_results(cfg, plan.ref_key)
     rows = open_rows(folder, cfg)
     plan.missing(cfg.out, rows)
     return Setup(entries, note, plan, rows, model, mkey, prep)
+
+
+def same_results(cfg: PassConfig, ref_key: str) -> None:
+    """An --out that holds another pass's results (another model, preprocessing or dataset) is
+    refused, never mixed with this one's or overwritten."""
+    try:
+        earlier = AccuracyReport.read(cfg.out / "accuracy.json")
+    except RecordError:
+        earlier = None
+    if earlier is not None and Path(earlier.dataset.source).resolve() != cfg.dataset.resolve():
+        raise AccuracyError(f"--out {cfg.out}: holds the accuracy of {earlier.dataset.source}, not "
+                            f"{cfg.dataset}; choose another folder")
+    for record in sorted((cfg.out / SHARDS).glob("*/reference.json"))[:1]:
+        try:
+            key = ShardRecord.read(record).row_key
+        except RecordError:
+            continue
+        if key != ref_key:
+            raise AccuracyError(f"--out {cfg.out}: holds results of another model or preprocessing "
+                                f"({earlier.variant + ' ' + earlier.weights if earlier else 'its shards'}); "
+                                "choose another folder")
 
 
 def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], None] = lambda p: None
@@ -480,7 +562,7 @@ def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], 
     s = setup(cfg, folder)
     state = Progress(total=len(s.entries))
     state.images = sum(len(sh.entries) for sh in s.plan.shards if sh.key not in s.plan.todo)
-    cached = 0
+    took = Took()
     if s.plan.todo:
         cache = ReferenceCache(cfg.cache_path, s.plan.ref_key, folder.variant.num_classes)
         evaluator = Evaluator(folder, s.rows, batch=cfg.batch, workers=cfg.workers, threads=cfg.threads,
@@ -493,22 +575,25 @@ def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], 
             for shard in s.plan.shards:
                 if shard.key in s.plan.todo:
                     parts = evaluator.evaluate(shard, s.plan.todo[shard.key], cache.lookup, cache.put, done)
-                    cached += parts.cached
+                    took.merge(parts)
                     save(cfg.out, shard, parts, s.rows, s.plan.ref_key)
         finally:
             evaluator.close()
             cache.close()
     progress(state)
-    return finish(cfg, folder, s, cached, state.started)
+    return finish(cfg, folder, s, took, state.started)
 
 
-def finish(cfg: PassConfig, folder: ArtifactFolder, s: Setup, cached: int, started: float) -> AccuracyReport:
+def finish(cfg: PassConfig, folder: ArtifactFolder, s: Setup, took: Took, started: float) -> AccuracyReport:
     info = DatasetInfo(str(cfg.dataset), len(s.entries), s.note == "", s.note,
                        len({e.label for e in s.entries if e.label >= 0}), len(s.plan.shards),
-                       cfg.shard_size, len(s.plan.shards) - len(s.plan.todo), cached, str(cfg.cache_path))
+                       cfg.shard_size, len(s.plan.shards) - len(s.plan.todo), took.cached,
+                       str(cfg.cache_path))
     reference = Row(*REFERENCE, s.plan.ref_key, executed="fp32 (PyTorch eager)")
-    return summarize(cfg, folder, s.plan.shards, reference, s.rows, s.model_key, s.preprocessing, info,
-                     started)
+    report = summarize(cfg, folder, s.plan.shards, reference, s.rows, s.model_key, s.preprocessing, info,
+                       started)
+    spent = {"wall": report.seconds, **{k: round(v, 2) for k, v in took.seconds.items()}}
+    return dataclasses.replace(report, time=spent)
 
 
 # --- statistics ------------------------------------------------------------------------------------
@@ -552,10 +637,17 @@ def _row_stats(row: Row, got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
 
 def summarize(cfg: PassConfig, folder: ArtifactFolder, shards: Sequence[Shard], reference: Row,
               rows: list[Row], mkey: str, prep: str, info: DatasetInfo, started: float) -> AccuracyReport:
-    images = _gather(cfg.out, shards, "images", reference.key)
+    everything = _gather(cfg.out, shards, "images", reference.key)
     ref = _gather(cfg.out, shards, "reference", reference.key)
-    if images is None or ref is None:
+    if everything is None or ref is None:
         raise AccuracyError("the pass ended with shards missing: run the same command again to finish them")
+    ok = everything["ok"]
+    if not ok.any():
+        raise AccuracyError(f"--dataset {cfg.dataset}: none of its {len(ok)} images could be read "
+                            f"({everything['error'][0]})")
+    images = {k: v[ok] for k, v in everything.items()}
+    bad = [f"{n}: {e}" for n, e in zip(everything["name"][~ok], everything["error"][~ok], strict=True)]
+    info = dataclasses.replace(info, unreadable=len(bad), unreadable_files=tuple(bad[:UNREADABLE_LISTED]))
     labelled = info.labelled
     names = folder.labels
     ref_row = _row_stats(reference, ref, ref, images, labelled, names, True)

@@ -40,6 +40,9 @@ def markdown(rep: AccuracyReport) -> str:
         f" in {d.shards} shards ({d.shards_reused} reused from an earlier run); reference outputs "
         f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.", "",
     ]
+    if d.unreadable:
+        lines[-1:-1] = [f"{d.unreadable} could not be read and are left out of every figure: "
+                        + "; ".join(d.unreadable_files[:3]) + (" ..." if d.unreadable > 3 else "") + "."]
     if rep.cluster is not None:
         on = rep.cluster
         lines[-1:-1] = [f"Ran on the Ray cluster at {on.address}: {on.nodes} nodes, {on.lost} lost mid-pass, "
@@ -77,6 +80,15 @@ def markdown(rep: AccuracyReport) -> str:
             for c in r.classes_lost[:5]:
                 lines.append(f"| {_label(r)} | {c.label} {c.name} | {c.images} | {c.reference_correct} | "
                              f"{c.row_correct} | {c.net_lost} |")
+    if rep.time:
+        spent = dict(rep.time)
+        wall = spent.pop("wall", rep.seconds)
+        parts = [f"waiting for decoded images {spent.pop('decode_wait', 0.0):.1f} s"]
+        if "reference" in spent:
+            parts.append(f"reference {spent.pop('reference'):.1f} s")
+        parts += [f"{name} {s:.1f} s ({rep.dataset.images / s:.1f} images/s)"
+                  for name, s in spent.items() if s]
+        lines += ["", f"Time: {wall:.1f} s in all; " + ", ".join(parts) + "."]
     skipped = [r for r in rep.rows if r.status != "ok"]
     if skipped:
         lines += ["", "Not run: " + "; ".join(f"{_label(r)} ({r.reason})" for r in skipped) + "."]

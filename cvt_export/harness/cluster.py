@@ -59,11 +59,30 @@ class NodeEvaluator:
         return parts, fresh_digests, (np.concatenate(fresh_logits) if fresh_logits else None)
 
 
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster's head answers at HOST:PORT, or one line now (Ray itself retries for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray {address}: give the head's address as HOST:PORT (such as "
+                           "10.0.0.5:6379) or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ClusterError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+                           "with `ray start --head` or give its address") from None
+
+
 def connect(address: str) -> Any:
     try:
         import ray
     except ImportError:
         raise ClusterError('--ray needs Ray: pip install "cvt-export[ray]"') from None
+    reachable(address)
     if not ray.is_initialized():
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -117,17 +136,18 @@ def run(cfg: acc.PassConfig, folder: ArtifactFolder, address: str,
     tally = Tally()
     if s.plan.todo:
         _drive(ray, cfg, folder, s, state, progress, tally)
-    report = acc.finish(cfg, folder, s, tally.cached, state.started)
-    info = ClusterInfo(address, len(tally.nodes), len(tally.lost), tally.redone)
+    report = acc.finish(cfg, folder, s, tally.took, state.started)
+    info = ClusterInfo(address, len(tally.nodes), len(tally.lost), tally.redone, dict(tally.finished))
     return dataclasses.replace(report, cluster=info)
 
 
 @dataclasses.dataclass
 class Tally:
-    cached: int = 0
+    took: acc.Took = dataclasses.field(default_factory=acc.Took)
     nodes: set[str] = dataclasses.field(default_factory=set)
     lost: set[str] = dataclasses.field(default_factory=set)
     redone: int = 0
+    finished: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _known(cfg: acc.PassConfig, shard: acc.Shard, cache: acc.ReferenceCache, ref_key: str) -> dict[str, Any]:
@@ -185,7 +205,8 @@ def _drive(ray: Any, cfg: acc.PassConfig, folder: ArtifactFolder, s: acc.Setup, 
                 continue
             if logits is not None:
                 cache.put(digests, logits)
-            tally.cached += parts.cached
+            tally.took.merge(parts)
+            tally.finished[node] = tally.finished.get(node, 0) + 1
             acc.save(cfg.out, shard, parts, s.rows, s.plan.ref_key)
             state.images += len(shard.entries)
             progress(state)

@@ -29,15 +29,20 @@ def watch_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def decode(paths: Sequence[Path], variant: Variant) -> tuple[np.ndarray, list[str]]:
-    """uint8[B, H, W, 3] and each file's sha256 (its content, the cache's key)."""
-    pixels, digests = [], []
-    for p in paths:
+def decode(paths: Sequence[Path], variant: Variant) -> tuple[np.ndarray, list[str], list[tuple[int, str]]]:
+    """uint8[B', H, W, 3] of the images that decode, their files' sha256 (content: the cache's
+    key), and (position, reason) of those that do not: one bad file never stops a pass."""
+    pixels, digests, failed = [], [], []
+    for i, p in enumerate(paths):
         try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ImageError(f"{p}: cannot read it ({e.strerror or e})") from None
-        digests.append(hashlib.sha256(data).hexdigest())
-        image = decode_image(data, str(p))
-        pixels.append(crop_uint8(image, variant))
-    return np.stack(pixels), digests
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                raise ImageError(f"{p}: cannot read it ({e.strerror or e})") from None
+            image = decode_image(data, str(p))
+            pixels.append(crop_uint8(image, variant))
+            digests.append(hashlib.sha256(data).hexdigest())
+        except ImageError as e:
+            failed.append((i, str(e)))
+    size = variant.image_size
+    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), digests, failed
