@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, TypeVar
 
 import numpy as np
@@ -288,24 +289,6 @@ def binom_tails(k: int, m: int, p: float) -> tuple[float, float]:
     return float(min(1.0, pmf[:k + 1].sum())), float(min(1.0, pmf[k:].sum()))
 
 
-def clopper_pearson(k: int, m: int, alpha: float = 0.05) -> list[float]:
-    """The exact (Clopper-Pearson) interval of a proportion k/m: the inversion of the two-sided
-    binomial test that doubles the smaller tail, so it holds 0.5 exactly when `mcnemar_p`>= alpha."""
-    if m <= 0:
-        return [0.0, 1.0]
-
-    def solve(f: Callable[[float], float]) -> float:  # f decreasing in p, find f(p) = alpha / 2
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if f(mid) > alpha / 2 else (lo, mid)
-        return (lo + hi) / 2
-
-    lower = 0.0 if k == 0 else 1.0 - solve(lambda p: binom_tails(k, m, 1.0 - p)[1])
-    upper = 1.0 if k == m else solve(lambda p: binom_tails(k, m, p)[0])
-    return [float(lower), float(upper)]
-
-
 def mcnemar_p(gained: int, lost: int) -> float:
     """Exact McNemar test: two-sided p of `gained` among the discordant pairs under Binomial(m, 1/2)."""
     m = gained + lost
@@ -330,7 +313,7 @@ def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: flo
         return {"n": 0, "lost": 0, "gained": 0, "difference": 0.0, "difference_ci": [-1.0, 1.0],
                 "p_value": 1.0, "within_noise": True}
     both, neither = int((ref & row).sum()), int((~ref & ~row).sum())
-    z = float(np.sqrt(2) * _erfinv(1 - alpha))
+    z = NormalDist().inv_cdf(1 - alpha / 2)
     p1, p2 = (both + gained) / n, (both + lost) / n          # the row's accuracy, the reference's
     l1, u1 = wilson(both + gained, n, z)
     l2, u2 = wilson(both + lost, n, z)
@@ -343,17 +326,6 @@ def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: flo
     return {"n": n, "lost": lost, "gained": gained, "difference": diff,
             "difference_ci": [float(diff - below), float(diff + above)], "p_value": p,
             "within_noise": p >= alpha}
-
-
-def _erfinv(y: float) -> float:
-    """Inverse error function by bisection (the z of a two-sided level; alpha 0.05 -> 1.95996/sqrt 2)."""
-    import math
-
-    lo, hi = 0.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
-    return (lo + hi) / 2
 
 
 def class_losses(labels: np.ndarray, ref_correct: np.ndarray, row_correct: np.ndarray,

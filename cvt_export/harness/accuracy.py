@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, machine, metrics
+from cvt_export import artifacts, machine, metrics, precisions
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BackendError, BackendUnavailable, Runner, get_backend
+from cvt_export.calibration import spread
 from cvt_export.harness.bench import folder_labels
 from cvt_export.harness.decoding import decode, watch_parent
 from cvt_export.records import (
@@ -118,9 +119,8 @@ def list_entries(cfg: PassConfig, variant: cvt_ref.Variant, labels: list[str]) -
     paths = list_images(cfg.dataset)
     if not paths:
         raise AccuracyError(f"--dataset {cfg.dataset}: holds no images")
-    if cfg.limit and cfg.limit < len(paths):
-        step = len(paths) / cfg.limit
-        paths = [paths[int(i * step)] for i in range(cfg.limit)]
+    if cfg.limit:
+        paths = spread(paths, cfg.limit)
     found, note = folder_labels(paths, cfg.dataset, variant, labels)
     entries = []
     for i, p in enumerate(paths):
@@ -212,19 +212,17 @@ class ReferenceCache:
     def key(self, digest: str) -> str:
         return hashlib.sha256(f"{self.scope}\0{digest}".encode()).hexdigest()
 
-    def get(self, digests: Sequence[str], classes: int) -> dict[int, np.ndarray]:
+    def get(self, digests: Sequence[str]) -> dict[int, np.ndarray]:
+        """Logits found, by position in `digests` (an entry of another class count is not one)."""
         keys = [self.key(d) for d in digests]
         marks = ",".join("?" * len(keys))
         found = dict(self.db.execute(f"SELECT key, value FROM logits WHERE key IN ({marks})", keys))
         out = {}
         for i, k in enumerate(keys):
             blob = found.get(k)
-            if blob is not None and len(blob) == 4 * classes:
+            if blob is not None and len(blob) == 4 * self.classes:
                 out[i] = np.frombuffer(blob, dtype=np.float32)
         return out
-
-    def lookup(self, digests: Sequence[str]) -> dict[int, np.ndarray]:
-        return self.get(digests, self.classes)
 
     def put(self, digests: Sequence[str], logits: np.ndarray) -> None:
         rows = [(self.key(d), np.ascontiguousarray(x, dtype=np.float32).tobytes())
@@ -333,8 +331,8 @@ def open_rows(folder: ArtifactFolder, cfg: PassConfig) -> list[Row]:
         if (backend, precision) == REFERENCE:
             continue
         b = get_backend(backend)
-        file_key = (folder.sha256(precision) if folder.has(precision)
-                    else folder.sha256("fp32") if precision == "bf16" else "")
+        reads = precisions.reads(precision)  # the file the row runs (bf16: the FP32 file)
+        file_key = folder.sha256(reads) if folder.has(reads) else ""
         row = Row(b.name, precision, hashlib.sha256(f"{b.name} {precision} {file_key}".encode()).hexdigest())
         ok, why = b.available()
         if precision not in b.precisions:
@@ -488,6 +486,10 @@ class Plan:
     todo: dict[str, list[str]]    # shard key -> row names to run (the reference always runs)
     ref_key: str
 
+    @property
+    def finished_images(self) -> int:
+        return sum(len(sh.entries) for sh in self.shards if sh.key not in self.todo)
+
     def missing(self, out: Path, rows: Sequence[Row]) -> None:
         for shard in self.shards:
             wanted = [r.name for r in rows
@@ -560,8 +562,7 @@ def same_results(cfg: PassConfig, ref_key: str) -> None:
 def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], None] = lambda p: None
         ) -> AccuracyReport:
     s = setup(cfg, folder)
-    state = Progress(total=len(s.entries))
-    state.images = sum(len(sh.entries) for sh in s.plan.shards if sh.key not in s.plan.todo)
+    state = Progress(s.plan.finished_images, len(s.entries))
     took = Took()
     if s.plan.todo:
         cache = ReferenceCache(cfg.cache_path, s.plan.ref_key, folder.variant.num_classes)
@@ -574,7 +575,7 @@ def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], 
 
             for shard in s.plan.shards:
                 if shard.key in s.plan.todo:
-                    parts = evaluator.evaluate(shard, s.plan.todo[shard.key], cache.lookup, cache.put, done)
+                    parts = evaluator.evaluate(shard, s.plan.todo[shard.key], cache.get, cache.put, done)
                     took.merge(parts)
                     save(cfg.out, shard, parts, s.rows, s.plan.ref_key)
         finally:

@@ -130,8 +130,7 @@ def run(cfg: acc.PassConfig, folder: ArtifactFolder, address: str,
     ray = connect(address)
     s = acc.setup(cfg, folder)
     prepare(folder, s.rows, cfg.threads)
-    state = acc.Progress(total=len(s.entries))
-    state.images = sum(len(sh.entries) for sh in s.plan.shards if sh.key not in s.plan.todo)
+    state = acc.Progress(s.plan.finished_images, len(s.entries))
     progress(state)
     tally = Tally()
     if s.plan.todo:
@@ -157,7 +156,7 @@ def _known(cfg: acc.PassConfig, shard: acc.Shard, cache: acc.ReferenceCache, ref
     if images is None:
         return {}
     digests = [bytes(d).hex() for d in images["sha256"]]
-    found = cache.lookup(digests)
+    found = cache.get(digests)
     return {digests[i]: v for i, v in found.items()}
 
 
