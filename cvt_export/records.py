@@ -213,6 +213,31 @@ class DatasetInfo:
 
 
 @dataclass(frozen=True)
+class PartRate:
+    """What one part of the pass (the reference or a row) did in this run."""
+
+    name: str
+    images: int            # images it computed (the reference: those not in the cache)
+    seconds: float         # its own time inside the pass
+    decoded_per_s: float | None = None  # the same runner, after the pass, on a batch already decoded
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How close the pass came to its parts' own speed on decoded tensors (one machine only)."""
+
+    images: int            # images through the pass in this run
+    seconds: float         # the stream, first batch to last (setup, compiling, the summary excluded)
+    decode_wait: float     # of which waiting for decoded batches
+    parts: tuple[PartRate, ...] = ()
+    efficiency: float | None = None  # sum over parts of images / decoded_per_s, over seconds
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
 class ClusterInfo:
     """Where a pass ran when it ran on a Ray cluster."""
 
@@ -245,3 +270,4 @@ class AccuracyReport(Record):
     batch: int = 0
     cluster: ClusterInfo | None = None
     time: dict[str, float] = field(default_factory=dict)  # seconds: wall, decode_wait, reference, each row
+    throughput: Throughput | None = None   # None on a cluster and when nothing ran in this run

@@ -142,6 +142,10 @@ def test_pass_matches_onnx_runtime_run_here(exported: Path, tmp_path: Path) -> N
         assert (p.lost, p.gained) == (int((ref_right & (logits.argmax(1) != y)).sum()),
                                       int((~ref_right & (logits.argmax(1) == y)).sum()))
     assert rep.rows[0].cosine_min > 0.99999 and rep.rows[1].cosine_min < 0.9999
+    t = rep.throughput  # every part's count is what it computed; its speed alone was measured
+    assert t is not None and t.images == 20 and t.efficiency is not None and t.efficiency > 0
+    assert {(p.name, p.images) for p in t.parts} == {("reference", 20), ("ort-fp32", 20), ("ort-int8", 20)}
+    assert all(p.decoded_per_s and p.decoded_per_s > 0 for p in t.parts)
     # a second folder of the same model takes every reference output from the cache
     copy = tmp_path / "copy"
     import shutil
@@ -152,6 +156,31 @@ def test_pass_matches_onnx_runtime_run_here(exported: Path, tmp_path: Path) -> N
                     ArtifactFolder.open(copy))
     assert again.dataset.reference_cached == 20 and again.dataset.shards_reused == 0
     assert again.rows[0].top1 == rep.rows[0].top1
+
+
+def test_batches_run_across_shard_boundaries(exported: Path, tmp_path: Path) -> None:
+    """Shards of about 2 images, batch 4: the reference sees 4, 4, 4, 1 (no short batch at every
+    shard's end), every shard comes back whole, and its results are the ones it gets alone."""
+    make_folder(tmp_path / "val", 13)
+    folder = ArtifactFolder.open(exported)
+    cfg = acc.PassConfig(tmp_path / "val", tmp_path / "acc", batch=4, workers=0, shard_size=2)
+    shards = acc.plan_shards(acc.list_entries(cfg, folder.variant, folder.labels)[0], cfg.shard_size)
+    assert len(shards) >= 4
+    ev = acc.Evaluator(folder, [], batch=4, workers=0, threads=None)
+    try:
+        sizes: list[int] = []
+        ev.model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
+        streamed = list(ev.stream(shards, [], lambda d: {}, lambda d, x: None))
+        assert sizes == [4, 4, 4, 1]
+        assert [s.key for s, _ in streamed] == [s.key for s in shards]
+        for shard, parts in streamed:
+            alone = ev.evaluate(shard, [], lambda d: {}, lambda d, x: None)
+            assert list(parts.arrays["images"]["name"]) == [e.name for e in shard.entries]
+            got, want = parts.arrays["reference"], alone.arrays["reference"]
+            np.testing.assert_array_equal(got["top5"], want["top5"])
+            np.testing.assert_allclose(got["prob5"], want["prob5"], rtol=1e-4, atol=1e-6)
+    finally:
+        ev.close()
 
 
 def test_reference_cache_never_serves_another_model_or_preprocessing(tmp_path: Path) -> None:

@@ -159,3 +159,24 @@ def test_missing_file_and_folder_raise_image_error(tmp_path: Path) -> None:
 def test_unknown_variant_is_a_user_error(photos: list[Path]) -> None:
     with pytest.raises(cvt_ref.CvtError, match=r"unknown variant 'cvt-99'.*cvt-13"):
         cvt_ref.preprocess(photos[0], "cvt-99")
+
+
+def test_normalize_by_table_gives_the_bits_of_the_formula() -> None:
+    """`normalize` looks levels up in a table; every uint8 level of every channel, in any layout,
+    must come out with the bits (x / 255 - mean) / std gives in float32, and close to float64's."""
+    from cvt_ref.preprocess import normalize
+
+    v = cvt_ref.VARIANTS["cvt-13"]
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 17, 19, 3), dtype=np.uint8)
+    pixels[0, 0, :, :] = np.arange(19)[:, None] * 13 % 256  # plenty of levels; 0 and 255 below
+    pixels[1, 0, 0], pixels[1, 0, 1] = 0, 255
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    y = (x - np.asarray(v.mean, dtype=np.float32)) / np.asarray(v.std, dtype=np.float32)
+    want = np.ascontiguousarray(np.moveaxis(y, -1, -3))
+    got = normalize(pixels, v)
+    assert got.dtype == np.float32 and got.shape == (3, 3, 17, 19) and got.flags.c_contiguous
+    assert got.tobytes() == want.tobytes()
+    exact = (pixels.astype(np.float64) / 255 - np.asarray(v.mean)) / np.asarray(v.std)
+    np.testing.assert_allclose(got, np.moveaxis(exact, -1, -3), atol=1e-6)
+    assert normalize(pixels[0], v).tobytes() == want[0].tobytes()  # one image, no batch axis

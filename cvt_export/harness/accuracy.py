@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import sqlite3
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +47,11 @@ from cvt_export.records import (
     ClassLoss,
     DatasetInfo,
     Paired,
+    PartRate,
     RecordError,
     RowAccuracy,
     ShardRecord,
+    Throughput,
 )
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
@@ -355,6 +358,7 @@ class Evaluator:
         self.rows = {r.name: r for r in rows}
         self.stack = contextlib.ExitStack()
         self.decoder = self.stack.enter_context(Decoder(workers, self.variant))
+        self.last: np.ndarray | None = None  # the last full batch, normalized: for `decoded_rates`
 
     def close(self) -> None:
         self.stack.close()
@@ -376,53 +380,93 @@ class Evaluator:
                  known: Callable[[list[str]], dict[int, np.ndarray]],
                  fresh: Callable[[list[str], np.ndarray], None],
                  done: Callable[[int], None] = lambda n: None) -> Parts:
-        """Every image of the shard that decodes through the reference (unless `known` has its
-        logits; new ones go to `fresh`) and the `wanted` rows that can run; the images that do not
-        decode are recorded with the reason."""
+        """One shard (what a Ray node is handed); `stream` says what happens to its images."""
+        return next(self.stream([shard], wanted, known, fresh, done))[1]
+
+    def stream(self, shards: Sequence[Shard], wanted: Sequence[str],
+               known: Callable[[list[str]], dict[int, np.ndarray]],
+               fresh: Callable[[list[str], np.ndarray], None],
+               done: Callable[[int], None] = lambda n: None) -> Iterator[tuple[Shard, Parts]]:
+        """Every image of the shards that decodes through the reference (unless `known` has its
+        logits; new ones go to `fresh`) and the `wanted` rows that can run, each shard's results
+        handed back as soon as its last image is through. Batches run across shard boundaries (a
+        shard's last few images share a batch with the next shard's first): a row never sees a
+        short batch but the very last one. An image that does not decode is recorded with why."""
         rows = [r for r in (self.start(name) for name in wanted) if r.status == "ok"]
-        jobs = [[e.path for e in shard.entries[i:i + self.batch]]
-                for i in range(0, len(shard.entries), self.batch)]
-        parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ["reference",
-                                                                              *(r.name for r in rows)]}
-        digests: list[str] = []
-        errors: list[str] = []
-        took = Took()
-        batches = self.decoder.batches(jobs)
+        names = ["reference", *(r.name for r in rows)]
+        flat = [(k, e) for k, sh in enumerate(shards) for e in sh.entries]
+        jobs = [flat[i:i + self.batch] for i in range(0, len(flat), self.batch)]
+        acc = [_ShardResults(names) for _ in shards]
+        batches = self.decoder.batches([[e.path for _, e in job] for job in jobs])
         for job in jobs:
             t0 = time.perf_counter()
             pixels, sums, failed = next(batches)
+            took = Took()
             took.add("decode_wait", time.perf_counter() - t0)
             reasons = dict(failed)
-            errors += [reasons.get(i, "") for i in range(len(job))]
             it = iter(sums)
-            digests += ["" if i in reasons else next(it) for i in range(len(job))]
+            digests = ["" if i in reasons else next(it) for i in range(len(job))]
+            results: dict[str, dict[str, np.ndarray]] = {}
+            cached = np.zeros(len(sums), dtype=bool)
             if len(sums):
                 ref = self._reference(normalize(pixels, self.variant), sums, known, fresh, took)
-                parts["reference"].append(row_results(ref.logits, ref.logits))
+                if len(ref.x) == self.batch:
+                    self.last = ref.x
+                cached[list(ref.cached)] = True
+                results["reference"] = row_results(ref.logits, ref.logits)
                 for r in rows:
                     assert r.runner is not None
                     t0 = time.perf_counter()
                     got = r.runner(ref.x)
                     took.add(r.name, time.perf_counter() - t0)
-                    parts[r.name].append(row_results(got, ref.logits))
+                    results[r.name] = row_results(got, ref.logits)
+            decoded = np.cumsum([i not in reasons for i in range(len(job))]) - 1  # position among decoded
+            for k in dict.fromkeys(k for k, _ in job):
+                mine = [i for i, (kk, _) in enumerate(job) if kk == k]
+                ok = [int(decoded[i]) for i in mine if i not in reasons]
+                acc[k].add([digests[i] for i in mine], [reasons.get(i, "") for i in mine],
+                           {name: {f: v[ok] for f, v in res.items()} for name, res in results.items()},
+                           int(cached[ok].sum()), took, len(mine) / len(job))
+                if acc[k].count == len(shards[k].entries):
+                    yield shards[k], acc[k].parts(shards[k], rows, self.rows)
             done(len(job))
-        out = {name: _concat(ps) for name, ps in parts.items()}
-        out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
-                         "sha256": np.asarray([bytes.fromhex(d) if d else bytes(32) for d in digests]
-                                              ).view(np.uint8).reshape(-1, 32),
-                         "label": np.asarray([e.label for e in shard.entries], dtype=np.int64),
-                         "ok": np.asarray([not e for e in errors], dtype=bool),
-                         "error": np.asarray(errors, dtype=str)}
-        return Parts(out, took.cached, {r.name: r.executed for r in rows},
-                     {name: (r.status, r.reason) for name, r in self.rows.items() if r.status != "ok"},
-                     took.seconds)
+        for k, sh in enumerate(shards):
+            if not sh.entries:
+                yield sh, acc[k].parts(sh, rows, self.rows)
+
+    def decoded_rates(self, names: Sequence[str], seconds: float = 3.0) -> dict[str, float]:
+        """Images/s of each part's runner on the pass's last full batch, already decoded and
+        normalized: what the part does with nothing else to do. The median of up to 8 calls (at
+        least 2, then as many as fit in `seconds`): one slow call on a shared machine does not
+        decide it. Empty when no full batch went through."""
+        import torch
+
+        if self.last is None:
+            return {}
+        x, out = self.last, {}
+        for name in names:
+            runner = self.rows[name].runner if name in self.rows else None
+            if name == "reference":
+                def call(x: np.ndarray) -> Any:
+                    with torch.inference_mode():
+                        return self.model(torch.from_numpy(x))
+            elif runner is not None:
+                call = runner
+            else:
+                continue
+            times: list[float] = []
+            while len(times) < 8 and (len(times) < 2 or sum(times) < seconds):
+                t0 = time.perf_counter()
+                call(x)
+                times.append(time.perf_counter() - t0)
+            out[name] = len(x) / statistics.median(times)
+        return out
 
     def _reference(self, x: np.ndarray, sums: list[str], known: Callable[[list[str]], dict[int, np.ndarray]],
                    fresh: Callable[[list[str], np.ndarray], None], took: Took) -> Batch:
         import torch
 
         have = known(sums)
-        took.cached += len(have)
         missing = [i for i in range(len(sums)) if i not in have]
         ref = np.empty((len(sums), self.variant.num_classes), dtype=np.float32)
         for i, v in have.items():
@@ -433,13 +477,14 @@ class Evaluator:
                 ref[missing] = self.model(torch.from_numpy(x[missing])).numpy()
             took.add("reference", time.perf_counter() - t0)
             fresh([sums[i] for i in missing], ref[missing])
-        return Batch(x, ref)
+        return Batch(x, ref, tuple(have))
 
 
 @dataclass
 class Batch:
     x: np.ndarray         # normalized inputs
     logits: np.ndarray    # the reference's
+    cached: tuple[int, ...] = ()  # positions whose logits came from the cache
 
 
 @dataclass
@@ -448,6 +493,7 @@ class Took:
 
     seconds: dict[str, float] = field(default_factory=dict)
     cached: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # images each part computed
 
     def add(self, what: str, s: float) -> None:
         self.seconds[what] = self.seconds.get(what, 0.0) + s
@@ -456,6 +502,10 @@ class Took:
         self.cached += parts.cached
         for k, v in parts.seconds.items():
             self.add(k, v)
+        for name, arrays in parts.arrays.items():
+            if name != "images":
+                n = len(arrays["top5"]) - (parts.cached if name == "reference" else 0)
+                self.counts[name] = self.counts.get(name, 0) + n
 
 
 EMPTY: dict[str, np.ndarray] = {"top5": np.zeros((0, TOP), np.int32), "prob5": np.zeros((0, TOP), np.float32),
@@ -465,6 +515,42 @@ EMPTY: dict[str, np.ndarray] = {"top5": np.zeros((0, TOP), np.int32), "prob5": n
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """A row's per-batch results as one set of arrays (empty ones when no image of the shard decoded)."""
     return {k: np.concatenate([p[k] for p in parts]) for k in EMPTY} if parts else dict(EMPTY)
+
+
+class _ShardResults:
+    """One shard's results as its batches come through (a batch may hold two shards' images)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.digests: list[str] = []
+        self.errors: list[str] = []
+        self.arrays: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
+        self.took = Took()
+
+    @property
+    def count(self) -> int:
+        return len(self.digests)
+
+    def add(self, digests: list[str], errors: list[str], results: dict[str, dict[str, np.ndarray]],
+            cached: int, took: Took, share: float) -> None:
+        self.digests += digests
+        self.errors += errors
+        for name, res in results.items():
+            self.arrays[name].append(res)
+        self.took.cached += cached
+        for what, s in took.seconds.items():
+            self.took.add(what, s * share)
+
+    def parts(self, shard: Shard, rows: Sequence[Row], every: dict[str, Row]) -> Parts:
+        out = {name: _concat(ps) for name, ps in self.arrays.items()}
+        out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
+                         "sha256": np.asarray([bytes.fromhex(d) if d else bytes(32) for d in self.digests]
+                                              ).view(np.uint8).reshape(-1, 32),
+                         "label": np.asarray([e.label for e in shard.entries], dtype=np.int64),
+                         "ok": np.asarray([not e for e in self.errors], dtype=bool),
+                         "error": np.asarray(self.errors, dtype=str)}
+        return Parts(out, self.took.cached, {r.name: r.executed for r in rows},
+                     {name: (r.status, r.reason) for name, r in every.items() if r.status != "ok"},
+                     self.took.seconds)
 
 
 @dataclass
@@ -489,6 +575,19 @@ class Plan:
     @property
     def finished_images(self) -> int:
         return sum(len(sh.entries) for sh in self.shards if sh.key not in self.todo)
+
+    def runs(self) -> list[tuple[list[Shard], list[str]]]:
+        """The unfinished shards, consecutive ones that want the same rows together (one stream)."""
+        out: list[tuple[list[Shard], list[str]]] = []
+        for shard in self.shards:
+            if shard.key not in self.todo:
+                continue
+            wanted = self.todo[shard.key]
+            if out and out[-1][1] == wanted:
+                out[-1][0].append(shard)
+            else:
+                out.append(([shard], wanted))
+        return out
 
     def missing(self, out: Path, rows: Sequence[Row]) -> None:
         for shard in self.shards:
@@ -564,6 +663,7 @@ def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], 
     s = setup(cfg, folder)
     state = Progress(s.plan.finished_images, len(s.entries))
     took = Took()
+    throughput = None
     if s.plan.todo:
         cache = ReferenceCache(cfg.cache_path, s.plan.ref_key, folder.variant.num_classes)
         evaluator = Evaluator(folder, s.rows, batch=cfg.batch, workers=cfg.workers, threads=cfg.threads,
@@ -573,16 +673,33 @@ def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], 
                 state.images += n
                 progress(state)
 
-            for shard in s.plan.shards:
-                if shard.key in s.plan.todo:
-                    parts = evaluator.evaluate(shard, s.plan.todo[shard.key], cache.get, cache.put, done)
+            for row in s.rows:
+                evaluator.start(row.name)  # compiled before the clock: the stream is what is timed
+            t0 = time.perf_counter()
+            for shards, wanted in s.plan.runs():
+                for shard, parts in evaluator.stream(shards, wanted, cache.get, cache.put, done):
                     took.merge(parts)
                     save(cfg.out, shard, parts, s.rows, s.plan.ref_key)
+            streamed = time.perf_counter() - t0
+            throughput = measure(evaluator, took, state.images - s.plan.finished_images, streamed)
         finally:
             evaluator.close()
             cache.close()
     progress(state)
-    return finish(cfg, folder, s, took, state.started)
+    return dataclasses.replace(finish(cfg, folder, s, took, state.started), throughput=throughput)
+
+
+def measure(evaluator: Evaluator, took: Took, images: int, seconds: float) -> Throughput:
+    """The stream's speed against its parts' own speed on decoded tensors, in the same run."""
+    counts = {name: n for name, n in took.counts.items() if name in took.seconds}
+    rates = evaluator.decoded_rates([name for name, n in counts.items() if n])
+    parts = tuple(PartRate(name, n, round(took.seconds[name], 2),
+                           round(rates[name], 2) if name in rates else None)
+                  for name, n in counts.items())
+    ideal = sum(p.images / p.decoded_per_s for p in parts if p.decoded_per_s)
+    complete = all(p.decoded_per_s for p in parts if p.images)
+    return Throughput(images, round(seconds, 2), round(took.seconds.get("decode_wait", 0.0), 2), parts,
+                      round(ideal / seconds, 3) if seconds and complete and parts else None)
 
 
 def finish(cfg: PassConfig, folder: ArtifactFolder, s: Setup, took: Took, started: float) -> AccuracyReport:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cvt_export.artifacts import atomic_write
-from cvt_export.records import AccuracyReport, RowAccuracy
+from cvt_export.records import AccuracyReport, RowAccuracy, Throughput
 
 
 def _pct(x: float | None) -> str:
@@ -86,13 +86,31 @@ def markdown(rep: AccuracyReport) -> str:
         parts = [f"waiting for decoded images {spent.pop('decode_wait', 0.0):.1f} s"]
         if "reference" in spent:
             parts.append(f"reference {spent.pop('reference'):.1f} s")
-        parts += [f"{name} {s:.1f} s ({rep.dataset.images / s:.1f} images/s)"
-                  for name, s in spent.items() if s]
+        parts += [f"{name} {s:.1f} s" for name, s in spent.items() if s]
         lines += ["", f"Time: {wall:.1f} s in all; " + ", ".join(parts) + "."]
+    if rep.throughput is not None:
+        lines += ["", *_throughput(rep.throughput)]
     skipped = [r for r in rep.rows if r.status != "ok"]
     if skipped:
         lines += ["", "Not run: " + "; ".join(f"{_label(r)} ({r.reason})" for r in skipped) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _throughput(t: Throughput) -> list[str]:
+    share = t.decode_wait / t.seconds if t.seconds else 0.0
+    lines = [f"Throughput: {t.images} images through the pass in {t.seconds:.1f} s "
+             f"({t.images_per_s:.1f} images/s; setup, compiling and this summary not counted), "
+             f"{t.decode_wait:.1f} s ({share:.0%}) of it waiting for decoded images.", "",
+             "| part | images | its time in the pass | images/s in the pass | images/s on decoded tensors |",
+             "|---|---|---|---|---|"]
+    for p in t.parts:
+        rate = f"{p.images / p.seconds:.1f}" if p.seconds and p.images else "-"
+        decoded = f"{p.decoded_per_s:.1f}" if p.decoded_per_s else "-"
+        lines.append(f"| {p.name} | {p.images} | {p.seconds:.1f} s | {rate} | {decoded} |")
+    if t.efficiency is not None:
+        lines += ["", f"The pass ran at {t.efficiency:.0%} of the speed its parts have on decoded tensors "
+                      "(the same runners, same batch, timed after the pass)."]
+    return lines
 
 
 def plot(rep: AccuracyReport, path: Path) -> Path:

@@ -5,6 +5,7 @@ only this module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -20,7 +21,11 @@ from cvt_ref.variants import Variant
 
 
 def watch_parent(parent: int) -> None:
-    """A decode worker ends when the pass that started it is gone (SIGKILL included)."""
+    """A decode worker ends when the pass that started it is gone (SIGKILL included). It runs at
+    the lowest priority, so that it decodes in the gaps the inference threads leave rather than
+    preempting one of them (which would stall all of them at their next barrier)."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
