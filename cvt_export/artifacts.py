@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fcntl
 import json
 import os
@@ -33,6 +34,20 @@ LOCK = ".lock"
 
 class ArtifactError(CvtError):
     """An artifact folder that cannot be written, is busy, or does not hold what it claims."""
+
+
+def exists(path: Path, option: str) -> bool:
+    """`path.exists()` that says a name the file system cannot hold (too long, a file for a
+    folder on the way) in one line instead of raising from `stat`."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            return False  # prepare_folder says it when it tries to make it
+        raise ArtifactError(f"{option} {path}: {e.strerror}") from None
+    return True
 
 
 def prepare_folder(out: Path) -> Path:
@@ -79,27 +94,58 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
+_WRITING: list[Path] = []  # folders whose lock this process holds, innermost last
+
+
+def writing(e: OSError | None = None) -> Path | None:
+    """The folder an error of the disk with no file name in it (a library's own write) is about:
+    the one whose lock was held when it was raised, or the one held now."""
+    folder = getattr(e, "folder", None)
+    return folder if isinstance(folder, Path) else (_WRITING[-1] if _WRITING else None)
+
+
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold the folder's writer lock, or refuse at once if another export holds it."""
+    """Hold the folder's writer lock, or refuse at once if another export holds it. A lock file
+    made here goes again when the work under it fails (a full disk, a kill signal handled): a
+    failed command leaves no `.lock` in a folder the user made."""
+    made = not (out / LOCK).exists()
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:  # a read-only folder: flock works on a read-only descriptor too
         try:
             fd = os.open(out / LOCK, os.O_RDONLY)
         except OSError:  # no lock file and none can be made: nothing can write here either
-            yield
+            _WRITING.append(out)
+            try:
+                yield
+            finally:
+                _WRITING.pop()
             return
     _HELD.add(fd)
+    failed = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            made = False  # another writer's
             raise ArtifactError(f"{out}: another cvt-export command (export, tune, bench, openvino, "
                                 "triton, deploy...) is writing this folder; wait for it to finish, or "
                                 "use another folder") from None
-        yield
+        _WRITING.append(out)
+        try:
+            yield
+        finally:
+            _WRITING.pop()
+    except BaseException as e:
+        failed = True
+        if isinstance(e, OSError) and e.filename is None and not hasattr(e, "folder"):
+            e.folder = out  # type: ignore[attr-defined]  # where a library's own write failed
+        raise
     finally:
+        if failed and made:  # still held: no other writer can be between the open and this
+            with contextlib.suppress(OSError):
+                os.unlink(out / LOCK)
         _HELD.discard(fd)
         with contextlib.suppress(OSError):  # unlock the description itself: a child that has not
             fcntl.flock(fd, fcntl.LOCK_UN)   # run its fork hook yet may still share it
@@ -585,11 +631,18 @@ def _file_mode() -> int:
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write beside the target under a private name, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: no half file left, and the error names the file
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.filename is None or e.filename == str(tmp):
+            e.filename = str(path)
+        raise
 
 
 def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:

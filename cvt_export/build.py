@@ -366,23 +366,31 @@ def manifest_for(source: dict[str, Any], model: CvT, variant: Variant, opts: Exp
 
 
 def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: None) -> BuildResult:
-    """Make the requested artifacts in `out`; raises CvtError subclasses for anything users cause."""
+    """Make the requested artifacts in `out`; raises CvtError subclasses for anything users cause
+    (an error of the disk is an OSError, which the command line says in one line). An `--out` made
+    here and left empty by a failure goes again."""
     opts = req.options
     opts.check()
     cvt_ref.get_variant(req.variant)
     calib, calib_warning = (calibration.calibration_set(req.calib, req.calib_size)
                             if "int8" in req.precisions else (None, None))
-    existed = out.exists()
+    existed = artifacts.exists(out, "--out")
     artifacts.prepare_folder(out)
     try:
-        artifacts.check_writable(out, "--out")
-        step(f"loading {req.weights}")
-        model = cvt_ref.create_model(req.variant, req.weights, activation=req.activation,
-                                     outliers=req.outliers, outlier_seed=req.outlier_seed)
+        return _build(req, out, step, calib, calib_warning)
     except BaseException:
-        if not existed:  # nothing of ours may be left behind for a failed start
+        if not existed:  # nothing of ours may be left behind for a failed run
             artifacts.remove_if_empty(out)
         raise
+
+
+def _build(req: BuildRequest, out: Path, step: Callable[[str], None], calib: Any,
+           calib_warning: str | None) -> BuildResult:
+    opts = req.options
+    artifacts.check_writable(out, "--out")
+    step(f"loading {req.weights}")
+    model = cvt_ref.create_model(req.variant, req.weights, activation=req.activation,
+                                 outliers=req.outliers, outlier_seed=req.outlier_seed)
     variant = model.variant.at_size(opts.image_size)
     source = source_of(model, variant, opts)
     _refuse_other_source(ArtifactFolder.existing(out), out, source, req.force)  # before the minute of work

@@ -7,6 +7,7 @@ intervals; an uninterrupted run for what a killed-and-resumed one must end with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import cvt_ref
 from cvt_export import imageset, metrics
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import accuracy as acc
-from cvt_export.records import AccuracyReport, RecordError
+from cvt_export.records import AccuracyReport, RecordError, ShardRecord
 from cvt_ref.preprocess import preprocess_array
 from helpers import BIN, assert_user_error, run_cli
 
@@ -270,6 +271,44 @@ def test_a_killed_pass_resumes_to_the_same_figures(exported: Path, tmp_path: Pat
     rep = AccuracyReport.read(out / "accuracy.json")
     assert 0 < rep.dataset.shards_reused < rep.dataset.shards
     assert rep.dataset.reference_cached >= 1  # at least the damaged part's images
+    assert _figures(out / "accuracy.json") == _figures(tmp_path / "whole" / "accuracy.json")
+
+
+def _images_done(out: Path, part: str) -> int:
+    done = 0
+    for record in out.glob(f"shards/*/{part}.json"):
+        with contextlib.suppress(RecordError):  # a record caught mid-write
+            done += ShardRecord.read(record).images
+    return done
+
+
+@pytest.mark.slow
+def test_killed_at_30_and_70_percent_of_2000_images_ends_with_the_same_figures(exported: Path,
+                                                                                tmp_path: Path) -> None:
+    """One pass of 2,000 images SIGKILLed when about 30% is written, started again and SIGKILLed
+    at about 70%, started again: its report's figures are an uninterrupted pass's."""
+    make_folder(tmp_path / "val", 2000)
+    args = ["accuracy", "--dataset", str(tmp_path / "val"), "--artifacts", str(exported), "--backend", "ort",
+            "--precision", "int8", "--batch", "32", "--shard-size", "100", "--workers", "1"]
+    whole = run_cli("cvt-bench", *args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    at = []
+    for share in (0.3, 0.7):
+        proc = subprocess.Popen([str(BIN / "cvt-bench"), *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 900
+        while (time.monotonic() < deadline and proc.poll() is None
+               and _images_done(out, "ort-int8") < 2000 * share):
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        at.append(_images_done(out, "ort-int8"))
+    assert 500 <= at[0] < 1000 and 1300 <= at[1] < 2000, f"the kills should land at 30% and 70%: {at}"
+    resumed = run_cli("cvt-bench", *args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    rep = AccuracyReport.read(out / "accuracy.json")
+    assert rep.dataset.images == 2000 and 0 < rep.dataset.shards_reused < rep.dataset.shards
     assert _figures(out / "accuracy.json") == _figures(tmp_path / "whole" / "accuracy.json")
 
 

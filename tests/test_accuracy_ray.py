@@ -203,3 +203,41 @@ def test_the_cluster_pass_equals_the_single_machine_pass(cluster: Cluster, expor
     assert sum(on.cluster.shards_by_node.values()) == on.dataset.shards
     assert len(on.cluster.shards_by_node) >= 2  # the nodes left shared the work
     assert not cluster.worker.alive(cluster.worker.raylets())
+
+
+@pytest.mark.slow
+def test_2000_images_on_two_workers_one_lost_equal_the_single_machine_pass(
+        cluster: Cluster, exported: Path, tmp_path: Path) -> None:
+    """2,000 images: every node (the head and both workers) finishes shards, one worker is killed
+    at about half way, and the figures and per-image top-5s are the single-machine pass's."""
+    from cvt_export.harness import cluster as on_ray
+
+    make_folder(tmp_path / "val", 2000)
+    folder = ArtifactFolder.open(exported)
+    rows = (("ort", "int8"),)
+    local_cfg = acc.PassConfig(tmp_path / "val", tmp_path / "local", rows, batch=32, workers=1,
+                               shard_size=100)
+    local = acc.run(local_cfg, folder)
+    ray_cfg = acc.PassConfig(tmp_path / "val", tmp_path / "ray", rows, batch=32, workers=0, shard_size=100)
+    killed_at: list[int] = []
+
+    def kill_a_worker_half_way(p: acc.Progress) -> None:
+        if not killed_at and p.images >= p.total // 2:
+            killed_at.append(p.images)
+            cluster.worker.kill()
+
+    on = on_ray.run(ray_cfg, folder, cluster.address, kill_a_worker_half_way)
+    assert killed_at and killed_at[0] < 2000 and on.dataset.images == 2000
+    s = acc.setup(local_cfg, folder)
+    a = _per_image(tmp_path / "local", s.rows, s.plan.shards, s.plan.ref_key)
+    b = _per_image(tmp_path / "ray", s.rows, s.plan.shards, s.plan.ref_key)
+    for name in a:
+        assert a[name][0] == b[name][0]
+        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
+    for x, y in zip((local.reference, *local.rows), (on.reference, *on.rows), strict=True):
+        assert (x.top1, x.top5, x.top1_agreement, x.cosine_min, x.n) == (y.top1, y.top5, y.top1_agreement,
+                                                                          y.cosine_min, y.n)
+    assert on.cluster is not None and (on.cluster.nodes, on.cluster.lost) == (3, 1)
+    assert sum(on.cluster.shards_by_node.values()) == on.dataset.shards
+    assert len(on.cluster.shards_by_node) == 3, on.cluster.shards_by_node  # both workers ran shards
+    assert not cluster.worker.alive(cluster.worker.raylets())

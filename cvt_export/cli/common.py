@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -138,8 +139,51 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except CvtError as e:
             stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except OSError as e:
+            line = disk_error(e)
+            if line is None:
+                raise
+            stderr.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper
+
+
+# What the disk or the file system says, not the program: the user's to fix (free space, another
+# folder, a shorter name), said in one line with the path.
+DISK_ERRORS: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device; free some space or choose another folder",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another folder",
+    errno.EFBIG: "file too large for this file system; choose another folder",
+    errno.EROFS: "read-only file system; choose another folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder where a file was expected",
+    errno.ENAMETOOLONG: "file name too long; choose a shorter path",
+    errno.EIO: "input/output error from the disk",
+}
+
+
+SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_error(e: OSError) -> str | None:
+    """One line for an error of the disk (None for any other OSError: that one is a bug)."""
+    from cvt_export import artifacts
+
+    cause = DISK_ERRORS.get(e.errno or 0)
+    if cause is None:
+        return None
+    where = e.filename if e.filename is not None else artifacts.writing(e)
+    if e.errno in SPACE and e.filename2 is not None:
+        where = e.filename2  # a copy: the destination is what is full
+    if where is None:
+        return cause[:1].upper() + cause[1:]
+    where = str(where)
+    if len(where) > 160:
+        where = where[:80] + "..." + where[-40:]
+    return f"{where}: {cause}"
 
 
 def run_app(app: typer.Typer) -> None:
@@ -170,6 +214,12 @@ def run_app(app: typer.Typer) -> None:
     except typer.Abort:
         stderr.print("Aborted!", highlight=False)
         sys.exit(1)
+    except OSError as e:  # a command without its own `user_errors`: the same one line
+        line = disk_error(e)
+        if line is None:
+            raise
+        stderr.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
     sys.exit(code if isinstance(code, int) else 0)
 
 

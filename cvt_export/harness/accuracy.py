@@ -63,6 +63,10 @@ TOP = 5
 UNREADABLE_LISTED = 20  # unreadable files named in the report (all are counted)
 SHARDS = "shards"
 REFERENCE = ("torch", "fp32")
+# The reference runs at most this many images at a time, whatever --batch: eager PyTorch holds
+# every activation of the call (cvt-13's first-stage attention alone is ~10 MB per image), and its
+# speed per image is the same from 8 up. What the rows are timed and batched at is --batch.
+REFERENCE_CHUNK = 8
 
 
 class AccuracyError(CvtError):
@@ -208,6 +212,14 @@ class ReferenceCache:
             self.db = sqlite3.connect(path)
             self.db.execute("CREATE TABLE IF NOT EXISTS logits (key TEXT PRIMARY KEY, value BLOB)")
             self.db.commit()
+        except OSError:
+            raise  # said in one line by the command line, with the path
+        except sqlite3.OperationalError as e:  # a full disk, a read-only folder: SQLite's words
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == 0:
+                    path.unlink()  # the empty file sqlite made is not left behind
+            raise AccuracyError(f"--reference-cache {path}: cannot write it ({e}); free some space or "
+                                "choose another file") from None
         except sqlite3.DatabaseError as e:
             raise AccuracyError(f"--reference-cache {path}: not a usable cache ({e}); "
                                 "choose another file") from None
@@ -230,8 +242,12 @@ class ReferenceCache:
     def put(self, digests: Sequence[str], logits: np.ndarray) -> None:
         rows = [(self.key(d), np.ascontiguousarray(x, dtype=np.float32).tobytes())
                 for d, x in zip(digests, logits, strict=True)]
-        self.db.executemany("INSERT OR REPLACE INTO logits VALUES (?, ?)", rows)
-        self.db.commit()
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO logits VALUES (?, ?)", rows)
+            self.db.commit()
+        except sqlite3.OperationalError as e:  # a full disk, a read-only file: SQLite's words
+            raise AccuracyError(f"--reference-cache {self.path}: cannot write it ({e}); free some space "
+                                "or choose another file") from None
 
     def close(self) -> None:
         self.db.close()
@@ -434,12 +450,19 @@ class Evaluator:
             if not sh.entries:
                 yield sh, acc[k].parts(sh, rows, self.rows)
 
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """The reference's logits, REFERENCE_CHUNK images at a time."""
+        import torch
+
+        with torch.inference_mode():
+            return np.concatenate([self.model(torch.from_numpy(x[i:i + REFERENCE_CHUNK])).numpy()
+                                   for i in range(0, len(x), REFERENCE_CHUNK)])
+
     def decoded_rates(self, names: Sequence[str], seconds: float = 3.0) -> dict[str, float]:
         """Images/s of each part's runner on the pass's last full batch, already decoded and
         normalized: what the part does with nothing else to do. The median of up to 8 calls (at
         least 2, then as many as fit in `seconds`): one slow call on a shared machine does not
         decide it. Empty when no full batch went through."""
-        import torch
 
         if self.last is None:
             return {}
@@ -447,9 +470,7 @@ class Evaluator:
         for name in names:
             runner = self.rows[name].runner if name in self.rows else None
             if name == "reference":
-                def call(x: np.ndarray) -> Any:
-                    with torch.inference_mode():
-                        return self.model(torch.from_numpy(x))
+                call = self.reference
             elif runner is not None:
                 call = runner
             else:
@@ -464,7 +485,6 @@ class Evaluator:
 
     def _reference(self, x: np.ndarray, sums: list[str], known: Callable[[list[str]], dict[int, np.ndarray]],
                    fresh: Callable[[list[str], np.ndarray], None], took: Took) -> Batch:
-        import torch
 
         have = known(sums)
         missing = [i for i in range(len(sums)) if i not in have]
@@ -473,8 +493,7 @@ class Evaluator:
             ref[i] = v
         if missing:
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                ref[missing] = self.model(torch.from_numpy(x[missing])).numpy()
+            ref[missing] = self.reference(x[missing])
             took.add("reference", time.perf_counter() - t0)
             fresh([sums[i] for i in missing], ref[missing])
         return Batch(x, ref, tuple(have))

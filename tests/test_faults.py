@@ -1,0 +1,131 @@
+"""Fault injection: every command that writes, against every kind of failure of the disk.
+
+Each fault is made for real where this machine allows it (a full tmpfs the test mounts, a
+read-only bind mount, a file where a folder should be, a name longer than the file system takes,
+an immutable folder that even root cannot write) and skipped with the reason where it does not.
+What every case must give: exit 2 and one `error:` line naming the path (no traceback), nothing
+half-written left (no staging folder, no temp file), no `.lock` in a folder the user made, and a
+folder the command made removed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_accuracy_pass import make_folder
+
+from helpers import assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Fault:
+    out: Path            # the --out the command is given
+    says: tuple[str, ...]  # what its error line must say (one of them, any case)
+    made_by_user: bool   # `out` existed before (and must be left as it was: empty)
+
+
+def _mount(args: list[str]) -> None:
+    made = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount here ({' '.join(args)}): {made.stderr.strip()}")
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Iterator[dict[str, Callable[[], Fault]]]:
+    mounts: list[Path] = []
+    immutable: list[Path] = []
+
+    def no_space() -> Fault:
+        full = tmp_path / "full"
+        full.mkdir()
+        _mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)])
+        mounts.append(full)
+        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # every data block taken: the next write anywhere on it fails
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        (full / "mine").mkdir()  # the user's own, empty folder (a folder needs no data block)
+        return Fault(full / "mine", ("no space left", "disk is full"), True)
+
+    def read_only() -> Fault:
+        src, ro = tmp_path / "ro-src", tmp_path / "ro"
+        src.mkdir()
+        ro.mkdir()
+        _mount(["--bind", "-o", "ro", str(src), str(ro)])
+        mounts.append(ro)
+        return Fault(ro / "out", ("read-only",), False)
+
+    def not_a_folder() -> Fault:
+        (tmp_path / "afile").write_text("a file")
+        return Fault(tmp_path / "afile" / "out", ("not a directory", "is a file, not a folder"), False)
+
+    def name_too_long() -> Fault:
+        return Fault(tmp_path / ("n" * 300), ("too long",), False)
+
+    def not_permitted() -> Fault:
+        mine = tmp_path / "immutable"
+        mine.mkdir()
+        made = subprocess.run(["chattr", "+i", str(mine)], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make an immutable folder here: {made.stderr.strip()}")
+        immutable.append(mine)
+        return Fault(mine, ("not permitted",), True)
+
+    yield {"no space": no_space, "read-only": read_only, "not a folder": not_a_folder,
+           "name too long": name_too_long, "not permitted": not_permitted}
+    for folder in immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _commands(exported: Path, dataset: Path) -> dict[str, list[str]]:
+    art = str(exported)
+    return {
+        "onnx": ["cvt-export", "onnx", "--variant", "cvt-13", "--weights", "random:0",
+                 "--precision", "fp32"],
+        "triton": ["cvt-export", "triton", "--artifacts", art],
+        "bench": ["cvt-bench", "--artifacts", art, "--backend", "ort", "--precision", "fp32",
+                  "--seconds", "0.2"],
+        "accuracy": ["cvt-bench", "accuracy", "--dataset", str(dataset), "--artifacts", art,
+                     "--backend", "ort", "--precision", "fp32", "--batch", "2"],
+        "profile": ["cvt-bench", "profile", "--artifacts", art, "--precision", "fp32", "--batch", "1",
+                    "--runs", "2"],
+    }
+
+
+COMMANDS = ("onnx", "triton", "bench", "accuracy", "profile")
+FAULTS = ("no space", "read-only", "not a folder", "name too long", "not permitted")
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_failing_disk_is_one_line_and_leaves_nothing(command: str, fault: str, exported: Path,
+                                                       tmp_path: Path,
+                                                       faults: dict[str, Callable[[], Fault]]) -> None:
+    dataset = tmp_path / "val"
+    make_folder(dataset, 3)
+    f = faults[fault]()
+    tool, *args = _commands(exported, dataset)[command]
+    result = run_cli(tool, *args, "--out", str(f.out))
+    assert_user_error(result, "")
+    line = next(x for x in result.stderr.splitlines() if x.startswith("error:"))
+    assert any(words in line.lower() for words in f.says), line
+    assert str(f.out)[:60] in line or str(f.out.parent)[:60] in line, line  # names where
+    if f.made_by_user:
+        assert f.out.is_dir() and sorted(p.name for p in f.out.iterdir()) == [], "left in the user's folder"
+    else:
+        assert not (f.out.exists() if len(f.out.name) < 255 else False), "a folder made here was left"
+    assert not list(exported.glob(".staging-*")) and not list(exported.glob(".*.tmp"))
