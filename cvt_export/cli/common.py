@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
 
@@ -186,6 +187,65 @@ def disk_error(e: OSError) -> str | None:
     return f"{where}: {cause}"
 
 
+# The most each numeric option takes, where time or memory grows with the value; None: harmless
+# however large (the reason beside it). Every int and float option of both commands is listed:
+# tests/test_user_errors.py fails for one that is not, so a new option is classified when added.
+NUMBER_BOUNDS: dict[str, float | None] = {
+    "--seconds": 3600, "--iters": 100_000, "--warmup": 10_000, "--runs": 100_000,
+    "--requests": 100_000, "--confirm-requests": 100_000, "--max-candidates": 1_000,
+    "--fidelity-images": 10_000, "--batch": 4_096, "--min-batch": 4_096, "--opt-batch": 4_096,
+    "--max-batch": 4_096, "--workers": 256, "--shard-size": 1_000_000, "--threads": 1_024,
+    "--instances": 256, "--image-size": 2_048, "--opset": 100, "--outliers": 4_096, "--top": 100_000,
+    "--http-port": 65_535, "--grpc-port": 65_535, "--workspace": 1_024, "--max-slowdown": 1_000,
+    "--margin": 1.0,
+    "--limit": None,         # images: never more than the folder holds
+    "--calib-size": None,    # images: never more than the folder holds
+    "--outlier-seed": None,  # a seed: any value costs the same
+}
+
+
+def _numeric(param: Any) -> bool:
+    import typing
+
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None:  # typer's own parameter (newer typer)
+        hint = desc.annotation
+        kinds = {hint, *typing.get_args(hint)}
+        return bool(kinds & {int, float})
+    return getattr(getattr(param, "type", None), "name", "") in ("integer", "float", "integer range",
+                                                                  "float range")
+
+
+def bound_numbers(command: Any, bad: type[Exception]) -> None:
+    """Every int and float option of every (sub)command: NaN and infinities refused, and the
+    bound of NUMBER_BOUNDS applied, when the command line is parsed (one line, exit 2)."""
+    import math
+
+    for sub in [command, *getattr(command, "commands", {}).values()]:
+        for param in sub.params:
+            if not _numeric(param):
+                continue
+            name = max(param.opts, key=len)
+            bound = NUMBER_BOUNDS.get(name)
+            convert = param.process_value
+
+            def checked(ctx: Any, value: Any, convert: Any = convert, param: Any = param,
+                        bound: float | None = bound) -> Any:
+                value = convert(ctx, value)
+                for v in value if isinstance(value, list | tuple) else [value]:
+                    if isinstance(v, bool) or not isinstance(v, int | float):
+                        continue
+                    if not math.isfinite(v):
+                        raise bad(f"{v} is not a finite number", ctx=ctx, param=param)  # type: ignore[call-arg]
+                    if bound is not None and v > bound:
+                        shown = f"{v:,}" if isinstance(v, int) else f"{v:g}"
+                        raise bad(f"{shown} is more than it takes (at most {bound:,g})",  # type: ignore[call-arg]
+                                  ctx=ctx, param=param)
+                return value
+
+            param.process_value = checked
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a command-line app with the parser's own errors (an unknown option or command, a value
     of the wrong type) as the project's one `error:` line and exit 2, not a framed box."""
@@ -201,8 +261,10 @@ def run_app(app: typer.Typer) -> None:
     # newer typer carries its own copy of click, older ones use click itself
     exc: Any = importlib.import_module("typer._click.exceptions" if importlib.util.find_spec("typer._click")
                                        else "click.exceptions")
+    command = typer.main.get_command(app)
+    bound_numbers(command, exc.BadParameter)
     try:
-        code = app(standalone_mode=False)
+        code = command(standalone_mode=False)
     except exc.NoArgsIsHelpError as e:
         e.show()
         sys.exit(EXIT_USER_ERROR)
