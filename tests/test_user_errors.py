@@ -444,3 +444,37 @@ def test_every_numeric_option_refuses_nan_infinity_and_huge_values() -> None:
                 result.stderr
             cases += 1
     assert cases >= 40
+
+
+@pytest.mark.heavy
+def test_bench_of_a_missing_or_stale_mixed_file_is_refused_before_any_row(exported_copy: Path) -> None:
+    """`--precision mixed` alone: refused at once (no row started), as triton and openvino do."""
+    import json
+    import shutil
+
+    args = ["--artifacts", str(exported_copy), "--backend", "ort", "--precision", "mixed", "--seconds", "0.2"]
+    missing = run_cli("cvt-bench", *args)
+    assert_user_error(missing, "has no model.mixed.onnx; make it with `cvt-export tune")
+    assert "running" not in missing.stderr
+    # a mix tune made from an FP32 file that has since been replaced (the manifest says so)
+    manifest = json.loads((exported_copy / "manifest.json").read_text())
+    entry = dict(manifest["files"]["model.int8.onnx"], **{"from": "0" * 64, "int8_from": "0" * 64})
+    manifest["files"]["model.mixed.onnx"] = entry
+    shutil.copy(exported_copy / "model.int8.onnx", exported_copy / "model.mixed.onnx")
+    (exported_copy / "manifest.json").write_text(json.dumps(manifest))
+    stale = run_cli("cvt-bench", *args)
+    assert_user_error(stale, "made from another FP32 export; re-run `cvt-export tune")
+    assert "running" not in stale.stderr
+
+
+def test_a_url_with_a_scheme_is_one_line_in_a_real_process(exported: Path) -> None:
+    """tritonclient's client, half made from "http://...", printed a traceback from its destructor
+    after the error line; a real process shows what the interpreter prints at exit too."""
+    import subprocess
+
+    from helpers import BIN
+
+    result = subprocess.run([str(BIN / "cvt-bench"), "triton", "--url", "http://127.0.0.1:9", "--artifacts",
+                             str(exported), "--requests", "5"], capture_output=True, text=True, timeout=120)
+    assert_user_error(result, "give HOST:PORT without a scheme (127.0.0.1:9)")
+    assert "Exception ignored" not in result.stderr

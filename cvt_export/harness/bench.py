@@ -337,6 +337,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
     cfg.check()
     folder = prepare_artifacts(cfg, progress)
     _derived_files_writable(cfg, folder)
+    if cfg.precisions == ("mixed",):  # asked for alone: a missing or stale file is said at once,
+        folder.onnx("mixed", check_hash=False)  # not after the reference's minutes
     with folder.lock():  # one writer: IRs and optimized graphs may be made beside the files
         return _measure(cfg, folder, progress)
 

@@ -59,6 +59,9 @@ class Target:
     datatype: str = "FP32"
 
     def client(self) -> Any:
+        if "://" in self.url:  # refused here: tritonclient's half-made client would print a
+            bare = self.url.split("://", 1)[1].rstrip("/")  # traceback from its destructor
+            raise TritonError(f"--url {self.url}: give HOST:PORT without a scheme ({bare})")
         try:
             if self.protocol == "http":
                 import tritonclient.http as http
