@@ -277,8 +277,7 @@ def accuracy(
 
             report = cluster.run(cfg, folder, ray, show_progress)
         else:
-            with folder.lock():  # one writer: optimized graphs and IRs may be made beside the files
-                report = acc.run(cfg, folder, show_progress)
+            report = acc.run(cfg, folder, show_progress)  # holds the folder's lock while compiling
     written = accuracy_report.write_all(report, where)
     for line in accuracy_report.markdown(report).splitlines()[2:]:
         stdout.print(line, highlight=False, soft_wrap=True)

@@ -692,8 +692,9 @@ def run(cfg: PassConfig, folder: ArtifactFolder, progress: Callable[[Progress], 
                 state.images += n
                 progress(state)
 
-            for row in s.rows:
-                evaluator.start(row.name)  # compiled before the clock: the stream is what is timed
+            with folder.lock():  # derived files (optimized graphs, IRs) are made here, then the
+                for row in s.rows:  # lock goes: an hours-long pass does not block the folder
+                    evaluator.start(row.name)  # compiled before the clock: the stream is timed
             t0 = time.perf_counter()
             for shards, wanted in s.plan.runs():
                 for shard, parts in evaluator.stream(shards, wanted, cache.get, cache.put, done):
