@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test,docs]"
 	$(BIN)/python -m pip install -q --no-deps "$(PYTRITON)"
+	rm -rf build/wheels
+	$(BIN)/python -m pip download -q --no-deps "$(TRT_STUBS)" -d build/wheels
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -33,10 +35,12 @@ demo: $(STAMP)
 	$(BIN)/cvt-bench --backend all --artifacts artifacts/cvt-13 --out artifacts/cvt-13/report
 
 # TensorRT cannot be installed everywhere; its API stubs can. mypy checks backends/tensorrt.py
-# against them (patched by scripts/trt_stubs.py; never installed into the venv).
+# against them (patched by scripts/trt_stubs.py; never installed into the venv). The wheel is
+# fetched by the install step above, with everything else: `make test` itself downloads nothing
+# (only a venv made before that step was added fetches it here, once).
 $(STUBS): scripts/trt_stubs.py $(STAMP)
-	rm -rf build/wheels
-	$(BIN)/python -m pip download -q --no-deps "$(TRT_STUBS)" -d build/wheels
+	ls build/wheels/tensorrt_stubs-*.whl >/dev/null 2>&1 || \
+		$(BIN)/python -m pip download -q --no-deps "$(TRT_STUBS)" -d build/wheels
 	$(BIN)/python scripts/trt_stubs.py build/wheels/tensorrt_stubs-*.whl build/trt-stubs
 
 lint: $(STAMP) $(STUBS)

@@ -205,8 +205,7 @@ def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_p
     migrated model (same function, flatter activations), written to `where`."""
     if opts.smooth is None:
         return fp32_path, None
-    assert pixels is not None
-    step(f"SmoothQuant migration (strength {opts.smooth})")
+    assert pixels is not None  # the caller says which strength (once: the search says it itself)
     smooth_model, summary = smoothed(model, pixels, opts.smooth)
     src = where / ".model.smoothed.onnx"
     if not migrated_file(fp32_path, model, smooth_model, src, pixels.head(2)):
@@ -317,8 +316,13 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
               opts: precision.Int8Options, info: dict[str, Any], step: Callable[[str], None]) -> Made:
     name = FILES["int8"]
     cache, cache_warning = calibration.usable_cache(info["cache_key"], job.staged)
-    step("calibrating INT8" if not cache.is_file() else "INT8 from cached calibration")
+    step(f"calibrating INT8 (its ranges kept in {cache} for the next export of this model)"
+         if not cache.is_file() else
+         f"INT8 from the calibration ranges an earlier export of this model and these images kept in "
+         f"{cache} (delete it, or set CVT_EXPORT_CACHE elsewhere, to calibrate again)")
     pixels = calib.load(job.variant) if not cache.is_file() or opts.smooth is not None else None
+    if opts.smooth is not None:
+        step(f"SmoothQuant migration (strength {opts.smooth})")
     src, smoothing = int8_source(job.model, job.variant, job.opts, fp32_path, pixels, opts, job.staged, step)
     derived = precision.to_int8(src, job.staged / name, pixels, opts, cache, progress=step)
     if src != fp32_path:

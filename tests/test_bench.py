@@ -262,3 +262,21 @@ def test_bad_inputs_give_one_line_and_exit_2(exported: Path, tmp_path: Path) -> 
     for args, fragment in cases:
         assert_user_error(run_cli("cvt-bench", *args), fragment)
     assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.heavy
+def test_progress_gives_no_time_left_across_unlike_rows_and_names_a_skipped_backend(
+        exported: Path, tmp_path: Path) -> None:
+    """Rows differ tenfold in cost: an estimate from them swung 2-4x off, so none is given; a
+    backend that is not installed is "skipping ... (why)", never "running"."""
+    result = run_cli("cvt-bench", "--artifacts", str(exported), "--backend", "all", "--precision", "fp32",
+                     "--iters", "1", "--warmup", "0", "--limit", "4", "--batch", "1",
+                     "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stderr.splitlines() if ", row " in line]
+    assert rows and not [line for line in rows if "left" in line], rows
+    assert any("running torch fp32, row 1 of" in line for line in rows)
+    trt_ok, why = get_backend("trt").available()
+    if not trt_ok:
+        assert any(f"skipping tensorrt fp32 ({why})" in line for line in rows), rows
+        assert not any("running tensorrt" in line for line in rows)

@@ -119,7 +119,7 @@ def main_command(
         dataset=dataset, limit=limit, warmup=warmup, iters=iters, seconds=seconds, threads=threads,
         strict=backend != "all" and len(names) == 1)
     with status("preparing") as live:
-        report = harness.run(cfg, progress=lambda text: live.update(f"running {text}"))
+        report = harness.run(cfg, progress=live.update)
     report["recommendation"] = recommend.recommend(report, budgets)
     written = reports.write_all(report, folder)
     recommend.write(report["recommendation"], folder / "recommendation.json")

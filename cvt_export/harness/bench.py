@@ -361,7 +361,11 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     macs = profile.work(folder, ref_model)
     del ref_model
     for i, (backend, precision) in enumerate(pairs, 1):
-        progress(f"{backend} {precision} ({i}/{len(pairs)})")
+        # "row i of n", not "(i/n)": rows differ tenfold in cost, so no time-left estimate is made
+        # from them (it swung between 2x and 4x the real time); a backend not here is not "running"
+        ok, why = get_backend(backend).available()
+        progress(f"{'running' if ok else 'skipping'} {backend} {precision}{'' if ok else f' ({why})'}, "
+                 f"row {i} of {len(pairs)}")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split, macs)
         if (backend, precision) == BASELINE:
             if logits is None:
@@ -369,7 +373,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
             reference = logits
             judge(result, reference, logits, inputs.names, split)
         if result.status == "ok" and (backend, precision) != BASELINE:
-            progress(f"{backend} {precision}: per-block drift ({i}/{len(pairs)})")
+            progress(f"{backend} {precision}: per-block drift, row {i} of {len(pairs)}")
             stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
         if cfg.strict and result.status != "ok" and len(cfg.backends) == 1:
             raise BenchError(f"{backend} {precision}: {result.reason}")
