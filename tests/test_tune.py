@@ -242,6 +242,17 @@ def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_pat
     # a budget nothing quantized can meet: the pick is an FP32 row
     strict = recommend.recommend(report, [metrics.parse_budget("cosine>=0.99999")])
     assert strict["objectives"]["throughput-b8"]["precision"] == "fp32"
+    # the faster rows the budget kept out are named, each with what it misses
+    s8 = strict["objectives"]["throughput-b8"]
+    faster_out = {(r["backend"], r["precision"]) for r in report["results"]
+                  if r["status"] == "ok" and r["backend"] != "torch"
+                  and r["latency"]["8"]["median_ms"] < s8["median_ms"]
+                  and r["fidelity"]["selection"]["cosine_min"] < 0.99999}
+    assert {(r["backend"], r["precision"]) for r in s8["passed_over"]} == faster_out
+    assert all(r["why"] == "misses cosine>=0.99999" for r in s8["passed_over"])
+    shown = "\n".join(recommend.markdown(strict))
+    assert all(f"{b} {p}" in shown for b, p in faster_out)
+    assert not faster_out or "outside the budget" in shown
     # Triton takes the recommendation: the repository serves that backend and precision
     repo = tmp_path / "repo"
     made = run_cli("cvt-export", "triton", "--from-recommendation", str(out / "recommendation.json"),

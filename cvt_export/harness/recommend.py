@@ -109,6 +109,12 @@ def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ())
                if not others else f"tied with {', '.join(others)} (no row is faster than these beyond the "
                "noise: 95% intervals of the median); the most faithful of them on the selection images")
         lo, hi = interval(best, batch)
+        passed_over = [{"backend": r["backend"], "precision": r["precision"],
+                        "median_ms": r["latency"][batch]["median_ms"], "why": broken(r, budgets)}
+                       for r in report["results"]
+                       if r["status"] == "ok" and r["backend"] in DEPLOYABLE and batch in r["latency"]
+                       and r["latency"][batch]["median_ms"] < best["latency"][batch]["median_ms"]
+                       and not within(r, budgets)]
         chosen[objective] = {
             "backend": best["backend"], "precision": best["precision"], "executed": best["executed"],
             "artifacts": report["model"]["artifacts"], key: best["latency"][batch][key],
@@ -117,7 +123,8 @@ def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ())
             "batch": int(batch), "why": why, "tied_with": others,
             "cosine_min": fid.get("cosine_min"), "top1_agreement": fid.get("top1_agreement"),
             "confirmation": {k: shown.get(k) for k in ("cosine_min", "cosine_p5", "top1_agreement",
-                                                       "top1_agreement_ci", "images")}}
+                                                       "top1_agreement_ci", "images")},
+            "passed_over": sorted(passed_over, key=lambda r: r["median_ms"])}  # faster, outside the budget
     inputs = report["inputs"]
     return {"schema": SCHEMA, "created": report["created"], "machine": report["machine"],
             "model": report["model"],
@@ -146,6 +153,10 @@ def markdown(rec: Mapping[str, Any]) -> list[str]:
                       if conf.get("cosine_min") is not None else f"cosine {pick['cosine_min']:.6f}")
         lines.append(f"- **{objective}**: {pick['backend']} {pick['precision']} ({figure}, {stated_fid}): "
                      f"{pick.get('why', '')}")
+        over = pick.get("passed_over") or []
+        if over:
+            lines.append("  faster, but outside the budget on the selection images: " + "; ".join(
+                f"{r['backend']} {r['precision']} {r['median_ms']:.1f} ms ({r['why']})" for r in over))
     return lines
 
 
