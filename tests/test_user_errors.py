@@ -478,3 +478,16 @@ def test_a_url_with_a_scheme_is_one_line_in_a_real_process(exported: Path) -> No
                              str(exported), "--requests", "5"], capture_output=True, text=True, timeout=120)
     assert_user_error(result, "give HOST:PORT without a scheme (127.0.0.1:9)")
     assert "Exception ignored" not in result.stderr
+
+
+def test_messages_name_the_option_the_user_gave(tmp_path: Path) -> None:
+    """A folder the user never named as --out is not called --out: --update's baseline folder, and
+    the default report folder under --artifacts."""
+    (tmp_path / "afile").write_text("x")
+    update = run_cli("cvt-bench", "regress", "--baseline", str(tmp_path / "afile" / "b.json"), "--update")
+    assert_user_error(update, "--baseline's folder")
+    data = tmp_path / "val"
+    (data / "1").mkdir(parents=True)
+    default = run_cli("cvt-bench", "accuracy", "--dataset", str(data), "--artifacts", str(data / "art"))
+    assert_user_error(default, "the default --out (ARTIFACTS/accuracy)")
+    assert "--out " not in default.stderr.replace("the default --out (", "")

@@ -51,14 +51,15 @@ def _precisions(text: str) -> tuple[str, ...]:
     return precision_table.parse(text)
 
 
-def output_folder(folder: Path) -> None:
-    """Refuse, before a benchmark runs, a report folder that cannot be made or written."""
+def output_folder(folder: Path, option: str = "--out") -> None:
+    """Refuse, before a benchmark runs, a report folder that cannot be made or written. `option`
+    is what the user gave (`--baseline`'s folder for --update; "the default --out" when none)."""
     if folder.exists() and not folder.is_dir():
-        raise ArtifactError(f"--out {folder}: is a file, not a folder; choose a folder path")
+        raise ArtifactError(f"{option} {folder}: is a file, not a folder; choose a folder path")
     existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
     if not existing.is_dir():
-        raise ArtifactError(f"--out {folder}: {existing} is a file, not a folder")
-    check_writable(existing, "--out")
+        raise ArtifactError(f"{option} {folder}: {existing} is a file, not a folder")
+    check_writable(existing, option)
 
 
 def _csv_ints(text: str, option: str) -> tuple[int, ...]:
@@ -175,7 +176,7 @@ def regress(
         not_an_input(out, "--out", inputs)
         output_folder(out)
     if update:
-        output_folder(baseline.parent)
+        output_folder(baseline.parent, "--baseline's folder")
     if json_file:
         not_an_input(json_file, "--json", inputs, file=True)
         output_file(json_file, "--json")
@@ -250,7 +251,8 @@ def accuracy(
     names = _backends(backend)
     precisions = _precisions(precision)
     where = out or artifacts / "accuracy"
-    _accuracy_paths(dataset, artifacts, where, reference_cache)
+    _accuracy_paths(dataset, artifacts, where, reference_cache,
+                    "--out" if out else "the default --out (ARTIFACTS/accuracy)")
     folder = ArtifactFolder.open(artifacts)
     from cvt_export.backends import get_backend
     from cvt_export.harness import accuracy as acc
@@ -284,7 +286,8 @@ def accuracy(
     stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 
-def _accuracy_paths(dataset: Path, artifacts: Path, out: Path, cache: Path | None) -> None:
+def _accuracy_paths(dataset: Path, artifacts: Path, out: Path, cache: Path | None,
+                    label: str = "--out") -> None:
     """Refuse outputs that would land among the inputs: shards or plots inside the image folder
     (the next run would read them as images), the report into the export's root, a cache that is
     a folder."""
@@ -292,9 +295,9 @@ def _accuracy_paths(dataset: Path, artifacts: Path, out: Path, cache: Path | Non
         raise CvtError(f"--dataset {dataset}: no such folder")
     resolved = out.resolve()
     if resolved == dataset.resolve() or dataset.resolve() in resolved.parents:
-        raise CvtError(f"--out {out}: inside --dataset {dataset}; choose a folder outside it")
-    not_an_input(out, "--out", {"--artifacts": artifacts})
-    output_folder(out)
+        raise CvtError(f"{label} {out}: inside --dataset {dataset}; choose a folder outside it")
+    not_an_input(out, label, {"--artifacts": artifacts})
+    output_folder(out, label)
     if cache is not None:
         if cache.is_dir():
             raise CvtError(f"--reference-cache {cache}: is a folder; give a file name")
@@ -328,8 +331,9 @@ def profile(
         raise CvtError("--runs and every --batch must be >= 1")
     folder = ArtifactFolder.open(artifacts)
     where = out or artifacts / "report"
-    not_an_input(where, "--out", {"--artifacts": artifacts})
-    output_folder(where)
+    label = "--out" if out else "the default --out (ARTIFACTS/report)"
+    not_an_input(where, label, {"--artifacts": artifacts})
+    output_folder(where, label)
     from cvt_export.harness import profile as profiling
 
     with status("profile") as live:
