@@ -491,3 +491,25 @@ def test_messages_name_the_option_the_user_gave(tmp_path: Path) -> None:
     default = run_cli("cvt-bench", "accuracy", "--dataset", str(data), "--artifacts", str(data / "art"))
     assert_user_error(default, "the default --out (ARTIFACTS/accuracy)")
     assert "--out " not in default.stderr.replace("the default --out (", "")
+
+
+@pytest.mark.heavy
+def test_ctrl_c_while_a_command_starts_is_never_a_traceback(tmp_path: Path) -> None:
+    """SIGINT at 12 moments of `cvt-export serve`'s first second and a half (Python starting,
+    the imports, the repository check): a line or nothing, never a KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import BIN
+
+    codes = set()
+    for i in range(12):
+        proc = subprocess.Popen([str(BIN / "cvt-export"), "serve", str(tmp_path / "no-repo")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.05 + 0.12 * i)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, (0.05 + 0.12 * i, err)
+        codes.add(proc.returncode)
+    assert 130 in codes  # at least one landed while it was starting

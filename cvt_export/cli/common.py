@@ -21,6 +21,7 @@ from rich.table import Table
 from cvt_export import metrics
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.errors import CvtError
+from cvt_export.startup import restore_interrupt
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -263,6 +264,7 @@ def run_app(app: typer.Typer) -> None:
                                        else "click.exceptions")
     command = typer.main.get_command(app)
     bound_numbers(command, exc.BadParameter)
+    restore_interrupt()
     try:
         code = command(standalone_mode=False)
     except exc.NoArgsIsHelpError as e:
