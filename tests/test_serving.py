@@ -401,3 +401,60 @@ def test_a_normal_run_of_1000_requests_leaves_no_error_in_the_log(serve: Serve, 
                if no_driver and i < first_load and "CudaDriverHelper has not been initialized" in ln]
     assert errors == allowed, errors[:5]
     assert "Signal (15) received" in log.read_text()  # the log is the whole run's, to its end
+
+
+def test_triton_statistics_that_went_back_are_unavailable_not_negative() -> None:
+    """Differences of Triton's counters, by hand; a counter that went down (the model reloaded,
+    its stub restarted: the counters began again) gives no figure and says why."""
+    from cvt_export.harness.served import server_deltas
+
+    before = {"requests": 100, "queue_ns": 4e9, "compute_ns": 9e9, "batches": {1: 60, 2: 20}}
+    after = {"requests": 140, "queue_ns": 5e9, "compute_ns": 13e9, "batches": {1: 80, 2: 30, 4: 0}}
+    got, why = server_deltas(before, after)
+    assert why == "" and got == {"requests": 40, "executed_batches": {1: 20, 2: 10},
+                                 "queue_ms_per_request": 25.0, "compute_ms_per_request": 100.0}
+    reloaded = {"requests": 11, "queue_ns": 1e8, "compute_ns": 2e8, "batches": {1: 11}}
+    got, why = server_deltas(before, reloaded)
+    assert got is None and "reloaded" in why
+    got, why = server_deltas(before, None)
+    assert got is None and "stopped answering" in why
+
+
+def test_a_load_over_a_killed_stub_counts_every_request(serve: Serve, exported: Path,
+                                                       photos: list[Path]) -> None:
+    """An open-loop run whose model instance is killed mid-run: every request is answered, failed
+    or never sent (counted, adding up to what was asked), and Triton's statistics are differences
+    that make sense (no negative count or time) or are marked unavailable with why."""
+    from cvt_export.artifacts import ArtifactFolder
+    from cvt_export.harness import served
+    from cvt_ref.preprocess import load_image, preprocess_array
+
+    variant = ArtifactFolder.open(exported).variant
+    images = np.stack([preprocess_array(load_image(p), variant) for p in photos]).astype(np.float32)
+    s = serve()  # type: ignore[operator]
+    url = s.wait_ready()
+    result: dict[str, object] = {}
+    run = threading.Thread(target=lambda: result.update(
+        served.run_load(served.Target(url, "cvt"), images, served.Load("rate", 8.0), 240)))
+    run.start()
+    time.sleep(6)  # about 45 requests in
+    stubs = [pid for pid, (group, cmd) in _processes().items()
+             if group == s.group and "triton_python_backend_stub" in cmd]
+    assert len(stubs) == 1, stubs
+    os.kill(stubs[0], signal.SIGKILL)
+    run.join(timeout=600)
+    assert not run.is_alive()
+    r = result
+    assert r["requests"] == 240 and r["sent"] == r["answered"] + r["failed"]  # type: ignore[operator]
+    assert r["answered"] + r["failed"] + r["not_sent"] == 240  # type: ignore[operator]
+    srv = r.get("server")
+    if srv is None:
+        assert r["server_unavailable"], r
+    else:
+        assert srv["requests"] >= 0 and srv["queue_ms_per_request"] >= 0  # type: ignore[index]
+        assert srv["compute_ms_per_request"] >= 0  # type: ignore[index]
+        assert all(n > 0 for n in srv["executed_batches"].values())  # type: ignore[index]
+    print({k: r[k] for k in ("sent", "answered", "failed", "not_sent")}, r.get("server_unavailable"))
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(timeout=GONE_S)
+    s.assert_nothing_left()

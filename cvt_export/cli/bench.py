@@ -389,7 +389,7 @@ def triton(
     cvt-bench triton --url 127.0.0.1:8000 --rate 5,10,20 --requests 400
     """
     setup_logging(verbose)
-    from cvt_export.harness.served import Load, Target, bench_served
+    from cvt_export.harness.served import GIVE_UP_AFTER, Load, Target, bench_served
 
     if requests < 1:
         raise CvtError(f"--requests {requests}: must be >= 1")
@@ -437,11 +437,18 @@ def triton(
                       f"{srv['queue_ms_per_request']:.1f}" if srv else "",
                       f"{srv['compute_ms_per_request']:.1f}" if srv else "")
     show_table(table)
+    for r in report["runs"]:
+        if r.get("server_unavailable"):
+            load = f"{r['concurrency']} clients" if "concurrency" in r else f"{r['rate']:g}/s"
+            stdout.print(f"{load}: no Triton statistics: {r['server_unavailable']}", highlight=False)
     if report["failed_at"]:
         last = report["runs"][-1]
         errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
-        raise CvtError(f"{last['failed']} of {last['requests']} requests failed at {report['failed_at']} "
-                       f"(measured, not retried): {errors}")
+        sent = last.get("sent", last["requests"])
+        unsent = (f"; {last['not_sent']} of the {last['requests']} were never sent (the run stops after "
+                  f"{GIVE_UP_AFTER} failures)" if last.get("not_sent") else "")
+        raise CvtError(f"{last['failed']} of {sent} requests sent failed at {report['failed_at']} "
+                       f"(measured, not retried){unsent}: {errors}")
     if not fid["pass"]:
         raise typer.Exit(1)
 

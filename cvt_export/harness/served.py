@@ -193,7 +193,12 @@ class _Record:
     due: list[float] = field(default_factory=list)
     done: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    sent: int = 0   # requests handed to the client (the rest were never sent: the run gave up)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sending(self) -> None:
+        with self.lock:
+            self.sent += 1
 
     def add(self, due: float, done: float | None, error: str | None) -> None:
         with self.lock:
@@ -209,6 +214,7 @@ def _closed_loop(target: Target, images: np.ndarray, clients: int, requests: int
         with connected(target) as client:  # HTTP clients are gevent-based: one per thread, made in it
             for i in range(k, requests, clients):
                 start = time.perf_counter()
+                record.sending()
                 try:
                     infer(target, client, images[i % len(images)][None])
                     record.add(start, time.perf_counter(), None)
@@ -238,6 +244,7 @@ def _open_loop(target: Target, images: np.ndarray, rate: float, requests: int, r
                 wait = due[i] - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
+                record.sending()
                 try:
                     infer(target, client, images[i % len(images)][None])
                     record.add(float(due[i]), time.perf_counter(), None)
@@ -307,7 +314,8 @@ def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
         after = _settled_stats(monitor, watch, target.protocol, before, len(record.done))
     result: dict[str, Any] = {
         "load": {"kind": load.kind, "value": load.value}, "requests": requests,
-        "answered": len(record.done), "failed": len(record.errors),
+        "sent": record.sent, "answered": len(record.done), "failed": len(record.errors),
+        "not_sent": requests - record.sent,
         "errors": dict(sorted({e: record.errors.count(e) for e in set(record.errors)}.items())),
         "seconds": elapsed, "images_per_s": len(record.done) / elapsed,
     }
@@ -330,14 +338,28 @@ def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
         result["spread_ms"] = {k: [min(w[k] for w in wins), max(w[k] for w in wins)]
                                for k in ("p50_ms", "p90_ms", "p99_ms")}
         result["stable"] = stable(wins)
-    if after is not None:
-        executed = {b: after["batches"].get(b, 0) - before["batches"].get(b, 0) for b in after["batches"]}
-        done = after["requests"] - before["requests"]
-        result["server"] = {
-            "requests": done, "executed_batches": {b: n for b, n in sorted(executed.items()) if n},
-            "queue_ms_per_request": (after["queue_ns"] - before["queue_ns"]) / 1e6 / max(done, 1),
-            "compute_ms_per_request": (after["compute_ns"] - before["compute_ns"]) / 1e6 / max(done, 1)}
+    result["server"], why = server_deltas(before, after)
+    if why:
+        result["server_unavailable"] = why
     return result
+
+
+def server_deltas(before: dict[str, Any], after: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """Triton's statistics over the run, as differences of its counters, or (None, why) when they
+    cannot be: the server stopped answering, or a counter went down (the model was reloaded, a
+    stub restarted: its counters began again, and a difference would be negative nonsense)."""
+    if after is None:
+        return None, "the server stopped answering before its statistics could be read"
+    keys = set(before["batches"]) | set(after["batches"])
+    executed = {b: after["batches"].get(b, 0) - before["batches"].get(b, 0) for b in keys}
+    done = after["requests"] - before["requests"]
+    queue, compute = after["queue_ns"] - before["queue_ns"], after["compute_ns"] - before["compute_ns"]
+    if done < 0 or queue < 0 or compute < 0 or any(n < 0 for n in executed.values()):
+        return None, ("the model's statistics went back during the run (it was reloaded or its stub "
+                      "restarted), so no difference of them means anything")
+    return {"requests": done, "executed_batches": {b: n for b, n in sorted(executed.items()) if n},
+            "queue_ms_per_request": queue / 1e6 / max(done, 1),
+            "compute_ms_per_request": compute / 1e6 / max(done, 1)}, ""
 
 
 def _settled_stats(monitor: Any, watch: str, protocol: str, before: dict[str, Any],
