@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,6 +171,20 @@ def _per_image(out: Path, rep_rows: list[acc.Row], shards: list[acc.Shard], ref_
     return got
 
 
+def _assert_same(local_cfg: acc.PassConfig, folder: ArtifactFolder, local: Any, on: Any,
+                 tmp_path: Path) -> None:
+    """Per image, the same top-5 on the cluster as on one machine; and the same figures."""
+    s = acc.setup(local_cfg, folder)
+    a = _per_image(tmp_path / "local", s.rows, s.plan.shards, s.plan.ref_key)
+    b = _per_image(tmp_path / "ray", s.rows, s.plan.shards, s.plan.ref_key)
+    for name in a:
+        assert a[name][0] == b[name][0]
+        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
+    for x, y in zip((local.reference, *local.rows), (on.reference, *on.rows), strict=True):
+        assert (x.top1, x.top5, x.top1_agreement, x.cosine_min, x.n) == (y.top1, y.top5, y.top1_agreement,
+                                                                          y.cosine_min, y.n)
+
+
 def test_the_cluster_pass_equals_the_single_machine_pass(cluster: Cluster, exported: Path,
                                                           tmp_path: Path) -> None:
     from cvt_export.harness import cluster as on_ray
@@ -189,15 +204,7 @@ def test_the_cluster_pass_equals_the_single_machine_pass(cluster: Cluster, expor
 
     on = on_ray.run(ray_cfg, folder, cluster.address, kill_the_worker_after_one_shard)
     assert on.dataset.shards == local.dataset.shards >= 4 and on.dataset.images == 18
-    s = acc.setup(local_cfg, folder)
-    a = _per_image(tmp_path / "local", s.rows, s.plan.shards, s.plan.ref_key)
-    b = _per_image(tmp_path / "ray", s.rows, s.plan.shards, s.plan.ref_key)
-    for name in a:
-        assert a[name][0] == b[name][0]
-        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
-    for x, y in zip((local.reference, *local.rows), (on.reference, *on.rows), strict=True):
-        assert (x.top1, x.top5, x.top1_agreement, x.cosine_min, x.n) == (y.top1, y.top5, y.top1_agreement,
-                                                                          y.cosine_min, y.n)
+    _assert_same(local_cfg, folder, local, on, tmp_path)
     assert on.cluster is not None and (on.cluster.nodes, on.cluster.lost) == (3, 1)
     assert on.cluster.shards_redone >= 1 and local.cluster is None
     assert sum(on.cluster.shards_by_node.values()) == on.dataset.shards
@@ -228,15 +235,7 @@ def test_2000_images_on_two_workers_one_lost_equal_the_single_machine_pass(
 
     on = on_ray.run(ray_cfg, folder, cluster.address, kill_a_worker_half_way)
     assert killed_at and killed_at[0] < 2000 and on.dataset.images == 2000
-    s = acc.setup(local_cfg, folder)
-    a = _per_image(tmp_path / "local", s.rows, s.plan.shards, s.plan.ref_key)
-    b = _per_image(tmp_path / "ray", s.rows, s.plan.shards, s.plan.ref_key)
-    for name in a:
-        assert a[name][0] == b[name][0]
-        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
-    for x, y in zip((local.reference, *local.rows), (on.reference, *on.rows), strict=True):
-        assert (x.top1, x.top5, x.top1_agreement, x.cosine_min, x.n) == (y.top1, y.top5, y.top1_agreement,
-                                                                          y.cosine_min, y.n)
+    _assert_same(local_cfg, folder, local, on, tmp_path)
     assert on.cluster is not None and (on.cluster.nodes, on.cluster.lost) == (3, 1)
     assert sum(on.cluster.shards_by_node.values()) == on.dataset.shards
     assert len(on.cluster.shards_by_node) == 3, on.cluster.shards_by_node  # both workers ran shards
