@@ -29,7 +29,9 @@ def _interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
 
 
 _ARGV0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-if _ARGV0 in COMMANDS and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+_MP = sys.modules.get("multiprocessing")  # loaded before us only in a worker it started (which
+_WORKER = _MP is not None and _MP.parent_process() is not None  # has the parent's argv): not ours
+if _ARGV0 in COMMANDS and not _WORKER and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     with contextlib.suppress(OSError):
         _STDERR = os.dup(2)
     signal.signal(signal.SIGINT, _interrupted_while_starting)

@@ -276,6 +276,37 @@ def test_a_killed_pass_resumes_to_the_same_figures(exported: Path, tmp_path: Pat
     assert _figures(out / "accuracy.json") == _figures(tmp_path / "whole" / "accuracy.json")
 
 
+@pytest.mark.heavy
+def test_ctrl_c_stops_the_pass_in_one_line_and_it_resumes(exported: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) once a shard is written:
+    one line, exit 130, no traceback from the pass or its decode workers, no worker left; the same
+    command then goes on from the finished shards."""
+    make_folder(tmp_path / "val", 16)
+    out = tmp_path / "acc"
+    args = [str(BIN / "cvt-bench"), "accuracy", "--dataset", str(tmp_path / "val"),
+            "--artifacts", str(exported), "--backend", "ort", "--precision", "int8", "--batch", "2",
+            "--shard-size", "2", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    workers: set[int] = set()
+    while time.monotonic() < deadline and not list(out.glob("shards/*/images.json")):
+        workers |= _children(proc.pid)
+        time.sleep(0.05)
+    workers |= _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted: " in err and "the same command goes on from them" in err, err
+    time.sleep(1)
+    assert workers and not [p for p in workers if Path(f"/proc/{p}").exists()
+                            and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    again = run_cli("cvt-bench", *args[1:])
+    assert again.returncode == 0, again.stderr
+    assert AccuracyReport.read(out / "accuracy.json").dataset.shards_reused >= 1
+
+
 def _images_done(out: Path, part: str) -> int:
     done = 0
     for record in out.glob(f"shards/*/{part}.json"):

@@ -279,7 +279,13 @@ def accuracy(
 
             report = cluster.run(cfg, folder, ray, show_progress)
         else:
-            report = acc.run(cfg, folder, show_progress)  # holds the folder's lock while compiling
+            try:
+                report = acc.run(cfg, folder, show_progress)  # holds the folder's lock while compiling
+            except KeyboardInterrupt:
+                done = len(list((where / acc.SHARDS).glob("*/images.json")))
+                stderr.print(f"interrupted: {done} shard(s) finished in {where}; the same command goes on "
+                             "from them", highlight=False)
+                raise typer.Exit(130) from None
     written = accuracy_report.write_all(report, where)
     for line in accuracy_report.markdown(report).splitlines()[2:]:
         stdout.print(line, highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ def watch_parent(parent: int) -> None:
     preempting one of them (which would stall all of them at their next barrier)."""
     with contextlib.suppress(OSError):
         os.nice(19)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the pass stops
+    # its workers itself (and they end with it if it is killed), so none prints a traceback
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
