@@ -94,14 +94,17 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-_WRITING: list[Path] = []  # folders whose lock this process holds, innermost last
+def _blame(e: BaseException, out: Path) -> None:
+    """An error of the disk with no file name in it (a library's own write) raised while `out`'s
+    lock was held: that folder is what it is about."""
+    if isinstance(e, OSError) and e.filename is None and not hasattr(e, "folder"):
+        e.folder = out  # type: ignore[attr-defined]
 
 
-def writing(e: OSError | None = None) -> Path | None:
-    """The folder an error of the disk with no file name in it (a library's own write) is about:
-    the one whose lock was held when it was raised, or the one held now."""
+def failed_folder(e: OSError) -> Path | None:
+    """The folder `locked` marked on an error raised under it (see `_blame`), if any."""
     folder = getattr(e, "folder", None)
-    return folder if isinstance(folder, Path) else (_WRITING[-1] if _WRITING else None)
+    return folder if isinstance(folder, Path) else None
 
 
 @contextlib.contextmanager
@@ -116,11 +119,11 @@ def locked(out: Path) -> Iterator[None]:
         try:
             fd = os.open(out / LOCK, os.O_RDONLY)
         except OSError:  # no lock file and none can be made: nothing can write here either
-            _WRITING.append(out)
             try:
                 yield
-            finally:
-                _WRITING.pop()
+            except BaseException as e:
+                _blame(e, out)
+                raise
             return
     _HELD.add(fd)
     failed = False
@@ -132,15 +135,10 @@ def locked(out: Path) -> Iterator[None]:
             raise ArtifactError(f"{out}: another cvt-export command (export, tune, bench, openvino, "
                                 "triton, deploy...) is writing this folder; wait for it to finish, or "
                                 "use another folder") from None
-        _WRITING.append(out)
-        try:
-            yield
-        finally:
-            _WRITING.pop()
+        yield
     except BaseException as e:
         failed = True
-        if isinstance(e, OSError) and e.filename is None and not hasattr(e, "folder"):
-            e.folder = out  # type: ignore[attr-defined]  # where a library's own write failed
+        _blame(e, out)
         raise
     finally:
         if failed and made:  # still held: no other writer can be between the open and this

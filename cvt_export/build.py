@@ -388,8 +388,8 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
         raise
 
 
-def _build(req: BuildRequest, out: Path, step: Callable[[str], None], calib: Any,
-           calib_warning: str | None) -> BuildResult:
+def _build(req: BuildRequest, out: Path, step: Callable[[str], None],
+           calib: calibration.CalibrationSet | None, calib_warning: str | None) -> BuildResult:
     opts = req.options
     artifacts.check_writable(out, "--out")
     step(f"loading {req.weights}")

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -240,6 +242,22 @@ def _figures(path: Path) -> list[tuple[object, ...]]:
             for r in (rep.reference, *rep.rows)]
 
 
+def _pass_until(args: list[str], ready: Callable[[], bool], timeout: float = 300,
+                **popen: Any) -> tuple[subprocess.Popen[str], set[int]]:
+    """`cvt-bench ARGS` started as its own process and watched until `ready()` holds (or it ended,
+    or `timeout`): the process, still running, and the decode workers seen under it meanwhile."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    proc = subprocess.Popen([str(BIN / "cvt-bench"), *args], text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
+    deadline = time.monotonic() + timeout
+    workers: set[int] = set()
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        workers |= _children(proc.pid)
+        time.sleep(0.05)
+    return proc, workers | _children(proc.pid)
+
+
 @pytest.mark.heavy
 def test_a_killed_pass_resumes_to_the_same_figures(exported: Path, tmp_path: Path) -> None:
     make_folder(tmp_path / "val", 24)
@@ -248,14 +266,8 @@ def test_a_killed_pass_resumes_to_the_same_figures(exported: Path, tmp_path: Pat
     whole = run_cli("cvt-bench", *args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([str(BIN / "cvt-bench"), *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    workers: set[int] = set()
-    while time.monotonic() < deadline and len(list(out.glob("shards/*/ort-int8.json"))) < 2:
-        workers |= _children(proc.pid)
-        time.sleep(0.05)
-    workers |= _children(proc.pid)
+    proc, workers = _pass_until([*args, "--out", str(out)],
+                                lambda: len(list(out.glob("shards/*/ort-int8.json"))) >= 2)
     with ArtifactFolder.open(exported).lock():  # mid-pass the folder is free: locked only to compile
         pass
     os.kill(proc.pid, signal.SIGKILL)
@@ -283,17 +295,10 @@ def test_ctrl_c_stops_the_pass_in_one_line_and_it_resumes(exported: Path, tmp_pa
     command then goes on from the finished shards."""
     make_folder(tmp_path / "val", 16)
     out = tmp_path / "acc"
-    args = [str(BIN / "cvt-bench"), "accuracy", "--dataset", str(tmp_path / "val"),
-            "--artifacts", str(exported), "--backend", "ort", "--precision", "int8", "--batch", "2",
-            "--shard-size", "2", "--workers", "2", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    workers: set[int] = set()
-    while time.monotonic() < deadline and not list(out.glob("shards/*/images.json")):
-        workers |= _children(proc.pid)
-        time.sleep(0.05)
-    workers |= _children(proc.pid)
+    args = ["accuracy", "--dataset", str(tmp_path / "val"), "--artifacts", str(exported), "--backend", "ort",
+            "--precision", "int8", "--batch", "2", "--shard-size", "2", "--workers", "2", "--out", str(out)]
+    proc, workers = _pass_until(args, lambda: bool(list(out.glob("shards/*/images.json"))),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -302,7 +307,7 @@ def test_ctrl_c_stops_the_pass_in_one_line_and_it_resumes(exported: Path, tmp_pa
     time.sleep(1)
     assert workers and not [p for p in workers if Path(f"/proc/{p}").exists()
                             and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
-    again = run_cli("cvt-bench", *args[1:])
+    again = run_cli("cvt-bench", *args)
     assert again.returncode == 0, again.stderr
     assert AccuracyReport.read(out / "accuracy.json").dataset.shards_reused >= 1
 
@@ -328,12 +333,9 @@ def test_killed_at_30_and_70_percent_of_2000_images_ends_with_the_same_figures(e
     out = tmp_path / "killed"
     at = []
     for share in (0.3, 0.7):
-        proc = subprocess.Popen([str(BIN / "cvt-bench"), *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + 900
-        while (time.monotonic() < deadline and proc.poll() is None
-               and _images_done(out, "ort-int8") < 2000 * share):
-            time.sleep(0.05)
+        proc, _ = _pass_until([*args, "--out", str(out)],
+                              lambda share=share: _images_done(out, "ort-int8") >= 2000 * share,
+                              timeout=900)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         at.append(_images_done(out, "ort-int8"))

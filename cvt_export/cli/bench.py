@@ -434,8 +434,7 @@ def triton(
         table.add_column(col, justify="right")
     for r in report["runs"]:
         lat, srv = r.get("latency_ms"), r.get("server")
-        load = f"{r['concurrency']} clients" if "concurrency" in r else f"{r['rate']:g}/s"
-        table.add_row(load, f"{r['answered']}/{r['requests']}", f"{r['images_per_s']:.1f}",
+        table.add_row(_load_label(r), f"{r['answered']}/{r['requests']}", f"{r['images_per_s']:.1f}",
                       *((f"{lat['median_ms']:.1f}", f"{lat['p90_ms']:.1f}", f"{lat['p99_ms']:.1f}",
                          "{:.1f}–{:.1f}".format(*r["spread_ms"]["p99_ms"]), "yes" if r["stable"] else "no")
                         if lat else ("", "", "", "", "")),
@@ -445,8 +444,8 @@ def triton(
     show_table(table)
     for r in report["runs"]:
         if r.get("server_unavailable"):
-            load = f"{r['concurrency']} clients" if "concurrency" in r else f"{r['rate']:g}/s"
-            stdout.print(f"{load}: no Triton statistics: {r['server_unavailable']}", highlight=False)
+            stdout.print(f"{_load_label(r)}: no Triton statistics: {r['server_unavailable']}",
+                         highlight=False)
     if report["failed_at"]:
         last = report["runs"][-1]
         errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
@@ -457,6 +456,10 @@ def triton(
                        f"(measured, not retried){unsent}: {errors}")
     if not fid["pass"]:
         raise typer.Exit(1)
+
+
+def _load_label(run: dict[str, Any]) -> str:
+    return f"{run['concurrency']} clients" if "concurrency" in run else f"{run['rate']:g}/s"
 
 
 def show(report: dict[str, object]) -> None:

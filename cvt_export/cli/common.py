@@ -141,12 +141,6 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except CvtError as e:
             stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except OSError as e:
-            line = disk_error(e)
-            if line is None:
-                raise
-            stderr.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper
 
@@ -177,7 +171,7 @@ def disk_error(e: OSError) -> str | None:
     cause = DISK_ERRORS.get(e.errno or 0)
     if cause is None:
         return None
-    where = e.filename if e.filename is not None else artifacts.writing(e)
+    where = e.filename if e.filename is not None else artifacts.failed_folder(e)
     if e.errno in SPACE and e.filename2 is not None:
         where = e.filename2  # a copy: the destination is what is full
     if where is None:
@@ -278,7 +272,7 @@ def run_app(app: typer.Typer) -> None:
     except typer.Abort:
         stderr.print("Aborted!", highlight=False)
         sys.exit(1)
-    except OSError as e:  # a command without its own `user_errors`: the same one line
+    except OSError as e:  # an error of the disk, from any command: one line
         line = disk_error(e)
         if line is None:
             raise

@@ -463,7 +463,6 @@ class Evaluator:
         normalized: what the part does with nothing else to do. The median of up to 8 calls (at
         least 2, then as many as fit in `seconds`): one slow call on a shared machine does not
         decide it. Empty when no full batch went through."""
-
         if self.last is None:
             return {}
         x, out = self.last, {}
@@ -485,7 +484,6 @@ class Evaluator:
 
     def _reference(self, x: np.ndarray, sums: list[str], known: Callable[[list[str]], dict[int, np.ndarray]],
                    fresh: Callable[[list[str], np.ndarray], None], took: Took) -> Batch:
-
         have = known(sums)
         missing = [i for i in range(len(sums)) if i not in have]
         ref = np.empty((len(sums), self.variant.num_classes), dtype=np.float32)

@@ -79,7 +79,7 @@ def _name(row: Mapping[str, Any]) -> str:
 def unmet(report: Mapping[str, Any], batch: str, budgets: Sequence[metrics.Budget] = ()) -> str:
     """Why no row serves an objective at `batch`: the batch size was not timed, no deployable row
     ran, or the rows that ran at it are outside the budget (each named with what it breaks)."""
-    ran = [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE]
+    ran = _deployable(report)
     if not ran:
         return "no deployable row (ONNX Runtime, OpenVINO, TensorRT) ran"
     timed = [r for r in ran if batch in r["latency"]]
@@ -91,9 +91,13 @@ def unmet(report: Mapping[str, Any], batch: str, budgets: Sequence[metrics.Budge
         f"{_name(r)} ({broken(r, budgets)})" for r in timed)
 
 
+def _deployable(report: Mapping[str, Any]) -> list[Row]:
+    """The rows that ran and that a deployment could use (not the PyTorch reference)."""
+    return [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE]
+
+
 def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ()) -> dict[str, Any]:
-    rows = [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE
-            and within(r, budgets)]
+    rows = [r for r in _deployable(report) if within(r, budgets)]
     chosen: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     for objective, (batch, key) in OBJECTIVES.items():
@@ -111,8 +115,7 @@ def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ())
         lo, hi = interval(best, batch)
         passed_over = [{"backend": r["backend"], "precision": r["precision"],
                         "median_ms": r["latency"][batch]["median_ms"], "why": broken(r, budgets)}
-                       for r in report["results"]
-                       if r["status"] == "ok" and r["backend"] in DEPLOYABLE and batch in r["latency"]
+                       for r in _deployable(report) if batch in r["latency"]
                        and r["latency"][batch]["median_ms"] < best["latency"][batch]["median_ms"]
                        and not within(r, budgets)]
         chosen[objective] = {
