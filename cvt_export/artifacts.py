@@ -317,10 +317,11 @@ class ArtifactFolder:
     def scratch(cls, parent: ArtifactFolder, prefix: str, kept: tuple[str, ...] = ("fp32",)
                 ) -> ArtifactFolder:
         """A private working folder inside `parent` (hard links of the `kept` precisions' files)
-        whose manifest has another name, so nothing ever opens it as an artifact folder. The
-        caller removes it; under the parent's lock, any other folder with `prefix` is a killed
-        writer's."""
+        whose manifest has another name, so nothing ever opens it as an artifact folder. It carries
+        the toolchain's scratch mark; the caller removes it, and under the parent's lock another
+        marked one is a killed writer's."""
         where = Path(tempfile.mkdtemp(prefix=prefix, dir=parent.path))
+        mark_scratch(where)
         files = {ONNX_FILES[p]: parent.entry(p) for p in kept}
         data = {**{k: v for k, v in parent._data.items() if k not in ("files", IR_KEY)}, "files": files,
                 "scratch_of": str(parent.path)}

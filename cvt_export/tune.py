@@ -21,6 +21,7 @@ calibration. Kept units run in FP32 (on OpenVINO with the f32 inference hint).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -226,11 +227,24 @@ def tune(folder: ArtifactFolder | Path, backend: str, budgets: Sequence[Budget],
 
 
 def _remove_leftovers(folder: ArtifactFolder) -> None:
-    """Under the lock, scratch folders and part-written mixes are a killed tune's: ours to remove."""
+    """Under the lock, marked scratch folders and part-written mixes are a killed tune's: ours to
+    remove (one an earlier release made, before scratch carried the mark, is known by its
+    manifest naming this folder as its origin). A folder of the user's that shares the prefix
+    stays."""
     for stale in folder.path.glob(f"{SCRATCH_PREFIX}*"):
-        if stale.is_dir() and ((stale / artifacts.SCRATCH_MANIFEST).exists() or not any(stale.iterdir())):
+        if artifacts.is_marked_scratch(stale) or _earlier_scratch(stale, folder.path):
             shutil.rmtree(stale, ignore_errors=True)
+        elif stale.is_dir() and not stale.is_symlink():
+            artifacts.remove_if_empty(stale)
     folder.file(f".{MIXED}.tmp").unlink(missing_ok=True)
+
+
+def _earlier_scratch(stale: Path, origin: Path) -> bool:
+    try:
+        return (stale.is_dir() and not stale.is_symlink() and json.loads(
+            (stale / artifacts.SCRATCH_MANIFEST).read_text()).get("scratch_of") == str(origin))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_accuracy_pass import make_folder
 
-from helpers import assert_user_error, run_cli
+from helpers import BIN, assert_user_error, run_cli, triton_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -103,10 +103,13 @@ def _commands(exported: Path, dataset: Path) -> dict[str, list[str]]:
                      "--backend", "ort", "--precision", "fp32", "--batch", "2"],
         "profile": ["cvt-bench", "profile", "--artifacts", art, "--precision", "fp32", "--batch", "1",
                     "--runs", "2"],
+        "deploy": ["cvt-export", "deploy", "--artifacts", art, *DEPLOY],
     }
 
 
-COMMANDS = ("onnx", "triton", "bench", "accuracy", "profile")
+COMMANDS = ("onnx", "triton", "bench", "accuracy", "profile", "deploy")
+DEPLOY = ["--slo", "p99<=5000ms@rate=3", "--budget", "cosine>=0.99", "--max-candidates", "1",
+          "--requests", "10", "--confirm-requests", "10", "--fidelity-images", "2"]
 FAULTS = ("no space", "read-only", "not a folder", "name too long", "not permitted")
 
 
@@ -115,6 +118,8 @@ FAULTS = ("no space", "read-only", "not a folder", "name too long", "not permitt
 def test_a_failing_disk_is_one_line_and_leaves_nothing(command: str, fault: str, exported: Path,
                                                        tmp_path: Path,
                                                        faults: dict[str, Callable[[], Fault]]) -> None:
+    if command == "deploy":
+        triton_or_skip()
     dataset = tmp_path / "val"
     make_folder(dataset, 3)
     f = faults[fault]()
@@ -129,3 +134,44 @@ def test_a_failing_disk_is_one_line_and_leaves_nothing(command: str, fault: str,
     else:
         assert not (f.out.exists() if len(f.out.name) < 255 else False), "a folder made here was left"
     assert not list(exported.glob(".staging-*")) and not list(exported.glob(".*.tmp"))
+
+
+def _fill(disk: Path) -> None:
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * (1 << 20))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_deploy_on_a_disk_that_fills_after_its_search(exported: Path, tmp_path: Path) -> None:
+    """The disk fills while deploy confirms its choice (after the search, when only the writing
+    of the chosen configuration is left): one line, exit 2, and the --out it made is gone."""
+    triton_or_skip()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=1g", "tmpfs", str(disk)])
+    try:
+        out = disk / "repo"
+        proc = subprocess.Popen([str(BIN / "cvt-export"), "deploy", "--artifacts", str(exported),
+                                 "--out", str(out), *DEPLOY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # bounded: the command ends
+            seen.append(line)
+            if "confirming" in line:
+                _fill(disk)
+                break
+        _, rest = proc.communicate(timeout=900)
+        err = "".join(seen) + rest
+        assert any("confirming" in x for x in seen), err
+        assert proc.returncode == 2, err
+        assert "Traceback" not in err and "no space left" in err, err
+        assert [x for x in err.splitlines() if x.startswith("error:")] and not out.exists(), err
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -222,8 +222,15 @@ def test_scratch_never_opens_as_an_artifact_folder(exported_copy: Path) -> None:
         with pytest.raises(ArtifactError, match="tune's scratch"):
             ArtifactFolder.open(scratch.path)
         assert not any(p.name == "manifest.json" for p in scratch.path.rglob("*"))
+        mine = exported_copy / f"{tune.SCRATCH_PREFIX}mine"  # the user's, sharing the prefix
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+        earlier = exported_copy / f"{tune.SCRATCH_PREFIX}earlier"  # a scratch from before the mark
+        earlier.mkdir()
+        (earlier / artifacts.SCRATCH_MANIFEST).write_text(json.dumps({"scratch_of": str(exported_copy)}))
         tune._remove_leftovers(folder)  # what a killed tune left: removed by the next one
-    assert not scratch.path.exists()
+    assert not scratch.path.exists() and not earlier.exists()
+    assert (mine / "notes.txt").read_text() == "mine"
     assert all(folder.verify(p) for p in ("fp32", "fp16", "int8"))
 
 

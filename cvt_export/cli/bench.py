@@ -283,9 +283,10 @@ def accuracy(
                 report = acc.run(cfg, folder, show_progress)  # holds the folder's lock while compiling
             except KeyboardInterrupt:
                 done = len(list((where / acc.SHARDS).glob("*/images.json")))
-                stderr.print(f"interrupted: {done} shard(s) finished in {where}; the same command goes on "
-                             "from them", highlight=False)
-                raise typer.Exit(130) from None
+                kept = (f"{done} shard(s) finished in {where}; the same command goes on from them" if done
+                        else f"no shard finished yet; the same command starts again ({where})")
+                stderr.print(f"interrupted: {kept}", highlight=False)
+                raise
     written = accuracy_report.write_all(report, where)
     for line in accuracy_report.markdown(report).splitlines()[2:]:
         stdout.print(line, highlight=False, soft_wrap=True)

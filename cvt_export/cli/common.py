@@ -21,7 +21,7 @@ from rich.table import Table
 from cvt_export import metrics
 from cvt_export.artifacts import ArtifactError, check_writable
 from cvt_export.errors import CvtError
-from cvt_export.startup import restore_interrupt
+from cvt_export.startup import stop_on_signals
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -258,7 +258,17 @@ def run_app(app: typer.Typer) -> None:
                                        else "click.exceptions")
     command = typer.main.get_command(app)
     bound_numbers(command, exc.BadParameter)
-    restore_interrupt()
+    with stop_on_signals() as stopped:
+        code = _run(command, exc)
+    if stopped.signum and not stopped.expected:  # Ctrl-C or SIGTERM, cleaned up: the shell's code
+        sys.exit(128 + stopped.signum)
+    sys.exit(code)
+
+
+def _run(command: Any, exc: Any) -> int:
+    """The command's exit code, with the parser's errors and the disk's as one line."""
+    import sys
+
     try:
         code = command(standalone_mode=False)
     except exc.NoArgsIsHelpError as e:
@@ -278,7 +288,7 @@ def run_app(app: typer.Typer) -> None:
             raise
         stderr.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 def parse_budgets(texts: list[str] | None) -> list[metrics.Budget]:

@@ -431,18 +431,14 @@ def serve(
     Example: cvt-export serve triton-repo --http-port 8000 --grpc-port 8001
     """
     setup_logging(verbose)
-    import signal
     import time
 
+    from cvt_export.startup import STOP
     from cvt_export.triton.server import Server, free_port
 
     if log is not None:
         output_file(log, "--log")
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
     server = Server(repository, http_port=http_port or free_port(), grpc_port=grpc_port or free_port(),
                     log=log)  # ports outside 1..65535 are refused by Server.start
     try:
@@ -454,11 +450,11 @@ def serve(
         while server.alive():
             time.sleep(0.5)
         raise CvtError(f"{repository}: serving ended: {server.poll()}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`startup.Terminated`): how serving ends
+        STOP.expected = True
         stderr.print("stopping tritonserver")
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

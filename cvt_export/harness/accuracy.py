@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import sqlite3
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,7 @@ def plan_shards(entries: Sequence[Entry], size: int) -> list[Shard]:
 # --- decoding in worker processes ----------------------------------------------------------------
 
 Decoded = tuple[np.ndarray, list[str], list[tuple[int, str]]]
+QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 class Decoder:
@@ -171,6 +173,12 @@ class Decoder:
         self.pool: cf.ProcessPoolExecutor | None = None
         self.depth = 2 * max(1, workers)
         if workers:
+            # multiprocessing's resource tracker (a process of its own, started with this one's -W
+            # options) removes the pool's semaphores when the pass is killed with -9, and then
+            # prints a UserWarning about them under the command's output: the removal is the
+            # point, the warning noise
+            if QUIET_TRACKER not in sys.warnoptions:
+                sys.warnoptions.append(QUIET_TRACKER)
             self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                initializer=watch_parent, initargs=(os.getpid(),))
 

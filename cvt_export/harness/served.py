@@ -66,6 +66,7 @@ class Target:
             if self.protocol == "http":
                 import tritonclient.http as http
 
+                _quiet_hub()
                 return http.InferenceServerClient(self.url, connection_timeout=TIMEOUT_S,
                                                   network_timeout=TIMEOUT_S)
             if self.protocol == "grpc":
@@ -86,6 +87,16 @@ class Target:
         import tritonclient.grpc as grpc
 
         return grpc
+
+
+def _quiet_hub() -> None:
+    """The HTTP client runs on gevent, whose hub prints a traceback for a KeyboardInterrupt (Ctrl-C,
+    SIGTERM's `startup.Terminated`) that lands while it runs before passing it on: it is passed
+    on, unprinted, and the command stops with its one line."""
+    from gevent.hub import Hub  # type: ignore[import-untyped]
+
+    if not issubclass(KeyboardInterrupt, Hub.NOT_ERROR):
+        Hub.NOT_ERROR = (*Hub.NOT_ERROR, KeyboardInterrupt)
 
 
 @contextlib.contextmanager
@@ -195,6 +206,7 @@ class _Record:
     errors: list[str] = field(default_factory=list)
     sent: int = 0   # requests handed to the client (the rest were never sent: the run gave up)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)  # the command is stopping
 
     def sending(self) -> None:
         with self.lock:
@@ -213,6 +225,8 @@ def _closed_loop(target: Target, images: np.ndarray, clients: int, requests: int
     def worker(k: int) -> None:
         with connected(target) as client:  # HTTP clients are gevent-based: one per thread, made in it
             for i in range(k, requests, clients):
+                if record.stop.is_set():
+                    return
                 start = time.perf_counter()
                 record.sending()
                 try:
@@ -222,8 +236,22 @@ def _closed_loop(target: Target, images: np.ndarray, clients: int, requests: int
                     record.add(start, None, _message(e))
                     return  # this client stops; the others go on (a dead server fails them all)
 
-    with ThreadPoolExecutor(max_workers=clients) as pool:
+    with _clients(clients, record) as pool:
         list(pool.map(worker, range(clients)))
+
+
+@contextlib.contextmanager
+def _clients(threads: int, record: _Record) -> Any:
+    """The client threads, told to stop when the command is (Ctrl-C, SIGTERM, an error): they end
+    after the request each has in flight instead of sending the rest of the run."""
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        yield pool
+    except BaseException:
+        record.stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _open_loop(target: Target, images: np.ndarray, rate: float, requests: int, record: _Record,
@@ -241,9 +269,8 @@ def _open_loop(target: Target, images: np.ndarray, rate: float, requests: int, r
                     nxt[0] += 1
                 if i >= requests or len(record.errors) >= GIVE_UP_AFTER:
                     return
-                wait = due[i] - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
+                if record.stop.wait(max(0.0, due[i] - time.perf_counter())):
+                    return
                 record.sending()
                 try:
                     infer(target, client, images[i % len(images)][None])
@@ -252,7 +279,7 @@ def _open_loop(target: Target, images: np.ndarray, rate: float, requests: int, r
                     record.add(float(due[i]), None, _message(e))
 
     threads = min(MAX_IN_FLIGHT, requests)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with _clients(threads, record) as pool:
         for f in [pool.submit(worker) for _ in range(threads)]:
             f.result(timeout=requests * TIMEOUT_S)
 
