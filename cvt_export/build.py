@@ -408,75 +408,102 @@ def _build(req: BuildRequest, out: Path, step: Callable[[str], None],
     with artifacts.locked(out), artifacts.staging(out) as staged:
         old = ArtifactFolder.existing(out)  # again, under the lock: what another writer left
         _refuse_other_source(old, out, source, req.force)
-        same_source = old is not None and old.source == source
+        made = _Assembly(old, old is not None and old.source == source, result)
         job = Job(model, variant, opts, photos, images, ref, staged)
-        files: dict[str, Any] = {}
-        moved: list[str] = []
-
-        def kept(prec: str, **rule: Any) -> bool:
-            entry = old.entry(prec) if old is not None and old.has(prec) else None
-            if reusable(entry, same_source=same_source, **rule) and old is not None and old.verify(prec):
-                files[FILES[prec]] = entry
-                result.reused.append(FILES[prec])
-                return True
-            return False
-
-        def add(made: Made) -> None:
-            files[made.name] = made.entry
-            moved.extend(made.files)
-            result.made.append(made.name)
-            if made.warning:
-                result.warnings.append(made.warning)
-
         fp32 = FILES["fp32"]
-        if not kept("fp32"):
-            add(make_fp32(job, step))
+        if not made.kept("fp32"):
+            made.add(make_fp32(job, step))
         fp32_path = (staged if fp32 in result.made else out) / fp32
-        fp32_sha = files[fp32]["sha256"]
-
-        if "fp16" in req.precisions and not kept("fp16", fp32_sha=fp32_sha):
-            add(make_fp16(job, fp32_path, fp32_sha, step))
+        fp32_sha = made.files[fp32]["sha256"]
+        if "fp16" in req.precisions and not made.kept("fp16", fp32_sha=fp32_sha):
+            made.add(make_fp16(job, fp32_path, fp32_sha, step))
         if "int8" in req.precisions:
             assert calib is not None
-            asked = calibration.request_key(calib, variant, fp32_sha, req.int8, req.smooth_search)
-            if not kept("int8", fp32_sha=fp32_sha, calib_key=asked):
-                int8_opts, search = req.int8, None
-                if req.smooth_search:
-                    int8_opts, search = choose_smoothing(job, fp32_path, fp32_sha, calib, req.int8,
-                                                    req.smooth_search, step)
-                info = {"source": calib.source, "images": len(calib.items), "asked": calib.asked,
-                        "sha256": calib.sha256, "method": req.int8.method,
-                        "cache_key": calibration.cache_key(calib, variant, fp32_sha, int8_opts),
-                        "request_key": asked, "files": calib.names, "digests": list(calib.digests),
-                        "fingerprints": list(calib.fingerprints), "distinct": calib.distinct,
-                        "minimum": imageset.MIN_CALIBRATION, "warning": calib.few_warning()}
-                made = make_int8(job, fp32_path, fp32_sha, calib, int8_opts, info, step)
-                made.entry["policy"]["smooth_search"] = search
-                result.calibrated = made.calibrated
-                add(made)
-        for prec in set(precisions.EXPORTED) - {p for p in precisions.FILES if FILES[p] in files}:
-            kept(prec, fp32_sha=fp32_sha)  # other precisions made earlier from this model
-        if FILES["int8"] in files:  # tune's mix stays only while the INT8 file it was made from does
-            mixed_kept = kept("mixed", fp32_sha=fp32_sha, int8_sha=files[FILES["int8"]]["sha256"])
-            if not mixed_kept and old is not None and old.has("mixed"):
-                result.warnings.append(f"{FILES['mixed']} removed: it was made from another INT8 file; "
-                                       f"re-run `cvt-export tune --artifacts {out}`")
-        # Files of another source, or that no longer verify, must not outlive the manifest: it
-        # goes first, so a folder killed half-way never verifies with them missing.
-        stale = [] if old is None else [f for p in precisions.FILES if old.has(p) and FILES[p] not in files
+            _int8(req, job, made, calib, fp32_path, fp32_sha, step)
+        made.keep_the_rest(out, fp32_sha)
+        made.remove_stale(out)
+        made_from = {entry["sha256"] for entry in made.files.values()}
+        derived = {name: entry for name, entry in (old.irs() if old is not None else {}).items()
+                   if made.same_source and entry.get("from") in made_from}
+        manifest = manifest_for(source, model, variant, opts, made.files, derived)
+        artifacts.commit(out, staged, made.moved, manifest)
+        result.manifest = manifest
+    return result
+
+
+@dataclass
+class _Assembly:
+    """What the new manifest lists, decided one precision at a time: files kept from the folder's
+    previous export (when their rule holds and they verify) and files made in staging."""
+
+    old: ArtifactFolder | None
+    same_source: bool
+    result: BuildResult
+    files: dict[str, Any] = field(default_factory=dict)
+    moved: list[str] = field(default_factory=list)
+
+    def kept(self, prec: str, **rule: Any) -> bool:
+        old = self.old
+        entry = old.entry(prec) if old is not None and old.has(prec) else None
+        if reusable(entry, same_source=self.same_source, **rule) and old is not None and old.verify(prec):
+            self.files[FILES[prec]] = entry
+            self.result.reused.append(FILES[prec])
+            return True
+        return False
+
+    def add(self, made: Made) -> None:
+        self.files[made.name] = made.entry
+        self.moved.extend(made.files)
+        self.result.made.append(made.name)
+        if made.warning:
+            self.result.warnings.append(made.warning)
+
+    def keep_the_rest(self, out: Path, fp32_sha: str) -> None:
+        """Other precisions made earlier from this model stay; tune's mix only while the INT8
+        file it was made from does."""
+        for prec in set(precisions.EXPORTED) - {p for p in precisions.FILES if FILES[p] in self.files}:
+            self.kept(prec, fp32_sha=fp32_sha)
+        if FILES["int8"] in self.files:
+            mixed_kept = self.kept("mixed", fp32_sha=fp32_sha, int8_sha=self.files[FILES["int8"]]["sha256"])
+            if not mixed_kept and self.old is not None and self.old.has("mixed"):
+                self.result.warnings.append(f"{FILES['mixed']} removed: it was made from another INT8 file; "
+                                            f"re-run `cvt-export tune --artifacts {out}`")
+
+    def remove_stale(self, out: Path) -> None:
+        """Files of another source, or that no longer verify, must not outlive the manifest: it
+        goes first, so a folder killed half-way never verifies with them missing."""
+        old = self.old
+        stale = [] if old is None else [f for p in precisions.FILES
+                                        if old.has(p) and FILES[p] not in self.files
                                         for f in old.file_names(p)]
         if stale:
             assert old is not None
             (out / artifacts.MANIFEST).unlink(missing_ok=True)
             for f in stale:
                 old.file(f).unlink(missing_ok=True)
-        made_from = {entry["sha256"] for entry in files.values()}
-        derived = {name: entry for name, entry in (old.irs() if old is not None else {}).items()
-                   if same_source and entry.get("from") in made_from}
-        manifest = manifest_for(source, model, variant, opts, files, derived)
-        artifacts.commit(out, staged, moved, manifest)
-        result.manifest = manifest
-    return result
+
+
+def _int8(req: BuildRequest, job: Job, made: _Assembly, calib: calibration.CalibrationSet, fp32_path: Path,
+          fp32_sha: str, step: Callable[[str], None]) -> None:
+    """The INT8 file: kept when calibrated the same way from the same FP32 file, else made (with
+    the SmoothQuant strength searched first when asked)."""
+    asked = calibration.request_key(calib, job.variant, fp32_sha, req.int8, req.smooth_search)
+    if made.kept("int8", fp32_sha=fp32_sha, calib_key=asked):
+        return
+    int8_opts, search = req.int8, None
+    if req.smooth_search:
+        int8_opts, search = choose_smoothing(job, fp32_path, fp32_sha, calib, req.int8, req.smooth_search,
+                                             step)
+    info = {"source": calib.source, "images": len(calib.items), "asked": calib.asked,
+            "sha256": calib.sha256, "method": req.int8.method,
+            "cache_key": calibration.cache_key(calib, job.variant, fp32_sha, int8_opts),
+            "request_key": asked, "files": calib.names, "digests": list(calib.digests),
+            "fingerprints": list(calib.fingerprints), "distinct": calib.distinct,
+            "minimum": imageset.MIN_CALIBRATION, "warning": calib.few_warning()}
+    int8 = make_int8(job, fp32_path, fp32_sha, calib, int8_opts, info, step)
+    int8.entry["policy"]["smooth_search"] = search
+    made.result.calibrated = int8.calibrated
+    made.add(int8)
 
 
 def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: Mapping[str, Any],

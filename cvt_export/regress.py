@@ -191,18 +191,47 @@ def _diff_dict(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFolder,
             reference: np.ndarray, max_slowdown: float | None) -> tuple[list[Finding], list[str]]:
     """(findings, informational lines). No findings: everything holds."""
-    found: list[Finding] = []
+    found = [*_inputs_and_reference(baseline, report, reference), *_graphs(baseline, folder)]
     info: list[str] = []
+    today = {_result_key(r): r for r in report["results"]}
+    if other_int8_kernels(baseline):
+        info.append("INT8 rows are held to the precision's bounds only, top-1 agreement on its 95% interval: "
+                    f"the baseline was made on a CPU {'with' if not machine.int8_dot_exact() else 'without'} "
+                    "VNNI/AMX, whose INT8 kernels round differently from this one's")
+    for key, base in baseline["results"].items():
+        r = today.get(key)
+        if r is None:
+            info.append(f"not run {key}: not asked for (--backend/--precision)")
+        elif r["status"] == "error":  # the SDK is here and the artifact no longer runs on it
+            found.append(Finding("fail", key, f"no longer runs: {r['reason']}"))
+        elif r["status"] != "ok":
+            info.append(f"skipped {key}: {r['reason']}")
+        else:
+            _compare_row(key, base, r, baseline, max_slowdown, found, info)
+    for key in sorted(set(today) - set(baseline["results"])):
+        if today[key]["status"] == "ok":
+            info.append(f"new {key}: not in the baseline (run --update to record it)")
+        elif today[key]["status"] == "error":
+            found.append(Finding("fail", key, f"does not run: {today[key]['reason']}"))
+    return found, info
+
+
+def _inputs_and_reference(baseline: dict[str, Any], report: dict[str, Any],
+                          reference: np.ndarray) -> list[Finding]:
     if report["inputs"]["sha256"] != baseline["inputs"]["sha256"]:
-        found.append(Finding("change", "golden inputs", "the preprocessed photographs differ from the "
-                             "baseline's (preprocessing or the bundled photos changed)"))
-    else:
-        base_ref = decode(baseline["reference"]["logits"])
-        err = metrics.max_abs(base_ref, reference) if base_ref.shape == reference.shape else float("inf")
-        if err > REFERENCE_TOLERANCE:
-            found.append(Finding("fail", "PyTorch reference logits",
-                                 f"max-abs {err:.3g} from the baseline's (tolerance "
-                                 f"{REFERENCE_TOLERANCE:g}); the model code or the weights changed"))
+        return [Finding("change", "golden inputs", "the preprocessed photographs differ from the "
+                        "baseline's (preprocessing or the bundled photos changed)")]
+    base_ref = decode(baseline["reference"]["logits"])
+    err = metrics.max_abs(base_ref, reference) if base_ref.shape == reference.shape else float("inf")
+    if err > REFERENCE_TOLERANCE:
+        return [Finding("fail", "PyTorch reference logits",
+                        f"max-abs {err:.3g} from the baseline's (tolerance "
+                        f"{REFERENCE_TOLERANCE:g}); the model code or the weights changed")]
+    return []
+
+
+def _graphs(baseline: dict[str, Any], folder: ArtifactFolder) -> list[Finding]:
+    found = []
     files = folder.files()
     for name, old in baseline["graphs"].items():
         entry = files.get(name)
@@ -216,56 +245,40 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
         ops = _diff_dict(old["ops"], new["ops"])
         if ops:
             found.append(Finding("change", f"{name} op histogram", ", ".join(ops)))
-    today = {_result_key(r): r for r in report["results"]}
+    return found
+
+
+def _compare_row(key: str, base: dict[str, Any], r: dict[str, Any], baseline: dict[str, Any],
+                 max_slowdown: float | None, found: list[Finding], info: list[str]) -> None:
+    """One row that ran, against its baseline entry: its fidelity within the tolerance, its latency."""
     images = int(baseline["inputs"]["images"])
-    if other_int8_kernels(baseline):
-        info.append("INT8 rows are held to the precision's bounds only, top-1 agreement on its 95% interval: "
-                    f"the baseline was made on a CPU {'with' if not machine.int8_dot_exact() else 'without'} "
-                    "VNNI/AMX, whose INT8 kernels round differently from this one's")
-    for key, base in baseline["results"].items():
-        r = today.get(key)
-        if r is None:
-            info.append(f"not run {key}: not asked for (--backend/--precision)")
+    fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
+    if r["precision"] in precisions.QUANTIZED and other_int8_kernels(baseline):
+        tol = tolerance(r["precision"], {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
+        verdict = _top1_on_evidence(key, fid["top1_agreement"], tol.pop("top1_agreement_min"), images)
+        if isinstance(verdict, Finding):
+            found.append(verdict)
+        elif verdict:
+            info.append(verdict)
+    checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
+              ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
+              ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
+    for metric, value, bound, op in checks:
+        if bound is None:
             continue
-        if r["status"] == "error":  # the SDK is here and the artifact no longer runs on it
-            found.append(Finding("fail", key, f"no longer runs: {r['reason']}"))
-            continue
-        if r["status"] != "ok":
-            info.append(f"skipped {key}: {r['reason']}")
-            continue
-        fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
-        if r["precision"] in precisions.QUANTIZED and other_int8_kernels(baseline):
-            tol = tolerance(r["precision"], {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
-            verdict = _top1_on_evidence(key, fid["top1_agreement"], tol.pop("top1_agreement_min"), images)
-            if isinstance(verdict, Finding):
-                found.append(verdict)
-            elif verdict:
-                info.append(verdict)
-        checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
-                  ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
-                  ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
-        for metric, value, bound, op in checks:
-            if bound is None:
-                continue
-            ok = value <= bound if op == "<=" else value >= bound
-            if not ok:
-                was = base["fidelity"][metric]
-                found.append(Finding("fail", f"{key} {metric}",
-                                     f"{was:.6g} → {value:.6g} (tolerance {op} {bound:.6g})"))
-        batch = str(base["latency_batch"])
-        if batch in r["latency"]:
-            now = r["latency"][batch]["median_ms"]
-            ratio = now / base["median_ms"]
-            info.append(f"{key}: batch {batch} median {base['median_ms']:.1f} → {now:.1f} ms ({ratio:.2f}×)")
-            if max_slowdown is not None and ratio > max_slowdown:
-                found.append(Finding("fail", f"{key} latency",
-                                     f"{ratio:.2f}× the baseline's (limit {max_slowdown:g}×)"))
-    for key in sorted(set(today) - set(baseline["results"])):
-        if today[key]["status"] == "ok":
-            info.append(f"new {key}: not in the baseline (run --update to record it)")
-        elif today[key]["status"] == "error":
-            found.append(Finding("fail", key, f"does not run: {today[key]['reason']}"))
-    return found, info
+        ok = value <= bound if op == "<=" else value >= bound
+        if not ok:
+            was = base["fidelity"][metric]
+            found.append(Finding("fail", f"{key} {metric}",
+                                 f"{was:.6g} → {value:.6g} (tolerance {op} {bound:.6g})"))
+    batch = str(base["latency_batch"])
+    if batch in r["latency"]:
+        now = r["latency"][batch]["median_ms"]
+        ratio = now / base["median_ms"]
+        info.append(f"{key}: batch {batch} median {base['median_ms']:.1f} → {now:.1f} ms ({ratio:.2f}×)")
+        if max_slowdown is not None and ratio > max_slowdown:
+            found.append(Finding("fail", f"{key} latency",
+                                 f"{ratio:.2f}× the baseline's (limit {max_slowdown:g}×)"))
 
 
 def _top1_on_evidence(key: str, agreement: float, floor: float, images: int) -> Finding | str | None:

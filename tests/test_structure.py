@@ -208,3 +208,37 @@ def test_the_working_tiers_export_cache_follows_what_the_export_reads(
     assert run(Request(precisions=("fp32", "int8"))) == "export 3"  # another request
     monkeypatch.delenv("CVT_TEST_EXPORT_CACHE")
     assert run(Request()) == "export 4"  # CI: always afresh
+
+
+# --- function length (issue #29): no function of the package over MAX_LINES lines --------------
+
+MAX_LINES = 60
+
+
+def long_functions(root: Path, limit: int = MAX_LINES) -> list[str]:
+    """Every function (methods and nested ones included) whose definition, from its `def` line
+    (decorators excluded) to its last line, spans more than `limit` lines, parsed with ast."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_over_60_lines() -> None:
+    assert long_functions(PACKAGE) + long_functions(ROOT / "cvt_ref") == []
+
+
+def test_the_length_check_finds_a_planted_long_function(tmp_path: Path) -> None:
+    """The check above can fail: a package holding one 61-line method (and a 60-line function,
+    which is allowed) is reported with the method alone."""
+    package = tmp_path / "planted"
+    package.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(59))
+    (package / "ok.py").write_text(f"def fine():\n{body}")  # 60 lines
+    nested = "".join(f"        y{i} = {i}\n" for i in range(60))
+    (package / "bad.py").write_text(f"class C:\n    @staticmethod\n    def long():\n{nested}")  # 61 lines
+    assert long_functions(package) == ["planted/bad.py:3 long (61 lines)"]

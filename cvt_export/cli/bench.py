@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -29,6 +29,11 @@ from cvt_export.cli.common import (
 from cvt_export.errors import CvtError
 from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
+
+if TYPE_CHECKING:
+    from cvt_export.harness.accuracy import PassConfig
+    from cvt_export.records import AccuracyReport
+    from cvt_export.regress import Outcome
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
                   help="""Benchmark CvT on every backend: latency, throughput, fidelity vs PyTorch FP32.
@@ -171,15 +176,7 @@ def regress(
         raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
     if iters < 1:
         raise CvtError(f"--iters {iters}: must be >= 1")
-    inputs = {"--baseline": baseline, "--artifacts": artifacts}
-    if out:
-        not_an_input(out, "--out", inputs)
-        output_folder(out)
-    if update:
-        output_folder(baseline.parent, "--baseline's folder")
-    if json_file:
-        not_an_input(json_file, "--json", inputs, file=True)
-        output_file(json_file, "--json")
+    _regress_outputs(baseline, artifacts, out, json_file, update)
     names = _backends(backend)
     harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
     with status("regression run") as live:
@@ -188,14 +185,7 @@ def regress(
                            progress=lambda text: live.update(f"regression run: {text}"))
     if out:
         reports.write_all(outcome.report, out)
-    for line in outcome.info:
-        stdout.print(f"[dim]{line}[/]", highlight=False)
-    for f in outcome.findings:
-        style = "red" if f.kind == "fail" else "yellow"
-        stdout.print(f"[{style}]{f}[/]", highlight=False, soft_wrap=True)
-        github.annotate("error", f"cvt-bench regress: {'FAIL' if f.kind == 'fail' else 'CHANGED'} {f.what}",
-                        f"{f}" + ("" if outcome.updated else " (if intended: cvt-bench regress --update)"))
-    _summary(gate.markdown(outcome, baseline))
+    _show_outcome(outcome, baseline)
     if json_file:
         reports.write_json(gate.as_json(outcome, baseline), json_file)
     if outcome.updated:
@@ -211,6 +201,35 @@ def regress(
                  "unreviewed change(s); if intended, run `cvt-bench regress --update` and commit the "
                  "baseline")
     raise typer.Exit(1)
+
+
+def _regress_outputs(baseline: Path, artifacts: Path | None, out: Path | None, json_file: Path | None,
+                     update: bool) -> None:
+    """What regress writes: never one of its inputs, each where it can be written."""
+    inputs = {"--baseline": baseline, "--artifacts": artifacts}
+    if out:
+        not_an_input(out, "--out", inputs)
+        output_folder(out)
+    if update:
+        output_folder(baseline.parent, "--baseline's folder")
+    if json_file:
+        not_an_input(json_file, "--json", inputs, file=True)
+        output_file(json_file, "--json")
+
+
+def _show_outcome(outcome: Outcome, baseline: Path) -> None:
+    """Each information line and finding on the console (findings also as GitHub annotations),
+    and the Markdown summary where the CI shows one."""
+    from cvt_export import regress as gate
+
+    for line in outcome.info:
+        stdout.print(f"[dim]{line}[/]", highlight=False)
+    for f in outcome.findings:
+        style = "red" if f.kind == "fail" else "yellow"
+        stdout.print(f"[{style}]{f}[/]", highlight=False, soft_wrap=True)
+        github.annotate("error", f"cvt-bench regress: {'FAIL' if f.kind == 'fail' else 'CHANGED'} {f.what}",
+                        f"{f}" + ("" if outcome.updated else " (if intended: cvt-bench regress --update)"))
+    _summary(gate.markdown(outcome, baseline))
 
 
 @app.command()
@@ -264,10 +283,22 @@ def accuracy(
     cfg = acc.PassConfig(dataset, where, rows, batch=batch, workers=workers, shard_size=shard_size,
                          reference_cache=reference_cache, limit=limit, threads=threads)
     cfg.check()
+    report = _accuracy_pass(cfg, folder, ray)
+    written = accuracy_report.write_all(report, where)
+    for line in accuracy_report.markdown(report).splitlines()[2:]:
+        stdout.print(line, highlight=False, soft_wrap=True)
+    stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def _accuracy_pass(cfg: PassConfig, folder: ArtifactFolder, ray: str | None) -> AccuracyReport:
+    """The pass, here or on a Ray cluster, with a progress line every 5 s at most (CI logs); on
+    Ctrl-C or SIGTERM, one line saying what is kept."""
+    from cvt_export.harness import accuracy as acc
+
     with status("accuracy pass") as live:
         shown = [0.0]
 
-        def show_progress(p: acc.Progress) -> None:  # a line every 5 s at most (CI logs)
+        def show_progress(p: acc.Progress) -> None:
             now = time.monotonic()
             if now - shown[0] >= 5 or p.images == p.total:
                 shown[0] = now
@@ -277,20 +308,16 @@ def accuracy(
         if ray is not None:
             from cvt_export.harness import cluster
 
-            report = cluster.run(cfg, folder, ray, show_progress)
-        else:
-            try:
-                report = acc.run(cfg, folder, show_progress)  # holds the folder's lock while compiling
-            except KeyboardInterrupt:
-                done = len(list((where / acc.SHARDS).glob("*/images.json")))
-                kept = (f"{done} shard(s) finished in {where}; the same command goes on from them" if done
-                        else f"no shard finished yet; the same command starts again ({where})")
-                stderr.print(f"interrupted: {kept}", highlight=False)
-                raise
-    written = accuracy_report.write_all(report, where)
-    for line in accuracy_report.markdown(report).splitlines()[2:]:
-        stdout.print(line, highlight=False, soft_wrap=True)
-    stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+            return cluster.run(cfg, folder, ray, show_progress)
+        try:
+            return acc.run(cfg, folder, show_progress)  # holds the folder's lock while compiling
+        except KeyboardInterrupt:
+            where = cfg.out
+            done = len(list((where / acc.SHARDS).glob("*/images.json")))
+            kept = (f"{done} shard(s) finished in {where}; the same command goes on from them" if done
+                    else f"no shard finished yet; the same command starts again ({where})")
+            stderr.print(f"interrupted: {kept}", highlight=False)
+            raise
 
 
 def _accuracy_paths(dataset: Path, artifacts: Path, out: Path, cache: Path | None,
@@ -396,23 +423,11 @@ def triton(
     cvt-bench triton --url 127.0.0.1:8000 --rate 5,10,20 --requests 400
     """
     setup_logging(verbose)
-    from cvt_export.harness.served import GIVE_UP_AFTER, Load, Target, bench_served
+    from cvt_export.harness.served import Target, bench_served
 
     if requests < 1:
         raise CvtError(f"--requests {requests}: must be >= 1")
-    if rate is not None:
-        try:
-            rates = tuple(float(v) for v in rate.split(",") if v.strip())
-        except ValueError:
-            raise CvtError(f"--rate {rate!r}: use comma-separated numbers (requests per second)") from None
-        if not rates or not all(0 < r <= 10_000 for r in rates):  # NaN fails it too
-            raise CvtError(f"--rate {rate!r}: each rate in (0, 10000] requests per second")
-        loads = tuple(Load("rate", r) for r in rates)
-    else:
-        levels = _csv_ints(concurrency, "--concurrency")
-        if not levels or min(levels) < 1 or max(levels) > 256:
-            raise CvtError(f"--concurrency {concurrency!r}: each 1..256")
-        loads = tuple(Load("concurrency", c) for c in levels)
+    loads = _loads(concurrency, rate)
     if protocol not in ("http", "grpc"):
         raise CvtError(f"--protocol {protocol!r}: use http or grpc")
     if json_file:
@@ -424,6 +439,32 @@ def triton(
         report = bench_served(Target(url, model, protocol), folder, precision, loads, requests)
     if json_file:
         reports.write_json(report, json_file)
+    _show_served(report, model, protocol)
+    if report["failed_at"]:
+        raise CvtError(_served_failures(report))
+    if not report["fidelity"]["pass"]:
+        raise typer.Exit(1)
+
+
+def _loads(concurrency: str, rate: str | None) -> tuple[Any, ...]:
+    """--rate (open loop) or else --concurrency (closed loop), as load levels."""
+    from cvt_export.harness.served import Load
+
+    if rate is not None:
+        try:
+            rates = tuple(float(v) for v in rate.split(",") if v.strip())
+        except ValueError:
+            raise CvtError(f"--rate {rate!r}: use comma-separated numbers (requests per second)") from None
+        if not rates or not all(0 < r <= 10_000 for r in rates):  # NaN fails it too
+            raise CvtError(f"--rate {rate!r}: each rate in (0, 10000] requests per second")
+        return tuple(Load("rate", r) for r in rates)
+    levels = _csv_ints(concurrency, "--concurrency")
+    if not levels or min(levels) < 1 or max(levels) > 256:
+        raise CvtError(f"--concurrency {concurrency!r}: each 1..256")
+    return tuple(Load("concurrency", c) for c in levels)
+
+
+def _show_served(report: dict[str, Any], model: str, protocol: str) -> None:
     fid = report["fidelity"]
     stdout.print(f"fidelity of the served {report['precision']} vs PyTorch FP32 (n={fid['n']} photos): worst "
                  f"cosine {fid['cosine_min']:.5f}, max-abs {fid['max_abs']:.3g}, top-1 "
@@ -447,16 +488,19 @@ def triton(
         if r.get("server_unavailable"):
             stdout.print(f"{_load_label(r)}: no Triton statistics: {r['server_unavailable']}",
                          highlight=False)
-    if report["failed_at"]:
-        last = report["runs"][-1]
-        errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
-        sent = last.get("sent", last["requests"])
-        unsent = (f"; {last['not_sent']} of the {last['requests']} were never sent (the run stops after "
-                  f"{GIVE_UP_AFTER} failures)" if last.get("not_sent") else "")
-        raise CvtError(f"{last['failed']} of {sent} requests sent failed at {report['failed_at']} "
-                       f"(measured, not retried){unsent}: {errors}")
-    if not fid["pass"]:
-        raise typer.Exit(1)
+
+
+def _served_failures(report: dict[str, Any]) -> str:
+    """The error line of a run whose requests failed: how many of those sent, and those never sent."""
+    from cvt_export.harness.served import GIVE_UP_AFTER
+
+    last = report["runs"][-1]
+    errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
+    sent = last.get("sent", last["requests"])
+    unsent = (f"; {last['not_sent']} of the {last['requests']} were never sent (the run stops after "
+              f"{GIVE_UP_AFTER} failures)" if last.get("not_sent") else "")
+    return (f"{last['failed']} of {sent} requests sent failed at {report['failed_at']} "
+            f"(measured, not retried){unsent}: {errors}")
 
 
 def _load_label(run: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -27,6 +27,10 @@ from cvt_export.cli.common import (
 )
 from cvt_export.errors import CvtError
 from cvt_export.options import CALIB_METHODS, DEFAULT_OPSET, SMOOTH_CHOICES, ExportOptions, Int8Options
+
+if TYPE_CHECKING:
+    from cvt_export.build import BuildResult
+    from cvt_export.tune import TuneResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export CvT to ONNX / TensorRT / OpenVINO, and check what it computes.")
@@ -131,11 +135,7 @@ def onnx(
     setup_logging(verbose)
     if calib_method not in CALIB_METHODS:
         raise CvtError(f"--calib-method {calib_method!r}: use {', '.join(CALIB_METHODS)}")
-    fixed = None
-    if batch != "dynamic":
-        if not batch.isdigit():
-            raise CvtError(f"--batch {batch!r}: use 'dynamic' or a positive integer")
-        fixed = int(batch)
+    fixed = None if batch == "dynamic" else _fixed_batch(batch)
     precisions = precision_table.parse(precision, precision_table.EXPORTED)
     strength, search = smooth_option("off" if no_smooth else smooth)
     from cvt_export.build import BuildRequest, build  # loads torch: after the options are checked
@@ -151,6 +151,17 @@ def onnx(
         result = build(req, folder, step=lambda text: live.update(text))
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    _show_export(folder, weights, result)
+
+
+def _fixed_batch(batch: str) -> int:
+    if not batch.isdigit():
+        raise CvtError(f"--batch {batch!r}: use 'dynamic' or a positive integer")
+    return int(batch)
+
+
+def _show_export(folder: Path, weights: str, result: BuildResult) -> None:
+    """The folder's files: size, fidelity against PyTorch, made or reused; and the calibration's fate."""
     made = ArtifactFolder.open(folder)
     table = Table(title=f"{folder}  ({made.variant_name}, weights {weights})", title_justify="left")
     for col in ("file", "MB", "vs PyTorch FP32 (ONNX Runtime CPU)", "state"):
@@ -289,6 +300,10 @@ def tune(
                              step=lambda text: live.update(text))
         atomic_write(folder.file("tune.md"), tuning.markdown(result))
         atomic_write(folder.file("tune.json"), json.dumps(tuning.summary(result), indent=2) + "\n")
+    _show_tune(result, artifacts, margin)
+
+
+def _show_tune(result: TuneResult, artifacts: Path, margin: float) -> None:
     table = Table(title=f"{artifacts}: {result.backend}, {result.objective}, budget "
                   f"{', '.join(result.budgets)}{f' margin {margin:g}' if margin else ''} on "
                   f"{result.held_out}", title_justify="left")
@@ -387,17 +402,8 @@ def triton(
     from cvt_export.triton.repository import RepoOptions, write_repository
 
     if from_recommendation is not None:
-        from cvt_export.harness import recommend
-
-        pick = recommend.read(from_recommendation, objective)
-        folder, precision = pick["folder"], pick["precision"]
-        if pick["backend"] == "tensorrt":
-            runtime = "tensorrt"
-        elif pick["backend"] in ("ort", "openvino"):
-            runtime, python_backend = "python", pick["backend"]
-        else:
-            raise CvtError(f"{from_recommendation}: recommends {pick['backend']} {precision}, which "
-                           "Triton does not serve; re-run cvt-bench without that backend")
+        folder, precision, runtime, python_backend = _recommended(from_recommendation, objective,
+                                                                  python_backend)
     else:
         folder = ArtifactFolder.open(artifacts)
     precision = precision_table.parse_one(precision)
@@ -411,6 +417,19 @@ def triton(
                      f"`cvt-export triton --name {name}`)")
     stdout.print(f"wrote {', '.join(record['models'])} in {out} ({runtime}, {precision}); "
                  f"serve it with `cvt-export serve {out}`")
+
+
+def _recommended(path: Path, objective: str, python_backend: str) -> tuple[ArtifactFolder, str, str, str]:
+    """--from-recommendation: (folder, precision, runtime, Python backend) of the objective's pick."""
+    from cvt_export.harness import recommend
+
+    pick = recommend.read(path, objective)
+    if pick["backend"] == "tensorrt":
+        return pick["folder"], pick["precision"], "tensorrt", python_backend
+    if pick["backend"] in ("ort", "openvino"):
+        return pick["folder"], pick["precision"], "python", pick["backend"]
+    raise CvtError(f"{path}: recommends {pick['backend']} {pick['precision']}, which "
+                   "Triton does not serve; re-run cvt-bench without that backend")
 
 
 @app.command()

@@ -33,67 +33,87 @@ def verdict(r: RowAccuracy) -> str:
 
 
 def markdown(rep: AccuracyReport) -> str:
-    d, m = rep.dataset, rep.machine
-    lines = [
-        f"# cvt-bench accuracy: {rep.variant} ({rep.weights})", "",
-        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores. {d.images} images from {d.source}"
-        f" in {d.shards} shards ({d.shards_reused} reused from an earlier run); reference outputs "
-        f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.", "",
-    ]
-    if d.unreadable:
-        lines[-1:-1] = [f"{d.unreadable} could not be read and are left out of every figure: "
-                        + "; ".join(d.unreadable_files[:3]) + (" ..." if d.unreadable > 3 else "") + "."]
-    if rep.cluster is not None:
-        on = rep.cluster
-        lines[-1:-1] = [f"Ran on the Ray cluster at {on.address}: {on.nodes} nodes, {on.lost} lost mid-pass, "
-                        f"{on.shards_redone} shards redone on the nodes left."]
-    if d.labelled:
-        lines += [f"Labelled: {d.classes} classes. Intervals are 95%: Wilson for accuracies; for the "
-                  "change against the reference, exact and conditional on the images that flipped, "
-                  "with the exact McNemar test deciding 'within noise'.", "",
-                  "| row | runs as | n | top-1 [95%] | top-5 [95%] | lost | gained | change vs reference |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in (rep.reference, *rep.rows):
-            if r.status != "ok":
-                continue
-            p = r.paired
-            lines.append(f"| {_label(r)} | {r.executed} | {r.n} | {_pct(r.top1)} {_ci(r.top1_ci)} | "
-                         f"{_pct(r.top5)} {_ci(r.top5_ci)} | {p.lost if p else '–'} | "
-                         f"{p.gained if p else '–'} | {verdict(r) if p else 'reference'} |")
-    else:
-        lines += [f"Unlabelled ({d.label_note or 'no class folders'}): agreement with the reference "
-                  "instead of accuracy.", ""]
-    lines += ["", "## Agreement with the reference (PyTorch FP32)", "",
-              "| row | top-1 agreement [95%] | reference's top-1 in top-5 | cosine min | cosine p5 | "
-              "worst image |", "|---|---|---|---|---|---|"]
-    for r in rep.rows:
-        if r.status == "ok":
-            lines.append(f"| {_label(r)} | {_pct(r.top1_agreement)} {_ci(r.top1_agreement_ci)} | "
-                         f"{_pct(r.top5_contains_reference)} | {r.cosine_min:.5f} | {r.cosine_p5:.5f} | "
-                         f"{r.worst_image} |")
-    lost = [r for r in rep.rows if r.classes_lost]
-    if lost:
-        lines += ["", "## Classes that lose most", "",
-                  "| row | class | images | reference right | row right | net lost |",
-                  "|---|---|---|---|---|---|"]
-        for r in lost:
-            for c in r.classes_lost[:5]:
-                lines.append(f"| {_label(r)} | {c.label} {c.name} | {c.images} | {c.reference_correct} | "
-                             f"{c.row_correct} | {c.net_lost} |")
-    if rep.time:
-        spent = dict(rep.time)
-        wall = spent.pop("wall", rep.seconds)
-        parts = [f"waiting for decoded images {spent.pop('decode_wait', 0.0):.1f} s"]
-        if "reference" in spent:
-            parts.append(f"reference {spent.pop('reference'):.1f} s")
-        parts += [f"{name} {s:.1f} s" for name, s in spent.items() if s]
-        lines += ["", f"Time: {wall:.1f} s in all; " + ", ".join(parts) + "."]
+    lines = [*_intro(rep), *_accuracy_table(rep), *_agreement_table(rep), *_classes_table(rep),
+             *_time(rep)]
     if rep.throughput is not None:
         lines += ["", *_throughput(rep.throughput)]
     skipped = [r for r in rep.rows if r.status != "ok"]
     if skipped:
         lines += ["", "Not run: " + "; ".join(f"{_label(r)} ({r.reason})" for r in skipped) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _intro(rep: AccuracyReport) -> list[str]:
+    d, m = rep.dataset, rep.machine
+    lines = [
+        f"# cvt-bench accuracy: {rep.variant} ({rep.weights})", "",
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores. {d.images} images from {d.source}"
+        f" in {d.shards} shards ({d.shards_reused} reused from an earlier run); reference outputs "
+        f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.",
+    ]
+    if d.unreadable:
+        lines.append(f"{d.unreadable} could not be read and are left out of every figure: "
+                     + "; ".join(d.unreadable_files[:3]) + (" ..." if d.unreadable > 3 else "") + ".")
+    if rep.cluster is not None:
+        on = rep.cluster
+        lines.append(f"Ran on the Ray cluster at {on.address}: {on.nodes} nodes, {on.lost} lost mid-pass, "
+                     f"{on.shards_redone} shards redone on the nodes left.")
+    return [*lines, ""]
+
+
+def _accuracy_table(rep: AccuracyReport) -> list[str]:
+    d = rep.dataset
+    if not d.labelled:
+        return [f"Unlabelled ({d.label_note or 'no class folders'}): agreement with the reference "
+                "instead of accuracy.", ""]
+    lines = [f"Labelled: {d.classes} classes. Intervals are 95%: Wilson for accuracies; for the "
+             "change against the reference, exact and conditional on the images that flipped, "
+             "with the exact McNemar test deciding 'within noise'.", "",
+             "| row | runs as | n | top-1 [95%] | top-5 [95%] | lost | gained | change vs reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in (rep.reference, *rep.rows):
+        if r.status != "ok":
+            continue
+        p = r.paired
+        lines.append(f"| {_label(r)} | {r.executed} | {r.n} | {_pct(r.top1)} {_ci(r.top1_ci)} | "
+                     f"{_pct(r.top5)} {_ci(r.top5_ci)} | {p.lost if p else '–'} | "
+                     f"{p.gained if p else '–'} | {verdict(r) if p else 'reference'} |")
+    return lines
+
+
+def _agreement_table(rep: AccuracyReport) -> list[str]:
+    lines = ["", "## Agreement with the reference (PyTorch FP32)", "",
+             "| row | top-1 agreement [95%] | reference's top-1 in top-5 | cosine min | cosine p5 | "
+             "worst image |", "|---|---|---|---|---|---|"]
+    for r in rep.rows:
+        if r.status == "ok":
+            lines.append(f"| {_label(r)} | {_pct(r.top1_agreement)} {_ci(r.top1_agreement_ci)} | "
+                         f"{_pct(r.top5_contains_reference)} | {r.cosine_min:.5f} | {r.cosine_p5:.5f} | "
+                         f"{r.worst_image} |")
+    return lines
+
+
+def _classes_table(rep: AccuracyReport) -> list[str]:
+    lost = [r for r in rep.rows if r.classes_lost]
+    if not lost:
+        return []
+    return ["", "## Classes that lose most", "",
+            "| row | class | images | reference right | row right | net lost |",
+            "|---|---|---|---|---|---|",
+            *[f"| {_label(r)} | {c.label} {c.name} | {c.images} | {c.reference_correct} | "
+              f"{c.row_correct} | {c.net_lost} |" for r in lost for c in r.classes_lost[:5]]]
+
+
+def _time(rep: AccuracyReport) -> list[str]:
+    if not rep.time:
+        return []
+    spent = dict(rep.time)
+    wall = spent.pop("wall", rep.seconds)
+    parts = [f"waiting for decoded images {spent.pop('decode_wait', 0.0):.1f} s"]
+    if "reference" in spent:
+        parts.append(f"reference {spent.pop('reference'):.1f} s")
+    parts += [f"{name} {s:.1f} s" for name, s in spent.items() if s]
+    return ["", f"Time: {wall:.1f} s in all; " + ", ".join(parts) + "."]
 
 
 def _throughput(t: Throughput) -> list[str]:

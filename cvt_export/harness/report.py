@@ -103,9 +103,20 @@ def _roles_line(inputs: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    batches = [str(b) for b in report["settings"]["batches"]]
+    lines = [*_header(report), *_latency_table(report, batches), *_floor_lines(report, batches),
+             *_fidelity_table(report), *_roles_table(report), *_accuracy_table(report),
+             *_drift_table(report), *_not_run(report)]
+    if report.get("recommendation"):
+        from cvt_export.harness.recommend import markdown as recommendation
+
+        lines += recommendation(report["recommendation"])
+    return "\n".join(lines) + "\n"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
     m, inputs, settings = report["machine"], report["inputs"], report["settings"]
-    batches = [str(b) for b in settings["batches"]]
-    lines = [
+    return [
         f"# cvt-bench: {report['model']['variant']} ({report['model']['weights']['spec']})",
         "",
         f"{m['cpu']}, {m['cores']} cores, ISA {' '.join(m['isa']) or 'n/a'}; "
@@ -118,6 +129,11 @@ def markdown(report: dict[str, Any]) -> str:
         "eager divided by this row's, same run.",
         "",
         *_roles_line(inputs),
+    ]
+
+
+def _latency_table(report: dict[str, Any], batches: list[str]) -> list[str]:
+    lines = [
         "## Latency and throughput",
         "",
         "Median with its 95% interval (order statistics of this row's iterations); 'bimodal' when "
@@ -138,11 +154,14 @@ def markdown(report: dict[str, Any]) -> str:
                        _fmt(r["speedup"].get(b), ".2f") + "×"] if s else ["–"] * 4)
         lines.append(f"| {r['backend']} | {r['precision']} | {r['executed']} | " + " | ".join(cells)
                      + f" | {_fmt(r['first_inference_s'], '.1f')} |")
-    lines += _floor_lines(report, batches)
-    lines += ["", "## Fidelity vs PyTorch FP32", "",
-              "| backend | precision | max-abs | mean-abs | cosine min | top-1 agree | top-5 agree | "
-              "KL mean | batch-1 vs batch max-abs | worst image | within bounds |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _fidelity_table(report: dict[str, Any]) -> list[str]:
+    lines = ["", "## Fidelity vs PyTorch FP32", "",
+             "| backend | precision | max-abs | mean-abs | cosine min | top-1 agree | top-5 agree | "
+             "KL mean | batch-1 vs batch max-abs | worst image | within bounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         f = r["fidelity"]
         if r["status"] != "ok" or not f:
@@ -152,47 +171,61 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{100 * f['top5_agreement']:.1f}% | {f['kl_mean']:.2e} | "
                      f"{_fmt(r['batch_consistency_max_abs'], '.2e')} | {f['worst_image']} | "
                      + ("yes" if f.get("pass", True) else "**NO**: " + "; ".join(f["broken"])) + " |")
-    by_role = [r for r in report["results"] if r["status"] == "ok" and (r["fidelity"] or {}).get("selection")]
-    if by_role:
-        lines += ["", "## Fidelity by role", "",
-                  "Selection images decide (the recommendation); confirmation images are what it states. "
-                  "Cosine: worst and 5th percentile; top-1 agreement with its 95% Wilson interval.", "",
-                  "| backend | precision | selection n | cosine min / p5 | top-1 agree [95%] | "
-                  "confirmation n | cosine min / p5 | top-1 agree [95%] |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in by_role:
-            cells = []
-            for role in ("selection", "confirmation"):
-                f = r["fidelity"].get(role)
-                cells += ([str(f["images"]), f"{f['cosine_min']:.6f} / {f['cosine_p5']:.6f}", _agree(f)]
-                          if f else ["0", "–", "–"])
-            lines.append(f"| {r['backend']} | {r['precision']} | " + " | ".join(cells) + " |")
-    if inputs["labelled"]:
-        lines += ["", "## Accuracy", "", "| backend | precision | top-1 | top-5 |", "|---|---|---|---|"]
-        lines += [f"| {r['backend']} | {r['precision']} | {100 * r['accuracy']['top1']:.2f}% | "
-                  f"{100 * r['accuracy']['top5']:.2f}% |" for r in report["results"] if r["accuracy"]]
-    drifted = [r for r in report["results"] if r.get("drift")]
-    if drifted:
-        ends = _stage_ends([d["point"] for d in drifted[0]["drift"]])
-        lines += ["", "## Per-block drift (worst-image cosine vs PyTorch FP32 at each point)", "",
-                  f"On the first {report['settings'].get('drift_images', 4)} images. 'Grows most at' is the "
-                  "point where 1 − cosine rises most from the point before: where a loss starts.", "",
-                  "| backend | precision | " + " | ".join(ends) + " | grows most at |",
-                  "|---|---|" + "---|" * len(ends) + "---|"]
-        for r in drifted:
-            by_point = {d["point"]: d["cosine_min"] for d in r["drift"]}
-            lines.append(f"| {r['backend']} | {r['precision']} | "
-                         + " | ".join(_fmt(by_point.get(p), ".5f") for p in ends)
-                         + f" | {r['drift_located'] or 'nowhere (1 − cosine < 1e-6)'} |")
-    skipped = [r for r in report["results"] if r["status"] != "ok"]
-    if skipped:
-        lines += ["", "## Not run", ""]
-        lines += [f"- {r['backend']} {r['precision']} ({r['status']}): {r['reason']}" for r in skipped]
-    if report.get("recommendation"):
-        from cvt_export.harness.recommend import markdown as recommendation
+    return lines
 
-        lines += recommendation(report["recommendation"])
-    return "\n".join(lines) + "\n"
+
+def _roles_table(report: dict[str, Any]) -> list[str]:
+    by_role = [r for r in report["results"] if r["status"] == "ok" and (r["fidelity"] or {}).get("selection")]
+    if not by_role:
+        return []
+    lines = ["", "## Fidelity by role", "",
+             "Selection images decide (the recommendation); confirmation images are what it states. "
+             "Cosine: worst and 5th percentile; top-1 agreement with its 95% Wilson interval.", "",
+             "| backend | precision | selection n | cosine min / p5 | top-1 agree [95%] | "
+             "confirmation n | cosine min / p5 | top-1 agree [95%] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in by_role:
+        cells = []
+        for role in ("selection", "confirmation"):
+            f = r["fidelity"].get(role)
+            cells += ([str(f["images"]), f"{f['cosine_min']:.6f} / {f['cosine_p5']:.6f}", _agree(f)]
+                      if f else ["0", "–", "–"])
+        lines.append(f"| {r['backend']} | {r['precision']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _accuracy_table(report: dict[str, Any]) -> list[str]:
+    if not report["inputs"]["labelled"]:
+        return []
+    return ["", "## Accuracy", "", "| backend | precision | top-1 | top-5 |", "|---|---|---|---|",
+            *[f"| {r['backend']} | {r['precision']} | {100 * r['accuracy']['top1']:.2f}% | "
+              f"{100 * r['accuracy']['top5']:.2f}% |" for r in report["results"] if r["accuracy"]]]
+
+
+def _drift_table(report: dict[str, Any]) -> list[str]:
+    drifted = [r for r in report["results"] if r.get("drift")]
+    if not drifted:
+        return []
+    ends = _stage_ends([d["point"] for d in drifted[0]["drift"]])
+    lines = ["", "## Per-block drift (worst-image cosine vs PyTorch FP32 at each point)", "",
+             f"On the first {report['settings'].get('drift_images', 4)} images. 'Grows most at' is the "
+             "point where 1 − cosine rises most from the point before: where a loss starts.", "",
+             "| backend | precision | " + " | ".join(ends) + " | grows most at |",
+             "|---|---|" + "---|" * len(ends) + "---|"]
+    for r in drifted:
+        by_point = {d["point"]: d["cosine_min"] for d in r["drift"]}
+        lines.append(f"| {r['backend']} | {r['precision']} | "
+                     + " | ".join(_fmt(by_point.get(p), ".5f") for p in ends)
+                     + f" | {r['drift_located'] or 'nowhere (1 − cosine < 1e-6)'} |")
+    return lines
+
+
+def _not_run(report: dict[str, Any]) -> list[str]:
+    skipped = [r for r in report["results"] if r["status"] != "ok"]
+    if not skipped:
+        return []
+    return ["", "## Not run", "",
+            *[f"- {r['backend']} {r['precision']} ({r['status']}): {r['reason']}" for r in skipped]]
 
 
 def _floor_lines(report: dict[str, Any], batches: list[str]) -> list[str]:
@@ -248,15 +281,29 @@ def network_order(points: list[str]) -> list[str]:
 
 
 def plots(report: dict[str, Any], out: Path) -> list[Path]:
-    """throughput.png (images/s vs batch) and tradeoff.png (speed-up vs fidelity)."""
+    """throughput.png (images/s vs batch), tradeoff.png (speed-up vs fidelity) and, when rows
+    carry it, drift.png (error along the network)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    color = {(r["backend"], r["precision"]): f"C{i % 10}" for i, r in enumerate(ok)}  # same in all plots
+    title = f"{report['model']['variant']} on {report['machine']['cpu']}"
+    paths = [_throughput_plot(ok, color, title, out / "throughput.png"),
+             _tradeoff_plot(report, ok, color, title, out / "tradeoff.png")]
+    drifted = [r for r in ok if r.get("drift")]
+    if drifted:
+        paths.append(_drift_plot(drifted, color, title, out / "drift.png"))
+    return paths
+
+
+Colors = dict[tuple[str, str], str]
+
+
+def _throughput_plot(ok: list[dict[str, Any]], color: Colors, title: str, path: Path) -> Path:
+    import matplotlib
     import matplotlib.pyplot as plt
 
-    ok = [r for r in report["results"] if r["status"] == "ok"]
-    color = {(r["backend"], r["precision"]): f"C{i % 10}" for i, r in enumerate(ok)}  # same in both plots
-    title = f"{report['model']['variant']} on {report['machine']['cpu']}"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for r in ok:
         bs = sorted(int(b) for b in r["latency"])
@@ -269,9 +316,14 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncols=2)
     fig.tight_layout()
-    paths = [out / "throughput.png"]
-    fig.savefig(paths[0])
+    fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def _tradeoff_plot(report: dict[str, Any], ok: list[dict[str, Any]], color: Colors, title: str,
+                   path: Path) -> Path:
+    import matplotlib.pyplot as plt
 
     largest = str(max(report["settings"]["batches"]))
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -292,33 +344,34 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     ax.axhline(1, color="grey", lw=0.8, ls="--")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(out / "tradeoff.png")
-    fig.savefig(paths[1])
+    fig.savefig(path)
     plt.close(fig)
+    return path
 
-    drifted = [r for r in ok if r.get("drift")]
-    if drifted:
-        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
-        # One axis for every row: the union of their points in network order (a backend that
-        # fused a block away has fewer), each row drawn at its own points' positions.
-        points = list(dict.fromkeys(d["point"] for r in drifted for d in r["drift"]))
-        order = {p: i for i, p in enumerate(network_order(points))}
-        points = sorted(points, key=order.__getitem__)
-        for r in drifted:
-            ax.plot([points.index(d["point"]) for d in r["drift"]],
-                    [max(d["error"], 1e-9) for d in r["drift"]], marker=".",
-                    color=color[r["backend"], r["precision"]], label=f"{r['backend']} {r['precision']}")
-        ax.set_xticks(range(len(points)), [p.replace("stage ", "s").replace(" block ", ".b") for p in points],
-                      rotation=60, fontsize=7)
-        ax.set(yscale="log", ylabel="1 − worst-image cosine",
-               xlabel="block output (stage.block), then logits", title=f"Drift along the network: {title}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-        fig.tight_layout()
-        paths.append(out / "drift.png")
-        fig.savefig(paths[-1])
-        plt.close(fig)
-    return paths
+
+def _drift_plot(drifted: list[dict[str, Any]], color: Colors, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    # One axis for every row: the union of their points in network order (a backend that
+    # fused a block away has fewer), each row drawn at its own points' positions.
+    points = list(dict.fromkeys(d["point"] for r in drifted for d in r["drift"]))
+    order = {p: i for i, p in enumerate(network_order(points))}
+    points = sorted(points, key=order.__getitem__)
+    for r in drifted:
+        ax.plot([points.index(d["point"]) for d in r["drift"]],
+                [max(d["error"], 1e-9) for d in r["drift"]], marker=".",
+                color=color[r["backend"], r["precision"]], label=f"{r['backend']} {r['precision']}")
+    ax.set_xticks(range(len(points)), [p.replace("stage ", "s").replace(" block ", ".b") for p in points],
+                  rotation=60, fontsize=7)
+    ax.set(yscale="log", ylabel="1 − worst-image cosine",
+           xlabel="block output (stage.block), then logits", title=f"Drift along the network: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_all(report: dict[str, Any], out: Path) -> list[Path]:
