@@ -75,10 +75,16 @@ class OrtRunner(RunnerBase):
     def _activate(self) -> None:
         saved, tmp = self.save
         try:
-            self.session = ort_session(self.path, provider=self.provider, threads=self.threads,
-                                       optimized_path=tmp)
-        except Exception as e:  # ORT raises its own types for bad files
-            raise BackendError(f"ort: cannot load {self.path}: {first_line(e)}") from None
+            self.session = self._session(tmp)
+        except BackendError:
+            if tmp is None:
+                raise
+            # the saved graph is a cache: when writing it fails (a full disk makes ORT say
+            # "Protobuf serialization failed"), the model runs without it
+            tmp.unlink(missing_ok=True)
+            log.warning("ort: the optimized graph could not be saved in %s; running without it", saved.parent)
+            self.save, tmp = (saved, None), None
+            self.session = self._session(None)
         if tmp is not None and tmp.exists():
             os.replace(tmp, saved)
             record = {"from": self.source_sha, "sha256": sha256_file(saved)}
@@ -87,6 +93,13 @@ class OrtRunner(RunnerBase):
         used = self.threads or self.session.get_session_options().intra_op_num_threads or os.cpu_count()
         self.info.details["threads"] = used
         self.info.device = f"{self.info.device.rsplit(' (', 1)[0]} ({used} threads)"
+
+    def _session(self, optimized_path: Path | None) -> Any:
+        try:
+            return ort_session(self.path, provider=self.provider, threads=self.threads,
+                               optimized_path=optimized_path)
+        except Exception as e:  # ORT raises its own types for bad files
+            raise BackendError(f"ort: cannot load {self.path}: {first_line(e)}") from None
 
     def _deactivate(self) -> None:
         self.session = None
