@@ -268,10 +268,11 @@ def test_bad_inputs_give_one_line_and_exit_2(exported: Path, tmp_path: Path) -> 
 def test_progress_gives_no_time_left_across_unlike_rows_and_names_a_skipped_backend(
         exported: Path, tmp_path: Path) -> None:
     """Rows differ tenfold in cost: an estimate from them swung 2-4x off, so none is given; a
-    backend that is not installed is "skipping ... (why)", never "running"."""
-    result = run_cli("cvt-bench", "--artifacts", str(exported), "--backend", "all", "--precision", "fp32",
-                     "--iters", "1", "--warmup", "0", "--limit", "4", "--batch", "1",
-                     "--out", str(tmp_path / "r"))
+    backend that is not installed, or a precision a backend has no path for, is "skipping ...
+    (why)", never "running"."""
+    result = run_cli("cvt-bench", "--artifacts", str(exported), "--backend", "all",
+                     "--precision", "fp32,int8", "--iters", "1", "--warmup", "0", "--limit", "4",
+                     "--batch", "1", "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stderr.splitlines() if ", row " in line]
     assert rows and not [line for line in rows if "left" in line], rows
@@ -280,3 +281,6 @@ def test_progress_gives_no_time_left_across_unlike_rows_and_names_a_skipped_back
     if not trt_ok:
         assert any(f"skipping tensorrt fp32 ({why})" in line for line in rows), rows
         assert not any("running tensorrt" in line for line in rows)
+    assert "int8" not in get_backend("torch").precisions  # the oracle: the backend's own list
+    assert any("skipping torch int8 (torch has no int8 path)" in line for line in rows), rows
+    assert not any("running torch int8" in line for line in rows)

@@ -254,7 +254,7 @@ def test_a_repository_that_cannot_be_served_is_refused_with_its_cause(repo: Path
 
 @pytest.mark.parametrize("args, cause", [
     (["--http-port", "-5"], "--http-port -5: use 1..65535"),
-    (["--grpc-port", "70000"], "--grpc-port 70000: use 1..65535"),
+    (["--grpc-port", "70000"], "--grpc-port': 70,000 is more than it takes (at most 65,535)"),
     (["--log", "/nonexistent-folder/x.log"], "does not exist"),
 ])
 def test_bad_serve_options_are_refused(repo: Path, tmp_path: Path, args: list[str], cause: str) -> None:
@@ -275,7 +275,7 @@ def test_a_port_in_use_is_named(repo: Path) -> None:
 
 @pytest.mark.parametrize("args, cause", [
     (["--threads", "-1"], "--threads -1: use 1..256"),
-    (["--instances", "100000"], "--instances 100000: use 1..64"),
+    (["--instances", "100000"], "--instances': 100,000 is more than it takes (at most 64)"),
     (["--instances", "0"], "--instances 0: use 1..64"),
     (["--gpu"], "--gpu: the python runtime"),
     (["--accelerator", "tensorrt"], "--accelerator applies to --runtime onnxruntime with --gpu"),

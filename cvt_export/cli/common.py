@@ -190,7 +190,7 @@ NUMBER_BOUNDS: dict[str, float | None] = {
     "--requests": 100_000, "--confirm-requests": 100_000, "--max-candidates": 1_000,
     "--fidelity-images": 10_000, "--batch": 4_096, "--min-batch": 4_096, "--opt-batch": 4_096,
     "--max-batch": 4_096, "--workers": 256, "--shard-size": 1_000_000, "--threads": 1_024,
-    "--instances": 256, "--image-size": 2_048, "--opset": 100, "--outliers": 4_096, "--top": 100_000,
+    "--instances": 64, "--image-size": 2_048, "--opset": 100, "--outliers": 4_096, "--top": 100_000,
     "--http-port": 65_535, "--grpc-port": 65_535, "--workspace": 1_024, "--max-slowdown": 1_000,
     "--margin": 1.0,
     "--limit": None,         # images: never more than the folder holds

@@ -363,7 +363,10 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     for i, (backend, precision) in enumerate(pairs, 1):
         # "row i of n", not "(i/n)": rows differ tenfold in cost, so no time-left estimate is made
         # from them (it swung between 2x and 4x the real time); a backend not here is not "running"
-        ok, why = get_backend(backend).available()
+        runner = get_backend(backend)
+        ok, why = runner.available()
+        if ok and precision not in runner.precisions:  # not tried at all: not "running" either
+            ok, why = False, f"{runner.name} has no {precision} path"
         progress(f"{'running' if ok else 'skipping'} {backend} {precision}{'' if ok else f' ({why})'}, "
                  f"row {i} of {len(pairs)}")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split, macs)
