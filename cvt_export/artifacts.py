@@ -482,7 +482,7 @@ class ArtifactFolder:
         if not self.has(reads):
             raise self._missing(reads)
         name = ONNX_FILES[reads]
-        if reads == "mixed":
+        if precisions.get(reads).tuned:
             why = self.stale_mix()
             if why:
                 raise ArtifactError(f"{self.path / name}: {why}; re-run `cvt-export tune --artifacts "
@@ -495,7 +495,7 @@ class ArtifactFolder:
 
     def _missing(self, precision: str) -> ArtifactError:
         name = ONNX_FILES.get(precisions.reads(precision), precision)
-        how = (f"cvt-export tune --artifacts {self.path}" if precision == "mixed"
+        how = (f"cvt-export tune --artifacts {self.path}" if precisions.get(precision).tuned
                else self.export_command([precision]))
         return ArtifactError(f"{self.path}: has no {name}; make it with `{how}`")
 
@@ -519,7 +519,8 @@ class ArtifactFolder:
         if stress:
             parts.append(f"--outliers {stress['channels']} --outlier-seed {stress['seed']}")
         calib = self._data.get("calibration") or {}
-        if "int8" in chosen and calib.get("source") not in (None, "bundled photos"):
+        if any(precisions.get(p).calibrated for p in chosen) and calib.get("source") not in (
+                None, "bundled photos"):
             parts.append(f"--calib {calib['source']}")
         parts += [f"--precision {','.join(chosen)}", f"--out {self.path}"]
         return " ".join(parts)

@@ -377,7 +377,7 @@ def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: 
     opts.check()
     cvt_ref.get_variant(req.variant)
     calib, calib_warning = (calibration.calibration_set(req.calib, req.calib_size)
-                            if "int8" in req.precisions else (None, None))
+                            if any(precisions.get(p).calibrated for p in req.precisions) else (None, None))
     existed = artifacts.exists(out, "--out")
     artifacts.prepare_folder(out)
     try:
@@ -410,16 +410,15 @@ def _build(req: BuildRequest, out: Path, step: Callable[[str], None],
         _refuse_other_source(old, out, source, req.force)
         made = _Assembly(old, old is not None and old.source == source, result)
         job = Job(model, variant, opts, photos, images, ref, staged)
-        fp32 = FILES["fp32"]
-        if not made.kept("fp32"):
+        fp32 = FILES[precisions.REFERENCE]
+        if not made.kept(precisions.REFERENCE):
             made.add(make_fp32(job, step))
         fp32_path = (staged if fp32 in result.made else out) / fp32
         fp32_sha = made.files[fp32]["sha256"]
-        if "fp16" in req.precisions and not made.kept("fp16", fp32_sha=fp32_sha):
-            made.add(make_fp16(job, fp32_path, fp32_sha, step))
-        if "int8" in req.precisions:
-            assert calib is not None
-            _int8(req, job, made, calib, fp32_path, fp32_sha, step)
+        for prec in precisions.EXPORTED:  # in table order; each derived file from the FP32 one
+            maker = _MAKERS.get(prec)
+            if maker is not None and prec in req.precisions:
+                maker(_From(req, job, made, calib, fp32_path, fp32_sha, step))
         made.keep_the_rest(out, fp32_sha)
         made.remove_stale(out)
         made_from = {entry["sha256"] for entry in made.files.values()}
@@ -483,10 +482,31 @@ class _Assembly:
                 old.file(f).unlink(missing_ok=True)
 
 
-def _int8(req: BuildRequest, job: Job, made: _Assembly, calib: calibration.CalibrationSet, fp32_path: Path,
-          fp32_sha: str, step: Callable[[str], None]) -> None:
+@dataclass(frozen=True)
+class _From:
+    """What a derived file is made from: the request, the job, the FP32 file and the calibration."""
+
+    req: BuildRequest
+    job: Job
+    made: _Assembly
+    calib: calibration.CalibrationSet | None
+    fp32_path: Path
+    fp32_sha: str
+    step: Callable[[str], None]
+
+
+def _fp16(f: _From) -> None:
+    """The FP16 file: kept when made from the same FP32 file, else converted."""
+    if not f.made.kept("fp16", fp32_sha=f.fp32_sha):
+        f.made.add(make_fp16(f.job, f.fp32_path, f.fp32_sha, f.step))
+
+
+def _int8(f: _From) -> None:
     """The INT8 file: kept when calibrated the same way from the same FP32 file, else made (with
     the SmoothQuant strength searched first when asked)."""
+    req, job, made, calib, fp32_path, fp32_sha, step = (f.req, f.job, f.made, f.calib, f.fp32_path,
+                                                         f.fp32_sha, f.step)
+    assert calib is not None
     asked = calibration.request_key(calib, job.variant, fp32_sha, req.int8, req.smooth_search)
     if made.kept("int8", fp32_sha=fp32_sha, calib_key=asked):
         return
@@ -504,6 +524,10 @@ def _int8(req: BuildRequest, job: Job, made: _Assembly, calib: calibration.Calib
     int8.entry["policy"]["smooth_search"] = search
     made.result.calibrated = int8.calibrated
     made.add(int8)
+
+
+# Each exported precision's maker beyond the FP32 file (precisions.EXPORTED, in table order).
+_MAKERS: dict[str, Callable[[_From], None]] = {"fp16": _fp16, "int8": _int8}
 
 
 def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: Mapping[str, Any],

@@ -294,13 +294,12 @@ def gemm_model(m: int, k: int, n: int, precision: str) -> bytes:
     file (int8, mixed) — what a runtime's GEMM limit is measured on."""
     from onnx import TensorProto, helper, numpy_helper
 
-    reads = precisions.reads(precision)
-    precision = "int8" if reads in precisions.QUANTIZED else reads
+    kind = precisions.get(precisions.reads(precision))
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [m, k])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [m, n])]
-    if precision == "int8":
+    if kind.quantized:
         scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
         inits = [numpy_helper.from_array(np.round(w / scale).astype(np.int8), "w_q"),
                  numpy_helper.from_array(scale.astype(np.float32), "w_scale"),
@@ -311,7 +310,7 @@ def gemm_model(m: int, k: int, n: int, precision: str) -> bytes:
                  helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
                  helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=1),
                  helper.make_node("MatMul", ["x_dq", "w_dq"], [OUTPUT_NAME])]
-    elif precision == "fp16":
+    elif kind.dtype == "float16":
         inits = [numpy_helper.from_array(w.astype(np.float16), "w")]
         nodes = [helper.make_node("Cast", [INPUT_NAME], ["x16"], to=TensorProto.FLOAT16),
                  helper.make_node("MatMul", ["x16", "w"], ["y16"]),

@@ -21,33 +21,46 @@ class PrecisionError(CvtError):
 class Precision:
     name: str
     reads: str            # the precision whose ONNX file it runs (bf16 -> fp32's file)
-    file: str | None      # its own ONNX file in an artifact folder (None: it reads another's)
+    file: str | None      # its own ONNX file in an artifact folder (None: it reads another's, with a hint)
     made_by: str          # what writes that file: "export" | "tune" | "" (no file of its own)
     backends: tuple[str, ...]
     note: str = ""
+    dtype: str = "float32"  # the float type its float math runs in (torch's dtype name; FP16 modes)
+    quantized: bool = False  # INT8 Q/DQ in its file
+    needs: str = ""       # the CPU capability it needs, as OpenVINO names it ("BF16")
+    exact: bool = False   # the reference's own math: held to max-abs, the others to cosine
 
     @property
-    def quantized(self) -> bool:
-        """INT8 Q/DQ in its file (int8, and tune's mix of INT8 and float blocks)."""
-        return self.reads in ("int8", "mixed")
+    def calibrated(self) -> bool:
+        """Its INT8 ranges come from the export's calibration images (not from another file)."""
+        return self.quantized and self.made_by == "export"
+
+    @property
+    def tuned(self) -> bool:
+        """Made by `cvt-export tune` from the other files: optional, and checked against them."""
+        return self.made_by == "tune"
 
 
 TABLE: Mapping[str, Precision] = {p.name: p for p in (
-    Precision("fp32", "fp32", "model.onnx", "export", ("torch", "ort", "openvino", "tensorrt")),
+    Precision("fp32", "fp32", "model.onnx", "export", ("torch", "ort", "openvino", "tensorrt"), exact=True),
     Precision("fp16", "fp16", "model.fp16.onnx", "export", ("torch", "ort", "openvino", "tensorrt"),
               "OpenVINO on a CPU without FP16 units runs it in BF16, or FP32 without either "
-              "(the runner reports what ran)"),
+              "(the runner reports what ran)", dtype="float16"),
     Precision("bf16", "fp32", None, "", ("torch", "openvino"),
-              "the FP32 file with a BF16 inference hint; needs BF16 units"),
+              "the FP32 file with a BF16 inference hint; needs BF16 units", dtype="bfloat16", needs="BF16"),
     Precision("int8", "int8", "model.int8.onnx", "export", ("ort", "openvino", "tensorrt"),
-              "Q/DQ on Conv/MatMul/Gemm, float elsewhere; OpenVINO needs VNNI or AMX"),
+              "Q/DQ on Conv/MatMul/Gemm, float elsewhere; OpenVINO needs VNNI or AMX", quantized=True),
     Precision("mixed", "mixed", "model.mixed.onnx", "tune", ("ort", "openvino", "tensorrt"),
-              "INT8 except the blocks `cvt-export tune` kept in float"),
+              "INT8 except the blocks `cvt-export tune` kept in float", quantized=True),
 )}
 NAMES: tuple[str, ...] = tuple(TABLE)
 EXPORTED: tuple[str, ...] = tuple(n for n, p in TABLE.items() if p.made_by == "export")
 FILES: Mapping[str, str] = {n: p.file for n, p in TABLE.items() if p.file}
 QUANTIZED: tuple[str, ...] = tuple(n for n, p in TABLE.items() if p.quantized)
+# The roles other modules name: the reference's precision, the calibrated INT8 file, tune's mix.
+REFERENCE: str = next(n for n, p in TABLE.items() if p.exact)
+CALIBRATED: str = next(n for n, p in TABLE.items() if p.calibrated)
+TUNED: str = next(n for n, p in TABLE.items() if p.tuned)
 
 
 def get(name: str) -> Precision:
@@ -88,3 +101,13 @@ def parse_one(text: str, allowed: Iterable[str] = NAMES, option: str = "--precis
     if len(got) != 1:
         raise PrecisionError(f"{option} {text!r}: one of {', '.join(allowed)}")
     return got[0]
+
+
+def kernel_precision(type_name: str) -> str:
+    """A runtime's element-type spelling (ORT's "int8"/"float", OpenVINO's "I8"/"FP32"/"bf16")
+    as the precision name of this table; "" for one it does not know."""
+    t = type_name.lower()
+    if t in ("int8", "uint8", "i8", "u8"):
+        return "int8"
+    return {"float": "fp32", "float32": "fp32", "fp32": "fp32", "f32": "fp32", "bf16": "bf16",
+            "bfloat16": "bf16", "float16": "fp16", "fp16": "fp16", "f16": "fp16"}.get(t, "")

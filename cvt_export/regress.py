@@ -135,7 +135,7 @@ def tolerance(precision: str, fid: dict[str, Any], images: int) -> dict[str, flo
     """What today's run must meet, from the baseline's figures and the precision's bounds."""
     bounds = metrics.BOUNDS[precision]
     top1_floor = bounds.get("top1_agreement", 0.0)
-    if precision == "fp32":
+    if precisions.get(precision).exact:
         return {"max_abs_max": bounds["max_abs"], "top1_agreement_min": top1_floor}
     return {"cosine_min_min": max(bounds.get("cosine_min", 0.0), fid["cosine_min"] - COSINE_SLACK),
             "top1_agreement_min": max(top1_floor, fid["top1_agreement"] - 1.0 / images)}

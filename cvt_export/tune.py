@@ -47,7 +47,8 @@ from cvt_ref.model import CvT
 
 log = logging.getLogger(__name__)
 
-MIXED = artifacts.ONNX_FILES["mixed"]
+INT8, MIXED_PRECISION = precisions.CALIBRATED, precisions.TUNED  # the file tune starts from, and its own
+MIXED = artifacts.ONNX_FILES[MIXED_PRECISION]
 SCRATCH_PREFIX = ".tune-"
 # objective -> the batch size it is timed at (the objectives are the recommendation's)
 OBJECTIVES = {name: int(batch) for name, (batch, _) in recommend.OBJECTIVES.items()}
@@ -273,36 +274,37 @@ def _tune(s: Search, dataset: Path | None, limit: int | None) -> TuneResult:
                         "model's classes")
 
     configs: list[Measured] = []
-    for prec in (*FLOAT_CHOICES[s.backend], "int8"):
-        if prec == "int8" and not folder.has("int8"):
-            raise TuneError(f"{folder.path}: has no model.int8.onnx; make it first with "
-                            f"`{folder.export_command(['int8'])}`")
-        if prec == "fp16" and not folder.has("fp16"):
+    for prec in (*FLOAT_CHOICES[s.backend], INT8):
+        if prec == INT8 and not folder.has(INT8):
+            raise TuneError(f"{folder.path}: has no {precisions.FILES[INT8]}; make it first with "
+                            f"`{folder.export_command([INT8])}`")
+        if not folder.has(precisions.reads(prec)):  # a float file not exported (fp16): not a choice
             continue
         s.step(f"{s.backend} {prec}: fidelity")
         try:
             sel, conf = run_config(s.backend, folder, prec, held, s.threads)
         except BackendUnavailable as e:  # BF16 on a CPU without it; INT8 without VNNI
-            if prec == "int8":
+            if prec == INT8:
                 raise TuneError(f"--backend {s.backend}: {e}") from None
             log.info("tune: %s %s skipped: %s", s.backend, prec, e)
             continue
         configs.append(Measured(prec, prec, [], sel, conf, None, s.fits(sel, conf)))
 
     sensitivity: dict[str, float] = {}
-    int8_within = any(c.precision == "int8" and c.within for c in configs)
+    int8_within = any(c.precision == INT8 and c.within for c in configs)
     tmp = folder.file(f".{MIXED}.tmp")
-    scratch = ArtifactFolder.scratch(folder, SCRATCH_PREFIX, ("fp32", "int8"))
+    scratch = ArtifactFolder.scratch(folder, SCRATCH_PREFIX, (precisions.REFERENCE, INT8))
     try:
         found = None if int8_within else _search(s, scratch, held, configs, sensitivity, tmp)
-        contenders = [c for c in configs if c.within and (c.precision != "mixed" or c is found)]
+        contenders = [c for c in configs if c.within and (c.precision != MIXED_PRECISION or c is found)]
         if found is not None:  # the accepted file, back in the scratch folder to be timed there
             shutil.copy(tmp, scratch.file(MIXED))
             _record_mixed(scratch, [MIXED])
         if contenders:
             s.step(f"timing {', '.join(c.name for c in contenders)} in {ROUNDS} interleaved rounds")
-            speeds = time_interleaved(s.backend, {c.name: (scratch if c.precision == "mixed" else folder,
-                                                           c.precision) for c in contenders},
+            where = {c.name: (scratch if c.precision == MIXED_PRECISION else folder, c.precision)
+                     for c in contenders}
+            speeds = time_interleaved(s.backend, where,
                                       held, OBJECTIVES[s.objective], s.threads, s.seconds * len(contenders))
             for c in contenders:
                 c.speed = speeds[c.name]
@@ -413,7 +415,7 @@ def _decide(s: Search, held: Held, configs: list[Measured], sensitivity: dict[st
             message = (f"{', '.join(c.name for c in tied)} are tied for {s.objective} (none is faster "
                        f"than another beyond the noise: 95% intervals of the median); {chosen.name} is "
                        "chosen as the most faithful of them")
-        if chosen.precision == "int8":
+        if chosen.precision == INT8:
             message += "; INT8 everywhere: no mix needed"
     if found is not None and chosen is not found:
         message += f"; {found.name} is within the budget and kept as model.mixed.onnx"

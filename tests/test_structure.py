@@ -242,3 +242,55 @@ def test_the_length_check_finds_a_planted_long_function(tmp_path: Path) -> None:
     nested = "".join(f"        y{i} = {i}\n" for i in range(60))
     (package / "bad.py").write_text(f"class C:\n    @staticmethod\n    def long():\n{nested}")  # 61 lines
     assert long_functions(package) == ["planted/bad.py:3 long (61 lines)"]
+
+
+# --- precision rules (issue #29): no literal precision comparison outside the table ----------------
+
+def precision_comparisons(root: Path, names: tuple[str, ...], table: str = "precisions.py") -> list[str]:
+    """Every comparison (==, !=, in, not in, ...) with a precision name written as a literal on
+    either side, alone or inside a tuple, list or set literal, in every module but the table."""
+    def literal(node: ast.expr) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, ast.Tuple | ast.List | ast.Set) and any(literal(e) for e in node.elts)
+
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == table:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare) and any(literal(x) for x in (node.left, *node.comparators)):
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_precision_rule_outside_the_table() -> None:
+    from cvt_export import precisions
+
+    assert precision_comparisons(PACKAGE, precisions.NAMES) == []
+
+
+def test_the_precision_check_finds_planted_comparisons(tmp_path: Path) -> None:
+    """It can fail: each way of writing a precision rule by name is found; the same names used
+    otherwise (an argument, a dictionary key) and other strings are not."""
+    from cvt_export import precisions
+
+    package = tmp_path / "planted"
+    package.mkdir()
+    (package / "rules.py").write_text(
+        'def f(p, ps, d):\n'
+        '    a = p == "int8"\n'
+        '    b = "fp16" in ps\n'
+        '    c = p not in ("bf16", "x")\n'
+        '    e = {"fp32": 1}[p] if p != "other" else d.get("mixed")\n')
+    (package / "precisions.py").write_text('X = "int8" == "int8"\n')  # the table itself is allowed
+    found = precision_comparisons(package, precisions.NAMES)
+    assert [f.split(" ", 1)[0] for f in found] == ["planted/rules.py:2", "planted/rules.py:3",
+                                                   "planted/rules.py:4"], found
+
+
+def test_the_tables_exact_precisions_are_the_ones_held_to_max_abs() -> None:
+    from cvt_export import precisions
+
+    for name, row in precisions.TABLE.items():
+        assert row.exact == ("max_abs" in metrics.BOUNDS[name]), name

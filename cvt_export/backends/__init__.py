@@ -28,6 +28,7 @@ import numpy as np
 
 from cvt_export import precisions
 from cvt_export.artifacts import ArtifactFolder
+from cvt_export.precisions import kernel_precision as kernel_precision
 from cvt_ref.errors import CvtError
 
 
@@ -168,14 +169,6 @@ class Profiling(GemmLimit, Protocol):
     def profile(self, x: np.ndarray, runs: int) -> Profile: ...
 
 
-def kernel_precision(type_name: str) -> str:
-    """A runtime's element-type spelling (ORT's "int8"/"float", OpenVINO's "I8"/"FP32"/"bf16")
-    as the project's precision name; "" for one it does not know."""
-    t = type_name.lower()
-    if t in ("int8", "uint8", "i8", "u8"):
-        return "int8"
-    return {"float": "fp32", "float32": "fp32", "fp32": "fp32", "f32": "fp32", "bf16": "bf16",
-            "bfloat16": "bf16", "float16": "fp16", "fp16": "fp16", "f16": "fp16"}.get(t, "")
 
 
 def check_precision(backend: str, precision: str) -> None:

@@ -67,8 +67,8 @@ DERIVED_HINT = ("the OpenVINO IR is made beside the ONNX files; copy the folder 
 
 
 def ir_name(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str:
-    ir = precisions.reads(precision)
-    return f"model.{ir}-{int8_source}.xml" if ir == "int8" else f"model.{ir}.xml"
+    ir = precisions.reads(precision)  # a calibrated file's IR may come from NNCF too: named by its source
+    return f"model.{ir}-{int8_source}.xml" if precisions.get(ir).calibrated else f"model.{ir}.xml"
 
 
 def _calibration_images(folder: ArtifactFolder) -> Pixels:
@@ -88,8 +88,10 @@ def _calibration_images(folder: ArtifactFolder) -> Pixels:
 def source_precision(precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE) -> str:
     """The precision whose ONNX file an IR of `precision` is converted from (FP16 and BF16 IRs
     come from the FP32 file: OpenVINO compresses or infers in the lower precision itself)."""
-    ir = precisions.reads(precision)
-    return ("int8" if (ir == "int8" and int8_source == "qdq") else "mixed" if ir == "mixed" else "fp32")
+    ir = precisions.get(precisions.reads(precision))
+    if ir.quantized and not (ir.calibrated and int8_source == "nncf"):
+        return ir.name  # its own Q/DQ file
+    return precisions.REFERENCE  # float IRs, and NNCF's INT8, are made from the FP32 file
 
 
 def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Source = DEFAULT_INT8_SOURCE
@@ -110,7 +112,7 @@ def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
             raise BackendError(f"openvino: cannot convert {onnx_path}: {first_line(e)}") from None
         details: dict[str, Any] = {"from": folder.sha256(onnx_precision),
                                    "onnx": onnx_path.name, "openvino": ov.__version__}
-        if ir == "int8" and int8_source == "nncf":
+        if precisions.get(ir).calibrated and int8_source == "nncf":
             try:
                 import nncf
             except ImportError:
@@ -122,7 +124,7 @@ def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
                 model = nncf.quantize(model, nncf.Dataset(images.each(1)),
                                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
             details.update({"nncf": nncf.__version__, "calibration": (folder.calibration or {})["sha256"]})
-        ov.save_model(model, str(staged / name), compress_to_fp16=(ir == "fp16"))
+        ov.save_model(model, str(staged / name), compress_to_fp16=precisions.get(ir).dtype == "float16")
         bin_name = name.replace(".xml", ".bin")
         folder.file(IR_DIR).mkdir(exist_ok=True)
         for f in (bin_name, name):  # xml last: it is what readers look for
@@ -159,8 +161,8 @@ def ir_file(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
             ) -> Path:
     """The IR for a precision: verified against the manifest; made or remade when it is not."""
     folder = as_folder(folder)
-    if precisions.reads(precision) == "mixed":
-        folder.onnx("mixed", check_hash=False)  # a mix made from another INT8 file is refused here
+    if precisions.get(precision).tuned:
+        folder.onnx(precision, check_hash=False)  # a mix made from another INT8 file is refused here
     why = ir_stale(folder, precision, int8_source)
     path = folder.file(f"{IR_DIR}/{ir_name(precision, int8_source)}")
     if why is None:
@@ -386,8 +388,9 @@ class OpenVinoBackend:
             raise BackendError(f"openvino: int8 source {int8_source!r}; use {', '.join(INT8_SOURCES)}")
         check_threads(self.name, threads)
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if precision == "bf16" and "BF16" not in caps:
-            raise BackendUnavailable(f"openvino: this CPU has no BF16 support (capabilities: "
+        needs = precisions.get(precision).needs
+        if needs and needs not in caps:
+            raise BackendUnavailable(f"openvino: this CPU has no {needs} support (capabilities: "
                                      f"{', '.join(caps)})")
         if precision in precisions.QUANTIZED and not int8_dot_exact():
             raise BackendUnavailable(
@@ -399,9 +402,10 @@ class OpenVinoBackend:
             backend=self.name, precision=precision, executed=precision,
             device=f"CPU: {cpu_name()}", artifact=str(path),
             details={"openvino": ov.__version__, "hint": hint, "capabilities": list(caps), "shapes": shapes,
-                     "int8_source": int8_source if precision == "int8" else None})
+                     "int8_source": int8_source if precisions.get(precision).calibrated else None})
         return OpenVinoRunner(path, _config(precision, hint, threads), info, folder,
-                              "fp32" if precision == "int8" and int8_source == "nncf" else precision,
+                              precisions.REFERENCE if precisions.get(precision).calibrated
+                              and int8_source == "nncf" else precision,
                               check_finite=check_finite, shapes=shapes)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts
+from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
@@ -185,8 +186,8 @@ class OrtBackend:
         source_sha = folder.sha256(precision)
         save = optimized_copy(folder, path, device, source_sha)
         executed = precision
-        if precision == "fp16" and device == "cpu":
-            executed = "fp16 (CPU EP casts to fp32 where it lacks fp16 kernels)"
+        if precision_table.get(precision).dtype == "float16" and device == "cpu":
+            executed = f"{precision} (CPU EP casts to fp32 where it lacks fp16 kernels)"
         where = cpu_name() if device == "cpu" else provider
         info = RunnerInfo(
             backend=self.name, precision=precision, executed=executed,

@@ -30,6 +30,7 @@ from cvt_export.backends import (
     timed_median_ms,
 )
 from cvt_export.machine import cpu_name
+from cvt_export.precisions import get as precision_of
 from cvt_export.precisions import run_by
 from cvt_export.reference import reference_model
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
@@ -135,12 +136,12 @@ class TorchBackend:
         check_threads(self.name, threads)
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("torch: no CUDA device here (torch.cuda.is_available() is False)")
-        if precision == "fp16" and device != "cuda":
-            raise BackendUnavailable("torch: fp16 runs on CUDA only; use bf16 on the CPU")
-        if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+        dtype = getattr(torch, precision_of(precision).dtype)
+        if dtype == torch.float16 and device != "cuda":
+            raise BackendUnavailable(f"torch: {precision} runs on CUDA only; use bf16 on the CPU")
+        if dtype == torch.bfloat16 and device == "cpu" and not cpu_has_bf16():
             raise BackendUnavailable("torch: this CPU has no BF16 support in oneDNN")
         folder = as_folder(folder)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         where = (f"cuda:0 {torch.cuda.get_device_name(0)}" if device == "cuda"
                  else f"CPU: {cpu_name()} ({threads or torch.get_num_threads()} threads)")
         info = RunnerInfo(backend=self.name, precision=precision,

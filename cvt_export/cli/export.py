@@ -168,7 +168,7 @@ def _show_export(folder: Path, weights: str, result: BuildResult) -> None:
         table.add_column(col)
     for name, entry in made.files().items():
         val = entry.get("validation", {})
-        if entry["precision"] == "fp32":
+        if precision_table.get(entry["precision"]).exact:
             figure = "max-abs " + ", ".join(f"{v:.1e} ({k})" for k, v in val.get("max_abs", {}).items())
         else:
             figure = (f"cosine {val.get('cosine_min', float('nan')):.5f}, top-1 "

@@ -337,17 +337,22 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> d
     cfg.check()
     folder = prepare_artifacts(cfg, progress)
     _derived_files_writable(cfg, folder)
-    if cfg.precisions == ("mixed",):  # asked for alone: a missing or stale file is said at once,
-        folder.onnx("mixed", check_hash=False)  # not after the reference's minutes
+    if _only_tuned(cfg.precisions):  # asked for alone: a missing or stale mix is said at once,
+        for p in cfg.precisions:  # not after the reference's minutes
+            folder.onnx(p, check_hash=False)
     with folder.lock():  # one writer: IRs and optimized graphs may be made beside the files
         return _measure(cfg, folder, progress)
 
 
+def _only_tuned(asked: tuple[str, ...]) -> bool:
+    """Only precisions `cvt-export tune` makes were asked for (their file is then required)."""
+    return bool(asked) and all(precisions.get(p).tuned for p in asked)
+
+
 def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> dict[str, Any]:
     inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels, golden=cfg.golden)
-    have_mixed = folder.has("mixed")
-    pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions
-             if p != "mixed" or have_mixed or cfg.precisions == ("mixed",)]
+    pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions  # a mix when made
+             if not precisions.get(p).tuned or folder.has(p) or _only_tuned(cfg.precisions)]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None

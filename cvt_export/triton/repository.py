@@ -44,9 +44,10 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 MAX_INSTANCES = 64
 MAX_THREADS = 256
 # What each native runtime runs, from the one precision table (the native OpenVINO backend gets no
-# inference-precision hint from us, so bf16 is the python runtime's only).
+# inference-precision hint from us: a precision without a file of its own, such as bf16, is the
+# python runtime's only).
 NATIVE = {"onnxruntime": precisions.run_by("ort"),
-          "openvino": tuple(p for p in precisions.run_by("openvino") if p != "bf16"),
+          "openvino": tuple(p for p in precisions.run_by("openvino") if precisions.get(p).file),
           "tensorrt": precisions.run_by("tensorrt")}
 
 
@@ -185,7 +186,7 @@ def classifier_config(name: str, opts: RepoOptions, size: int, classes: int, *, 
         if opts.accelerator:
             acc = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
             acc.name = opts.accelerator
-            if opts.accelerator == "tensorrt" and opts.precision == "fp16":
+            if opts.accelerator == "tensorrt" and precisions.get(opts.precision).dtype == "float16":
                 acc.parameters["precision_mode"] = "FP16"
     elif opts.runtime == "openvino":
         config.backend = "openvino"
