@@ -50,7 +50,10 @@ from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
-HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32", "mixed": "f32"}
+# The inference-precision hint of each precision: its float type in OpenVINO's spelling (a quantized
+# file's float parts run in f32)
+HINTS = {name: {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[row.dtype]
+         for name, row in precisions.TABLE.items()}
 Int8Source = Literal["nncf", "qdq"]
 # "per-batch": a model compiled for each input shape the runner meets (about 0.6 s each for cvt-13;
 # the PER_BATCH_MODELS most recently used are kept); "dynamic": one model for every batch size
