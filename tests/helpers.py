@@ -24,7 +24,7 @@ ENTRY_POINTS = {"cvt-export": "cvt_export.cli.export", "cvt-bench": "cvt_export.
 # where starting an interpreter that imports torch for each of about 80 calls was a third of the run).
 CLI_MODE = os.environ.get("CVT_TEST_CLI", "process")
 # Read when a library is imported, so a call that sets them runs in its own process either way
-IMPORT_TIME_ENV = ("HF_", "TMPDIR", "TEMP", "TMP", "OMP_", "MKL_", "OV_", "ORT_")
+IMPORT_TIME_ENV = ("HF_", "TMPDIR", "TEMP", "TMP", "OMP_", "MKL_", "OV_", "ORT_", "PYTHONPATH")
 
 
 def run_cli(tool: str, *args: str, env: dict[str, str] | None = None,

@@ -4,6 +4,7 @@ imports that run one way, light modules that stay light."""
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from cvt_export import build, exporter, metrics, regress, validate
 from cvt_export.harness import bench
 from cvt_export.harness.report import Result
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cvt_export"
@@ -294,3 +296,43 @@ def test_the_tables_exact_precisions_are_the_ones_held_to_max_abs() -> None:
 
     for name, row in precisions.TABLE.items():
         assert row.exact == ("max_abs" in metrics.BOUNDS[name]), name
+
+
+@pytest.mark.heavy
+def test_a_precision_added_as_one_table_row_shows_up_everywhere(exported: Path, tmp_path: Path) -> None:
+    """A copy of the package with one more row in the precision table (a made-up `fp32x` that ONNX
+    Runtime runs from the FP32 file) and its bounds, and no other edit: cvt-bench runs and judges
+    it, and the precision lists of cvt-bench, regress and Triton's refusals name it."""
+    copy = tmp_path / "pkg"
+    shutil.copytree(PACKAGE, copy / "cvt_export", ignore=shutil.ignore_patterns("__pycache__"))
+    table = copy / "cvt_export" / "precisions.py"
+    row = '    Precision("fp32x", "fp32", None, "", ("ort",), "a test\'s precision", exact=False),\n'
+    text = table.read_text()
+    anchor = '              "INT8 except the blocks `cvt-export tune` kept in float", quantized=True),\n'
+    assert text.count(anchor) == 1
+    table.write_text(text.replace(anchor, anchor + row))
+    bounds = copy / "cvt_export" / "metrics.py"
+    text = bounds.read_text()
+    head = "BOUNDS: Mapping[str, Mapping[str, float]] = {"
+    assert text.count(head) == 1
+    extra = '\n    "fp32x": {"cosine_min": 0.9999, "top1_agreement": 1.0},'
+    bounds.write_text(text.replace(head, head + extra))
+    env = {"PYTHONPATH": str(copy)}
+    ran = run_cli("cvt-bench", "--artifacts", str(exported), "--backend", "ort", "--precision", "fp32x",
+                  "--iters", "2", "--warmup", "0", "--limit", "4", "--batch", "1",
+                  "--out", str(tmp_path / "r"), env=env)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    row_ = next(r for r in report["results"] if r["precision"] == "fp32x")
+    assert row_["backend"] == "ort" and row_["status"] == "ok" and row_["fidelity"]["pass"], row_
+    assert row_["fidelity"]["cosine_min"] > 0.99999  # it ran the FP32 file
+    for args in (["cvt-bench", "--artifacts", str(exported), "--precision", "nope"],
+                 ["cvt-bench", "regress", "--precision", "nope"]):
+        refused = run_cli(*args, env=env)
+        assert refused.returncode == 2 and "fp32x" in refused.stderr, refused.stderr
+    refused = run_cli("cvt-export", "triton", "--artifacts", str(exported), "--runtime", "openvino",
+                      "--precision", "fp32x", "--out", str(tmp_path / "repo"), env=env)
+    assert refused.returncode == 2 and "openvino runtime serves" in refused.stderr, refused.stderr
+    refused = run_cli("cvt-export", "triton", "--artifacts", str(exported), "--runtime", "onnxruntime",
+                      "--precision", "bf16", "--out", str(tmp_path / "repo"), env=env)
+    assert refused.returncode == 2 and "fp32x" in refused.stderr, refused.stderr  # what onnxruntime serves
