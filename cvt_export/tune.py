@@ -61,13 +61,6 @@ class TuneError(CvtError):
     """A backend tune cannot drive, a folder without INT8, no held-out images."""
 
 
-def parse_budget(text: str) -> Budget:
-    try:
-        return metrics.parse_budget(text)
-    except ValueError as e:
-        raise TuneError(str(e)) from None
-
-
 # --- units ---------------------------------------------------------------------------------
 
 def block_nodes(proto: onnx.ModelProto, located: Mapping[str, str]) -> dict[str, list[str]]:
