@@ -183,3 +183,15 @@ def reference(model: cvt_ref.CvT, batch_224: torch.Tensor) -> np.ndarray:
     """The PyTorch reference's logits on the bundled photos."""
     with torch.inference_mode():
         return model(batch_224).numpy()
+
+
+@pytest.fixture(scope="module")
+def repo(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Triton repository of `exported` (FP32, the python runtime, max batch 8), for serving tests."""
+    from cvt_export.triton.repository import RepoOptions, write_repository
+    from helpers import triton_or_skip
+
+    triton_or_skip()
+    out = tmp_path_factory.mktemp("serve-repo")
+    write_repository(exported, out, RepoOptions(name="cvt", precision="fp32", max_batch=8))
+    return out

@@ -183,16 +183,6 @@ def _after(seconds: float, reached: Callable[[], bool]) -> Callable[[], bool]:
 
 # --- serve ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def repo(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cvt_export.triton.repository import RepoOptions, write_repository
-
-    triton_or_skip()
-    out = tmp_path_factory.mktemp("kill-repo")
-    write_repository(exported, out, RepoOptions(name="cvt", precision="fp32", max_batch=8))
-    return out
-
-
 def _requests(url: str, stop: threading.Event) -> None:
     import tritonclient.http as http
 

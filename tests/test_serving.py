@@ -24,21 +24,12 @@ import numpy as np
 import pytest
 
 from cvt_export.triton import TritonError
-from cvt_export.triton.repository import RepoOptions, write_repository
-from helpers import BIN, assert_user_error, run_cli, triton_or_skip
+from helpers import BIN, assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
 GONE_S = 30.0      # everything the server made is gone within this long after the signal
 READY_S = 120.0
 
-
-
-@pytest.fixture(scope="module")
-def repo(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    triton_or_skip()
-    out = tmp_path_factory.mktemp("serve-repo")
-    write_repository(exported, out, RepoOptions(name="cvt", precision="fp32", max_batch=8))
-    return out
 
 
 def _processes() -> dict[int, tuple[int, str]]:
