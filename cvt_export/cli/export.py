@@ -503,6 +503,7 @@ def deploy(
     """
     setup_logging(verbose)
     from cvt_export import deploy as dep
+    from cvt_export.render import deploy as render_deploy
 
     if not budget:
         raise CvtError('--budget: give the fidelity bound the served answers must meet, e.g. "cosine>=0.999"')
@@ -512,7 +513,7 @@ def deploy(
     folder = ArtifactFolder.open(artifacts)  # settings and --out are checked by deploy before the search
     with status("deploy search") as live:
         result = dep.deploy(folder, out, name, settings, progress=lambda t: live.update(f"deploy: {t}"))
-    for line in dep.markdown(result)[2:]:
+    for line in render_deploy.markdown(result, settings.slo)[2:]:
         stdout.print(line.replace("**", ""), highlight=False, soft_wrap=True)
     stdout.print(f"wrote {out / (name + '.deploy.json')}, .md and .svg")
     if result["chosen"] is None or not result["confirmation"]["held"]:
