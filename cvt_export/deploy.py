@@ -1,43 +1,15 @@
 """`cvt-export deploy`: the Triton configuration that meets a latency SLO at a given traffic, with
 served answers checked before any speed counts.
 
-The search, measured on the real tritonserver of this machine (python runtime):
-
-1. **Models**: every precision the artifact folder offers × the runner that runs it (ONNX
-   Runtime; OpenVINO where installed), tune's mixed file included, each under the default
-   scheduling. A candidate's served answers on the *selection* images must meet the budget, or
-   its speed is not measured at all.
-2. **Scheduling**: a hill climb from the best model of step 1 (lowest SLO percentile at the SLO
-   rate): each step tries the neighbours that change one knob by one notch — instances
-   (1, 2, 3), max batch (1, 2, 4, 8, 16, 32), the dynamic batcher's queue delay (0, 1, 2, 5, 10 ms),
-   preferred batch sizes following max batch — and moves to the best neighbour when it lowers
-   the percentile by more than 5%; it stops at a local optimum or after `max_candidates`
-   measured configurations. Model Analyzer's quick search is also a hill climb; this one also
-   checks every candidate's answers.
-3. **Choice**: among candidates that met the SLO, the lowest percentile (most headroom); ties
-   within 5% go to the more faithful. None met it: the command says so and fails.
-4. **Confirmation**, separate from the search, and against the default: the chosen and the
-   default configuration served side by side (the idle one costs nothing), their answers checked
-   on the *confirmation* images (not seen by the search), then ROUNDS open-loop runs each at the
-   SLO rate on arrivals the search never saw, the two alternating and swapping who goes first
-   each round, so that a machine that slows down during the run slows both. The chosen one
-   replaces the default only when it holds the SLO in every round and the default does not hold
-   it in every round or is slower (median of the rounds' percentile): on a small machine a
-   search's difference of a few percent is noise (a search once picked FP16 over FP32 by 8%, and
-   the default then sustained the higher rate). Otherwise the default is written, and the
-   record says why. Then both configurations' highest sustained rate under the SLO's latency
-   bound on ladders of rates judged as the confirmation is (every step ROUNDS interleaved runs
-   on the confirmation's arrivals, held only when every round holds); the step at the SLO rate
-   is the confirmation itself, so the rate a ladder reports never contradicts it (a ladder of
-   single runs once reported 8.1/s sustained for a configuration that had just missed the
-   bound at 6.5/s in all three confirmation rounds: p99 over a few hundred Poisson arrivals at
-   70-80% load moves by 2x between arrival sequences).
-5. The configuration decided in 4 is written to the output repository, served once more from
-   there, and its answers checked again on the confirmation images.
-
-Every candidate's record (fidelity, the percentile at the SLO rate, the rate it sustained) goes
-to `NAME.deploy.json` and `NAME.deploy.md` beside the repository, with a Pareto plot (sustained
-rate vs p99) as SVG.
+On the real tritonserver of this machine (python runtime): every precision the folder offers x
+each runner, under the default scheduling (a candidate whose answers on the selection images
+miss the budget is never timed); a hill climb over instances, max batch and queue delay from
+the best of them; the lowest percentile among those that met the SLO; a confirmation separate
+from the search, interleaved with the default configuration on arrivals the search never saw,
+and ladders of sustained rates judged the same way; the decided configuration written to the
+repository, served from there once more and checked again. The record (`NAME.deploy.json`,
+`.md`, `.svg`) is rendered by `cvt_export.render.deploy`. Why each rule is what it is, with the
+runs that showed it: docs/triton.md ("SLO search").
 """
 
 from __future__ import annotations
