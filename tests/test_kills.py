@@ -6,7 +6,7 @@ server answering, a candidate measured, a shard written, requests in flight) and
 
 What must hold, by the operating system's account: no process whose environment carries the
 command's private TMPDIR (every descendant inherits it: servers, stubs, guards, decode workers)
-is alive 30 s later; nothing new in /dev/shm; nothing left in the TMPDIR; SIGINT and SIGTERM end
+is alive 30 s later; nothing new of theirs in /dev/shm; nothing left in the TMPDIR; SIGINT and SIGTERM end
 the command with 130 / 143 (serve: 0, its normal end) and no traceback; SIGKILL leaves only
 scratch that carries the toolchain's mark (the next writer removes it) and an artifact folder that
 still verifies. Each case's outcome is printed (`-s`) as one row of the matrix."""
@@ -92,7 +92,10 @@ class Launched:
 
     def left(self) -> tuple[list[tuple[int, str]], list[str], set[str]]:
         in_tmp = [p.name for p in self.tmp.iterdir() if p.name != ".ses"]  # ONNX Runtime's session id
-        return self.ours(), in_tmp, _shm() - self.shm_before
+        # what the command's processes name there: the server's regions (the guard's cvt-triton-
+        # prefix), multiprocessing's semaphores and shared memory (another program's are not ours)
+        shm = {n for n in _shm() - self.shm_before if n.startswith(("cvt-", "sem.mp-", "psm_"))}
+        return self.ours(), in_tmp, shm
 
     def wait_clean(self) -> tuple[list[tuple[int, str]], list[str], set[str]]:
         deadline = time.monotonic() + GONE_S
