@@ -187,6 +187,17 @@ def mark_scratch(folder: Path) -> None:
     (folder / SCRATCH_MARK).write_text(_MARK_TEXT)
 
 
+def remove_stale_scratch(out: Path, prefix: str, also: Callable[[Path], bool] = lambda p: False) -> None:
+    """Under `out`'s lock: folders named `prefix`* that carry the mark (or that `also` recognises)
+    are a killed writer's and go; an unmarked one goes only if empty (a writer killed before its
+    mark), by rmdir, which cannot remove anything else. Nothing goes for its name alone."""
+    for stale in out.glob(f"{prefix}*"):
+        if is_marked_scratch(stale) or also(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.is_dir() and not stale.is_symlink():
+            remove_if_empty(stale)
+
+
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A private folder beside the artifacts (same file system, so renames are atomic).
@@ -196,11 +207,7 @@ def staging(out: Path) -> Iterator[Path]:
     called `.staging-mine` stays (an empty one, which a writer killed before its mark may leave,
     is removed by rmdir, which cannot remove anything else).
     """
-    for stale in out.glob(".staging-*"):
-        if is_marked_scratch(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-        elif stale.is_dir() and not stale.is_symlink():
-            remove_if_empty(stale)
+    remove_stale_scratch(out, ".staging-")
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         mark_scratch(tmp)

@@ -225,11 +225,7 @@ def _remove_leftovers(folder: ArtifactFolder) -> None:
     remove (one an earlier release made, before scratch carried the mark, is known by its
     manifest naming this folder as its origin). A folder of the user's that shares the prefix
     stays."""
-    for stale in folder.path.glob(f"{SCRATCH_PREFIX}*"):
-        if artifacts.is_marked_scratch(stale) or _earlier_scratch(stale, folder.path):
-            shutil.rmtree(stale, ignore_errors=True)
-        elif stale.is_dir() and not stale.is_symlink():
-            artifacts.remove_if_empty(stale)
+    artifacts.remove_stale_scratch(folder.path, SCRATCH_PREFIX, lambda p: _earlier_scratch(p, folder.path))
     folder.file(f".{MIXED}.tmp").unlink(missing_ok=True)
 
 

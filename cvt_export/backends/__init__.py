@@ -169,6 +169,13 @@ class Profiling(GemmLimit, Protocol):
     def profile(self, x: np.ndarray, runs: int) -> Profile: ...
 
 
+def why_not(backend: Backend, precision: str) -> str:
+    """Why `backend` will not run `precision` here, "" when it will: no path for the precision
+    (the precision table), or the backend unavailable (its SDK or device missing)."""
+    if precision not in backend.precisions:
+        return f"{backend.name} has no {precision} path"
+    ok, why = backend.available()
+    return "" if ok else why
 
 
 def check_precision(backend: str, precision: str) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from cvt_export import artifacts
-from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
@@ -32,6 +31,7 @@ from cvt_export.backends import (
     timed_median_ms,
 )
 from cvt_export.machine import cpu_name
+from cvt_export.precisions import get as precision_of
 from cvt_export.precisions import run_by
 from cvt_export.runtime import CPU, INPUT_NAME, OUTPUT_NAME, ort_session
 from cvt_ref.errors import first_line
@@ -186,7 +186,7 @@ class OrtBackend:
         source_sha = folder.sha256(precision)
         save = optimized_copy(folder, path, device, source_sha)
         executed = precision
-        if precision_table.get(precision).dtype == "float16" and device == "cpu":
+        if precision_of(precision).dtype == "float16" and device == "cpu":
             executed = f"{precision} (CPU EP casts to fp32 where it lacks fp16 kernels)"
         where = cpu_name() if device == "cpu" else provider
         info = RunnerInfo(

@@ -32,6 +32,7 @@ from cvt_export.harness import report as reports
 
 if TYPE_CHECKING:
     from cvt_export.harness.accuracy import PassConfig
+    from cvt_export.harness.served import Load
     from cvt_export.records import AccuracyReport
     from cvt_export.regress import Outcome
 
@@ -446,7 +447,7 @@ def triton(
         raise typer.Exit(1)
 
 
-def _loads(concurrency: str, rate: str | None) -> tuple[Any, ...]:
+def _loads(concurrency: str, rate: str | None) -> tuple[Load, ...]:
     """--rate (open loop) or else --concurrency (closed loop), as load levels."""
     from cvt_export.harness.served import Load
 

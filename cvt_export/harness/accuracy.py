@@ -39,7 +39,7 @@ import numpy as np
 import cvt_ref
 from cvt_export import artifacts, machine, metrics, precisions
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.backends import BackendError, BackendUnavailable, Runner, get_backend
+from cvt_export.backends import BackendError, BackendUnavailable, Runner, get_backend, why_not
 from cvt_export.calibration import spread
 from cvt_export.harness.bench import folder_labels
 from cvt_export.harness.decoding import decode, watch_parent
@@ -361,10 +361,8 @@ def open_rows(folder: ArtifactFolder, cfg: PassConfig) -> list[Row]:
         reads = precisions.reads(precision)  # the file the row runs (bf16: the FP32 file)
         file_key = folder.sha256(reads) if folder.has(reads) else ""
         row = Row(b.name, precision, hashlib.sha256(f"{b.name} {precision} {file_key}".encode()).hexdigest())
-        ok, why = b.available()
-        if precision not in b.precisions:
-            row.status, row.reason = "skipped", f"{b.name} has no {precision} path"
-        elif not ok:
+        why = why_not(b, precision)
+        if why:
             row.status, row.reason = "skipped", why
         rows.append(row)
     return rows

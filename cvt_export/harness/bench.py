@@ -28,6 +28,7 @@ from cvt_export.backends import (
     GemmLimit,
     Probing,
     get_backend,
+    why_not,
 )
 from cvt_export.harness import profile, timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
@@ -227,11 +228,8 @@ def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inpu
     batch's median is from that floor."""
     result = Result(backend, precision)
     b = get_backend(backend)
-    if precision not in b.precisions:
-        result.status, result.reason = "skipped", f"{b.name} has no {precision} path"
-        return result, None
-    ok, why = b.available()
-    if not ok:
+    why = why_not(b, precision)
+    if why:
         result.status, result.reason = "skipped", why
         return result, None
     timing.reset_peak_rss()
@@ -351,8 +349,9 @@ def _only_tuned(asked: tuple[str, ...]) -> bool:
 
 def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> dict[str, Any]:
     inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels, golden=cfg.golden)
+    alone = _only_tuned(cfg.precisions)
     pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions  # a mix when made
-             if not precisions.get(p).tuned or folder.has(p) or _only_tuned(cfg.precisions)]
+             if not precisions.get(p).tuned or folder.has(p) or alone]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None
@@ -368,11 +367,8 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     for i, (backend, precision) in enumerate(pairs, 1):
         # "row i of n", not "(i/n)": rows differ tenfold in cost, so no time-left estimate is made
         # from them (it swung between 2x and 4x the real time); a backend not here is not "running"
-        runner = get_backend(backend)
-        ok, why = runner.available()
-        if ok and precision not in runner.precisions:  # not tried at all: not "running" either
-            ok, why = False, f"{runner.name} has no {precision} path"
-        progress(f"{'running' if ok else 'skipping'} {backend} {precision}{'' if ok else f' ({why})'}, "
+        why = why_not(get_backend(backend), precision)  # the reason bench_one will give
+        progress(f"{'skipping' if why else 'running'} {backend} {precision}{f' ({why})' if why else ''}, "
                  f"row {i} of {len(pairs)}")
         result, logits = bench_one(backend, precision, folder, inputs, cfg, reference, split, macs)
         if (backend, precision) == BASELINE:
