@@ -5,8 +5,12 @@ family at its version or older and refuses a newer version or a foreign file wit
 (a `RecordError`); `to_json` writes the current version. Nested records are plain fields. A
 field is added once, here, and every reader and renderer gets it by name, checked by mypy.
 
-Records so far: the accuracy pass (its shards and its report). The manifest and the latency
-report are still dicts owned by `artifacts` and `harness.report` (issue #29 moves them here).
+A field's `metadata` may say how it is spelled in the file: `json` (the key, when it is not a
+Python name, e.g. "pass"), `omit` (left out of the file while it is None, as the writer leaves
+it out), `empty` (None written and read as `{}`).
+
+Records so far: the accuracy pass (its shards and its report), cvt-bench's report and its
+recommendation. The manifest is still a dict owned by `artifacts` (issue #29 moves it here).
 """
 
 from __future__ import annotations
@@ -38,11 +42,16 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             if len(options) == len(typing.get_args(hint)):
                 raise RecordError(f"{where}: null where a value is required")
             return None
-        return _convert(options[0], value, where)
+        for option in options[:-1]:  # the first that takes the value
+            try:
+                return _convert(option, value, where)
+            except RecordError:
+                pass
+        return _convert(options[-1], value, where)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
         args = typing.get_args(hint)
         item = args[0]
@@ -51,8 +60,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise RecordError(f"{where}: expected an object, got {type(value).__name__}")
         args = typing.get_args(hint)
-        if args and isinstance(args[1], type) and dataclasses.is_dataclass(args[1]):
-            return {k: _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        if args:
+            return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -69,20 +78,29 @@ def _build(cls: type[Any], data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        key = f.metadata.get("json", f.name)
         if not f.init:
             continue
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+        if f.metadata.get("empty") and data.get(key) == {}:
+            kwargs[f.name] = None
+        elif key in data:
+            kwargs[f.name] = _convert(hints[f.name], data[key], f"{where}.{key}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecordError(f"{where}: missing field {f.name!r}")
+            raise RecordError(f"{where}: missing field {key!r}")
     return cls(**kwargs)
 
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out: dict[str, Any] = {"schema": value.schema()} if isinstance(value, Record) else {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is None and f.metadata.get("omit"):
+                continue
+            out[f.metadata.get("json", f.name)] = {} if v is None and f.metadata.get("empty") else _plain(v)
+        return out
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -103,7 +121,7 @@ class Record:
         return f"{cls.FAMILY}/{cls.VERSION}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema(), **_plain(self)}
+        return typing.cast(dict[str, Any], _plain(self))
 
     @classmethod
     def from_json(cls: type[R], data: object, where: str = "") -> R:
@@ -138,7 +156,7 @@ class ShardRecord(Record):
     or whose bytes do not hash to `sha256`, is never taken as finished."""
 
     FAMILY: ClassVar[str] = "cvt-accuracy-shard"
-    WHAT: ClassVar[str] = "accuracy shard record"
+    WHAT: ClassVar[str] = "cvt-bench accuracy shard record"
 
     shard: str        # the key of the shard's images (names, sizes, modification times)
     row: str          # "images", "reference", or "BACKEND-PRECISION"
@@ -253,7 +271,7 @@ class AccuracyReport(Record):
     """`cvt-bench accuracy`'s accuracy.json (fields documented in docs/accuracy.md)."""
 
     FAMILY: ClassVar[str] = "cvt-accuracy"
-    WHAT: ClassVar[str] = "accuracy report"
+    WHAT: ClassVar[str] = "cvt-bench accuracy report"
 
     created: str
     machine: dict[str, Any]
@@ -271,3 +289,341 @@ class AccuracyReport(Record):
     cluster: ClusterInfo | None = None
     time: dict[str, float] = field(default_factory=dict)  # seconds: wall, decode_wait, reference, each row
     throughput: Throughput | None = None   # None on a cluster and when nothing ran in this run
+
+
+# --- cvt-bench's report (report.json, schema cvt-bench/1) ---------------------------------------
+
+OMIT: Any = {"omit": True}
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """One batch size's timings: milliseconds, and images/s at the median."""
+
+    iterations: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    stdev_ms: float
+    images_per_s: float
+    median_ci_ms: tuple[float, ...] | None = None   # 95% interval of the median (older files: none)
+    modes_ms: tuple[float, ...] | None = None       # both clusters' medians when bimodal
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The median's 95% interval (a point where the file has none)."""
+        lo, hi = self.median_ci_ms or (self.median_ms, self.median_ms)
+        return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class RoleFidelity:
+    """Fidelity on the images of one role (selection, confirmation, or both: held_out)."""
+
+    cosine_min: float
+    max_abs: float
+    top1_agreement: float
+    n: int = 0
+    cosine_p5: float | None = None
+    top1_agreement_ci: tuple[float, ...] | None = None
+    images: int = 0
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """A row's logits against the reference's, on every input, then per role."""
+
+    max_abs: float
+    mean_abs: float
+    cosine_min: float
+    cosine_mean: float
+    top1_agreement: float
+    top5_agreement: float
+    kl_mean: float
+    kl_max: float
+    worst_image: str
+    worst_cosine: float
+    n: int = 0
+    cosine_p5: float | None = field(default=None, metadata=OMIT)
+    top1_agreement_ci: tuple[float, ...] | None = field(default=None, metadata=OMIT)
+    bounds: dict[str, float] | None = field(default=None, metadata=OMIT)
+    passed: bool = field(default=True, metadata={"json": "pass"})
+    broken: tuple[str, ...] = ()
+    held_out: RoleFidelity | None = field(default=None, metadata=OMIT)
+    selection: RoleFidelity | None = field(default=None, metadata=OMIT)
+    confirmation: RoleFidelity | None = field(default=None, metadata=OMIT)
+
+    @property
+    def judged(self) -> RoleFidelity | Fidelity:
+        """What decides: the selection images (older reports: the held-out images, else all)."""
+        return self.selection or self.held_out or self
+
+    @property
+    def stated(self) -> RoleFidelity | Fidelity:
+        """What a recommendation states: the confirmation images when there are some."""
+        return self.confirmation or self.judged
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: float
+    top5: float
+    n: int = 0
+    top1_ci: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DriftPoint:
+    point: str            # "stage S block B", or "logits"
+    cosine_min: float
+    error: float          # 1 - cosine_min
+    rel_max_abs: float
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A row's distance from its runtime's GEMM limit, measured in the same run."""
+
+    gemm_gmac_per_s: float
+    limit_shape: tuple[int, ...]
+    macs_per_image: float
+    gemm_macs_per_image: float | None = field(default=None, metadata=OMIT)  # older files: the total only
+    conv_macs_per_image: float | None = field(default=None, metadata=OMIT)
+    ms: dict[str, float] = field(default_factory=dict)      # batch -> the floor
+    times: dict[str, float] = field(default_factory=dict)   # batch -> median / floor
+
+
+@dataclass(frozen=True)
+class Row:
+    """One backend x precision of a cvt-bench run."""
+
+    backend: str
+    precision: str
+    status: str = "ok"                 # ok | skipped | error
+    reason: str = ""
+    executed: str = ""
+    device: str = ""
+    artifact: str = ""
+    first_inference_s: float | None = None
+    peak_rss_mb: float | None = None
+    fidelity: Fidelity | None = field(default=None, metadata={"empty": True})
+    accuracy: Accuracy | None = None
+    batch_consistency_max_abs: float | None = None
+    latency: dict[str, LatencyStats] = field(default_factory=dict)   # batch -> timings
+    speedup: dict[str, float] = field(default_factory=dict)          # batch -> baseline / this
+    drift: tuple[DriftPoint, ...] = ()
+    drift_located: str | None = None
+    floor: Floor | None = field(default=None, metadata={"empty": True})  # {}: not measured
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class Weights:
+    spec: str
+    kind: str = ""
+    sha256: str | None = None
+    activation: str | None = field(default=None, metadata=OMIT)  # older folders: none recorded
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a report or a record says of the artifact folder it measured."""
+
+    variant: str
+    weights: Weights
+    artifacts: str
+    onnx_sha256: str
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    cores: int | None
+    isa: tuple[str, ...]
+    os: str = ""
+    python: str = ""
+    libraries: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoleSize:
+    inputs: int
+    sources: int
+
+
+@dataclass(frozen=True)
+class Inputs:
+    source: str
+    images: int
+    labelled: bool
+    accuracy_note: str = ""
+    sha256: str = ""
+    held_out_note: str = ""
+    roles: dict[str, RoleSize] | None = None
+    image_size: int = 224
+
+
+@dataclass(frozen=True)
+class Baseline:
+    backend: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class PassedOver:
+    """A row faster than the pick that the budget kept out."""
+
+    backend: str
+    precision: str
+    median_ms: float
+    why: str
+
+
+@dataclass(frozen=True)
+class StatedFidelity:
+    cosine_min: float | None = None
+    cosine_p5: float | None = None
+    top1_agreement: float | None = None
+    top1_agreement_ci: tuple[float, ...] | None = None
+    images: int | None = None
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The row a recommendation picks for one objective."""
+
+    backend: str
+    precision: str
+    executed: str
+    artifacts: str
+    images_per_s: float | None = field(default=None, metadata=OMIT)  # throughput objectives
+    median_ms: float | None = None     # older files: latency only
+    median_ci_ms: tuple[float, ...] | None = None
+    bimodal_ms: tuple[float, ...] | None = None
+    batch: int = 1
+    why: str = ""
+    tied_with: tuple[str, ...] = ()
+    cosine_min: float | None = None
+    top1_agreement: float | None = None
+    confirmation: StatedFidelity | None = None
+    passed_over: tuple[PassedOver, ...] = ()
+    onnx_sha256: str | None = field(default=None, metadata=OMIT)  # in recommendation.json
+
+
+@dataclass(frozen=True)
+class Recommendation(Record):
+    """recommendation.json: the configuration to deploy per objective (harness/recommend.py)."""
+
+    FAMILY: ClassVar[str] = "cvt-recommendation"
+    WHAT: ClassVar[str] = "cvt-bench recommendation"
+
+    created: str
+    machine: Machine
+    model: ModelSummary
+    budget: str | tuple[str, ...]   # the --budget bounds, or a sentence: each precision's bounds
+    judged_on: str
+    roles: dict[str, RoleSize] | None = None
+    objectives: dict[str, Pick | None] = field(default_factory=dict)
+    unmet: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchReport(Record):
+    """cvt-bench's report.json (fields documented in docs/benchmark.md)."""
+
+    FAMILY: ClassVar[str] = "cvt-bench"
+    WHAT: ClassVar[str] = "cvt-bench report"
+
+    created: str
+    machine: Machine
+    model: ModelSummary
+    inputs: Inputs
+    settings: dict[str, Any]   # the run's BenchConfig, as given
+    baseline: Baseline
+    results: tuple[Row, ...] = ()
+    recommendation: Recommendation | None = field(default=None, metadata=OMIT)
+
+    @property
+    def batches(self) -> list[str]:
+        return [str(b) for b in self.settings["batches"]]
+
+    @property
+    def ran(self) -> list[Row]:
+        return [r for r in self.results if r.ok]
+
+
+# --- cvt-bench profile (profile-BACKEND-PRECISION.json, schema cvt-profile/1) ----------------------
+
+@dataclass(frozen=True)
+class OpGroup:
+    """Operators of one type (the GEMMs as one group) in a profiled run."""
+
+    group: str
+    ms: float
+    share: float                  # of the operators' time
+    nodes: int
+    ops: tuple[str, ...]
+    precisions: dict[str, float]  # the precision a kernel ran in -> its ms
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    run_ms: float                 # the whole inference (the median profiled run)
+    runs: int
+    kernels_ms: float
+    gemm_ms: float
+    gemm_share: float
+    by_op: tuple[OpGroup, ...]
+    top_non_gemm: tuple[str, ...]
+    by_block: dict[str, float]
+    gemm_by_block: dict[str, float]
+    by_precision: dict[str, float]
+    gemm_floor_ms: float          # the model's matrix products at the GEMM limit
+    gemm_vs_floor: float
+    floor_ms: float | None = field(default=None, metadata=OMIT)  # every multiply-add (older files: none)
+    run_vs_floor: float = 0.0
+    block_gemm_floor_ms: dict[str, float] = field(default_factory=dict)
+
+    def stage_gemm_vs_floor(self) -> dict[str, float]:
+        """Per stage ("stage S"), its blocks' GEMM time over their matrix products at the limit."""
+        spent: dict[str, list[float]] = {}
+        for block, floor in self.block_gemm_floor_ms.items():
+            if block.startswith("stage "):
+                pair = spent.setdefault(" ".join(block.split()[:2]), [0.0, 0.0])
+                pair[0] += self.gemm_by_block.get(block, 0.0)
+                pair[1] += floor
+        return {stage: ms / floor for stage, (ms, floor) in spent.items()}
+
+
+@dataclass(frozen=True)
+class GemmLimitFigure:
+    shape: tuple[int, ...]
+    gmac_per_s: float
+
+
+@dataclass(frozen=True)
+class ProfileReport(Record):
+    """`cvt-bench profile`'s file: where one backend x precision spends its time, per batch size."""
+
+    FAMILY: ClassVar[str] = "cvt-profile"
+    WHAT: ClassVar[str] = "cvt-bench profile"
+
+    created: str
+    machine: Machine
+    artifacts: str
+    backend: str
+    precision: str
+    executed: str
+    gemm_limit: GemmLimitFigure
+    gemm_macs_per_image: float
+    conv_macs_per_image: float | None = field(default=None, metadata=OMIT)  # older files: none
+    batches: dict[str, BatchProfile] = field(default_factory=dict)

@@ -21,6 +21,7 @@ import numpy as np
 from cvt_export import artifacts, machine, metrics, precisions, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import bench
+from cvt_export.records import BenchReport, Row
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 
@@ -153,30 +154,31 @@ def floored(precision: str, tol: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _result_key(r: dict[str, Any]) -> str:
-    return f"{r['backend']}/{r['precision']}"
+def _result_key(r: Row) -> str:
+    return f"{r.backend}/{r.precision}"
 
 
-def make_baseline(report: dict[str, Any], folder: ArtifactFolder, reference: np.ndarray) -> dict[str, Any]:
-    images = report["inputs"]["images"]
+def make_baseline(report: BenchReport, folder: ArtifactFolder, reference: np.ndarray) -> dict[str, Any]:
+    images = report.inputs.images
     results = {}
-    for r in report["results"]:
-        if r["status"] != "ok":
-            continue
-        fid = {k: r["fidelity"][k] for k in ("max_abs", "cosine_min", "top1_agreement")}
-        largest = str(max(int(b) for b in r["latency"]))
-        results[_result_key(r)] = {"fidelity": fid, "tolerance": tolerance(r["precision"], fid, images),
-                                   "executed": r["executed"], "latency_batch": int(largest),
-                                   "median_ms": r["latency"][largest]["median_ms"]}
+    for r in report.ran:
+        assert r.fidelity is not None
+        fid = {"max_abs": r.fidelity.max_abs, "cosine_min": r.fidelity.cosine_min,
+               "top1_agreement": r.fidelity.top1_agreement}
+        largest = str(max(int(b) for b in r.latency))
+        results[_result_key(r)] = {"fidelity": fid, "tolerance": tolerance(r.precision, fid, images),
+                                   "executed": r.executed, "latency_batch": int(largest),
+                                   "median_ms": r.latency[largest].median_ms}
+    m = report.machine
     return {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {k: report["machine"][k] for k in ("cpu", "cores", "isa", "libraries")},
+        "machine": {"cpu": m.cpu, "cores": m.cores, "isa": list(m.isa), "libraries": m.libraries},
         "variant": folder.variant_name, "weights": folder.weights_spec,
         "export": {k: v for k, v in folder.source.items() if k in ("opset", "batch", "image_size")},
         "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
                              "through cvt_ref.preprocess", "images": images,
-                   "sha256": report["inputs"]["sha256"]},
+                   "sha256": report.inputs.sha256},
         "reference": {"logits": encode(reference)},
         "graphs": {name: entry["graph"] for name, entry in folder.files().items()},
         "results": results,
@@ -188,12 +190,12 @@ def _diff_dict(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k} {old.get(k, 0)} → {new.get(k, 0)}" for k in keys if old.get(k) != new.get(k)]
 
 
-def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFolder,
+def compare(baseline: dict[str, Any], report: BenchReport, folder: ArtifactFolder,
             reference: np.ndarray, max_slowdown: float | None) -> tuple[list[Finding], list[str]]:
     """(findings, informational lines). No findings: everything holds."""
     found = [*_inputs_and_reference(baseline, report, reference), *_graphs(baseline, folder)]
     info: list[str] = []
-    today = {_result_key(r): r for r in report["results"]}
+    today = {_result_key(r): r for r in report.results}
     if other_int8_kernels(baseline):
         info.append("INT8 rows are held to the precision's bounds only, top-1 agreement on its 95% interval: "
                     f"the baseline was made on a CPU {'with' if not machine.int8_dot_exact() else 'without'} "
@@ -202,23 +204,23 @@ def compare(baseline: dict[str, Any], report: dict[str, Any], folder: ArtifactFo
         r = today.get(key)
         if r is None:
             info.append(f"not run {key}: not asked for (--backend/--precision)")
-        elif r["status"] == "error":  # the SDK is here and the artifact no longer runs on it
-            found.append(Finding("fail", key, f"no longer runs: {r['reason']}"))
-        elif r["status"] != "ok":
-            info.append(f"skipped {key}: {r['reason']}")
+        elif r.status == "error":  # the SDK is here and the artifact no longer runs on it
+            found.append(Finding("fail", key, f"no longer runs: {r.reason}"))
+        elif not r.ok:
+            info.append(f"skipped {key}: {r.reason}")
         else:
             _compare_row(key, base, r, baseline, max_slowdown, found, info)
     for key in sorted(set(today) - set(baseline["results"])):
-        if today[key]["status"] == "ok":
+        if today[key].ok:
             info.append(f"new {key}: not in the baseline (run --update to record it)")
-        elif today[key]["status"] == "error":
-            found.append(Finding("fail", key, f"does not run: {today[key]['reason']}"))
+        elif today[key].status == "error":
+            found.append(Finding("fail", key, f"does not run: {today[key].reason}"))
     return found, info
 
 
-def _inputs_and_reference(baseline: dict[str, Any], report: dict[str, Any],
+def _inputs_and_reference(baseline: dict[str, Any], report: BenchReport,
                           reference: np.ndarray) -> list[Finding]:
-    if report["inputs"]["sha256"] != baseline["inputs"]["sha256"]:
+    if report.inputs.sha256 != baseline["inputs"]["sha256"]:
         return [Finding("change", "golden inputs", "the preprocessed photographs differ from the "
                         "baseline's (preprocessing or the bundled photos changed)")]
     base_ref = decode(baseline["reference"]["logits"])
@@ -248,21 +250,22 @@ def _graphs(baseline: dict[str, Any], folder: ArtifactFolder) -> list[Finding]:
     return found
 
 
-def _compare_row(key: str, base: dict[str, Any], r: dict[str, Any], baseline: dict[str, Any],
+def _compare_row(key: str, base: dict[str, Any], r: Row, baseline: dict[str, Any],
                  max_slowdown: float | None, found: list[Finding], info: list[str]) -> None:
     """One row that ran, against its baseline entry: its fidelity within the tolerance, its latency."""
     images = int(baseline["inputs"]["images"])
-    fid, tol = r["fidelity"], floored(r["precision"], base["tolerance"])
-    if r["precision"] in precisions.QUANTIZED and other_int8_kernels(baseline):
-        tol = tolerance(r["precision"], {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
-        verdict = _top1_on_evidence(key, fid["top1_agreement"], tol.pop("top1_agreement_min"), images)
+    fid, tol = r.fidelity, floored(r.precision, base["tolerance"])
+    assert fid is not None
+    if r.precision in precisions.QUANTIZED and other_int8_kernels(baseline):
+        tol = tolerance(r.precision, {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
+        verdict = _top1_on_evidence(key, fid.top1_agreement, tol.pop("top1_agreement_min"), images)
         if isinstance(verdict, Finding):
             found.append(verdict)
         elif verdict:
             info.append(verdict)
-    checks = [("max_abs", fid["max_abs"], tol.get("max_abs_max"), "<="),
-              ("cosine_min", fid["cosine_min"], tol.get("cosine_min_min"), ">="),
-              ("top1_agreement", fid["top1_agreement"], tol.get("top1_agreement_min"), ">=")]
+    checks = [("max_abs", fid.max_abs, tol.get("max_abs_max"), "<="),
+              ("cosine_min", fid.cosine_min, tol.get("cosine_min_min"), ">="),
+              ("top1_agreement", fid.top1_agreement, tol.get("top1_agreement_min"), ">=")]
     for metric, value, bound, op in checks:
         if bound is None:
             continue
@@ -272,8 +275,8 @@ def _compare_row(key: str, base: dict[str, Any], r: dict[str, Any], baseline: di
             found.append(Finding("fail", f"{key} {metric}",
                                  f"{was:.6g} → {value:.6g} (tolerance {op} {bound:.6g})"))
     batch = str(base["latency_batch"])
-    if batch in r["latency"]:
-        now = r["latency"][batch]["median_ms"]
+    if batch in r.latency:
+        now = r.latency[batch].median_ms
         ratio = now / base["median_ms"]
         info.append(f"{key}: batch {batch} median {base['median_ms']:.1f} → {now:.1f} ms ({ratio:.2f}×)")
         if max_slowdown is not None and ratio > max_slowdown:
@@ -360,7 +363,7 @@ def write_baseline(path: Path, data: dict[str, Any]) -> None:
 class Outcome:
     findings: list[Finding]
     info: list[str]
-    report: dict[str, Any]
+    report: BenchReport
     updated: bool = False
 
 

@@ -73,14 +73,14 @@ def test_class_losses_by_hand() -> None:
 
 def test_report_records_refuse_foreign_and_newer_files(tmp_path: Path) -> None:
     for data, words in (({"schema": "cvt-accuracy/2"}, "newer cvt-export"),
-                        ({"schema": "cvt-bench/1"}, "not a accuracy report"),
+                        ({"schema": "cvt-bench/1"}, "not a cvt-bench accuracy report"),
                         ([1, 2], "expected a JSON object"),
                         ({"schema": "cvt-accuracy/1", "created": "x"}, "missing field")):
         with pytest.raises(RecordError, match=words):
             AccuracyReport.from_json(data)
     broken = tmp_path / "accuracy.json"
     broken.write_text('{"schema": ')
-    with pytest.raises(RecordError, match=r"accuracy\.json: not a accuracy report"):
+    with pytest.raises(RecordError, match=r"accuracy\.json: not a cvt-bench accuracy report"):
         AccuracyReport.read(broken)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -16,6 +17,8 @@ import cvt_ref
 from cvt_export import metrics
 from cvt_export.backends import get_backend
 from cvt_export.harness import bench, report
+from cvt_export.records import BenchReport
+from cvt_export.render import report as render_report
 from helpers import PerturbedBackend, assert_user_error, run_cli
 
 # --- metrics, by hand ----------------------------------------------------------------------
@@ -111,48 +114,53 @@ def _config(exported: Path, **kw: Any) -> bench.BenchConfig:
 @pytest.mark.slow
 def test_report_schema_and_files(exported_copy: Path, tmp_path: Path) -> None:
     rep = bench.run(_config(exported_copy))
-    assert report.validate(rep) == []
-    rows = {(r["backend"], r["precision"]): r for r in rep["results"]}
+    rows = {(r.backend, r.precision): r for r in rep.results}
     assert set(rows) == {("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")}
-    assert all(r["status"] == "ok" and set(r["latency"]) == {"1", "2"} for r in rows.values())
-    assert rows["torch", "fp32"]["speedup"]["2"] == pytest.approx(1.0)
-    assert rows["ort", "fp32"]["fidelity"]["max_abs"] <= 1e-4 and rows["ort", "fp32"]["fidelity"]["pass"]
-    assert rows["ort", "fp32"]["batch_consistency_max_abs"] <= 1e-5
+    assert all(r.ok and set(r.latency) == {"1", "2"} for r in rows.values())
+    assert rows["torch", "fp32"].speedup["2"] == pytest.approx(1.0)
+    ort32 = rows["ort", "fp32"].fidelity
+    assert ort32 is not None and ort32.max_abs <= 1e-4 and ort32.passed
+    assert (rows["ort", "fp32"].batch_consistency_max_abs or 0) <= 1e-5
     for (backend, precision), r in rows.items():  # the floor: the row's own GEMM limit, measured now
-        f = r["floor"]
-        assert f["limit_shape"] == [1576, 384, 1536] and f["gemm_gmac_per_s"] > 0, (backend, precision)
+        f = r.floor
+        assert f is not None, (backend, precision)
+        assert f.limit_shape == (1576, 384, 1536) and f.gemm_gmac_per_s > 0, (backend, precision)
         # every multiply-add: the matrix products and the convolutions
-        assert f["macs_per_image"] == f["gemm_macs_per_image"] + f["conv_macs_per_image"]
-        assert f["conv_macs_per_image"] > 0.03 * f["gemm_macs_per_image"]
+        assert f.gemm_macs_per_image and f.conv_macs_per_image
+        assert f.macs_per_image == f.gemm_macs_per_image + f.conv_macs_per_image
+        assert f.conv_macs_per_image > 0.03 * f.gemm_macs_per_image
         for b in ("1", "2"):  # the model's GEMM work at that rate, and the row's median over it
-            assert f["ms"][b] == pytest.approx(f["macs_per_image"] * int(b) / f["gemm_gmac_per_s"] / 1e6)
-            assert f["times"][b] == pytest.approx(r["latency"][b]["median_ms"] / f["ms"][b])
-            assert f["times"][b] > 1, (backend, precision, b)  # no inference beats its GEMMs at full speed
-    drift = rows["ort", "int8"]["drift"]
-    assert [d["point"] for d in drift][:2] == ["stage 0 block 0", "stage 1 block 0"]
-    assert drift[-1]["point"] == "logits" and len(drift) == sum(cvt_ref.VARIANTS["cvt-13"].depths) + 1
-    assert rows["ort", "int8"]["drift_located"] in [d["point"] for d in drift]
+            assert f.ms[b] == pytest.approx(f.macs_per_image * int(b) / f.gemm_gmac_per_s / 1e6)
+            assert f.times[b] == pytest.approx(r.latency[b].median_ms / f.ms[b])
+            assert f.times[b] > 1, (backend, precision, b)  # no inference beats its GEMMs at full speed
+    drift = rows["ort", "int8"].drift
+    assert [d.point for d in drift][:2] == ["stage 0 block 0", "stage 1 block 0"]
+    assert drift[-1].point == "logits" and len(drift) == sum(cvt_ref.VARIANTS["cvt-13"].depths) + 1
+    assert rows["ort", "int8"].drift_located in [d.point for d in drift]
     written = report.write_all(rep, tmp_path / "out")
     assert [p.name for p in written] == ["report.json", "report.md", "throughput.png", "tradeoff.png",
                                          "drift.png"]
-    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(rep))
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report.validate(data) == [] and BenchReport.from_json(data) == rep  # the file is the record
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ort | int8 |" in md and "## Fidelity vs PyTorch FP32" in md
-    floor = rows["ort", "int8"]["floor"]
+    floor = rows["ort", "int8"].floor
     assert "No floor for" not in md  # every row here measured its limit
-    unmeasured = json.loads(json.dumps(rep))  # a row whose runner measures no limit (TensorRT's) says so
-    next(r for r in unmeasured["results"] if r["precision"] == "int8")["floor"] = {}
-    assert "No floor for ort int8: their runner measures no GEMM limit" in report.markdown(unmeasured)
+    # a row whose runner measures no limit (TensorRT's) says so
+    unmeasured = dataclasses.replace(rep, results=tuple(
+        dataclasses.replace(r, floor=None) if r.precision == "int8" else r for r in rep.results))
+    assert "No floor for ort int8: their runner measures no GEMM limit" in render_report.markdown(unmeasured)
     assert "## Distance from the GEMM floor" in md and (
-        f"| ort | int8 | {floor['gemm_gmac_per_s']:.1f} | {floor['ms']['1']:.1f} | {floor['times']['1']:.2f}×"
-        in md)
+        f"| ort | int8 | {floor.gemm_gmac_per_s:.1f} | {floor.ms['1']:.1f} | {floor.times['1']:.2f}×" in md)
     for png in written[2:]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    broken = json.loads(json.dumps(rep))
-    del broken["results"][0]["latency"]
-    broken["schema"] = "cvt-bench/0"
-    problems = report.validate(broken)
-    assert any("schema" in p for p in problems) and any("misses ['latency']" in p for p in problems)
+    broken = json.loads(json.dumps(data))
+    broken["results"][0]["latency"] = {}
+    assert report.validate(broken) == ["results[0] (torch fp32) is ok but has no latency"]
+    del broken["results"][0]["fidelity"]["cosine_min"]
+    assert report.validate(broken) == ["cvt-bench report.results[0].fidelity: missing field 'cosine_min'"]
+    newer = report.validate({**data, "schema": "cvt-bench/2"})
+    assert newer[0].startswith("cvt-bench report: written by a newer")
 
 
 @pytest.mark.slow
@@ -171,11 +179,11 @@ def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], refere
     (tmp_path / "named" / ".DS_Store").write_bytes(b"\0\1")  # hidden files are not images
     copy = copy_artifacts(exported, tmp_path)
     rep = bench.run(_config(copy, dataset=tmp_path / "named", precisions=("fp32",)))
-    assert rep["inputs"]["labelled"] and rep["inputs"]["images"] == 4
-    for r in rep["results"]:
-        acc = r["accuracy"]
-        assert (acc["top1"], acc["top5"], acc["n"]) == (0.75, 0.75, 4), r["backend"]
-        lo, hi = acc["top1_ci"]  # Wilson's 95% interval for 3 of 4: 0.3006 .. 0.9544
+    assert rep.inputs.labelled and rep.inputs.images == 4
+    for r in rep.results:
+        acc = r.accuracy
+        assert acc is not None and (acc.top1, acc.top5, acc.n) == (0.75, 0.75, 4), r.backend
+        lo, hi = acc.top1_ci or (0, 0)  # Wilson's 95% interval for 3 of 4: 0.3006 .. 0.9544
         assert (round(lo, 4), round(hi, 4)) == (0.3006, 0.9544)
     # synset folders (the ImageNet layout) give the same classes
     (tmp_path / "synsets").mkdir()
@@ -183,13 +191,14 @@ def test_accuracy_from_an_imagefolder(exported: Path, photos: list[Path], refere
     (tmp_path / "synsets" / synset).mkdir()
     shutil.copy(photos[0], tmp_path / "synsets" / synset / photos[0].name)
     rep = bench.run(_config(exported, dataset=tmp_path / "synsets", precisions=("fp32",), backends=()))
-    assert {k: rep["results"][0]["accuracy"][k] for k in ("top1", "top5")} == {"top1": 1.0, "top5": 1.0}
+    acc = rep.results[0].accuracy
+    assert acc is not None and (acc.top1, acc.top5) == (1.0, 1.0)
     # folders that are not the model's classes: no accuracy, and the report says why
     (tmp_path / "other" / "my-cats").mkdir(parents=True)
     shutil.copy(photos[0], tmp_path / "other" / "my-cats" / photos[0].name)
     rep = bench.run(_config(exported, dataset=tmp_path / "other", precisions=("fp32",), backends=()))
-    assert not rep["inputs"]["labelled"] and rep["results"][0]["accuracy"] is None
-    assert "my-cats" in rep["inputs"]["accuracy_note"]
+    assert not rep.inputs.labelled and rep.results[0].accuracy is None
+    assert "my-cats" in rep.inputs.accuracy_note
 
 
 def test_a_perturbed_runner_is_flagged(exported_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,15 +206,15 @@ def test_a_perturbed_runner_is_flagged(exported_copy: Path, monkeypatch: pytest.
     monkeypatch.setattr(bench, "get_backend", lambda name: PerturbedBackend(real_get(name), 0.5)
                         if real_get(name).name == "ort" else real_get(name))
     rep = bench.run(_config(exported_copy, precisions=("fp32",)))
-    ort = next(r for r in rep["results"] if r["backend"] == "ort")
-    assert not ort["fidelity"]["pass"]
-    assert ort["fidelity"]["max_abs"] > 0.5 and ort["fidelity"]["cosine_min"] < 0.99
-    assert any(b.startswith("max_abs") for b in ort["fidelity"]["broken"])
-    assert "**NO**" in report.markdown(rep)
+    ort = next(r for r in rep.results if r.backend == "ort")
+    assert ort.fidelity is not None and not ort.fidelity.passed
+    assert ort.fidelity.max_abs > 0.5 and ort.fidelity.cosine_min < 0.99
+    assert any(b.startswith("max_abs") for b in ort.fidelity.broken)
+    assert "**NO**" in render_report.markdown(rep)
     # (the torch row is the reference itself: judging it here could not fail, so it is not)
     # located: every block output is clean, the loss appears at the logits
-    assert ort["drift_located"] == "logits"
-    assert all(d["cosine_min"] > 0.99999 for d in ort["drift"][:-1])
+    assert ort.drift_located == "logits"
+    assert all(d.cosine_min > 0.99999 for d in ort.drift[:-1])
 
 
 @pytest.mark.slow
@@ -229,11 +238,11 @@ def test_a_fault_inside_the_network_is_located(exported: Path, tmp_path: Path) -
     manifest.pop("openvino", None)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     rep = bench.run(_config(folder, backends=("ort", "openvino"), precisions=("fp32",)))
-    for row in rep["results"][1:]:
-        assert not row["fidelity"]["pass"], row["backend"]
-        assert row["drift_located"] == "stage 2 block 3", (row["backend"], row["drift"])
-        before = next(d for d in row["drift"] if d["point"] == "stage 2 block 2")
-        assert before["cosine_min"] > 0.99999
+    for row in rep.results[1:]:
+        assert row.fidelity is not None and not row.fidelity.passed, row.backend
+        assert row.drift_located == "stage 2 block 3", (row.backend, row.drift)
+        before = next(d for d in row.drift if d.point == "stage 2 block 2")
+        assert before.cosine_min > 0.99999
 
 
 # --- bad input -----------------------------------------------------------------------------

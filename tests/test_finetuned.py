@@ -134,13 +134,14 @@ def test_bench_and_regress_on_the_finetuned_export(exported10: Path, oracle10: n
     cfg = bench.BenchConfig(backends=("ort", "openvino"), precisions=("fp32", "int8"), batches=(1, 2),
                             artifacts=exported10, dataset=dataset, warmup=0, iters=1)
     rep = bench.run(cfg)
-    assert rep["inputs"]["labelled"]
-    rows = {(r["backend"], r["precision"]): r for r in rep["results"]}
+    assert rep.inputs.labelled
+    rows = {(r.backend, r.precision): r for r in rep.results}
     expected = {key: "ok" if key != ("openvino", "int8") or "openvino" in int8_backends() else "skipped"
                 for key in rows}
-    assert {k: r["status"] for k, r in rows.items()} == expected, [r["reason"] for r in rows.values()]
+    assert {k: r.status for k, r in rows.items()} == expected, [r.reason for r in rows.values()]
     for key in (("torch", "fp32"), ("ort", "fp32"), ("openvino", "fp32")):
-        assert (rows[key]["accuracy"]["top1"], rows[key]["accuracy"]["top5"]) == (1.0, 1.0), key
+        acc = rows[key].accuracy
+        assert acc is not None and (acc.top1, acc.top5) == (1.0, 1.0), key
     baseline = tmp_path / "baseline.json"
     quick = {"backends": ("ort",), "precisions": ("fp32", "int8"), "iters": 1}
     made = regress.run(baseline, update=True, artifacts_dir=exported10, max_slowdown=None, **quick)

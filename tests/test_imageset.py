@@ -7,21 +7,22 @@ Wilson interval's textbook values, hand-built report rows whose intervals overla
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import cvt_ref
-from cvt_export import calibration, imageset, metrics
+from cvt_export import calibration, imageset, metrics, records
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import bench, recommend
+from cvt_export.render.recommendation import markdown as render_recommendation
 from cvt_ref.errors import CvtError
 
 
@@ -161,27 +162,32 @@ def test_median_interval_and_modes() -> None:
     assert abs(low - 30) < 1 and abs(high - 50) < 1
 
 
-def _row(backend: str, precision: str, ms: float, ci: tuple[float, float], cosine: float) -> dict[str, Any]:
-    fid = {"cosine_min": cosine, "top1_agreement": 1.0, "max_abs": 0.1}
-    return {"backend": backend, "precision": precision, "status": "ok", "executed": precision,
-            "fidelity": {**fid, "selection": fid, "confirmation": {**fid, "images": 50}},
-            "latency": {b: {"median_ms": ms, "median_ci_ms": list(ci), "images_per_s": int(b) * 1000 / ms}
-                        for b in ("1", "8")}}
+def _row(backend: str, precision: str, ms: float, ci: tuple[float, float], cosine: float) -> records.Row:
+    fid = records.RoleFidelity(cosine_min=cosine, top1_agreement=1.0, max_abs=0.1)
+    full = records.Fidelity(max_abs=0.1, mean_abs=0.0, cosine_min=cosine, cosine_mean=cosine,
+                            top1_agreement=1.0, top5_agreement=1.0, kl_mean=0.0, kl_max=0.0,
+                            worst_image="x", worst_cosine=cosine, selection=fid,
+                            confirmation=dataclasses.replace(fid, images=50))
+    return records.Row(backend, precision, executed=precision, fidelity=full,
+                       latency={b: records.LatencyStats(1, ms, ms, ms, ms, ms, 0.0, int(b) * 1000 / ms, ci)
+                                for b in ("1", "8")})
 
 
-def _report(*rows: dict[str, Any]) -> dict[str, Any]:
-    return {"results": list(rows), "created": "now", "machine": {}, "model": {"artifacts": "a"},
-            "inputs": {"images": 170, "held_out_note": "roles"}}
+def _report(*rows: records.Row) -> records.BenchReport:
+    model = records.ModelSummary("cvt-13", records.Weights("random:0"), "a", "0" * 64)
+    return records.BenchReport(created="now", machine=records.Machine("cpu", 2, ()), model=model,
+                               inputs=records.Inputs("photos", 170, False, held_out_note="roles"),
+                               settings={}, baseline=records.Baseline("torch", "fp32"), results=rows)
 
 
 def test_the_recommendation_names_a_tie_when_intervals_overlap() -> None:
     int8 = _row("ort", "int8", 15.6, (14.0, 17.0), 0.9990)
     ov = _row("openvino", "int8", 14.4, (13.5, 15.0), 0.9980)  # faster median, overlapping interval
     rec = recommend.recommend(_report(int8, ov))
-    pick = rec["objectives"]["latency-b1"]
-    assert (pick["backend"], pick["precision"]) == ("ort", "int8")  # the more faithful of the tie
-    assert pick["tied_with"] == ["openvino int8"] and "tied" in pick["why"]
-    assert any("tied with openvino int8" in line for line in recommend.markdown(rec))
+    pick = rec.objectives["latency-b1"]
+    assert pick is not None and (pick.backend, pick.precision) == ("ort", "int8")  # the more faithful
+    assert pick.tied_with == ("openvino int8",) and "tied" in pick.why
+    assert any("tied with openvino int8" in line for line in render_recommendation(rec))
 
 
 def test_a_row_slower_than_another_beyond_the_noise_is_not_tied_through_a_wide_one() -> None:
@@ -192,19 +198,19 @@ def test_a_row_slower_than_another_beyond_the_noise_is_not_tied_through_a_wide_o
     fp16 = _row("ort", "fp16", 93.4, (92.1, 94.1), 0.999999)
     wide = _row("openvino", "fp32", 88.0, (75.4, 138.0), 0.9999995)
     budget = [metrics.parse_budget("cosine>=0.99")]
-    pick = recommend.recommend(_report(fp32, fp16, wide), budget)["objectives"]["latency-b1"]
-    assert (pick["backend"], pick["precision"]) == ("openvino", "fp32")  # the more faithful of the two left
-    assert pick["tied_with"] == ["ort fp16"]
-    alone = recommend.recommend(_report(fp32, fp16), budget)["objectives"]["latency-b1"]
-    assert (alone["precision"], alone["tied_with"]) == ("fp16", [])
+    pick = recommend.recommend(_report(fp32, fp16, wide), budget).objectives["latency-b1"]
+    assert pick is not None and (pick.backend, pick.precision) == ("openvino", "fp32")  # more faithful
+    assert pick.tied_with == ("ort fp16",)
+    alone = recommend.recommend(_report(fp32, fp16), budget).objectives["latency-b1"]
+    assert alone is not None and (alone.precision, alone.tied_with) == ("fp16", ())
 
 
 def test_the_recommendation_calls_a_row_faster_when_intervals_separate() -> None:
     int8 = _row("ort", "int8", 15.6, (15.2, 16.0), 0.9990)
     ov = _row("openvino", "int8", 14.4, (14.1, 14.8), 0.9980)
-    pick = recommend.recommend(_report(int8, ov))["objectives"]["latency-b1"]
-    assert (pick["backend"], pick["tied_with"]) == ("openvino", [])
-    assert "beyond the noise" in pick["why"] and pick["confirmation"]["images"] == 50
+    pick = recommend.recommend(_report(int8, ov)).objectives["latency-b1"]
+    assert pick is not None and (pick.backend, pick.tied_with) == ("openvino", ())
+    assert "beyond the noise" in pick.why and pick.confirmation and pick.confirmation.images == 50
 
 
 def test_an_objective_no_row_serves_says_why(tmp_path: Path) -> None:
@@ -212,26 +218,26 @@ def test_an_objective_no_row_serves_says_why(tmp_path: Path) -> None:
     that ran are outside the budget (named with the cosine that decided). The reason travels in
     recommendation.json to `--from-recommendation`, as one line."""
     ort8 = _row("ort", "int8", 15.6, (15.2, 16.0), 0.9922)
-    ort8["latency"].pop("8")
+    ort8 = dataclasses.replace(ort8, latency={"1": ort8.latency["1"]})
     rec = recommend.recommend(_report(ort8))
-    assert rec["objectives"] == {"latency-b1": None, "throughput-b8": None}
-    assert rec["unmet"]["throughput-b8"] == "batch 8 was not timed (this run: --batch 1; add 8 to time it)"
-    assert rec["unmet"]["latency-b1"] == ("no row timed at batch 1 is within the budget: ort int8 "
-                                          f"({', '.join(metrics.within_bounds('int8', ort8['fidelity']))})")
-    assert "cosine_min 0.9922 < " in rec["unmet"]["latency-b1"]  # INT8's bound is above 0.9922
+    assert rec.objectives == {"latency-b1": None, "throughput-b8": None}
+    assert rec.unmet["throughput-b8"] == "batch 8 was not timed (this run: --batch 1; add 8 to time it)"
+    figures = {"cosine_min": 0.9922, "top1_agreement": 1.0, "max_abs": 0.1}
+    assert rec.unmet["latency-b1"] == ("no row timed at batch 1 is within the budget: ort int8 "
+                                       f"({', '.join(metrics.within_bounds('int8', figures))})")
+    assert "cosine_min 0.9922 < " in rec.unmet["latency-b1"]  # INT8's bound is above 0.9922
     budget = [metrics.parse_budget("cosine>=0.995")]
-    assert recommend.recommend(_report(ort8), budget)["unmet"]["latency-b1"] == (
+    assert recommend.recommend(_report(ort8), budget).unmet["latency-b1"] == (
         "no row timed at batch 1 is within the budget: ort int8 (misses cosine>=0.995)")
-    assert "- throughput-b8: batch 8 was not timed" in "\n".join(recommend.markdown(rec))
+    assert "- throughput-b8: batch 8 was not timed" in "\n".join(render_recommendation(rec))
     torch_only = _row("torch", "fp32", 70.0, (69.0, 71.0), 1.0)
-    assert recommend.recommend(_report(torch_only))["unmet"]["latency-b1"].startswith("no deployable row")
+    assert recommend.recommend(_report(torch_only)).unmet["latency-b1"].startswith("no deployable row")
     served = recommend.recommend(_report(_row("ort", "fp32", 50.0, (49.0, 51.0), 1.0)), budget)
-    assert served["unmet"] == {} and served["objectives"]["latency-b1"] is not None
+    assert served.unmet == {} and served.objectives["latency-b1"] is not None
     path = tmp_path / "recommendation.json"
-    path.write_text(json.dumps({**rec, "schema": recommend.SCHEMA,
-                                "unmet": {"throughput-b8": "crafted\nsecond line"}}))
+    path.write_text(json.dumps({**rec.to_json(), "unmet": {"throughput-b8": "crafted\nsecond line"}}))
     with pytest.raises(CvtError, match=r"no configuration for throughput-b8: crafted$"):
         recommend.read(path, "throughput-b8")
-    path.write_text(json.dumps({**rec, "schema": recommend.SCHEMA}))
+    path.write_text(json.dumps(rec.to_json()))
     with pytest.raises(CvtError, match="batch 8 was not timed"):
         recommend.read(path, "throughput-b8")

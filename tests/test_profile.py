@@ -34,49 +34,49 @@ def test_the_profile_accounts_for_the_inference(exported: Path, backend: str, pr
         pytest.skip(f"{backend} INT8 does not run on this CPU")
     folder = ArtifactFolder.open(exported)
     report = profile.run(folder, backend, precision, (1,), runs=3)
-    f = report["batches"]["1"]
+    f = report.batches["1"]
     # operators run inside the inference, one after another (the figures are one run's). OpenVINO's
     # per-layer times are not a partition of the run's wall time: they summed to up to 1.08x it on
     # a quiet machine and 1.5x with another process on the two cores; 2x still catches figures
     # summed over the 3 runs
     over = 1.05 if backend == "ort" else 2.0
-    assert 0.3 * f["run_ms"] <= f["kernels_ms"] <= over * f["run_ms"], (f["kernels_ms"], f["run_ms"])
-    assert sum(g["share"] for g in f["by_op"]) == pytest.approx(1.0)
-    assert sum(f["by_block"].values()) == pytest.approx(f["kernels_ms"])
+    assert 0.3 * f.run_ms <= f.kernels_ms <= over * f.run_ms, (f.kernels_ms, f.run_ms)
+    assert sum(g.share for g in f.by_op) == pytest.approx(1.0)
+    assert sum(f.by_block.values()) == pytest.approx(f.kernels_ms)
     # most multiply-adds are in the Linear layers; where they run as fast INT8 kernels the rest
     # weighs more (ORT INT8 with VNNI: GEMMs 38-44% of its time, beside FP32 convolutions and GELU)
-    assert (0.25 if precision == "int8" else 0.4) <= f["gemm_share"] <= 1.0, f["gemm_share"]
-    assert f["by_op"][0]["group"] == "GEMM"
+    assert (0.25 if precision == "int8" else 0.4) <= f.gemm_share <= 1.0, f.gemm_share
+    assert f.by_op[0].group == "GEMM"
     # every Linear layer runs as a GEMM kernel, whatever the runtime calls it (OpenVINO's
     # FullyConnectedQuantizedLegacy was once left out of the GEMMs and the share read 0.4%)
     # and so does every block's attention (q·kᵀ and ·V, one fused kernel or two): OpenVINO rebuilds
     # the float attention under generated names ("MatMul_9948"), which once left it out
     blocks = sum(folder.variant.depths)
-    assert f["by_op"][0]["nodes"] >= linear_layers(folder) + blocks, f["by_op"][0]
-    non_gemm = [g for g in f["by_op"] if g["group"] != "GEMM"]
-    assert f["top_non_gemm"] == [g["group"] for g in non_gemm[:3]]
-    assert [g["ms"] for g in non_gemm] == sorted((g["ms"] for g in non_gemm), reverse=True)
+    assert f.by_op[0].nodes >= linear_layers(folder) + blocks, f.by_op[0]
+    non_gemm = [g for g in f.by_op if g.group != "GEMM"]
+    assert list(f.top_non_gemm) == [g.group for g in non_gemm[:3]]
+    assert [g.ms for g in non_gemm] == sorted((g.ms for g in non_gemm), reverse=True)
     # every block of the export is found in the runtime's graph, and little time is left over
-    assert set(folder.probes) <= {b for b, ms in f["by_block"].items() if ms > 0}
+    assert set(folder.probes) <= {b for b, ms in f.by_block.items() if ms > 0}
     # (what is left: the runtime's own nodes, ORT's layout reorders; memory-bound, they grew to 26%
     # of the run with another process on the cores)
-    assert f["by_block"].get(profile.NOT_ATTRIBUTED, 0.0) < 0.35 * f["kernels_ms"]
+    assert f.by_block.get(profile.NOT_ATTRIBUTED, 0.0) < 0.35 * f.kernels_ms
     # the floor: the model's matrix-product work at the GEMM rate measured in the same run
-    rate, macs = report["gemm_limit"]["gmac_per_s"], report["gemm_macs_per_image"]
-    assert rate > 1 and f["gemm_floor_ms"] == pytest.approx(macs / (rate * 1e9) * 1000)
+    rate, macs = report.gemm_limit.gmac_per_s, report.gemm_macs_per_image
+    assert rate > 1 and f.gemm_floor_ms == pytest.approx(macs / (rate * 1e9) * 1000)
     # per block: the GEMM time is the GEMM group's, split; the blocks' floors add up to the floor
-    assert sum(f["gemm_by_block"].values()) == pytest.approx(f["gemm_ms"])
-    assert sum(f["block_gemm_floor_ms"].values()) == pytest.approx(f["gemm_floor_ms"])
+    assert sum(f.gemm_by_block.values()) == pytest.approx(f.gemm_ms)
+    assert sum(f.block_gemm_floor_ms.values()) == pytest.approx(f.gemm_floor_ms)
     # the whole inference's floor adds the convolutions' multiply-adds at the same rate
-    conv = report["conv_macs_per_image"]
-    assert f["floor_ms"] == pytest.approx((macs + conv) / (rate * 1e9) * 1000)
-    assert f["run_vs_floor"] == pytest.approx(f["run_ms"] / f["floor_ms"])
-    assert f["gemm_vs_floor"] > 0.5 and f["run_vs_floor"] > 0.5
-    gemm = f["by_op"][0]["precisions"]
+    conv = report.conv_macs_per_image or 0.0
+    assert f.floor_ms == pytest.approx((macs + conv) / (rate * 1e9) * 1000)
+    assert f.run_vs_floor == pytest.approx(f.run_ms / f.floor_ms)
+    assert f.gemm_vs_floor > 0.5 and f.run_vs_floor > 0.5
+    gemm = f.by_op[0].precisions
     if precision == "int8":  # the Q/DQ file's GEMMs run as INT8 kernels
-        assert gemm.get("int8", 0.0) > 0.5 * f["gemm_ms"], gemm
+        assert gemm.get("int8", 0.0) > 0.5 * f.gemm_ms, gemm
     else:
-        assert "int8" not in f["by_precision"] and gemm.get("fp32", 0.0) > 0.9 * f["gemm_ms"], gemm
+        assert "int8" not in f.by_precision and gemm.get("fp32", 0.0) > 0.9 * f.gemm_ms, gemm
 
 
 def test_profile_cli_writes_beside_the_report_and_refuses_bad_input(exported: Path, tmp_path: Path) -> None:

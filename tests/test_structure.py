@@ -112,7 +112,8 @@ def test_leaf_modules_import_nothing_of_the_project() -> None:
 
 
 def test_reports_and_manifests_are_read_without_torch() -> None:
-    code = ("import sys; import cvt_export.harness.report, cvt_export.metrics, cvt_export.artifacts; "
+    code = ("import sys; import cvt_export.harness.report, cvt_export.metrics, cvt_export.artifacts, "
+            "cvt_export.render.report, cvt_export.render.profile, cvt_export.render.deploy; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -27,6 +27,8 @@ import cvt_ref
 from cvt_export import imageset, metrics
 from cvt_export.harness import recommend
 from cvt_export.precision import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
+from cvt_export.records import BenchReport
+from cvt_export.render.recommendation import markdown as render_recommendation
 from cvt_export.tune import block_nodes
 from helpers import BIN, assert_user_error, cosine_rows, run_cli
 
@@ -240,17 +242,17 @@ def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_pat
     assert np.isclose(pick["throughput-b8"]["images_per_s"], b8["latency"]["8"]["images_per_s"])
     assert "## Recommendation" in (out / "report.md").read_text()
     # a budget nothing quantized can meet: the pick is an FP32 row
-    strict = recommend.recommend(report, [metrics.parse_budget("cosine>=0.99999")])
-    assert strict["objectives"]["throughput-b8"]["precision"] == "fp32"
+    strict = recommend.recommend(BenchReport.from_json(report), [metrics.parse_budget("cosine>=0.99999")])
+    s8 = strict.objectives["throughput-b8"]
+    assert s8 is not None and s8.precision == "fp32" and s8.median_ms is not None
     # the faster rows the budget kept out are named, each with what it misses
-    s8 = strict["objectives"]["throughput-b8"]
     faster_out = {(r["backend"], r["precision"]) for r in report["results"]
                   if r["status"] == "ok" and r["backend"] != "torch"
-                  and r["latency"]["8"]["median_ms"] < s8["median_ms"]
+                  and r["latency"]["8"]["median_ms"] < s8.median_ms
                   and r["fidelity"]["selection"]["cosine_min"] < 0.99999}
-    assert {(r["backend"], r["precision"]) for r in s8["passed_over"]} == faster_out
-    assert all(r["why"] == "misses cosine>=0.99999" for r in s8["passed_over"])
-    shown = "\n".join(recommend.markdown(strict))
+    assert {(r.backend, r.precision) for r in s8.passed_over} == faster_out
+    assert all(r.why == "misses cosine>=0.99999" for r in s8.passed_over)
+    shown = "\n".join(render_recommendation(strict))
     assert all(f"{b} {p}" in shown for b, p in faster_out)
     assert not faster_out or "outside the budget" in shown
     # Triton takes the recommendation: the repository serves that backend and precision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from cvt_export import metrics
 from cvt_export import precisions as precision_table
 from cvt_export.artifacts import ArtifactError, ArtifactFolder, check_writable
 from cvt_export.backends import BACKEND_MODULES
@@ -29,11 +31,13 @@ from cvt_export.cli.common import (
 from cvt_export.errors import CvtError
 from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
+from cvt_export.render import recommendation as render_recommendation
+from cvt_export.render import report as render_report
 
 if TYPE_CHECKING:
     from cvt_export.harness.accuracy import PassConfig
     from cvt_export.harness.served import Load
-    from cvt_export.records import AccuracyReport
+    from cvt_export.records import AccuracyReport, BenchReport
     from cvt_export.regress import Outcome
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
@@ -127,15 +131,23 @@ def main_command(
         strict=backend != "all" and len(names) == 1)
     with status("preparing") as live:
         report = harness.run(cfg, progress=live.update)
-    report["recommendation"] = recommend.recommend(report, budgets)
+    _recommend_and_write(report, budgets, folder, json_file)
+
+
+def _recommend_and_write(report: BenchReport, budgets: list[metrics.Budget], folder: Path,
+                         json_file: Path | None) -> None:
+    """The recommendation added to the report, both written and shown (the Markdown also to a
+    GitHub job summary)."""
+    advice = recommend.recommend(report, budgets)
+    report = dataclasses.replace(report, recommendation=advice)
     written = reports.write_all(report, folder)
-    recommend.write(report["recommendation"], folder / "recommendation.json")
+    recommend.write(advice, folder / "recommendation.json")
     written.append(folder / "recommendation.json")
     if json_file:
         reports.write_json(report, json_file)
     show(report)
-    _summary(reports.markdown(report))  # the recommendation included
-    for line in recommend.markdown(report["recommendation"])[1:]:
+    _summary(render_report.markdown(report))  # the recommendation included
+    for line in render_recommendation.markdown(advice)[1:]:
         stdout.print(line.replace("**", "").replace("## ", ""))
     stdout.print("wrote " + ", ".join(str(p) for p in written))
 
@@ -374,24 +386,25 @@ def profile(
     with status("profile") as live:
         report = profiling.run(folder, backend, precision, batches, runs, threads, progress=live.update)
     written = profiling.write(report, where)
-    for b, f in report["batches"].items():
-        table = Table(title=f"{report['backend']} {report['precision']} (runs as {report['executed']}), "
-                      f"batch {b}: inference {f['run_ms']:.1f} ms, operators {f['kernels_ms']:.1f} ms, "
-                      f"GEMM {100 * f['gemm_share']:.1f}%", title_justify="left")
+    for b, f in report.batches.items():
+        table = Table(title=f"{report.backend} {report.precision} (runs as {report.executed}), "
+                      f"batch {b}: inference {f.run_ms:.1f} ms, operators {f.kernels_ms:.1f} ms, "
+                      f"GEMM {100 * f.gemm_share:.1f}%", title_justify="left")
         for col in ("group", "ms", "share", "nodes", "ran in"):
             table.add_column(col, justify="left" if col in ("group", "ran in") else "right")
-        for g in f["by_op"][:10]:
-            table.add_row(g["group"], f"{g['ms']:.2f}", f"{100 * g['share']:.1f}%", str(g["nodes"]),
-                          ", ".join(sorted(g["precisions"], key=lambda p: -g["precisions"][p])))
+        for g in f.by_op[:10]:
+            table.add_row(g.group, f"{g.ms:.2f}", f"{100 * g.share:.1f}%", str(g.nodes),
+                          ", ".join(sorted(g.precisions, key=lambda p: -g.precisions[p])))
         show_table(table)
-        stdout.print(f"costliest non-GEMM groups: {', '.join(f['top_non_gemm'])}", highlight=False)
-        work, rate = report["gemm_macs_per_image"] / 1e9, report["gemm_limit"]["gmac_per_s"]
-        stdout.print(f"GEMM floor {f['gemm_floor_ms']:.1f} ms ({work:.2f} GMAC per image at {rate:.1f} "
-                     f"GMAC/s, measured in this run): the GEMMs took {f['gemm_vs_floor']:.2f}x it; with the "
-                     f"convolutions' {report['conv_macs_per_image'] / 1e9:.2f} GMAC, {f['floor_ms']:.1f} ms: "
-                     f"the whole inference {f['run_vs_floor']:.2f}x", highlight=False)
+        stdout.print(f"costliest non-GEMM groups: {', '.join(f.top_non_gemm)}", highlight=False)
+        work, rate = report.gemm_macs_per_image / 1e9, report.gemm_limit.gmac_per_s
+        conv = (report.conv_macs_per_image or 0.0) / 1e9
+        stdout.print(f"GEMM floor {f.gemm_floor_ms:.1f} ms ({work:.2f} GMAC per image at {rate:.1f} "
+                     f"GMAC/s, measured in this run): the GEMMs took {f.gemm_vs_floor:.2f}x it; with the "
+                     f"convolutions' {conv:.2f} GMAC, {f.floor_ms or 0.0:.1f} ms: "
+                     f"the whole inference {f.run_vs_floor:.2f}x", highlight=False)
         stdout.print("each stage's GEMMs against their own floor: " + ", ".join(
-            f"{st} {x:.2f}x" for st, x in profiling.stage_gemm_vs_floor(f).items()), highlight=False)
+            f"{st} {x:.2f}x" for st, x in f.stage_gemm_vs_floor().items()), highlight=False)
     stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 
 
@@ -508,40 +521,32 @@ def _load_label(run: dict[str, Any]) -> str:
     return f"{run['concurrency']} clients" if "concurrency" in run else f"{run['rate']:g}/s"
 
 
-def show(report: dict[str, object]) -> None:
-    results = report["results"]
-    assert isinstance(results, list)
+def show(report: BenchReport) -> None:
     table = Table(title="cvt-bench (speed-up vs torch fp32 eager, same run)", title_justify="left")
-    batches = [str(b) for b in report["settings"]["batches"]]  # type: ignore[index]
+    batches = report.batches
     for col in ("backend", "prec", *[f"b{b} ms" for b in batches], *[f"b{b} img/s" for b in batches],
                 f"×b{batches[-1]}", f"b{batches[-1]} ×floor", "cos min", "top-1", "runs as"):
         # "runs as" may be long ("fp16 (CPU EP casts to fp32 where it lacks fp16 kernels)"): it
         # wraps in its cell on a narrow terminal and is never cut with an ellipsis
         table.add_column(col, justify="left" if col in ("backend", "prec", "runs as") else "right",
                          no_wrap=col != "runs as", overflow="fold")
-    for r in results:
-        if r["status"] != "ok":
-            continue
-        lat, fid = r["latency"], r["fidelity"]
-        table.add_row(r["backend"], r["precision"],
-                      *[f"{lat[b]['median_ms']:.1f}" for b in batches],
-                      *[f"{lat[b]['images_per_s']:.1f}" for b in batches],
-                      f"{r['speedup'].get(batches[-1], 0):.2f}",
-                      _times_floor(r.get("floor") or {}, batches[-1]), f"{fid.get('cosine_min', 1.0):.5f}",
-                      f"{100 * fid.get('top1_agreement', 1.0):.0f}%", r["executed"])
+    for r in report.ran:
+        lat, fid = r.latency, r.fidelity
+        times = r.floor.times.get(batches[-1]) if r.floor else None
+        table.add_row(r.backend, r.precision,
+                      *[f"{lat[b].median_ms:.1f}" for b in batches],
+                      *[f"{lat[b].images_per_s:.1f}" for b in batches],
+                      f"{r.speedup.get(batches[-1], 0):.2f}",
+                      "–" if times is None else f"{times:.2f}", f"{fid.cosine_min if fid else 1.0:.5f}",
+                      f"{100 * (fid.top1_agreement if fid else 1.0):.0f}%", r.executed)
     show_table(table)
     not_run: dict[tuple[str, str], list[str]] = {}
-    for r in results:
-        if r["status"] != "ok":
-            not_run.setdefault((r["status"], r["reason"]), []).append(f"{r['backend']} {r['precision']}")
+    for r in report.results:
+        if not r.ok:
+            not_run.setdefault((r.status, r.reason), []).append(r.name)
     for (state, reason), runs in not_run.items():
         style, label = ("red", "error") if state == "error" else ("dim", "not run")
         stdout.print(f"[{style}]{label}: {', '.join(runs)}: {reason}[/]", highlight=False, soft_wrap=True)
-
-
-def _times_floor(floor: dict[str, Any], batch: str) -> str:
-    times = floor.get("times", {}).get(batch)
-    return "–" if times is None else f"{times:.2f}"
 
 
 def _summary(markdown: str) -> None:

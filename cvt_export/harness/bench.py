@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from cvt_export.backends import (
 )
 from cvt_export.harness import profile, timing
 from cvt_export.harness.report import REPORT_SCHEMA, Result
+from cvt_export.records import BenchReport
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images, preprocess_array
@@ -331,7 +332,7 @@ def _derived_files_writable(cfg: BenchConfig, folder: ArtifactFolder) -> None:
             raise
 
 
-def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     cfg.check()
     folder = prepare_artifacts(cfg, progress)
     _derived_files_writable(cfg, folder)
@@ -347,7 +348,7 @@ def _only_tuned(asked: tuple[str, ...]) -> bool:
     return bool(asked) and all(precisions.get(p).tuned for p in asked)
 
 
-def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> dict[str, Any]:
+def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> BenchReport:
     inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels, golden=cfg.golden)
     alone = _only_tuned(cfg.precisions)
     pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions  # a mix when made
@@ -385,7 +386,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     base = results[0].latency
     for r in results:
         r.speedup = {b: base[b]["median_ms"] / s["median_ms"] for b, s in r.latency.items() if b in base}
-    return {
+    return BenchReport.from_json(json.loads(json.dumps({  # the record as its file will read it
         "schema": REPORT_SCHEMA,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine.describe(),
@@ -398,4 +399,4 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
                      "drift_images": len(probe_x)},
         "baseline": {"backend": BASELINE[0], "precision": BASELINE[1]},
         "results": [asdict(r) for r in results],
-    }
+    })))

@@ -32,9 +32,10 @@ from cvt_export import machine, precisions
 from cvt_export.artifacts import ArtifactFolder, atomic_write
 from cvt_export.backends import ATTENTION, BackendError, GemmLimit, Profile, Profiling, get_backend
 from cvt_export.errors import CvtError
-from cvt_export.harness.report import network_order
+from cvt_export.records import ProfileReport
+from cvt_export.render.report import network_order
 
-SCHEMA = "cvt-profile/1"
+SCHEMA = ProfileReport.schema()
 GEMM_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                       "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "FullyConnected"})
 PROFILED = ("ort", "openvino")  # runners with the Profiling protocol
@@ -196,7 +197,7 @@ def inputs(folder: ArtifactFolder, batch: int) -> np.ndarray:
 
 
 def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int, ...], runs: int,
-        threads: int | None = None, progress: Any = lambda s: None) -> dict[str, Any]:
+        threads: int | None = None, progress: Any = lambda s: None) -> ProfileReport:
     if runs < 1 or not batches or min(batches) < 1:
         raise CvtError("profile: --runs and every --batch must be >= 1")
     be = get_backend(backend)
@@ -232,95 +233,22 @@ def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int
                   # the GEMMs themselves fall short of the rate (cvt-13's stage 1: K = 64)
                   "block_gemm_floor_ms": {b: floor_ms(m, batch, rate) for b, m in block_macs.items() if m}})
         figures[str(batch)] = f
-    return {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": machine.describe(), "artifacts": str(folder.path), "backend": be.name,
-            "precision": precision, "executed": runner.info.executed,
-            "gemm_limit": {"shape": list(LIMIT_SHAPE), "gmac_per_s": rate},
-            "gemm_macs_per_image": macs, "conv_macs_per_image": conv, "batches": figures}
+    return ProfileReport.from_json(json.loads(json.dumps({
+        "schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine.describe(), "artifacts": str(folder.path), "backend": be.name,
+        "precision": precision, "executed": runner.info.executed,
+        "gemm_limit": {"shape": list(LIMIT_SHAPE), "gmac_per_s": rate},
+        "gemm_macs_per_image": macs, "conv_macs_per_image": conv, "batches": figures})))
 
 
-def stage_gemm_vs_floor(f: dict[str, Any]) -> dict[str, float]:
-    """Per stage ("stage S"), its blocks' GEMM time over their matrix products at the limit."""
-    spent: dict[str, list[float]] = {}
-    for block, floor in f["block_gemm_floor_ms"].items():
-        if block.startswith("stage "):
-            stage = " ".join(block.split()[:2])
-            pair = spent.setdefault(stage, [0.0, 0.0])
-            pair[0] += f["gemm_by_block"].get(block, 0.0)
-            pair[1] += floor
-    return {stage: ms / floor for stage, (ms, floor) in spent.items()}
+def write(report: ProfileReport, out: Path) -> list[Path]:
+    """The record, its Markdown and its chart (cvt_export/render/profile.py) in `out`."""
+    from cvt_export.render.profile import markdown, plot
 
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Profile: {report['backend']} {report['precision']} (runs as {report['executed']})", "",
-             f"{report['machine']['cpu']}, {report['machine']['cores']} cores, ISA "
-             f"{' '.join(report['machine']['isa'])}. Artifacts `{report['artifacts']}`. The figures are the "
-             "runtime's own per-operator times (after its fusions) in the profiled run whose whole "
-             "inference time was the median.", "",
-             "GEMM limit measured in the same run on one "
-             f"{'x'.join(map(str, report['gemm_limit']['shape']))} "
-             f"MatMul in this precision: {report['gemm_limit']['gmac_per_s']:.1f} GMAC/s. The model's matrix "
-             f"products: {report['gemm_macs_per_image'] / 1e9:.2f} GMAC per image, so the GEMM floor is "
-             "that work at that rate; with its convolutions' "
-             f"{report['conv_macs_per_image'] / 1e9:.2f} GMAC, the floor of the whole inference.", ""]
-    for batch, f in report["batches"].items():
-        lines += [f"## Batch {batch}", "",
-                  f"Whole inference {f['run_ms']:.1f} ms; operators {f['kernels_ms']:.1f} ms; GEMM "
-                  f"{f['gemm_ms']:.1f} ms = **{100 * f['gemm_share']:.1f}%** of operator time "
-                  f"({f['runs']} runs). "
-                  f"Costliest non-GEMM groups: {', '.join(f['top_non_gemm']) or '–'}. GEMM floor "
-                  f"{f['gemm_floor_ms']:.1f} ms: the GEMMs took {f['gemm_vs_floor']:.2f}x it. Every "
-                  f"multiply-add at the limit {f['floor_ms']:.1f} ms: the whole inference "
-                  f"{f['run_vs_floor']:.2f}x it. Each stage's GEMMs against their own floor: "
-                  + ", ".join(f"{st} {x:.2f}x" for st, x in stage_gemm_vs_floor(f).items()) + ".", "",
-                  "| group | ms | share | nodes | precisions (ms) | operators |", "|---|---|---|---|---|---|"]
-        for g in f["by_op"]:
-            kernels = sorted(g["precisions"].items(), key=lambda kv: -kv[1])
-            lines.append(f"| {g['group']} | {g['ms']:.2f} | {100 * g['share']:.1f}% | {g['nodes']} | "
-                         + ", ".join(f"{p} {ms:.1f}" for p, ms in kernels) + f" | {', '.join(g['ops'])} |")
-        lines += ["", "| block | ms | GEMM ms | its GEMM floor ms | GEMM × floor |", "|---|---|---|---|---|"]
-        for b, ms in f["by_block"].items():
-            g, fl = f["gemm_by_block"].get(b, 0.0), f["block_gemm_floor_ms"].get(b)
-            ratio = f"{fl:.2f} | {g / fl:.2f}× |" if fl else "– | – |"
-            lines.append(f"| {b} | {ms:.2f} | {g:.2f} | {ratio}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = list(report["batches"])
-    groups = []
-    for f in report["batches"].values():
-        groups += [g["group"] for g in f["by_op"][:8] if g["group"] not in groups]
-    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.5 * len(batches)))
-    for row, batch in enumerate(batches):
-        shares = {g["group"]: g["share"] for g in report["batches"][batch]["by_op"]}
-        left = 0.0
-        for i, group in enumerate(groups):
-            width = shares.get(group, 0.0)
-            ax.barh(row, width, left=left, color=plt.get_cmap("tab10")(i % 10),
-                    label=group if row == 0 else None)
-            left += width
-        ax.barh(row, 1 - left, left=left, color="lightgrey", label="other" if row == 0 else None)
-    ax.set_yticks(range(len(batches)), [f"batch {b}" for b in batches])
-    ax.set_xlabel("share of operator time")
-    ax.set_title(f"{report['backend']} {report['precision']}: where the time goes")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile-{report['backend']}-{report['precision']}"
+    stem = f"profile-{report.backend}-{report.precision}"
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
-    atomic_write(paths[0], json.dumps(report, indent=2) + "\n")
+    atomic_write(paths[0], json.dumps(report.to_json(), indent=2) + "\n")
     atomic_write(paths[1], markdown(report))
     plot(report, paths[2])
     return paths

@@ -11,6 +11,7 @@ Calibration images never decide. `cvt-export triton --from-recommendation` reads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,159 +20,134 @@ from typing import Any
 
 from cvt_export import metrics, precisions
 from cvt_export.artifacts import atomic_write
+from cvt_export.records import (
+    BenchReport,
+    Fidelity,
+    PassedOver,
+    Pick,
+    Recommendation,
+    RoleFidelity,
+    Row,
+    StatedFidelity,
+)
 from cvt_ref.errors import CvtError
 
-SCHEMA = "cvt-recommendation/1"
+SCHEMA = Recommendation.schema()
 DEPLOYABLE = ("ort", "openvino", "tensorrt")  # PyTorch eager is the reference, not a deployment
 OBJECTIVES = {"latency-b1": ("1", "median_ms"), "throughput-b8": ("8", "images_per_s")}
 
 
-def judged(row: Mapping[str, Any]) -> Mapping[str, Any]:
+def judged(row: Row) -> RoleFidelity | Fidelity | None:
     """The fidelity that decides: on the selection images when the report has them (reports of
     older versions: the held-out images, else all)."""
-    fid = row.get("fidelity") or {}
-    return fid.get("selection") or fid.get("held_out") or fid
+    return row.fidelity.judged if row.fidelity else None
 
 
-def stated(row: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The fidelity the recommendation states: on the confirmation images when there are some."""
-    fid = row.get("fidelity") or {}
-    return fid.get("confirmation") or judged(row)
+def _figures(fid: RoleFidelity | Fidelity) -> dict[str, Any]:
+    return {f.name: getattr(fid, f.name) for f in dataclasses.fields(fid)}
 
 
-def broken(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> str:
+def broken(row: Row, budgets: Sequence[metrics.Budget]) -> str:
     """What keeps a row outside the budget on the selection images ("" when nothing does), e.g.
     "cosine_min 0.9922 < 0.995" (each precision's bounds) or "misses cosine>=0.999" (a --budget)."""
     fid = judged(row)
-    if not fid:
+    if fid is None:
         return "no fidelity figures"
     if budgets:
-        return ", ".join(f"misses {b}" for b in budgets if not b.holds(fid))
-    return ", ".join(metrics.within_bounds(row["precision"], fid))
+        return ", ".join(f"misses {b}" for b in budgets if not b.holds(_figures(fid)))
+    return ", ".join(metrics.within_bounds(row.precision, _figures(fid)))
 
 
-def within(row: Mapping[str, Any], budgets: Sequence[metrics.Budget]) -> bool:
+def within(row: Row, budgets: Sequence[metrics.Budget]) -> bool:
     return not broken(row, budgets)
-
-
-def interval(row: Mapping[str, Any], batch: str) -> tuple[float, float]:
-    """The 95% interval of the row's median latency at `batch` (a point in older reports)."""
-    stats = row["latency"][batch]
-    lo, hi = stats.get("median_ci_ms") or (stats["median_ms"], stats["median_ms"])
-    return float(lo), float(hi)
-
-
-Row = Mapping[str, Any]
 
 
 def pick_fastest(rows: Sequence[Row], batch: str) -> tuple[Row, list[Row]]:
     """The row to deploy and the rows tied for fastest (it included): those that no other row
     beats beyond the noise (`metrics.unbeaten`; the demo's ORT FP32 [98.6, 102.5] ms and ORT FP16
     [92.1, 94.1] both overlapped OpenVINO's bimodal [75, 138], and FP16 beats FP32)."""
-    tied = metrics.unbeaten(rows, lambda r: interval(r, batch))
-    return max(tied, key=lambda r: float(judged(r).get("cosine_min", float("-inf")))), tied
+    tied = metrics.unbeaten(rows, lambda r: r.latency[batch].interval)
+
+    def cosine(r: Row) -> float:
+        fid = judged(r)
+        return float("-inf") if fid is None else fid.cosine_min
+
+    return max(tied, key=cosine), tied
 
 
-def _name(row: Mapping[str, Any]) -> str:
-    return f"{row['backend']} {row['precision']}"
-
-
-def unmet(report: Mapping[str, Any], batch: str, budgets: Sequence[metrics.Budget] = ()) -> str:
+def unmet(report: BenchReport, batch: str, budgets: Sequence[metrics.Budget] = ()) -> str:
     """Why no row serves an objective at `batch`: the batch size was not timed, no deployable row
     ran, or the rows that ran at it are outside the budget (each named with what it breaks)."""
     ran = _deployable(report)
     if not ran:
         return "no deployable row (ONNX Runtime, OpenVINO, TensorRT) ran"
-    timed = [r for r in ran if batch in r["latency"]]
+    timed = [r for r in ran if batch in r.latency]
     if not timed:
-        batches = sorted({int(b) for r in ran for b in r["latency"]})
+        batches = sorted({int(b) for r in ran for b in r.latency})
         return (f"batch {batch} was not timed (this run: --batch {','.join(map(str, batches))}; "
                 f"add {batch} to time it)")
     return f"no row timed at batch {batch} is within the budget: " + "; ".join(
-        f"{_name(r)} ({broken(r, budgets)})" for r in timed)
+        f"{r.name} ({broken(r, budgets)})" for r in timed)
 
 
-def _deployable(report: Mapping[str, Any]) -> list[Row]:
+def _deployable(report: BenchReport) -> list[Row]:
     """The rows that ran and that a deployment could use (not the PyTorch reference)."""
-    return [r for r in report["results"] if r["status"] == "ok" and r["backend"] in DEPLOYABLE]
+    return [r for r in report.ran if r.backend in DEPLOYABLE]
 
 
-def recommend(report: Mapping[str, Any], budgets: Sequence[metrics.Budget] = ()) -> dict[str, Any]:
+def _pick(report: BenchReport, best: Row, tied: list[Row], objective: str,
+          budgets: Sequence[metrics.Budget]) -> Pick:
+    batch, key = OBJECTIVES[objective]
+    fid, shown = judged(best), best.fidelity.stated if best.fidelity else None
+    others = [r.name for r in tied if r is not best]
+    why = ("fastest beyond the noise (95% intervals of the median separate from every other row's)"
+           if not others else f"tied with {', '.join(others)} (no row is faster than these beyond the "
+           "noise: 95% intervals of the median); the most faithful of them on the selection images")
+    stats = best.latency[batch]
+    passed_over = [PassedOver(r.backend, r.precision, r.latency[batch].median_ms, broken(r, budgets))
+                   for r in _deployable(report) if batch in r.latency
+                   and r.latency[batch].median_ms < stats.median_ms and not within(r, budgets)]
+    return Pick(
+        backend=best.backend, precision=best.precision, executed=best.executed,
+        artifacts=report.model.artifacts,
+        images_per_s=stats.images_per_s if key == "images_per_s" else None,
+        median_ms=stats.median_ms, median_ci_ms=stats.interval, bimodal_ms=stats.modes_ms,
+        batch=int(batch), why=why, tied_with=tuple(others),
+        cosine_min=fid.cosine_min if fid else None, top1_agreement=fid.top1_agreement if fid else None,
+        confirmation=None if shown is None else StatedFidelity(
+            shown.cosine_min, shown.cosine_p5, shown.top1_agreement, shown.top1_agreement_ci,
+            shown.images if isinstance(shown, RoleFidelity) else None),
+        passed_over=tuple(sorted(passed_over, key=lambda r: r.median_ms)))  # faster, outside the budget
+
+
+def recommend(report: BenchReport, budgets: Sequence[metrics.Budget] = ()) -> Recommendation:
     rows = [r for r in _deployable(report) if within(r, budgets)]
-    chosen: dict[str, Any] = {}
+    chosen: dict[str, Pick | None] = {}
     reasons: dict[str, str] = {}
-    for objective, (batch, key) in OBJECTIVES.items():
-        timed = [r for r in rows if batch in r["latency"]]
+    for objective, (batch, _) in OBJECTIVES.items():
+        timed = [r for r in rows if batch in r.latency]
         if not timed:
             chosen[objective] = None
             reasons[objective] = unmet(report, batch, budgets)
             continue
         best, tied = pick_fastest(timed, batch)
-        fid, shown = judged(best), stated(best)
-        others = [_name(r) for r in tied if r is not best]
-        why = ("fastest beyond the noise (95% intervals of the median separate from every other row's)"
-               if not others else f"tied with {', '.join(others)} (no row is faster than these beyond the "
-               "noise: 95% intervals of the median); the most faithful of them on the selection images")
-        lo, hi = interval(best, batch)
-        passed_over = [{"backend": r["backend"], "precision": r["precision"],
-                        "median_ms": r["latency"][batch]["median_ms"], "why": broken(r, budgets)}
-                       for r in _deployable(report) if batch in r["latency"]
-                       and r["latency"][batch]["median_ms"] < best["latency"][batch]["median_ms"]
-                       and not within(r, budgets)]
-        chosen[objective] = {
-            "backend": best["backend"], "precision": best["precision"], "executed": best["executed"],
-            "artifacts": report["model"]["artifacts"], key: best["latency"][batch][key],
-            "median_ms": best["latency"][batch]["median_ms"], "median_ci_ms": [lo, hi],
-            "bimodal_ms": best["latency"][batch].get("modes_ms"),
-            "batch": int(batch), "why": why, "tied_with": others,
-            "cosine_min": fid.get("cosine_min"), "top1_agreement": fid.get("top1_agreement"),
-            "confirmation": {k: shown.get(k) for k in ("cosine_min", "cosine_p5", "top1_agreement",
-                                                       "top1_agreement_ci", "images")},
-            "passed_over": sorted(passed_over, key=lambda r: r["median_ms"])}  # faster, outside the budget
-    inputs = report["inputs"]
-    return {"schema": SCHEMA, "created": report["created"], "machine": report["machine"],
-            "model": report["model"],
-            "budget": [str(b) for b in budgets] or "each precision's bounds (cvt_export.metrics.BOUNDS)",
-            "judged_on": inputs.get("held_out_note", f"{inputs['images']} images"),
-            "roles": inputs.get("roles"), "objectives": chosen, "unmet": reasons}
+        chosen[objective] = _pick(report, best, tied, objective, budgets)
+    inputs = report.inputs
+    return Recommendation(
+        created=report.created, machine=report.machine, model=report.model,
+        budget=tuple(str(b) for b in budgets) or "each precision's bounds (cvt_export.metrics.BOUNDS)",
+        judged_on=inputs.held_out_note or f"{inputs.images} images", roles=inputs.roles,
+        objectives=chosen, unmet=reasons)
 
 
-def markdown(rec: Mapping[str, Any]) -> list[str]:
-    budget = rec["budget"] if isinstance(rec["budget"], str) else ", ".join(rec["budget"])
-    lines = ["", "## Recommendation", "", f"Within {budget} on the selection images; figures on the "
-             f"confirmation images, which decided nothing ({rec['judged_on']}):", ""]
-    for objective, pick in rec["objectives"].items():
-        if pick is None:
-            why = (rec.get("unmet") or {}).get(objective, "nothing within the budget")
-            lines.append(f"- {objective}: {why}")
-            continue
-        lo, hi = pick.get("median_ci_ms") or (pick["median_ms"], pick["median_ms"])
-        figure = (f"{pick['median_ms']:.1f} ms [95% {lo:.1f}, {hi:.1f}]" if objective == "latency-b1"
-                  else f"{pick['images_per_s']:.1f} img/s, median {pick['median_ms']:.1f} ms "
-                  f"[95% {lo:.1f}, {hi:.1f}]")
-        if pick.get("bimodal_ms"):
-            figure += f", bimodal {pick['bimodal_ms'][0]:.1f} / {pick['bimodal_ms'][1]:.1f} ms"
-        conf = pick.get("confirmation") or {}
-        stated_fid = (f"confirmation cosine {conf['cosine_min']:.6f} (n={conf.get('images')})"
-                      if conf.get("cosine_min") is not None else f"cosine {pick['cosine_min']:.6f}")
-        lines.append(f"- **{objective}**: {pick['backend']} {pick['precision']} ({figure}, {stated_fid}): "
-                     f"{pick.get('why', '')}")
-        over = pick.get("passed_over") or []
-        if over:
-            lines.append("  faster, but outside the budget on the selection images: " + "; ".join(
-                f"{r['backend']} {r['precision']} {r['median_ms']:.1f} ms ({r['why']})" for r in over))
-    return lines
-
-
-def write(rec: Mapping[str, Any], path: Path) -> None:
+def write(rec: Recommendation, path: Path) -> None:
     """The file, with each pick's artifact folder relative to the file itself (so the pair can be
     moved or checked out elsewhere together) and the export's FP32 sha256 to check it by."""
-    data = json.loads(json.dumps(rec))
-    for pick in data["objectives"].values():
-        if pick is not None:
-            where = Path(pick["artifacts"]).resolve()
-            pick["artifacts"] = os.path.relpath(where, path.resolve().parent)
-            pick["onnx_sha256"] = rec["model"]["onnx_sha256"]
+    where = path.resolve().parent
+    objectives = {name: None if pick is None else dataclasses.replace(
+        pick, artifacts=os.path.relpath(Path(pick.artifacts).resolve(), where),
+        onnx_sha256=rec.model.onnx_sha256) for name, pick in rec.objectives.items()}
+    data = dataclasses.replace(rec, objectives=objectives).to_json()
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 

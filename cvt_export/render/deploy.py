@@ -32,25 +32,45 @@ def markdown(result: dict[str, Any], slo: Slo) -> list[str]:
     if chosen is None:
         lines.append("**No candidate met the SLO within the budget.**")
         return lines
+    lines += [f"**Chosen by the search**: {chosen['label']}.", ""]
+    if "configurations" not in result["confirmation"]:  # records of the first version: one configuration
+        return lines + _single_confirmation(result) + _sustained(result)
+    return lines + _confirmation(result, slo) + _sustained(result)
+
+
+def _confirmation(result: dict[str, Any], slo: Slo) -> list[str]:
     conf = result["confirmation"]
     pct = f"p{slo.percentile}"
-    lines += [f"**Chosen by the search**: {chosen['label']}.", "",
-              f"Confirmation (separate from the search, interleaved with the default configuration: "
-              f"{conf['rounds']} rounds at {result['slo'].split('@rate=')[1]}/s, {conf['requests']} requests "
-              f"per configuration on arrivals the search never saw, {conf['images']} confirmation "
-              "images):", "",
-              f"| configuration | worst cosine | within budget | {pct} ms per round | median {pct} ms | "
-              "median achieved/s | met in rounds |", "|---|---|---|---|---|---|---|"]
+    lines = [f"Confirmation (separate from the search, interleaved with the default configuration: "
+             f"{conf['rounds']} rounds at {result['slo'].split('@rate=')[1]}/s, {conf['requests']} requests "
+             f"per configuration on arrivals the search never saw, {conf['images']} confirmation "
+             "images):", "",
+             f"| configuration | worst cosine | within budget | {pct} ms per round | median {pct} ms | "
+             "median achieved/s | met in rounds |", "|---|---|---|---|---|---|---|"]
     for label, c in conf["configurations"].items():
         per_round = ", ".join(f"{r['percentile_ms']:.0f}" + ("" if r["meets"] else " ✗") for r in c["rounds"])
         lines.append(f"| {label}: {c['configuration']} | {c['fidelity']['cosine_min']:.5f} | "
                      f"{'yes' if c['within_budget'] else 'no'} | {per_round} | {c['percentile_ms']:.1f} | "
                      f"{c['achieved_rate']:.2f} | {c['met_rounds']} of {conf['rounds']} |")
-    lines += ["", f"**Written**: {conf['written_configuration']} ({conf['why']}); served again from the "
-              f"repository as written: worst cosine {conf['written_repository_fidelity']['cosine_min']:.5f}: "
-              + ("**the SLO held**." if conf["held"] else "**the SLO did not hold**."), "",
-              "| configuration | highest sustained rate under the bound (req/s) | ladder (interleaved) |",
-              "|---|---|---|"]
+    return [*lines, "", f"**Written**: {conf['written_configuration']} ({conf['why']}); served again from "
+                    f"the repository as written: worst cosine "
+                    f"{conf['written_repository_fidelity']['cosine_min']:.5f}: "
+                    + ("**the SLO held**." if conf["held"] else "**the SLO did not hold**.")]
+
+
+def _single_confirmation(result: dict[str, Any]) -> list[str]:
+    """The first version's confirmation: the chosen configuration alone, one run."""
+    c = result["confirmation"]
+    return [f"Confirmation (separate from the search): {c['requests']} requests at "
+            f"{c['offered_rate']:.2f}/s on {c['images']} confirmation images: percentile "
+            f"{c['percentile_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, {c['achieved_rate']:.2f} answered/s, "
+            f"worst cosine {c['fidelity']['cosine_min']:.5f}: "
+            + ("**the SLO held**." if c["held"] else "**the SLO did not hold**.")]
+
+
+def _sustained(result: dict[str, Any]) -> list[str]:
+    lines = ["", "| configuration | highest sustained rate under the bound (req/s) | ladder (interleaved) |",
+             "|---|---|---|"]
     for label in ("default", "chosen"):
         s = result["sustained"][label]
         ladder = ", ".join(f"{st['rate']:g}: {st['percentile_ms']:.0f} ms" + ("" if st["meets"] else " ✗")
