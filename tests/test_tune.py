@@ -242,7 +242,8 @@ def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_pat
     assert np.isclose(pick["throughput-b8"]["images_per_s"], b8["latency"]["8"]["images_per_s"])
     assert "## Recommendation" in (out / "report.md").read_text()
     # a budget nothing quantized can meet: the pick is an FP32 row
-    strict = recommend.recommend(BenchReport.from_json(report), [metrics.parse_budget("cosine>=0.99999")])
+    strict = recommend.recommend(BenchReport.read(out / "report.json"),
+                                 [metrics.parse_budget("cosine>=0.99999")])
     s8 = strict.objectives["throughput-b8"]
     assert s8 is not None and s8.precision == "fp32" and s8.median_ms is not None
     # the faster rows the budget kept out are named, each with what it misses
