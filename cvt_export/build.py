@@ -36,7 +36,7 @@ from cvt_ref.variants import Variant
 
 log = logging.getLogger(__name__)
 
-PRECISIONS: tuple[str, ...] = precisions.EXPORTED
+PRECISIONS: tuple[str, ...] = precisions.DEFAULT_EXPORT
 FILES = artifacts.ONNX_FILES
 # Source fields that name *what* was exported; a change of tool versions alone re-exports quietly.
 IDENTITY = ("variant", "image_size", "num_classes", "weights", "weights_sha256", "activation",
@@ -185,6 +185,25 @@ def make_fp16(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], No
     rows = list(range(len(job.images)))
     entry["validation"], warning = validate.measure(job.staged / name, "fp16", job.images, job.ref, rows,
                                                     f"{len(rows)} bundled photos")
+    return Made(name, entry, derived.files, warning)
+
+
+def make_int8dyn(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], None]) -> Made:
+    import onnx
+
+    name = FILES["int8dyn"]
+    step("quantizing to dynamic INT8 (MatMul weights INT8 per channel, activations per batch at run time)")
+    derived = precision.to_int8_dynamic(fp32_path, job.staged / name)
+    header = onnx.load(str(job.staged / name), load_external_data=False)
+    entry = {**file_entry(job.staged, derived.files, "int8dyn"), "from": fp32_sha,
+             "policy": {"quantized_ops": list(precision.DYNAMIC_OPS), "weights": "int8 symmetric per-channel",
+                        "activations": "uint8 per-tensor, range of each batch at run time",
+                        "fp32": "Convs, attention MatMuls, LayerNorm, Softmax, GELU, residual Adds, "
+                                "classifier",
+                        "dynamic_matmuls": precision.dynamic_nodes(header)}}
+    rows = list(range(len(job.images)))
+    entry["validation"], warning = validate.measure(job.staged / name, "int8dyn", job.images, job.ref, rows,
+                                                    f"{len(rows)} bundled photos (no calibration images)")
     return Made(name, entry, derived.files, warning)
 
 
@@ -526,8 +545,14 @@ def _int8(f: _From) -> None:
     made.add(int8)
 
 
+def _int8dyn(f: _From) -> None:
+    """The dynamic INT8 file: kept when made from the same FP32 file, else quantized."""
+    if not f.made.kept("int8dyn", fp32_sha=f.fp32_sha):
+        f.made.add(make_int8dyn(f.job, f.fp32_path, f.fp32_sha, f.step))
+
+
 # Each exported precision's maker beyond the FP32 file (precisions.EXPORTED, in table order).
-_MAKERS: dict[str, Callable[[_From], None]] = {"fp16": _fp16, "int8": _int8}
+_MAKERS: dict[str, Callable[[_From], None]] = {"fp16": _fp16, "int8": _int8, "int8dyn": _int8dyn}
 
 
 def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: Mapping[str, Any],

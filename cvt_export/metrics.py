@@ -29,6 +29,9 @@ BOUNDS: Mapping[str, Mapping[str, float]] = {
     "bf16": {"cosine_min": 0.999, "top1_agreement": 1.0},
     "int8": {"cosine_min": 0.995, "top1_agreement": 0.9},
     "mixed": {"cosine_min": 0.995, "top1_agreement": 0.9},  # at least INT8's; tune adds its budget
+    # dynamic INT8 measured 0.99962-0.99967 on cvt-13 (docs/int8-and-tune.md); its batch dependence is
+    # held to the same cosine (cvt_export/harness/recommend.py)
+    "int8dyn": {"cosine_min": 0.998, "top1_agreement": 0.9},
 }
 UPPER = frozenset({"max_abs"})  # bounds that are maxima; every other bound is a minimum
 

@@ -5,6 +5,9 @@ inputs/outputs FP32. LayerNormalization and Softmax run in FP32 (Casts around th
 after attention overflows in FP16), and so does the classifier Gemm. Every tensor's type is
 fixed in the file, so TensorRT can build it as a strongly-typed network.
 
+Dynamic INT8 (`to_int8_dynamic`): ONNX Runtime's `quantize_dynamic`, activation scales per batch
+at run time, no calibration.
+
 INT8 (ONNX Runtime's `quantize_static`, QDQ format), the CvT policy measured on this project
 (docs/design.md, "INT8 policy"): Q/DQ only on the inputs of the patch-embedding Convs and of every
 MatMul (q/k/v/out projections, MLP, and both attention MatMuls); symmetric INT8 activations
@@ -275,6 +278,38 @@ def _compute_consumers(tensor: str, consumers: dict[str, list[onnx.NodeProto]]) 
         else:
             found.add(user.op_type)
     return found
+
+
+DYNAMIC_OPS = ("MatMul",)  # the ones with constant weights: q/k/v/out projections and the MLP
+
+
+def to_int8_dynamic(src: Path, dst: Path) -> Derived:
+    """Write the dynamic INT8 file (ONNX Runtime's `quantize_dynamic`): the MatMuls with constant
+    weights become DynamicQuantizeLinear + MatMulInteger, weights INT8 per output channel,
+    activations UINT8 per tensor with the range of the batch they are in, found at run time. No
+    calibration, and so an image's answer depends on the other images of its batch. The patch
+    convolutions, the attention MatMuls (no constant side), LayerNorm, Softmax, GELU and the
+    classifier Gemm stay FP32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(src), load_external_data=False)
+    with quiet_loggers(""), contextlib.redirect_stdout(io.StringIO()):
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True,
+                         weight_type=QuantType.QInt8,
+                         # the classifier, also under the name ORT gives the MatMul it splits a Gemm into
+                         nodes_to_exclude=[f"{n}{tail}" for n in classifier_nodes(proto)
+                                           for tail in ("", "_MatMul")],
+                         use_external_data_format=src.with_name(src.name + ".data").exists())
+    out = onnx.load(str(dst), load_external_data=False)
+    _set_precision(out, "int8dyn")
+    onnx.save_model(out, str(dst))  # re-save only the header; external data stays as written
+    data = dst.with_name(dst.name + ".data")
+    return Derived([dst.name, *([data.name] if data.exists() else [])])
+
+
+def dynamic_nodes(proto: onnx.ModelProto) -> int:
+    """How many MatMuls run on INT8 with run-time activation scales."""
+    return sum(n.op_type == "MatMulInteger" for n in proto.graph.node)
 
 
 def quantized_nodes(proto: onnx.ModelProto) -> dict[str, int]:

@@ -29,11 +29,14 @@ class Precision:
     quantized: bool = False  # INT8 Q/DQ in its file
     needs: str = ""       # the CPU capability it needs, as OpenVINO names it ("BF16")
     exact: bool = False   # the reference's own math: held to max-abs, the others to cosine
+    dynamic: bool = False  # activation scales computed per batch at run time: no calibration, and an
+    #                        image's answer depends on the other images of its batch
+    opt_in: bool = False  # made only when asked for by name; cvt-bench runs it by default once made
 
     @property
     def calibrated(self) -> bool:
         """Its INT8 ranges come from the export's calibration images (not from another file)."""
-        return self.quantized and self.made_by == "export"
+        return self.quantized and self.made_by == "export" and not self.dynamic
 
     @property
     def tuned(self) -> bool:
@@ -51,10 +54,16 @@ TABLE: Mapping[str, Precision] = {p.name: p for p in (
     Precision("int8", "int8", "model.int8.onnx", "export", ("ort", "openvino", "tensorrt"),
               "Q/DQ on Conv/MatMul/Gemm, float elsewhere; OpenVINO needs VNNI or AMX", quantized=True),
     Precision("mixed", "mixed", "model.mixed.onnx", "tune", ("ort", "openvino", "tensorrt"),
-              "INT8 except the blocks `cvt-export tune` kept in float", quantized=True),
+              "INT8 except the blocks `cvt-export tune` kept in float", quantized=True, opt_in=True),
+    Precision("int8dyn", "int8dyn", "model.int8dyn.onnx", "export", ("ort",),
+              "dynamic INT8: weights INT8 per channel, activations quantized per batch at run time "
+              "(no calibration; an image's answer depends on its batch-mates); TensorRT needs static "
+              "scales, OpenVINO decomposes the run-time quantization (docs/int8-and-tune.md)",
+              quantized=True, dynamic=True, opt_in=True),
 )}
 NAMES: tuple[str, ...] = tuple(TABLE)
 EXPORTED: tuple[str, ...] = tuple(n for n, p in TABLE.items() if p.made_by == "export")
+DEFAULT_EXPORT: tuple[str, ...] = tuple(n for n in EXPORTED if not TABLE[n].opt_in)
 FILES: Mapping[str, str] = {n: p.file for n, p in TABLE.items() if p.file}
 QUANTIZED: tuple[str, ...] = tuple(n for n, p in TABLE.items() if p.quantized)
 # The roles other modules name: the reference's precision, the calibrated INT8 file, tune's mix.

@@ -410,7 +410,8 @@ class Row:
     peak_rss_mb: float | None = None
     fidelity: Fidelity | None = field(default=None, metadata={"empty": True})
     accuracy: Accuracy | None = None
-    batch_consistency_max_abs: float | None = None
+    batch_consistency_max_abs: float | None = None      # each image alone vs in the largest batch
+    batch_consistency_cosine_min: float | None = field(default=None, metadata=OMIT)  # older files: none
     latency: dict[str, LatencyStats] = field(default_factory=dict)   # batch -> timings
     speedup: dict[str, float] = field(default_factory=dict)          # batch -> baseline / this
     drift: tuple[DriftPoint, ...] = ()

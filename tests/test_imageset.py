@@ -177,7 +177,8 @@ def _report(*rows: records.Row) -> records.BenchReport:
     model = records.ModelSummary("cvt-13", records.Weights("random:0"), "a", "0" * 64)
     return records.BenchReport(created="now", machine=records.Machine("cpu", 2, ()), model=model,
                                inputs=records.Inputs("photos", 170, False, held_out_note="roles"),
-                               settings={}, baseline=records.Baseline("torch", "fp32"), results=rows)
+                               settings={"batches": [1, 8]}, baseline=records.Baseline("torch", "fp32"),
+                               results=rows)
 
 
 def test_the_recommendation_names_a_tie_when_intervals_overlap() -> None:
@@ -203,6 +204,26 @@ def test_a_row_slower_than_another_beyond_the_noise_is_not_tied_through_a_wide_o
     assert pick.tied_with == ("ort fp16",)
     alone = recommend.recommend(_report(fp32, fp16), budget).objectives["latency-b1"]
     assert alone is not None and (alone.precision, alone.tied_with) == ("fp16", ())
+
+
+def test_the_recommendation_holds_a_dynamic_row_to_its_bound_alone_and_in_a_batch() -> None:
+    """A dynamic row is picked only when each image's answer alone and in a batch agree to the
+    cosine the row is held to against the reference; the pick says by how much they differ."""
+    fast = _row("ort", "int8dyn", 10.0, (9.5, 10.5), 0.9996)
+    slow = _row("ort", "int8", 20.0, (19.5, 20.5), 0.999)
+    steady_row = dataclasses.replace(fast, batch_consistency_cosine_min=0.9997)
+    steady = recommend.recommend(_report(steady_row, slow))
+    pick = steady.objectives["latency-b1"]
+    assert pick is not None and pick.precision == "int8dyn" and "agree to cosine 0.999700" in pick.why
+    moving_row = dataclasses.replace(fast, batch_consistency_cosine_min=0.99)
+    moving = recommend.recommend(_report(moving_row, slow))
+    pick = moving.objectives["latency-b1"]
+    assert pick is not None and pick.precision == "int8"
+    assert [p.why for p in pick.passed_over] == [
+        "batch dependence: cosine 0.99 between an image alone and in a batch < 0.998"]
+    budget = [metrics.parse_budget("cosine>=0.98")]  # a --budget sets the cosine both are held to
+    pick = recommend.recommend(_report(moving_row, slow), budget).objectives["latency-b1"]
+    assert pick is not None and pick.precision == "int8dyn"
 
 
 def test_the_recommendation_calls_a_row_faster_when_intervals_separate() -> None:

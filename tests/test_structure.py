@@ -309,9 +309,9 @@ def test_a_precision_added_as_one_table_row_shows_up_everywhere(exported: Path, 
     table = copy / "cvt_export" / "precisions.py"
     row = '    Precision("fp32x", "fp32", None, "", ("ort",), "a test\'s precision", exact=False),\n'
     text = table.read_text()
-    anchor = '              "INT8 except the blocks `cvt-export tune` kept in float", quantized=True),\n'
+    anchor = "\n)}\nNAMES"  # the end of the table
     assert text.count(anchor) == 1
-    table.write_text(text.replace(anchor, anchor + row))
+    table.write_text(text.replace(anchor, "\n" + row + ")}\nNAMES"))
     bounds = copy / "cvt_export" / "metrics.py"
     text = bounds.read_text()
     head = "BOUNDS: Mapping[str, Mapping[str, float]] = {"

@@ -100,7 +100,8 @@ def onnx(
     weights: WeightsOpt = "random",
     out: Annotated[Path | None, typer.Option(help="artifact folder [default: artifacts/VARIANT]")] = None,
     precision: Annotated[str, typer.Option(
-        help="comma-separated: fp32 (always made), fp16, int8")] = "fp32",
+        help="comma-separated: fp32 (always made), fp16, int8, int8dyn (dynamic INT8: no calibration, "
+        "ONNX Runtime only)")] = "fp32",
     image_size: Annotated[int | None, typer.Option(help="input side [default: the variant's]")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, >= 17")] = DEFAULT_OPSET,
     batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size")] = "dynamic",

@@ -40,7 +40,7 @@ from cvt_ref.source import sha256_file
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = precisions.NAMES  # mixed: when `cvt-export tune` made it
+PRECISIONS = precisions.NAMES  # the opt-in ones (mixed, int8dyn): when made, or asked for by name
 BASELINE = ("torch", "fp32")
 
 
@@ -246,6 +246,7 @@ def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inpu
             head = inputs.images[:largest]
             alone = np.concatenate([runner(head[i:i + 1]) for i in range(len(head))])
             result.batch_consistency_max_abs = metrics.max_abs(alone, logits[:len(head)])
+            result.batch_consistency_cosine_min = float(metrics.cosine(alone, logits[:len(head)]).min())
             for batch in cfg.batches:
                 x = np.resize(inputs.images, (batch, *inputs.images.shape[1:]))
                 result.latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
@@ -286,8 +287,8 @@ def needed_onnx(cfg: BenchConfig) -> tuple[str, ...]:
     wanted = {"fp32"}
     for backend in cfg.backends:
         name = get_backend(backend).name
-        wanted |= {precisions.reads(p) for p in cfg.precisions
-                   if name in precisions.get(p).backends and name != "torch"}
+        wanted |= {precisions.reads(p) for p in cfg.precisions if name in precisions.get(p).backends
+                   and name != "torch" and (not precisions.get(p).opt_in or _made_when_asked(cfg, p))}
     return tuple(p for p in precisions.EXPORTED if p in wanted)
 
 
@@ -309,7 +310,10 @@ def prepare_artifacts(cfg: BenchConfig, step: Callable[[str], None]) -> Artifact
             folder.onnx(p)  # verifies hashes: a corrupt file is refused here
         return folder
     if folder is not None and same:  # add the missing precisions with the folder's own export settings
-        req = build.request_from_folder(folder, wanted)
+        # (only those: the files it has stay as they are, so adding a file that needs no calibration
+        # never needs the calibration images again)
+        missing = tuple(p for p in wanted if p == precisions.REFERENCE or not folder.has(p))
+        req = build.request_from_folder(folder, missing)
     else:
         req = build.BuildRequest(cfg.variant, weights, precisions=wanted)
     build.build(req, path, step=step)
@@ -343,6 +347,12 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> B
         return _measure(cfg, folder, progress)
 
 
+def _made_when_asked(cfg: BenchConfig, precision: str) -> bool:
+    """An opt-in precision the export makes (int8dyn) is made for this run when asked for by name
+    (not by the default list of every precision)."""
+    return cfg.precisions != PRECISIONS and precisions.get(precision).made_by == "export"
+
+
 def _only_tuned(asked: tuple[str, ...]) -> bool:
     """Only precisions `cvt-export tune` makes were asked for (their file is then required)."""
     return bool(asked) and all(precisions.get(p).tuned for p in asked)
@@ -351,8 +361,8 @@ def _only_tuned(asked: tuple[str, ...]) -> bool:
 def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str], None]) -> BenchReport:
     inputs = load_inputs(cfg.dataset, cfg.limit, folder.variant, folder.labels, golden=cfg.golden)
     alone = _only_tuned(cfg.precisions)
-    pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions  # a mix when made
-             if not precisions.get(p).tuned or folder.has(p) or alone]
+    pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions  # opt-in: when made
+             if not precisions.get(p).opt_in or folder.has(p) or alone or _made_when_asked(cfg, p)]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
     results: list[Result] = []
     reference: np.ndarray | None = None

@@ -54,8 +54,28 @@ def broken(row: Row, budgets: Sequence[metrics.Budget]) -> str:
     if fid is None:
         return "no fidelity figures"
     if budgets:
-        return ", ".join(f"misses {b}" for b in budgets if not b.holds(_figures(fid)))
-    return ", ".join(metrics.within_bounds(row.precision, _figures(fid)))
+        found = [f"misses {b}" for b in budgets if not b.holds(_figures(fid))]
+    else:
+        found = metrics.within_bounds(row.precision, _figures(fid))
+    return ", ".join([*found, *_batch_dependence(row, budgets)])
+
+
+def _batch_floor(precision: str, budgets: Sequence[metrics.Budget]) -> float | None:
+    """The cosine a row is held to: the --budget's, else the precision's bound."""
+    if budgets:
+        return max((b.value for b in budgets if b.metric == "cosine"), default=None)
+    return metrics.BOUNDS[precision].get("cosine_min")
+
+
+def _batch_dependence(row: Row, budgets: Sequence[metrics.Budget]) -> list[str]:
+    """A dynamic precision's answer for an image moves with the other images of its batch (and,
+    served with dynamic batching, with other users' requests): held to the cosine it is held to
+    against the reference, between each image alone and in the run's largest batch."""
+    cos = row.batch_consistency_cosine_min
+    floor = _batch_floor(row.precision, budgets)
+    if not precisions.get(row.precision).dynamic or cos is None or floor is None or cos >= floor:
+        return []
+    return [f"batch dependence: cosine {cos:.6g} between an image alone and in a batch < {floor:g}"]
 
 
 def within(row: Row, budgets: Sequence[metrics.Budget]) -> bool:
@@ -103,6 +123,11 @@ def _pick(report: BenchReport, best: Row, tied: list[Row], objective: str,
     why = ("fastest beyond the noise (95% intervals of the median separate from every other row's)"
            if not others else f"tied with {', '.join(others)} (no row is faster than these beyond the "
            "noise: 95% intervals of the median); the most faithful of them on the selection images")
+    if precisions.get(best.precision).dynamic and best.batch_consistency_cosine_min is not None:
+        largest = max(int(b) for b in report.batches)
+        why += (f"; its activation scales come from each batch: an image's answer alone and in a batch "
+                f"of {largest} agree to cosine {best.batch_consistency_cosine_min:.6f} (within the bound "
+                "it is held to; served with dynamic batching, other requests move it too)")
     stats = best.latency[batch]
     passed_over = [PassedOver(r.backend, r.precision, r.latency[batch].median_ms, broken(r, budgets))
                    for r in _deployable(report) if batch in r.latency

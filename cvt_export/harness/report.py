@@ -32,6 +32,7 @@ class Result:
     fidelity: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, float] | None = None
     batch_consistency_max_abs: float | None = None
+    batch_consistency_cosine_min: float | None = None
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     speedup: dict[str, float] = field(default_factory=dict)
     drift: list[dict[str, Any]] = field(default_factory=list)
