@@ -21,6 +21,7 @@ import numpy as np
 from cvt_export import artifacts, machine, metrics, precisions, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import bench
+from cvt_export.precisions import EXPORTED
 from cvt_export.records import BenchReport, Row
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
@@ -387,8 +388,7 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
         opts = ExportOptions(opset=export.get("opset") or DEFAULT_OPSET, image_size=export.get("image_size"),
                              batch=None if batch in (None, "dynamic") else int(batch))
         # The folder is the gate's own cache: replacing what another baseline left there is fine.
-        req = build.BuildRequest(variant, weights, precisions=("fp32", "fp16", "int8"), options=opts,
-                                 force=True)
+        req = build.BuildRequest(variant, weights, precisions=EXPORTED, options=opts, force=True)
         build.build(req, folder, step=progress)
     else:
         given = ArtifactFolder.open(artifacts_dir)
