@@ -474,6 +474,27 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class BenchSettings:
+    """What the run was asked for (cvt-bench's options, as `harness.bench.BenchConfig` holds them)."""
+
+    backends: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
+    batches: tuple[int, ...] = (1, 8)
+    variant: str = "cvt-13"
+    weights: str | None = None
+    artifacts: str | None = None
+    dataset: str | None = None
+    limit: int | None = None
+    golden: bool | None = field(default=None, metadata=OMIT)  # older files: not recorded
+    warmup: int = 3
+    iters: int | None = None
+    seconds: float = 2.0
+    threads: int | None = None
+    strict: bool = False
+    drift_images: int = 4
+
+
+@dataclass(frozen=True)
 class Baseline:
     backend: str
     precision: str
@@ -548,14 +569,14 @@ class BenchReport(Record):
     machine: Machine
     model: ModelSummary
     inputs: Inputs
-    settings: dict[str, Any]   # the run's BenchConfig, as given
+    settings: BenchSettings
     baseline: Baseline
     results: tuple[Row, ...] = ()
     recommendation: Recommendation | None = field(default=None, metadata=OMIT)
 
     @property
     def batches(self) -> list[str]:
-        return [str(b) for b in self.settings["batches"]]
+        return [str(b) for b in self.settings.batches]
 
     @property
     def ran(self) -> list[Row]:

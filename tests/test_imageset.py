@@ -177,7 +177,7 @@ def _report(*rows: records.Row) -> records.BenchReport:
     model = records.ModelSummary("cvt-13", records.Weights("random:0"), "a", "0" * 64)
     return records.BenchReport(created="now", machine=records.Machine("cpu", 2, ()), model=model,
                                inputs=records.Inputs("photos", 170, False, held_out_note="roles"),
-                               settings={"batches": [1, 8]}, baseline=records.Baseline("torch", "fp32"),
+                               settings=records.BenchSettings(), baseline=records.Baseline("torch", "fp32"),
                                results=rows)
 
 

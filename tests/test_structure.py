@@ -292,6 +292,73 @@ def test_the_precision_check_finds_planted_comparisons(tmp_path: Path) -> None:
                                                    "planted/rules.py:4"], found
 
 
+# --- records (issue #29): what reads cvt-bench's report, recommendation and profile reads fields ------
+
+# Module -> the functions left out (they check an untrusted file field by field before anything
+# uses it); cli/bench.py: only the functions that show these records (the served report is not one yet).
+RECORD_READERS = {"render/report.py": (), "render/recommendation.py": (), "render/profile.py": (),
+                  "harness/recommend.py": ("read", "_field")}
+CLI_SHOWING_RECORDS = ("main_command", "_recommend_and_write", "show", "profile")
+# Reads of other mappings that share a key name with a record's field, each named.
+UNRELATED = {("harness/recommend.py", "cosine_min"): "metrics.BOUNDS[precision], the bounds table"}
+
+
+def string_keyed_reads(path: Path, skip: tuple[str, ...] = (),
+                       only: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+    """Every `x["key"]` and `x.get("key")` with a literal string key, outside the functions in
+    `skip` (with `only`: inside the module's functions of those names), parsed with ast."""
+    found: list[tuple[int, str]] = []
+    tree = ast.parse(path.read_text(), str(path))
+
+    def text(node: ast.expr | None) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in skip:
+            return
+        key = None
+        if isinstance(node, ast.Subscript):
+            key = text(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            key = text(node.args[0]) if node.args else None
+        if key is not None:
+            found.append((node.lineno, key))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for node in tree.body if only else [tree]:
+        if not only or (isinstance(node, ast.FunctionDef) and node.name in only):
+            visit(node)
+    return found
+
+
+def test_the_report_recommendation_and_profile_are_read_as_fields() -> None:
+    """The renderers, the recommendation and cvt-bench's tables read records, not dictionaries."""
+    found = [f"{module}:{line} {key!r}" for module, skip in RECORD_READERS.items()
+             for line, key in string_keyed_reads(PACKAGE / module, skip) if (module, key) not in UNRELATED]
+    found += [f"cli/bench.py:{line} {key!r}"
+              for line, key in string_keyed_reads(PACKAGE / "cli" / "bench.py", only=CLI_SHOWING_RECORDS)]
+    assert found == []
+
+
+def test_the_field_check_finds_planted_string_reads(tmp_path: Path) -> None:
+    """It can fail: a subscript and a .get by a literal key are found, in and out of methods; a
+    left-out function, an attribute and a key held in a variable are not."""
+    planted = tmp_path / "render.py"
+    planted.write_text(
+        'def markdown(report, key):\n'
+        '    a = report["results"]\n'
+        '    b = report.inputs.get("sha256")\n'
+        '    c = report.results[0].name + report[key]\n'
+        'class R:\n'
+        '    def show(self, r):\n'
+        '        return r["latency"]["1"]\n'
+        'def read(raw):\n'
+        '    return raw["schema"]\n')
+    assert string_keyed_reads(planted, ("read",)) == [(2, "results"), (3, "sha256"), (7, "1"), (7, "latency")]
+    assert string_keyed_reads(planted, only=("read",)) == [(9, "schema")]
+
+
 def test_the_tables_exact_precisions_are_the_ones_held_to_max_abs() -> None:
     from cvt_export import precisions
 

@@ -51,9 +51,9 @@ def _header(report: BenchReport) -> list[str]:
         f"{m.cpu}, {m.cores} cores, ISA {' '.join(m.isa) or 'n/a'}; "
         + ", ".join(f"{k} {v}" for k, v in m.libraries.items()) + ".",
         f"Inputs: {inputs.images} images from {inputs.source} ({inputs.image_size}px, "
-        f"sha256 {inputs.sha256[:12]}); warm-up {settings['warmup']}, "
-        + (f"{settings['iters']} iterations" if settings["iters"] else f"{settings['seconds']} s")
-        + f" per batch size; threads {settings['threads'] or 'backend default'}. "
+        f"sha256 {inputs.sha256[:12]}); warm-up {settings.warmup}, "
+        + (f"{settings.iters} iterations" if settings.iters else f"{settings.seconds} s")
+        + f" per batch size; threads {settings.threads or 'backend default'}. "
         f"Speed-up: median latency of {report.baseline.backend} {report.baseline.precision} "
         "eager divided by this row's, same run.",
         "",
@@ -135,7 +135,7 @@ def _drift_table(report: BenchReport) -> list[str]:
         return []
     ends = _stage_ends([d.point for d in drifted[0].drift])
     lines = ["", "## Per-block drift (worst-image cosine vs PyTorch FP32 at each point)", "",
-             f"On the first {report.settings.get('drift_images', 4)} images. 'Grows most at' is the "
+             f"On the first {report.settings.drift_images} images. 'Grows most at' is the "
              "point where 1 − cosine rises most from the point before: where a loss starts.", "",
              "| backend | precision | " + " | ".join(ends) + " | grows most at |",
              "|---|---|" + "---|" * len(ends) + "---|"]
