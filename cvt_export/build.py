@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, calibration, imageset, metrics, precision, precisions, probes, validate
+from cvt_export import artifacts, calibration, derive, imageset, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.exporter import ExportOptions, export_fp32, graph_summary, tool_versions
 from cvt_export.runtime import ort_session, run_logits
@@ -52,12 +52,12 @@ class BuildRequest:
     precisions: tuple[str, ...] = ("fp32",)
     calib: Path | None = None
     calib_size: int | None = None
-    int8: precision.Int8Options = field(default_factory=precision.Int8Options)
+    int8: derive.Int8Options = field(default_factory=derive.Int8Options)
     force: bool = False  # replace an export of another source in the same folder
     outliers: int = 0    # cvt_ref's function-preserving outlier stress (channels per site)
     outlier_seed: int = 0
     # INT8: SmoothQuant strengths to choose from on the selection images (None in it: off);
-    # empty: `int8.smooth` as given. `cvt-export onnx` asks for precision.SMOOTH_CHOICES by default.
+    # empty: `int8.smooth` as given. `cvt-export onnx` asks for derive.SMOOTH_CHOICES by default.
     smooth_search: tuple[float | None, ...] = ()
 
 
@@ -178,9 +178,9 @@ def make_fp32(job: Job, step: Callable[[str], None]) -> Made:
 def make_fp16(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], None]) -> Made:
     name = FILES["fp16"]
     step("converting to FP16 (LayerNorm, Softmax, classifier kept FP32)")
-    derived = precision.to_fp16(fp32_path, job.staged / name)
+    derived = derive.to_fp16(fp32_path, job.staged / name)
     entry = {**file_entry(job.staged, derived.files, "fp16"), "from": fp32_sha,
-             "policy": {"fp32_ops": list(precision.FP32_OPS_IN_FP16), "fp32_nodes": "classifier",
+             "policy": {"fp32_ops": list(derive.FP32_OPS_IN_FP16), "fp32_nodes": "classifier",
                         "io": "float32"}}
     rows = list(range(len(job.images)))
     entry["validation"], warning = validate.measure(job.staged / name, "fp16", job.images, job.ref, rows,
@@ -193,14 +193,14 @@ def make_int8dyn(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str],
 
     name = FILES["int8dyn"]
     step("quantizing to dynamic INT8 (MatMul weights INT8 per channel, activations per batch at run time)")
-    derived = precision.to_int8_dynamic(fp32_path, job.staged / name)
+    derived = derive.to_int8_dynamic(fp32_path, job.staged / name)
     header = onnx.load(str(job.staged / name), load_external_data=False)
     entry = {**file_entry(job.staged, derived.files, "int8dyn"), "from": fp32_sha,
-             "policy": {"quantized_ops": list(precision.DYNAMIC_OPS), "weights": "int8 symmetric per-channel",
+             "policy": {"quantized_ops": list(derive.DYNAMIC_OPS), "weights": "int8 symmetric per-channel",
                         "activations": "uint8 per-tensor, range of each batch at run time",
                         "fp32": "Convs, attention MatMuls, LayerNorm, Softmax, GELU, residual Adds, "
                                 "classifier",
-                        "dynamic_matmuls": precision.dynamic_nodes(header)}}
+                        "dynamic_matmuls": derive.dynamic_nodes(header)}}
     rows = list(range(len(job.images)))
     entry["validation"], warning = validate.measure(job.staged / name, "int8dyn", job.images, job.ref, rows,
                                                     f"{len(rows)} bundled photos (no calibration images)")
@@ -218,7 +218,7 @@ def validation_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tu
 
 
 def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_path: Path,
-                pixels: imageset.Pixels | None, opts: precision.Int8Options, where: Path,
+                pixels: imageset.Pixels | None, opts: derive.Int8Options, where: Path,
                 step: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
     """The FP32 file Q/DQ is placed on: the export itself, or (SmoothQuant on) the export of the
     migrated model (same function, flatter activations), written to `where`."""
@@ -244,7 +244,7 @@ class Int8Remaker:
         entry = folder.entry("int8")  # an ArtifactError that says how to make it
         self.folder, self.model, self.scratch = folder, model, scratch
         policy = entry["policy"]
-        self.opts = precision.Int8Options(**{k: policy[k] for k in (
+        self.opts = derive.Int8Options(**{k: policy[k] for k in (
             "method", "percentile", "quantize_outputs", "depthwise", "attention") if k in policy},
             smooth=policy.get("smooth"))
         self.info = entry["calibration"]
@@ -274,7 +274,7 @@ class Int8Remaker:
         from dataclasses import replace
 
         assert self.cache is not None, "use Int8Remaker as a context manager"
-        return precision.to_int8(self.src, dst, self.pixels, replace(self.opts, keep=keep), self.cache).files
+        return derive.to_int8(self.src, dst, self.pixels, replace(self.opts, keep=keep), self.cache).files
 
 
 SMOOTH_TIE = 0.05  # relative difference in 1 - cosine below which two strengths are one
@@ -292,8 +292,8 @@ def selection_images(calib: calibration.CalibrationSet, variant: Variant) -> tup
 
 
 def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
-                     opts: precision.Int8Options, choices: tuple[float | None, ...],
-                     step: Callable[[str], None]) -> tuple[precision.Int8Options, dict[str, Any]]:
+                     opts: derive.Int8Options, choices: tuple[float | None, ...],
+                     step: Callable[[str], None]) -> tuple[derive.Int8Options, dict[str, Any]]:
     """Each SmoothQuant strength in `choices` (None: off) makes an INT8 file from the same
     calibration images, measured on the selection images; the least worst-image error wins, and
     strengths within SMOOTH_TIE of it are tied: the weakest migration among them is chosen (a
@@ -306,7 +306,7 @@ def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibratio
     pixels = calib.load(job.variant)
     figures: dict[str, dict[str, Any]] = {}
     for strength in choices:
-        label = precision.smooth_label(strength)
+        label = derive.smooth_label(strength)
         step(f"INT8 migration strength {label}: a candidate on the selection images")
         trial = replace(opts, smooth=strength)
         where = job.staged / f".smooth-{label}"
@@ -315,24 +315,24 @@ def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibratio
             cache, _ = calibration.usable_cache(calibration.cache_key(calib, job.variant, fp32_sha, trial),
                                                 where)
             src, _ = int8_source(job.model, job.variant, job.opts, fp32_path, pixels, trial, where, step)
-            precision.to_int8(src, where / FILES["int8"], pixels, trial, cache)
+            derive.to_int8(src, where / FILES["int8"], pixels, trial, cache)
             logits = run_logits(ort_session(where / FILES["int8"]), images)
             figures[label] = metrics.fidelity(ref, logits)
         finally:
             shutil.rmtree(where, ignore_errors=True)
-    error = {c: 1.0 - figures[precision.smooth_label(c)]["cosine_min"] for c in choices}
+    error = {c: 1.0 - figures[derive.smooth_label(c)]["cosine_min"] for c in choices}
     least = min(error.values())
     tied = [c for c in choices if error[c] <= least * (1 + SMOOTH_TIE)]
     best = min(tied, key=lambda c: -1.0 if c is None else c)  # the weakest migration among the tied
     how = (f"worst-image cosine on the selection images; strengths within {100 * SMOOTH_TIE:g}% of the "
            "least error (1 - cosine) are tied, and the weakest migration (off first) among them wins")
-    return replace(opts, smooth=best), {"chosen": precision.smooth_label(best), "on": note, "by": how,
-                                        "tied": [precision.smooth_label(c) for c in tied],
+    return replace(opts, smooth=best), {"chosen": derive.smooth_label(best), "on": note, "by": how,
+                                        "tied": [derive.smooth_label(c) for c in tied],
                                         "candidates": figures}
 
 
 def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
-              opts: precision.Int8Options, info: dict[str, Any], step: Callable[[str], None]) -> Made:
+              opts: derive.Int8Options, info: dict[str, Any], step: Callable[[str], None]) -> Made:
     name = FILES["int8"]
     cache, cache_warning = calibration.usable_cache(info["cache_key"], job.staged)
     step(f"calibrating INT8 (its ranges kept in {cache} for the next export of this model)"
@@ -343,7 +343,7 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
     if opts.smooth is not None:
         step(f"SmoothQuant migration (strength {opts.smooth})")
     src, smoothing = int8_source(job.model, job.variant, job.opts, fp32_path, pixels, opts, job.staged, step)
-    derived = precision.to_int8(src, job.staged / name, pixels, opts, cache, progress=step)
+    derived = derive.to_int8(src, job.staged / name, pixels, opts, cache, progress=step)
     if src != fp32_path:
         for f in src.parent.glob(src.name + "*"):
             f.unlink()
@@ -351,12 +351,12 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
 
     header = onnx.load(str(job.staged / name), load_external_data=False)
     entry = {**file_entry(job.staged, derived.files, "int8"), "from": fp32_sha, "calibration": info,
-             "policy": {"quantized_ops": list(precision.QUANTIZED_OPS), **asdict(opts),
+             "policy": {"quantized_ops": list(derive.QUANTIZED_OPS), **asdict(opts),
                         "smoothing": smoothing,
                         "fp32": "LayerNorm, Softmax, GELU, residual Adds, classifier",
                         "activations": "int8 symmetric per-tensor",
                         "weights": "int8 symmetric per-channel", "bias": "float32",
-                        "quantized_inputs_of": precision.quantized_nodes(header)}}
+                        "quantized_inputs_of": derive.quantized_nodes(header)}}
     rows, note = validation_rows(job.photos, calib)
     entry["validation"], warning = validate.measure(job.staged / name, "int8", job.images, job.ref,
                                                     rows, note)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cvt_export import artifacts, imageset
-from cvt_export.precision import Int8Options
+from cvt_export.derive import Int8Options
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import IMAGE_SUFFIXES, check_image, list_images
 from cvt_ref.source import sha256_file

@@ -37,11 +37,11 @@ import onnx
 from cvt_export import artifacts, build, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import TUNED, BackendUnavailable, get_backend, tuned_name
+from cvt_export.derive import QUANTIZED_OPS
 from cvt_export.errors import CvtError
 from cvt_export.harness import recommend, timing
 from cvt_export.harness.bench import run_all
 from cvt_export.metrics import Budget, within
-from cvt_export.precision import QUANTIZED_OPS
 from cvt_export.reference import reference_model
 from cvt_ref.model import CvT
 

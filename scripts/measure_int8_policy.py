@@ -4,7 +4,7 @@
 
 Runs ONNX Runtime (CPU EP, all graph optimizations) and OpenVINO (CPU, f32 inference
 precision, so INT8 is what the file says and nothing else is lowered) on the same inputs.
-The numbers back the default policy in cvt_export/precision.py; this is a measurement script,
+The numbers back the default policy in cvt_export/derive.py; this is a measurement script,
 not a test (speed belongs in reports, not in assertions).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import cvt_ref
-from cvt_export import build, calibration, precision
+from cvt_export import build, calibration, derive
 from cvt_export.machine import cpu_name
 from cvt_export.metrics import fidelity
 from cvt_export.runtime import ort_session, run_logits
@@ -29,10 +29,10 @@ from cvt_export.validate import reference_logits
 
 POLICIES = {
     "ORT default: Conv+MatMul inputs and outputs, depthwise too":
-        precision.Int8Options(quantize_outputs=True, depthwise=True),
-    "inputs only, depthwise too": precision.Int8Options(depthwise=True),
-    "inputs only, depthwise FP32 (default)": precision.Int8Options(),
-    "inputs only, depthwise and attention FP32": precision.Int8Options(attention=False),
+        derive.Int8Options(quantize_outputs=True, depthwise=True),
+    "inputs only, depthwise too": derive.Int8Options(depthwise=True),
+    "inputs only, depthwise FP32 (default)": derive.Int8Options(),
+    "inputs only, depthwise and attention FP32": derive.Int8Options(attention=False),
 }
 
 
@@ -80,7 +80,7 @@ def main() -> None:
             key = calibration.cache_key(calib, cvt_ref.get_variant("cvt-13"),
                                         result.manifest["files"]["model.onnx"]["sha256"], opts)
             out = Path(tmp) / "int8.onnx"
-            precision.to_int8(fp32, out, calib.load(cvt_ref.get_variant("cvt-13")), opts,
+            derive.to_int8(fp32, out, calib.load(cvt_ref.get_variant("cvt-13")), opts,
                               calibration.cache_path(key), tensorrt_rules=False)
             f_ort, f_ov, t_ort, t_ov = measure(out)
             rows.append((name, f_ort, f_ov, t_ort, t_ov))

@@ -17,7 +17,7 @@ import torch
 import cvt_ref
 from cvt_export import build
 from cvt_export.build import BuildRequest
-from cvt_export.precision import SMOOTH_CHOICES
+from cvt_export.derive import SMOOTH_CHOICES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may wait for the network
 torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -12,7 +12,7 @@ from PIL import Image
 from test_export import CVT13
 
 import cvt_ref
-from cvt_export import calibration, imageset, precision
+from cvt_export import calibration, derive, imageset
 from cvt_export import exporter as onnx_export
 from cvt_export.exporter import ExportOptions
 
@@ -23,10 +23,10 @@ def test_streamed_calibration_gives_the_ranges_of_the_whole_array(tmp_path: Path
     fp32 = tmp_path / "model.onnx"
     onnx_export.export_fp32(cvt_ref.create_model(variant, "random:5"), variant, fp32, ExportOptions())
     array = cvt_ref.preprocess_batch(photos[:4], variant).numpy()  # the whole set in memory: the oracle
-    precision.to_int8(fp32, tmp_path / "a.onnx", array, precision.Int8Options(), tmp_path / "a.json")
+    derive.to_int8(fp32, tmp_path / "a.onnx", array, derive.Int8Options(), tmp_path / "a.json")
     streamed = imageset.Pixels(tuple(imageset.file_items(photos[:4])), variant)
     heard: list[str] = []
-    precision.to_int8(fp32, tmp_path / "b.onnx", streamed, precision.Int8Options(), tmp_path / "b.json",
+    derive.to_int8(fp32, tmp_path / "b.onnx", streamed, derive.Int8Options(), tmp_path / "b.json",
                       progress=heard.append)
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     assert heard[-1] == "calibrating INT8 on 4 images (4/4)"

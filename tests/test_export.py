@@ -22,7 +22,7 @@ import torch
 from onnx import numpy_helper
 
 import cvt_ref
-from cvt_export import artifacts, build, calibration, machine, metrics, precision
+from cvt_export import artifacts, build, calibration, derive, machine, metrics
 from cvt_export import exporter as onnx_export
 from cvt_export.build import BuildRequest
 from cvt_export.exporter import ExportOptions
@@ -180,7 +180,7 @@ def test_int8_qdq_follows_tensorrt_explicit_quantization_rules(exported: Path) -
                 assert _initializer(proto, weight_dq.input[1]).size == w.shape[axis]
         elif n.op_type in ("LayerNormalization", "Softmax", "Gelu", "Add", "Gemm") or depthwise:
             assert not any(dequantized(i) for i in n.input), f"{n.op_type} {n.name} fed by DQ"
-    assert precision.tensorrt_qdq_problems(proto) == []
+    assert derive.tensorrt_qdq_problems(proto) == []
 
 
 def test_qdq_rule_check_catches_an_asymmetric_zero_point(exported: Path) -> None:
@@ -188,7 +188,7 @@ def test_qdq_rule_check_catches_an_asymmetric_zero_point(exported: Path) -> None
     dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
     zp = next(t for t in proto.graph.initializer if t.name == dq.input[2])
     zp.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(zp).shape, 3, np.int8), zp.name))
-    assert any("zero point" in p for p in precision.tensorrt_qdq_problems(proto))
+    assert any("zero point" in p for p in derive.tensorrt_qdq_problems(proto))
 
 
 def _scales(path: Path) -> dict[str, np.ndarray]:
@@ -221,7 +221,7 @@ def test_calibration_cache_is_reused_and_keyed(exported: Path, split: tuple[Path
     assert act and all(np.allclose(after[k], 2 * before[k], rtol=1e-3) for k in act)
     # Another method is another key: it calibrates.
     other = build.build(BuildRequest("cvt-13", "random:0", precisions=("int8",), calib=split[0],
-                                     int8=precision.Int8Options(method="percentile")), out)
+                                     int8=derive.Int8Options(method="percentile")), out)
     assert other.calibrated is True
 
 
@@ -358,13 +358,13 @@ def test_qdq_rule_check_flags_quantized_outputs(tmp_path: Path, photos: list[Pat
     onnx_export.export_fp32(model, variant, fp32, ExportOptions())
     images = cvt_ref.preprocess_batch(photos[:4], variant).numpy()
     ours, naive = tmp_path / "ours.onnx", tmp_path / "naive.onnx"
-    precision.to_int8(fp32, ours, images, precision.Int8Options(), tmp_path / "c1.json")
+    derive.to_int8(fp32, ours, images, derive.Int8Options(), tmp_path / "c1.json")
     with pytest.raises(onnx_export.ExportError, match="TensorRT would refuse"):
-        precision.to_int8(fp32, naive, images, precision.Int8Options(quantize_outputs=True),
+        derive.to_int8(fp32, naive, images, derive.Int8Options(quantize_outputs=True),
                           tmp_path / "c2.json")
-    precision.to_int8(fp32, naive, images, precision.Int8Options(quantize_outputs=True),
+    derive.to_int8(fp32, naive, images, derive.Int8Options(quantize_outputs=True),
                       tmp_path / "c2.json", tensorrt_rules=False)
-    problems = precision.tensorrt_qdq_problems(onnx.load(str(naive)))
+    problems = derive.tensorrt_qdq_problems(onnx.load(str(naive)))
     assert any("reaches" in p and "LayerNormalization" in p for p in problems)
 
 
@@ -377,10 +377,10 @@ def test_calibration_counts_its_images(tmp_path: Path, photos: list[Path]) -> No
     onnx_export.export_fp32(cvt_ref.create_model(variant, "random:5"), variant, fp32, ExportOptions())
     images = cvt_ref.preprocess_batch(photos[:3], variant).numpy()
     heard: list[str] = []
-    precision.to_int8(fp32, tmp_path / "q.onnx", images, precision.Int8Options(), tmp_path / "c.json",
+    derive.to_int8(fp32, tmp_path / "q.onnx", images, derive.Int8Options(), tmp_path / "c.json",
                       progress=heard.append)
     assert heard == [f"calibrating INT8 on 3 images ({k}/3)" for k in (1, 2, 3)]
     heard.clear()
-    made = precision.to_int8(fp32, tmp_path / "q2.onnx", images, precision.Int8Options(), tmp_path / "c.json",
+    made = derive.to_int8(fp32, tmp_path / "q2.onnx", images, derive.Int8Options(), tmp_path / "c.json",
                              progress=heard.append)
     assert heard == [] and not made.calibrated

@@ -19,7 +19,7 @@ import cvt_ref
 from cvt_export import build, imageset, smoothing
 from cvt_export.backends import get_backend
 from cvt_export.build import BuildRequest
-from cvt_export.precision import SMOOTH_CHOICES, Int8Options, tensorrt_qdq_problems
+from cvt_export.derive import SMOOTH_CHOICES, Int8Options, tensorrt_qdq_problems
 from helpers import cosine_rows, int8_backends, run_cli
 
 STRESSED = 4  # channels per site; cvt-13 has 13 blocks, a third of them (4) are stressed

@@ -169,7 +169,7 @@ def test_the_working_tiers_export_cache_follows_what_the_export_reads(
     import export_cache
 
     closure = {str(p.relative_to(ROOT)) for p in export_cache.source_closure("cvt_export.build")}
-    assert {"cvt_export/exporter.py", "cvt_export/precision.py", "cvt_export/smoothing.py",
+    assert {"cvt_export/exporter.py", "cvt_export/derive.py", "cvt_export/smoothing.py",
             "cvt_export/calibration.py", "cvt_export/options.py", "cvt_ref/model.py"} <= closure
     elsewhere = ("cvt_export/cli/", "cvt_export/harness/", "cvt_export/tune.py", "cvt_export/regress.py")
     assert not any(p.startswith(elsewhere) for p in closure)

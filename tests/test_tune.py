@@ -25,8 +25,8 @@ from PIL import Image, ImageEnhance
 
 import cvt_ref
 from cvt_export import imageset, metrics
+from cvt_export.derive import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
 from cvt_export.harness import recommend
-from cvt_export.precision import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
 from cvt_export.records import BenchReport
 from cvt_export.render.recommendation import markdown as render_recommendation
 from cvt_export.tune import block_nodes

@@ -266,7 +266,7 @@ class OpenVinoRunner(RunnerBase):
 
         import openvino as ov
 
-        from cvt_export.precision import gemm_model
+        from cvt_export.derive import gemm_model
 
         with tempfile.TemporaryDirectory(prefix="cvt-ov-gemm-") as tmp:
             path = Path(tmp) / "gemm.onnx"

@@ -125,7 +125,7 @@ class OrtRunner(RunnerBase):
     def gemm_rate(self, m: int, k: int, n: int, runs: int) -> float:
         import onnxruntime as ort
 
-        from cvt_export.precision import gemm_model
+        from cvt_export.derive import gemm_model
 
         session = ort_session(gemm_model(m, k, n, self.info.precision),
                               provider=self.provider, threads=self.threads)
