@@ -1,6 +1,6 @@
 """Export and benchmark toolchain for CvT. Importing it needs no backend SDK."""
 
 from cvt_export import startup  # noqa: F401  (first: a Ctrl-C while the command imports is one line)
-from cvt_export.errors import CvtError
+from cvt_ref.errors import CvtError
 
 __all__ = ["CvtError"]

@@ -30,11 +30,11 @@ import numpy as np
 
 from cvt_export import artifacts, metrics, precisions
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.errors import CvtError
 from cvt_export.harness import served
 from cvt_export.render import deploy as render
 from cvt_export.triton import TritonError
 from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
+from cvt_ref.errors import CvtError
 
 INSTANCES = (1, 2, 3)
 MAX_BATCH = (1, 2, 4, 8, 16, 32)

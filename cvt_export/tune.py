@@ -37,12 +37,13 @@ import onnx
 from cvt_export import artifacts, build, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import TUNED, BackendUnavailable, get_backend, tuned_name
+from cvt_export.clock import time_calls
 from cvt_export.derive import QUANTIZED_OPS
-from cvt_export.errors import CvtError
-from cvt_export.harness import recommend, timing
+from cvt_export.harness import recommend
 from cvt_export.harness.bench import run_all
 from cvt_export.metrics import Budget, within
 from cvt_export.reference import reference_model
+from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,7 @@ def time_interleaved(backend: str, where: Mapping[str, tuple[ArtifactFolder, str
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 run = functools.partial(runners[name], x)
-                samples[name] += timing.time_calls(run, warmup=0, iters=None, seconds=seconds / rounds,
-                                                   min_iters=2)
+                samples[name] += time_calls(run, warmup=0, iters=None, seconds=seconds / rounds, min_iters=2)
     return {name: {**metrics.latency_stats(t, batch), "rounds": rounds} for name, t in samples.items()}
 
 

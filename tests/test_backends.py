@@ -22,7 +22,7 @@ from cvt_export import build
 from cvt_export.backends import BackendError, BackendUnavailable, Runner, all_backends, get_backend
 from cvt_export.backends import openvino as ov_backend
 from cvt_export.backends import tensorrt as trt_backend
-from cvt_export.errors import CvtError
+from cvt_ref.errors import CvtError
 from cvt_ref.source import sha256_file
 from helpers import assert_user_error, cosine_rows, int8_backends, run_cli
 

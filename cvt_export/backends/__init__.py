@@ -326,17 +326,7 @@ def timed_median_ms(call: Any, runs: int) -> float:
     untimed calls for WARM_S seconds (at least two). A GEMM limit is a millisecond a call: two
     warm-up calls left the first of six back-to-back measurements 20% low (715 vs 851-902
     GMAC/s for OpenVINO INT8), the cores not yet at speed."""
-    import time
+    from cvt_export.clock import time_calls
 
-    start = time.perf_counter()
-    warm = 0
-    while warm < 2 or time.perf_counter() - start < WARM_S:
-        call()
-        warm += 1
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - start < TIMED_S:
-        t = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
+    times = time_calls(call, warmup=2, warm_seconds=WARM_S, iters=None, seconds=TIMED_S, min_iters=runs)
+    return float(np.median(times)) * 1000

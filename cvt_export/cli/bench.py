@@ -28,11 +28,11 @@ from cvt_export.cli.common import (
     stdout,
     user_errors,
 )
-from cvt_export.errors import CvtError
 from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
 from cvt_export.render import recommendation as render_recommendation
 from cvt_export.render import report as render_report
+from cvt_ref.errors import CvtError
 
 if TYPE_CHECKING:
     from cvt_export.harness.accuracy import PassConfig

@@ -20,8 +20,8 @@ from rich.table import Table
 
 from cvt_export import metrics
 from cvt_export.artifacts import ArtifactError, check_writable
-from cvt_export.errors import CvtError
 from cvt_export.startup import stop_on_signals
+from cvt_ref.errors import CvtError
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -25,8 +25,8 @@ from cvt_export.cli.common import (
     stdout,
     user_errors,
 )
-from cvt_export.errors import CvtError
 from cvt_export.options import CALIB_METHODS, DEFAULT_OPSET, SMOOTH_CHOICES, ExportOptions, Int8Options
+from cvt_ref.errors import CvtError
 
 if TYPE_CHECKING:
     from cvt_export.build import BuildResult

@@ -31,9 +31,9 @@ import cvt_ref
 from cvt_export import machine, precisions
 from cvt_export.artifacts import ArtifactFolder, atomic_write
 from cvt_export.backends import ATTENTION, BackendError, GemmLimit, Profile, Profiling, get_backend
-from cvt_export.errors import CvtError
 from cvt_export.records import ProfileReport
 from cvt_export.render.report import network_order
+from cvt_ref.errors import CvtError
 
 SCHEMA = ProfileReport.schema()
 GEMM_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",

@@ -6,32 +6,13 @@ already host float32 arrays when the call returns (GPU runners synchronize insid
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from cvt_export.clock import time_calls
 from cvt_export.metrics import latency_stats
-
-
-def time_calls(fn: Callable[[], object], *, warmup: int, iters: int | None, seconds: float,
-               min_iters: int = 3) -> list[float]:
-    """Per-call seconds after `warmup` calls: exactly `iters` calls, or as many as fit in `seconds`."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if iters is not None:
-            if len(times) >= iters:
-                break
-        elif time.perf_counter() - start >= seconds and len(times) >= min_iters:
-            break
-    return times
 
 
 def measure(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, warmup: int,
