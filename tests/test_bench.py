@@ -245,6 +245,23 @@ def test_a_fault_inside_the_network_is_located(exported: Path, tmp_path: Path) -
         assert before.cosine_min > 0.99999
 
 
+@pytest.mark.heavy
+def test_one_backend_alone_runs_what_it_has_a_path_for(exported: Path, tmp_path: Path) -> None:
+    """`cvt-bench --backend ort` (every precision by default) ran nothing and said "error: ort bf16:
+    ort has no bf16 path": the default list holds precisions a backend has no path for. Those are
+    listed as not run; one asked for by name is still refused."""
+    folder = copy_artifacts(exported, tmp_path)
+    quick = ["--artifacts", str(folder), "--batch", "1", "--iters", "1", "--warmup", "0", "--limit", "4"]
+    done = run_cli("cvt-bench", "--backend", "ort", *quick, "--out", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "r" / "report.json").read_text())["results"]
+    rows = {(r["backend"], r["precision"]): r for r in results}
+    assert all(rows["ort", p]["status"] == "ok" for p in ("fp32", "fp16", "int8"))
+    assert rows["ort", "bf16"]["status"] == "skipped" and "not run: ort bf16" in done.stdout
+    assert_user_error(run_cli("cvt-bench", "--backend", "ort", "--precision", "bf16", *quick,
+                              "--out", str(tmp_path / "r2")), "ort bf16: ort has no bf16 path")
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.slow
