@@ -7,7 +7,7 @@ renamed into place, with the manifest written last. A folder whose manifest alre
 the same source keeps the files that still verify, so asking for INT8 after FP32 does not
 export again. A folder holding an export of another model is only replaced with `force`.
 
-Each artifact is one function (`make_fp32`, `make_fp16`, `make_int8`) returning its manifest
+Each artifact is one function (`make_fp32`, `make_fp16`, `make_int8`, `make_int8dyn`) returning its manifest
 entry and the files it staged; `reusable` is the rule for keeping an old file, and
 `manifest_for` assembles the manifest.
 """
@@ -514,10 +514,17 @@ class _From:
     step: Callable[[str], None]
 
 
-def _fp16(f: _From) -> None:
-    """The FP16 file: kept when made from the same FP32 file, else converted."""
-    if not f.made.kept("fp16", fp32_sha=f.fp32_sha):
-        f.made.add(make_fp16(f.job, f.fp32_path, f.fp32_sha, f.step))
+FromFp32 = Callable[[Job, Path, str, Callable[[str], None]], Made]
+
+
+def _from_fp32(prec: str, make: FromFp32) -> Callable[[_From], None]:
+    """The maker of a file derived from the FP32 one alone (FP16, dynamic INT8): kept when made
+    from the same FP32 file, else made."""
+    def maker(f: _From) -> None:
+        if not f.made.kept(prec, fp32_sha=f.fp32_sha):
+            f.made.add(make(f.job, f.fp32_path, f.fp32_sha, f.step))
+
+    return maker
 
 
 def _int8(f: _From) -> None:
@@ -545,14 +552,9 @@ def _int8(f: _From) -> None:
     made.add(int8)
 
 
-def _int8dyn(f: _From) -> None:
-    """The dynamic INT8 file: kept when made from the same FP32 file, else quantized."""
-    if not f.made.kept("int8dyn", fp32_sha=f.fp32_sha):
-        f.made.add(make_int8dyn(f.job, f.fp32_path, f.fp32_sha, f.step))
-
-
 # Each exported precision's maker beyond the FP32 file (precisions.EXPORTED, in table order).
-_MAKERS: dict[str, Callable[[_From], None]] = {"fp16": _fp16, "int8": _int8, "int8dyn": _int8dyn}
+_MAKERS: dict[str, Callable[[_From], None]] = {
+    "fp16": _from_fp32("fp16", make_fp16), "int8": _int8, "int8dyn": _from_fp32("int8dyn", make_int8dyn)}
 
 
 def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: Mapping[str, Any],

@@ -65,6 +65,12 @@ class BenchConfig:
     threads: int | None = None
     strict: bool = False  # a backend asked for alone must run: its absence is an error
 
+    @property
+    def named(self) -> bool:
+        """A --precision list was given (the default holds every precision, opt-in ones and ones a
+        backend has no path for included)."""
+        return self.precisions != PRECISIONS
+
     def check(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
             raise BenchError(f"--batch {','.join(map(str, self.batches))}: batch sizes must be >= 1")
@@ -349,14 +355,14 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> B
 
 def _asked_for(cfg: BenchConfig, backend: str, precision: str) -> bool:
     """A row the user asked for: one the backend has a path for, or any row of a --precision
-    list they gave (the default list holds every precision, some of which a backend has no path for)."""
-    return precision in get_backend(backend).precisions or cfg.precisions != PRECISIONS
+    list they gave."""
+    return precision in get_backend(backend).precisions or cfg.named
 
 
 def _made_when_asked(cfg: BenchConfig, precision: str) -> bool:
     """An opt-in precision the export makes (int8dyn) is made for this run when asked for by name
     (not by the default list of every precision)."""
-    return cfg.precisions != PRECISIONS and precisions.get(precision).made_by == "export"
+    return cfg.named and precisions.get(precision).made_by == "export"
 
 
 def _only_tuned(asked: tuple[str, ...]) -> bool:
