@@ -9,7 +9,6 @@ a folder that no reader mistakes for a finished one. One writer at a time: a loc
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import fcntl
 import json
@@ -17,18 +16,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import cvt_ref
 from cvt_export import precisions
+from cvt_export.records import (
+    Calibration,
+    ExportSource,
+    FileEntry,
+    GraphSummary,
+    IrEntry,
+    Manifest,
+    ModelSummary,
+    RecordError,
+    Weights,
+)
 from cvt_ref.errors import CvtError
 from cvt_ref.source import sha256_file
 from cvt_ref.variants import Variant
 
 MANIFEST = "manifest.json"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = Manifest.VERSION
 LOCK = ".lock"
 
 
@@ -216,20 +225,30 @@ def staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read(out: Path, name: str = "manifest.json") -> dict[str, Any] | None:
-    """A manifest file if it is present, readable JSON of this schema; else None."""
+def _read(out: Path, name: str = MANIFEST) -> Manifest | None:
+    """A manifest file if it is present and readable JSON with an integer schema; else None. One
+    of a newer schema, or malformed, is an ArtifactError that says so."""
     try:
         data = json.loads((out / name).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), int):
         return None
-    return data
+    try:
+        return Manifest.from_json(data, str(out / name))
+    except RecordError as e:
+        raise ArtifactError(str(e) if "newer" in str(e) else f"{e}; re-export the folder") from None
 
 
-def commit(out: Path, staged: Path, files: list[str], manifest: dict[str, Any]) -> None:
-    """Move staged files into place and write the manifest last (under the lock)."""
+def withdraw(out: Path) -> None:
+    """Remove the folder's manifest (under the lock) before its files change: killed half-way, the
+    folder is then an unfinished export, never one that verifies with files missing."""
     (out / MANIFEST).unlink(missing_ok=True)
+
+
+def commit(out: Path, staged: Path, files: list[str], manifest: Manifest) -> None:
+    """Move staged files into place and write the manifest last (under the lock)."""
+    withdraw(out)
     mode = _file_mode()
     for name in files:
         os.chmod(staged / name, mode)  # onnx writes external data 0600; artifacts are shared
@@ -258,12 +277,6 @@ def inside(root: Path, name: object, what: str) -> Path:
     return path
 
 
-def _mapping(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ArtifactError(f"{what}: malformed (expected an object); re-export the folder")
-    return value
-
-
 @dataclass(frozen=True)
 class CalibrationImages:
     source: str | None            # "bundled photos" or the --calib folder
@@ -276,20 +289,33 @@ class CalibrationImages:
 SCRATCH_MANIFEST = ".scratch-manifest.json"  # never `manifest.json`: a scratch folder never opens
 
 
+def scratch_origin(folder: Path) -> str | None:
+    """The artifact folder a scratch folder (tune's) works for, as its manifest names it; None
+    when it has no readable scratch manifest. Read as a bare JSON object: a scratch manifest of an
+    earlier release may hold nothing else."""
+    try:
+        data = json.loads((folder / SCRATCH_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    origin = data.get("scratch_of") if isinstance(data, dict) else None
+    return origin if isinstance(origin, str) else None
+
+
 class ArtifactFolder:
     """One export's folder, opened and verified once; every other module takes this object.
 
-    It owns the file names, the manifest's schema, the entry per precision, the derived files
-    (OpenVINO IRs) and what each was made from, the lock (re-entrant within this object, refused at
-    once across processes) and every update. Every path it hands out is inside the folder.
+    It owns the file names, the manifest (a `records.Manifest`: it hands out records, never the
+    file's dictionaries), the entry per precision, the derived files (OpenVINO IRs) and what each
+    was made from, the lock (re-entrant within this object, refused at once across processes) and
+    every update. Every path it hands out is inside the folder.
     """
 
-    def __init__(self, path: Path, data: dict[str, Any], *, manifest_name: str = MANIFEST) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, manifest_name: str = MANIFEST) -> None:
         self.path = path
-        self._data = data
+        self._m = manifest
         self._manifest_name = manifest_name
         self._lock_depth = 0
-        self._check(data)
+        self._check(manifest)
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -300,21 +326,21 @@ class ArtifactFolder:
         if not out.is_dir():
             raise ArtifactError(f"{out}: no such artifact folder; create it with "
                                 f"`cvt-export onnx --out {out}`")
-        data = _read(out)
-        if data is None:
+        manifest = _read(out)
+        if manifest is None:
             hint = (" (it is tune's scratch, not an artifact folder)" if (out / SCRATCH_MANIFEST).exists()
                     else "")
             raise ArtifactError(f"{out}: no valid {MANIFEST}{hint}; the export did not finish or the folder "
                                 f"is not an artifact folder. Re-run `cvt-export onnx --out {out}`")
-        return cls(out, data)
+        return cls(out, manifest)
 
     @classmethod
     def existing(cls, path: Path) -> ArtifactFolder | None:
         """The folder's export if it has a readable manifest (for a writer deciding what to
         keep); None for a new or unfinished folder; ArtifactError for a manifest that names
-        paths outside the folder."""
-        data = _read(path) if path.is_dir() else None
-        return None if data is None else cls(path, data)
+        paths outside the folder or is of a newer cvt-export."""
+        manifest = _read(path) if path.is_dir() else None
+        return None if manifest is None else cls(path, manifest)
 
     @classmethod
     def is_export(cls, path: Path) -> bool:
@@ -330,39 +356,31 @@ class ArtifactFolder:
         where = Path(tempfile.mkdtemp(prefix=prefix, dir=parent.path))
         mark_scratch(where)
         files = {ONNX_FILES[p]: parent.entry(p) for p in kept}
-        data = {**{k: v for k, v in parent._data.items() if k not in ("files", IR_KEY)}, "files": files,
-                "scratch_of": str(parent.path)}
-        atomic_write(where / SCRATCH_MANIFEST, json.dumps(data, indent=1) + "\n")  # first: marks it ours
+        manifest = replace(parent._m, files=files, irs=None, scratch_of=str(parent.path))
+        _write_manifest(where, manifest, SCRATCH_MANIFEST)  # first: marks it ours
         for prec in kept:
             for name in parent.file_names(prec):
                 os.link(parent.file(name), where / name)
-        return cls(where, data, manifest_name=SCRATCH_MANIFEST)
+        return cls(where, manifest, manifest_name=SCRATCH_MANIFEST)
 
     def reload(self) -> None:
-        data = _read(self.path, self._manifest_name)
-        if data is None:
+        manifest = _read(self.path, self._manifest_name)
+        if manifest is None:
             raise ArtifactError(f"{self.path}: its {MANIFEST} disappeared or was damaged while in use")
-        self._check(data)
-        self._data = data
+        self._check(manifest)
+        self._m = manifest
 
-    def _check(self, data: dict[str, Any]) -> None:
-        """Every name the manifest holds stays inside the folder; entries are objects."""
+    def _check(self, manifest: Manifest) -> None:
+        """Every name the manifest holds stays inside the folder."""
         where = f"{self.path / self._manifest_name}"
-        for name, entry in _mapping(data.get("files", {}), f"{where} files").items():
-            _mapping(entry, f"{where} files[{name!r}]")
+        for name, entry in manifest.files.items():
             inside(self.path, name, where)
-            for extra in _mapping(entry.get("data_files", {}), f"{where} data_files"):
+            for extra in entry.data_files:
                 inside(self.path, extra, where)
-        for name, entry in _mapping(data.get(IR_KEY) or {}, f"{where} {IR_KEY}").items():
-            _mapping(entry, f"{where} {IR_KEY}[{name!r}]")
-            for f in _mapping(entry.get("sha256", {}), f"{where} {IR_KEY} sha256"):
+        for ir in (manifest.irs or {}).values():
+            for f in ir.sha256:
                 inside(self.path, f"{IR_KEY}/{f}", where)
-            inside(self.path, entry.get("onnx", ""), where)
-        for key in ("variant", "source", "weights"):
-            if key not in data:
-                raise ArtifactError(f"{where}: has no {key!r}; re-export the folder")
-        _mapping(data["source"], f"{where} source")
-        _mapping(data["weights"], f"{where} weights")
+            inside(self.path, ir.onnx, where)
 
     # --- what it holds ---------------------------------------------------------------------
 
@@ -370,80 +388,81 @@ class ArtifactFolder:
         return f"ArtifactFolder({str(self.path)!r})"
 
     @property
+    def manifest(self) -> Manifest:
+        """The whole manifest: for records that embed it and for listings."""
+        return self._m
+
+    @property
     def variant_name(self) -> str:
-        return str(self._data["variant"])
+        return self._m.variant
 
     @property
     def variant(self) -> Variant:
         """Its registry entry at the exported image size, with the checkpoint's own number of
         classes. Every reader of a folder asks here."""
-        source = self._data["source"]
+        source = self._m.source
         try:
-            variant = cvt_ref.get_variant(self.variant_name).at_size(source.get("image_size"))
+            variant = cvt_ref.get_variant(self.variant_name).at_size(source.image_size)
         except CvtError as e:
             raise ArtifactError(f"{self.path / MANIFEST}: {e}") from None
-        classes = source.get("num_classes") or len(self._data.get("labels") or []) or None
+        classes = source.num_classes or len(self._m.labels or ()) or None
         return variant.with_classes(int(classes)) if classes else variant
 
     @property
     def labels(self) -> list[str]:
         """The model's own class names (a fine-tuned head's, or ImageNet-1k's)."""
-        labels = self._data.get("labels")
+        labels = self._m.labels
         return list(labels) if labels else cvt_ref.class_names(self.variant.num_classes)
 
     @property
-    def source(self) -> dict[str, Any]:
+    def source(self) -> ExportSource:
         """What was exported (variant, size, classes, weights, activation, stress, opset, batch)."""
-        return copy.deepcopy(self._data["source"])
+        return self._m.source
 
     @property
-    def weights(self) -> dict[str, Any]:
-        return dict(self._data["weights"])
+    def weights(self) -> Weights:
+        return self._m.weights
 
     @property
     def weights_spec(self) -> str:
-        return str(self._data["weights"]["spec"])
+        return self._m.weights.spec
 
     @property
     def image_size(self) -> int:
         return int(self.variant.image_size)
 
     @property
-    def calibration(self) -> dict[str, Any] | None:
+    def calibration(self) -> Calibration | None:
         """The INT8 calibration record (source, files, content digests, cache key), if any."""
-        calib = self._data.get("calibration")
-        return copy.deepcopy(calib) if calib else None
+        return self._m.calibration
 
     @property
     def calibration_images(self) -> CalibrationImages:
         """Which images INT8 calibrated on (empty when there is no INT8 file)."""
-        calib = self._data.get("calibration") or {}
-        return CalibrationImages(calib.get("source"), tuple(calib.get("files") or ()),
-                                 tuple(calib.get("digests") or ()), tuple(calib.get("fingerprints") or ()),
-                                 calib.get("distinct"))
+        calib = self._m.calibration or Calibration()
+        return CalibrationImages(calib.source, calib.files, calib.digests, calib.fingerprints, calib.distinct)
 
     def has(self, precision: str) -> bool:
         name = ONNX_FILES.get(precisions.reads(precision))
-        return name is not None and name in self._data.get("files", {})
+        return name is not None and name in self._m.files
 
-    def entry(self, precision: str) -> dict[str, Any]:
-        """The manifest entry of a precision's ONNX file (a copy)."""
+    def entry(self, precision: str) -> FileEntry:
+        """The manifest entry of a precision's ONNX file."""
         if not self.has(precision):
             raise self._missing(precision)
-        return copy.deepcopy(self._data["files"][ONNX_FILES[precisions.reads(precision)]])
+        return self._m.files[ONNX_FILES[precisions.reads(precision)]]
 
     def sha256(self, precision: str) -> str:
-        return str(self.entry(precision)["sha256"])
+        return self.entry(precision).sha256
 
     def file_names(self, precision: str) -> list[str]:
         """The ONNX file of a precision and its external-data files."""
-        entry = self.entry(precision)
-        return [ONNX_FILES[precisions.reads(precision)], *entry.get("data_files", {})]
+        return [ONNX_FILES[precisions.reads(precision)], *self.entry(precision).data_files]
 
     def recorded_sha256(self, name: str) -> str | None:
         """The sha256 the manifest records for one of its ONNX files (None: not listed)."""
-        entry = self._data.get("files", {}).get(name)
-        return entry.get("sha256") if entry else None
+        entry = self._m.files.get(name)
+        return entry.sha256 if entry else None
 
     def file(self, name: str) -> Path:
         """A path in the folder for a plain relative name (refused when it would lead out)."""
@@ -451,18 +470,21 @@ class ArtifactFolder:
 
     @property
     def probes(self) -> dict[str, str]:
-        return dict(self._data.get("files", {}).get(ONNX_FILES["fp32"], {}).get("probes") or {})
+        entry = self._m.files.get(ONNX_FILES["fp32"])
+        return dict(entry.probes or {}) if entry else {}
 
-    def graph(self, precision: str) -> dict[str, Any]:
-        return dict(self.entry(precision)["graph"])
+    def graph(self, precision: str) -> GraphSummary:
+        graph = self.entry(precision).graph
+        if graph is None:
+            raise ArtifactError(f"{self.path / MANIFEST}: no graph recorded for {precision}; re-export it")
+        return graph
 
     def verify(self, precision: str) -> bool:
         """Whether the precision's files are present with the recorded sha256."""
         if not self.has(precision):
             return False
         entry = self.entry(precision)
-        digests = [(ONNX_FILES[precisions.reads(precision)], entry.get("sha256")),
-                   *entry.get("data_files", {}).items()]
+        digests = [(ONNX_FILES[precisions.reads(precision)], entry.sha256), *entry.data_files.items()]
         for fname, digest in digests:
             path = self.file(fname)
             if not path.is_file() or sha256_file(path) != digest:
@@ -474,12 +496,10 @@ class ArtifactFolder:
         INT8 file (calibration, migration, placement) it was re-made from."""
         if not self.has("mixed"):
             return None
-        made = self._data["files"][ONNX_FILES["mixed"]]
-        fp32 = self._data["files"].get(ONNX_FILES["fp32"], {}).get("sha256")
-        int8 = self._data["files"].get(ONNX_FILES["int8"], {}).get("sha256")
-        if made.get("from") != fp32:
+        made = self.entry("mixed")
+        if made.made_from != self.recorded_sha256(ONNX_FILES["fp32"]):
             return "made from another FP32 export"
-        if made.get("int8_from") != int8:
+        if made.int8_from != self.recorded_sha256(ONNX_FILES["int8"]):
             return "made from another INT8 file (re-calibrated or re-migrated since tune)"
         return None
 
@@ -508,42 +528,35 @@ class ArtifactFolder:
 
     def export_command(self, wanted: list[str]) -> str:
         """The `cvt-export onnx` command that re-makes this folder's files from the same source."""
-        source = self._data["source"]
-        parts = ["cvt-export onnx", f"--variant {self.variant_name}", f"--weights {source.get('weights')}"]
+        source = self._m.source
+        parts = ["cvt-export onnx", f"--variant {self.variant_name}", f"--weights {source.weights}"]
         try:
             base = cvt_ref.get_variant(self.variant_name)
         except CvtError:
             base = None
-        if base is not None and source.get("image_size") not in (None, base.image_size):
-            parts.append(f"--image-size {source['image_size']}")
-        if source.get("opset") is not None:
-            parts.append(f"--opset {source['opset']}")
-        if source.get("batch") not in (None, "dynamic"):
-            parts.append(f"--batch {source['batch']}")
-        have = {m.get("precision", "") for m in self._data.get("files", {}).values() if isinstance(m, dict)}
+        if base is not None and source.image_size not in (None, base.image_size):
+            parts.append(f"--image-size {source.image_size}")
+        if source.opset is not None:
+            parts.append(f"--opset {source.opset}")
+        if source.batch != "dynamic":
+            parts.append(f"--batch {source.batch}")
+        have = {m.precision for m in self._m.files.values()}
         chosen = sorted((set(wanted) | have) & set(precisions.EXPORTED), key=precisions.EXPORTED.index)
-        stress = source.get("outliers") or {}
-        if stress:
-            parts.append(f"--outliers {stress['channels']} --outlier-seed {stress['seed']}")
-        calib = self._data.get("calibration") or {}
-        if any(precisions.get(p).calibrated for p in chosen) and calib.get("source") not in (
-                None, "bundled photos"):
-            parts.append(f"--calib {calib['source']}")
+        if source.outliers:
+            parts.append(f"--outliers {source.outliers.channels} --outlier-seed {source.outliers.seed}")
+        calib = self._m.calibration or Calibration()
+        if any(precisions.get(p).calibrated for p in chosen) and calib.source not in (None, "bundled photos"):
+            parts.append(f"--calib {calib.source}")
         parts += [f"--precision {','.join(chosen)}", f"--out {self.path}"]
         return " ".join(parts)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> ModelSummary:
         """What a report or repository record says of the folder it was made from."""
-        return {"variant": self.variant_name, "weights": self.weights, "artifacts": str(self.path),
-                "onnx_sha256": self._data["files"][ONNX_FILES["fp32"]]["sha256"]}
+        return ModelSummary(self.variant_name, self.weights, str(self.path), self.sha256("fp32"))
 
-    def files(self) -> dict[str, dict[str, Any]]:
-        """File name -> manifest entry, for listings (copies)."""
-        return copy.deepcopy(self._data.get("files", {}))
-
-    def data(self) -> dict[str, Any]:
-        """The whole manifest (a copy): for records that embed it, never for indexing."""
-        return copy.deepcopy(self._data)
+    def files(self) -> dict[str, FileEntry]:
+        """File name -> manifest entry, for listings."""
+        return dict(self._m.files)
 
     def copy_to(self, dst: Path, kept: tuple[str, ...]) -> ArtifactFolder:
         """A new artifact folder at `dst` with the `kept` precisions' ONNX files (verified) and a
@@ -554,37 +567,36 @@ class ArtifactFolder:
             self.onnx(prec)
             for name in self.file_names(prec):
                 shutil.copy2(self.file(name), dst / name)
-            name = ONNX_FILES[precisions.reads(prec)]
-            files[name] = self._data["files"][name]
-        data = {**{k: v for k, v in self._data.items() if k != IR_KEY}, "files": copy.deepcopy(files)}
-        _write_manifest(dst, data)
-        return ArtifactFolder(dst, data)
+            files[ONNX_FILES[precisions.reads(prec)]] = self.entry(prec)
+        manifest = replace(self._m, files=files, irs=None)
+        _write_manifest(dst, manifest)
+        return ArtifactFolder(dst, manifest)
 
     # --- derived files (OpenVINO IRs) --------------------------------------------------------
 
-    def ir(self, name: str) -> dict[str, Any] | None:
-        entry = (self._data.get(IR_KEY) or {}).get(name)
-        return copy.deepcopy(entry) if entry else None
+    def ir(self, name: str) -> IrEntry | None:
+        return (self._m.irs or {}).get(name)
 
-    def irs(self) -> dict[str, dict[str, Any]]:
-        return copy.deepcopy(self._data.get(IR_KEY) or {})
+    def irs(self) -> dict[str, IrEntry]:
+        return dict(self._m.irs or {})
 
-    def record_ir(self, name: str, entry: dict[str, Any]) -> None:
-        inside(self.path, entry.get("onnx", ""), "IR record")
-        self.update(lambda m: m.setdefault(IR_KEY, {}).__setitem__(name, entry))
+    def record_ir(self, name: str, entry: IrEntry) -> None:
+        inside(self.path, entry.onnx, "IR record")
+        self.update(lambda m: replace(m, irs={**(m.irs or {}), name: entry}))
 
     def forget_irs(self) -> None:
         """Drop every IR record (their files are left to be overwritten): a scratch folder's
         candidate replaced the file they were made from."""
-        self.update(lambda m: m.pop(IR_KEY, None))
+        self.update(lambda m: replace(m, irs=None))
 
     def drop(self, precision: str) -> None:
         """Remove a precision's entry (its files stay until replaced)."""
-        self.update(lambda m: m["files"].pop(ONNX_FILES[precision], None))
+        name = ONNX_FILES[precision]
+        self.update(lambda m: replace(m, files={k: v for k, v in m.files.items() if k != name}))
 
-    def record_file(self, precision: str, entry: dict[str, Any]) -> None:
+    def record_file(self, precision: str, entry: FileEntry) -> None:
         """Add or replace one precision's entry (its files already in place)."""
-        self.update(lambda m: m["files"].__setitem__(ONNX_FILES[precision], entry))
+        self.update(lambda m: replace(m, files={**m.files, ONNX_FILES[precision]: entry}))
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -611,14 +623,13 @@ class ArtifactFolder:
     def locked_here(self) -> bool:
         return self._lock_depth > 0
 
-    def update(self, change: Callable[[dict[str, Any]], object]) -> None:
-        """Apply `change` to the manifest and rewrite it atomically, under the lock."""
+    def update(self, change: Callable[[Manifest], Manifest]) -> None:
+        """Replace the manifest by `change(manifest)` and rewrite it atomically, under the lock."""
         with self.lock():
-            data = copy.deepcopy(self._data)
-            change(data)
-            self._check(data)
-            atomic_write(self.path / self._manifest_name, json.dumps(data, indent=2) + "\n")
-            self._data = data
+            manifest = change(self._m)
+            self._check(manifest)
+            _write_manifest(self.path, manifest, self._manifest_name)
+            self._m = manifest
 
 
 IR_KEY = "openvino"
@@ -652,5 +663,5 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
-def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+def _write_manifest(out: Path, manifest: Manifest, name: str = MANIFEST) -> None:
+    atomic_write(out / name, json.dumps(manifest.to_json(), indent=2) + "\n")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,34 @@ from typing import Any
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, calibration, derive, imageset, metrics, precisions, probes, validate
+from cvt_export import (
+    artifacts,
+    calibration,
+    derive,
+    imageset,
+    metrics,
+    precisions,
+    probes,
+    records,
+    validate,
+)
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.exporter import ExportOptions, export_fp32, graph_summary, tool_versions
+from cvt_export.options import DEFAULT_OPSET
+from cvt_export.records import (
+    Calibration,
+    ExportSettings,
+    ExportSource,
+    FileEntry,
+    GraphSummary,
+    IrEntry,
+    Manifest,
+    Outliers,
+    Policy,
+    Preprocess,
+    Validation,
+    Weights,
+)
 from cvt_export.runtime import ort_session, run_logits
 from cvt_export.smoothing import migrated_file, smoothed
 from cvt_ref.model import CvT
@@ -38,9 +63,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = precisions.DEFAULT_EXPORT
 FILES = artifacts.ONNX_FILES
-# Source fields that name *what* was exported; a change of tool versions alone re-exports quietly.
-IDENTITY = ("variant", "image_size", "num_classes", "weights", "weights_sha256", "activation",
-            "outliers", "opset", "batch")
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,7 @@ class BuildRequest:
 @dataclass
 class BuildResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest | None = None
     made: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     calibrated: bool | None = None
@@ -76,7 +98,7 @@ class Made:
     """One artifact made in staging: its manifest entry, the staged files, a fidelity warning."""
 
     name: str
-    entry: dict[str, Any]
+    entry: FileEntry
     files: list[str]
     warning: str | None = None
     calibrated: bool | None = None
@@ -98,68 +120,56 @@ class Job:
 def request_from_folder(folder: ArtifactFolder, wanted: tuple[str, ...]) -> BuildRequest:
     """A request that re-makes (or adds to) a folder from its own recorded source and settings."""
     source = folder.source
-    batch = source.get("batch", "dynamic")
-    calib = folder.calibration or {}
-    opts = ExportOptions(opset=source["opset"], batch=None if batch == "dynamic" else int(batch),
-                         image_size=source.get("image_size"))
-    stress = source.get("outliers") or {}
-    return BuildRequest(folder.variant_name, source["weights"], activation=source.get("activation"),
+    calib = folder.calibration or Calibration()
+    opts = ExportOptions(opset=source.opset or DEFAULT_OPSET,
+                         batch=None if source.batch == "dynamic" else int(source.batch),
+                         image_size=source.image_size)
+    stress = source.outliers
+    return BuildRequest(folder.variant_name, source.weights,
+                        activation=source.activation,
                         options=opts, precisions=wanted,
-                        outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0),
-                        calib=(None if calib.get("source") in (None, "bundled photos")
-                               else Path(calib["source"])),
-                        calib_size=calib.get("asked"))
+                        outliers=stress.channels if stress else 0, outlier_seed=stress.seed if stress else 0,
+                        calib=None if calib.source in (None, "bundled photos") else Path(str(calib.source)),
+                        calib_size=calib.asked)
 
 
-def file_entry(folder: Path, files: list[str], prec: str) -> dict[str, Any]:
+def file_entry(folder: Path, files: list[str], prec: str, **made: Any) -> FileEntry:
+    """A file's manifest entry: its hash, size, external data and graph, and `made` (FileEntry's
+    other fields: what it was made from, how, its fidelity)."""
     name, data_files = files[0], files[1:]
-    return {
-        "precision": prec,
-        "sha256": sha256_file(folder / name),
-        "bytes": sum((folder / f).stat().st_size for f in files),
-        "data_files": {f: sha256_file(folder / f) for f in data_files},
-        "graph": graph_summary(folder / name),
-    }
+    return FileEntry(precision=prec, sha256=sha256_file(folder / name),
+                     bytes=sum((folder / f).stat().st_size for f in files),
+                     data_files={f: sha256_file(folder / f) for f in data_files},
+                     graph=records.parse(GraphSummary, graph_summary(folder / name), name), **made)
 
 
-def source_of(model: CvT, variant: Variant, opts: ExportOptions) -> dict[str, Any]:
+def source_of(model: CvT, variant: Variant, opts: ExportOptions) -> ExportSource:
     assert model.weights is not None
-    return {
-        "variant": variant.name, "image_size": variant.image_size, "num_classes": variant.num_classes,
-        "weights": model.weights.spec, "weights_sha256": model.weights.sha256,
-        "activation": model.activation, "opset": opts.opset, "outliers": outliers_of(model),
-        "batch": opts.batch if opts.batch is not None else "dynamic",
-        "tools": tool_versions(), "cvt_export": version("cvt-export"),
-    }
-
-
-def outliers_of(model: CvT) -> dict[str, Any] | None:
-    """The stress applied (channels, seed, factor range), for the manifest; None: none."""
     spec = model.outliers
-    return None if spec is None else {"channels": spec.channels, "seed": spec.seed,
-                                      "low": spec.low, "high": spec.high, "share": spec.share}
+    outliers = None if spec is None else Outliers(channels=spec.channels, seed=spec.seed, low=spec.low,
+                                                  high=spec.high, share=spec.share)
+    return ExportSource(
+        variant=variant.name, image_size=variant.image_size, num_classes=variant.num_classes,
+        weights=model.weights.spec, weights_sha256=model.weights.sha256,
+        activation=model.activation, opset=opts.opset, outliers=outliers,
+        batch=opts.batch if opts.batch is not None else "dynamic",
+        tools=tool_versions(), cvt_export=version("cvt-export"))
 
 
-def source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """What an export with source `new` would change about a folder exported from `old`."""
-    return [f"{k} {old.get(k)} → {new.get(k)}" for k in IDENTITY if old.get(k) != new.get(k)]
-
-
-def reusable(old_entry: Mapping[str, Any] | None, *, same_source: bool, fp32_sha: str | None = None,
+def reusable(old_entry: FileEntry | None, *, same_source: bool, fp32_sha: str | None = None,
              calib_key: str | None = None, int8_sha: str | None = None) -> bool:
     """Whether an old manifest entry may be kept (before its files are verified by sha256): same
     source; a derived file made from today's FP32 file; INT8 from the same calibration; tune's
     mix re-made from today's INT8 file (same calibration ranges, migration and placement)."""
     if old_entry is None or not same_source:
         return False
-    if fp32_sha is not None and old_entry.get("from") != fp32_sha:
+    if fp32_sha is not None and old_entry.made_from != fp32_sha:
         return False
-    if int8_sha is not None and old_entry.get("int8_from") != int8_sha:
+    if int8_sha is not None and old_entry.int8_from != int8_sha:
         return False
     if calib_key is None:
         return True
-    recorded = old_entry.get("calibration", {})
-    return recorded.get("request_key", recorded.get("cache_key")) == calib_key
+    return old_entry.calibration is not None and old_entry.calibration.key == calib_key
 
 
 def make_fp32(job: Job, step: Callable[[str], None]) -> Made:
@@ -168,24 +178,29 @@ def make_fp32(job: Job, step: Callable[[str], None]) -> Made:
     files = export_fp32(job.model, job.variant, job.staged / name, job.opts)
     step("validating on ONNX Runtime against PyTorch")
     figures = validate.validate_fp32(job.staged / name, job.images, job.ref, job.opts.batch)
-    entry = {**file_entry(job.staged, files, "fp32"),
-             "validation": {"backend": "onnxruntime-cpu", "images": len(job.images), **figures}}
+    validation = records.parse(Validation, {"backend": "onnxruntime-cpu", "images": len(job.images),
+                                            **figures}, "validation")
     step("locating block outputs in the graph (probe points for drift reports)")
-    entry["probes"] = probes.locate(job.staged / name, job.model, job.images[:1])
-    return Made(name, entry, files)
+    located = probes.locate(job.staged / name, job.model, job.images[:1])
+    return Made(name, file_entry(job.staged, files, "fp32", validation=validation, probes=located), files)
 
 
 def make_fp16(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], None]) -> Made:
     name = FILES["fp16"]
     step("converting to FP16 (LayerNorm, Softmax, classifier kept FP32)")
     derived = derive.to_fp16(fp32_path, job.staged / name)
-    entry = {**file_entry(job.staged, derived.files, "fp16"), "from": fp32_sha,
-             "policy": {"fp32_ops": list(derive.FP32_OPS_IN_FP16), "fp32_nodes": "classifier",
-                        "io": "float32"}}
-    rows = list(range(len(job.images)))
-    entry["validation"], warning = validate.measure(job.staged / name, "fp16", job.images, job.ref, rows,
-                                                    f"{len(rows)} bundled photos")
-    return Made(name, entry, derived.files, warning)
+    policy = Policy(fp32_ops=derive.FP32_OPS_IN_FP16, fp32_nodes="classifier", io="float32")
+    validation, warning = _measured(job, name, "fp16", f"{len(job.images)} bundled photos")
+    return Made(name, file_entry(job.staged, derived.files, "fp16", made_from=fp32_sha, policy=policy,
+                                 validation=validation), derived.files, warning)
+
+
+def _measured(job: Job, name: str, prec: str, note: str, rows: list[int] | None = None
+              ) -> tuple[Validation, str | None]:
+    """A staged file's fidelity against the reference on the job's photos (`rows`: all of them)."""
+    rows = list(range(len(job.images))) if rows is None else rows
+    figures, warning = validate.measure(job.staged / name, prec, job.images, job.ref, rows, note)
+    return records.parse(Validation, figures, f"{name} validation"), warning
 
 
 def make_int8dyn(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], None]) -> Made:
@@ -195,16 +210,14 @@ def make_int8dyn(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str],
     step("quantizing to dynamic INT8 (MatMul weights INT8 per channel, activations per batch at run time)")
     derived = derive.to_int8_dynamic(fp32_path, job.staged / name)
     header = onnx.load(str(job.staged / name), load_external_data=False)
-    entry = {**file_entry(job.staged, derived.files, "int8dyn"), "from": fp32_sha,
-             "policy": {"quantized_ops": list(derive.DYNAMIC_OPS), "weights": "int8 symmetric per-channel",
-                        "activations": "uint8 per-tensor, range of each batch at run time",
-                        "fp32": "Convs, attention MatMuls, LayerNorm, Softmax, GELU, residual Adds, "
-                                "classifier",
-                        "dynamic_matmuls": derive.dynamic_nodes(header)}}
-    rows = list(range(len(job.images)))
-    entry["validation"], warning = validate.measure(job.staged / name, "int8dyn", job.images, job.ref, rows,
-                                                    f"{len(rows)} bundled photos (no calibration images)")
-    return Made(name, entry, derived.files, warning)
+    policy = Policy(quantized_ops=derive.DYNAMIC_OPS, weights="int8 symmetric per-channel",
+                    activations="uint8 per-tensor, range of each batch at run time",
+                    fp32="Convs, attention MatMuls, LayerNorm, Softmax, GELU, residual Adds, classifier",
+                    dynamic_matmuls=derive.dynamic_nodes(header))
+    validation, warning = _measured(job, name, "int8dyn",
+                                    f"{len(job.images)} bundled photos (no calibration images)")
+    return Made(name, file_entry(job.staged, derived.files, "int8dyn", made_from=fp32_sha, policy=policy,
+                                 validation=validation), derived.files, warning)
 
 
 def validation_rows(photos: list[Path], calib: calibration.CalibrationSet) -> tuple[list[int], str]:
@@ -233,6 +246,14 @@ def int8_source(model: CvT, variant: Variant, export_opts: ExportOptions, fp32_p
     return src, summary
 
 
+def int8_options(policy: Policy) -> derive.Int8Options:
+    """The options an INT8 file was made with, as its policy records them (the defaults for what
+    a folder of an earlier version does not record; no migration unless recorded)."""
+    given = {k: getattr(policy, k) for k in ("method", "percentile", "quantize_outputs", "depthwise",
+                                              "attention") if getattr(policy, k) is not None}
+    return derive.Int8Options(**given, smooth=policy.smooth)
+
+
 class Int8Remaker:
     """Re-makes a folder's INT8 file with some nodes left in float (`cvt-export tune`): same
     model, calibration images, cached ranges and migration as the export recorded, so the only
@@ -243,11 +264,11 @@ class Int8Remaker:
     def __init__(self, folder: ArtifactFolder, model: CvT, scratch: Path) -> None:
         entry = folder.entry("int8")  # an ArtifactError that says how to make it
         self.folder, self.model, self.scratch = folder, model, scratch
-        policy = entry["policy"]
-        self.opts = derive.Int8Options(**{k: policy[k] for k in (
-            "method", "percentile", "quantize_outputs", "depthwise", "attention") if k in policy},
-            smooth=policy.get("smooth"))
-        self.info = entry["calibration"]
+        if entry.policy is None or entry.calibration is None:
+            raise artifacts.ArtifactError(f"{folder.path}: its INT8 entry records no calibration or policy; "
+                                          f"re-export it: `{folder.export_command(['int8'])}`")
+        self.opts = int8_options(entry.policy)
+        self.info = entry.calibration
         self.src = folder.onnx("fp32")
         self.pixels: imageset.Pixels | None = None
         self.cache: Path | None = None  # the calibration ranges, once entered
@@ -255,12 +276,12 @@ class Int8Remaker:
     def __enter__(self) -> Int8Remaker:
         req = request_from_folder(self.folder, ("int8",))
         calib, _ = calibration.calibration_set(req.calib, req.calib_size)
-        if calib.sha256 != self.info["sha256"]:
+        if calib.sha256 != self.info.sha256:
             raise calibration.CalibrationError(
-                f"calibration images in {self.info['source']} changed since the INT8 export; re-export")
+                f"calibration images in {self.info.source} changed since the INT8 export; re-export")
         variant = self.model.variant
         self.pixels = calib.load(variant)
-        self.cache, _ = calibration.usable_cache(self.info["cache_key"], self.scratch)
+        self.cache, _ = calibration.usable_cache(str(self.info.cache_key), self.scratch)
         self.src, _ = int8_source(self.model, variant, req.options, self.src, self.pixels, self.opts,
                                   self.scratch, lambda s: None)
         return self
@@ -332,9 +353,10 @@ def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibratio
 
 
 def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
-              opts: derive.Int8Options, info: dict[str, Any], step: Callable[[str], None]) -> Made:
+              opts: derive.Int8Options, info: Calibration, step: Callable[[str], None],
+              search: dict[str, Any] | None = None) -> Made:
     name = FILES["int8"]
-    cache, cache_warning = calibration.usable_cache(info["cache_key"], job.staged)
+    cache, cache_warning = calibration.usable_cache(str(info.cache_key), job.staged)
     step(f"calibrating INT8 (its ranges kept in {cache} for the next export of this model)"
          if not cache.is_file() else
          f"INT8 from the calibration ranges an earlier export of this model and these images kept in "
@@ -350,42 +372,37 @@ def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.Calib
     import onnx
 
     header = onnx.load(str(job.staged / name), load_external_data=False)
-    entry = {**file_entry(job.staged, derived.files, "int8"), "from": fp32_sha, "calibration": info,
-             "policy": {"quantized_ops": list(derive.QUANTIZED_OPS), **asdict(opts),
-                        "smoothing": smoothing,
-                        "fp32": "LayerNorm, Softmax, GELU, residual Adds, classifier",
-                        "activations": "int8 symmetric per-tensor",
-                        "weights": "int8 symmetric per-channel", "bias": "float32",
-                        "quantized_inputs_of": derive.quantized_nodes(header)}}
+    policy = Policy(quantized_ops=derive.QUANTIZED_OPS, method=opts.method, percentile=opts.percentile,
+                    quantize_outputs=opts.quantize_outputs, depthwise=opts.depthwise,
+                    attention=opts.attention,
+                    smooth=opts.smooth, keep=opts.keep, smoothing=smoothing,
+                    fp32="LayerNorm, Softmax, GELU, residual Adds, classifier",
+                    activations="int8 symmetric per-tensor", weights="int8 symmetric per-channel",
+                    bias="float32", quantized_inputs_of=derive.quantized_nodes(header), smooth_search=search)
     rows, note = validation_rows(job.photos, calib)
-    entry["validation"], warning = validate.measure(job.staged / name, "int8", job.images, job.ref,
-                                                    rows, note)
+    validation, warning = _measured(job, name, "int8", note, rows)
     warning = "; ".join(w for w in (cache_warning, warning) if w) or None
+    entry = file_entry(job.staged, derived.files, "int8", made_from=fp32_sha, calibration=info, policy=policy,
+                       validation=validation)
     return Made(name, entry, derived.files, warning, derived.calibrated)
 
 
-def manifest_for(source: dict[str, Any], model: CvT, variant: Variant, opts: ExportOptions,
-                 files: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
+def manifest_for(source: ExportSource, model: CvT, variant: Variant, opts: ExportOptions,
+                 files: dict[str, FileEntry], derived: dict[str, IrEntry]) -> Manifest:
     assert model.weights is not None
-    manifest = {
-        "schema": artifacts.MANIFEST_SCHEMA,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "source": source,
-        "variant": variant.name,
-        "weights": {"spec": model.weights.spec, "kind": model.weights.kind,
-                    "sha256": model.weights.sha256, "activation": model.activation},
-        "labels": cvt_ref.class_names(variant.num_classes, model.weights.id2label),
-        "export": {"exporter": "torch.onnx.export(dynamo=True)", **asdict(opts),
-                   "batchnorm": "folded into the depthwise convs"},
-        "preprocess": {"image_size": variant.image_size, "resize": variant.resize_size,
-                       "crop": variant.crop, "interpolation": "bicubic",
-                       "mean": list(variant.mean), "std": list(variant.std)},
-        "calibration": files.get(FILES["int8"], {}).get("calibration"),
-        "files": {n: files[n] for n in FILES.values() if n in files},
-        # OpenVINO IRs made from files that are still here stay valid
-        **({artifacts.IR_KEY: derived} if derived else {}),
-    }
-    return manifest
+    int8 = files.get(FILES["int8"])
+    return Manifest(
+        schema=artifacts.MANIFEST_SCHEMA, created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        source=source, variant=variant.name,
+        weights=Weights(model.weights.spec, model.weights.kind, model.weights.sha256, model.activation),
+        labels=tuple(cvt_ref.class_names(variant.num_classes, model.weights.id2label)),
+        export=ExportSettings(exporter="torch.onnx.export(dynamo=True)", opset=opts.opset, batch=opts.batch,
+                              image_size=opts.image_size, batchnorm="folded into the depthwise convs"),
+        preprocess=Preprocess(image_size=variant.image_size, resize=variant.resize_size, crop=variant.crop,
+                              interpolation="bicubic", mean=tuple(variant.mean), std=tuple(variant.std)),
+        calibration=int8.calibration if int8 else None,
+        files={n: files[n] for n in FILES.values() if n in files},
+        irs=derived or None)  # OpenVINO IRs made from files that are still here stay valid
 
 
 def build(req: BuildRequest, out: Path, step: Callable[[str], None] = lambda s: None) -> BuildResult:
@@ -417,7 +434,7 @@ def _build(req: BuildRequest, out: Path, step: Callable[[str], None],
     variant = model.variant.at_size(opts.image_size)
     source = source_of(model, variant, opts)
     _refuse_other_source(ArtifactFolder.existing(out), out, source, req.force)  # before the minute of work
-    result = BuildResult(out=out, manifest={})
+    result = BuildResult(out=out)
     result.warnings += [w for w in (calib_warning, calib.few_warning() if calib else None) if w]
 
     photos = cvt_ref.bundled_photos()
@@ -427,22 +444,22 @@ def _build(req: BuildRequest, out: Path, step: Callable[[str], None],
     with artifacts.locked(out), artifacts.staging(out) as staged:
         old = ArtifactFolder.existing(out)  # again, under the lock: what another writer left
         _refuse_other_source(old, out, source, req.force)
-        made = _Assembly(old, old is not None and old.source == source, result)
+        made = _Assembly(old, old is not None and old.source == source, result)  # tool versions too
         job = Job(model, variant, opts, photos, images, ref, staged)
         fp32 = FILES[precisions.REFERENCE]
         if not made.kept(precisions.REFERENCE):
             made.add(make_fp32(job, step))
         fp32_path = (staged if fp32 in result.made else out) / fp32
-        fp32_sha = made.files[fp32]["sha256"]
+        fp32_sha = made.files[fp32].sha256
         for prec in precisions.EXPORTED:  # in table order; each derived file from the FP32 one
             maker = _MAKERS.get(prec)
             if maker is not None and prec in req.precisions:
                 maker(_From(req, job, made, calib, fp32_path, fp32_sha, step))
         made.keep_the_rest(out, fp32_sha)
         made.remove_stale(out)
-        made_from = {entry["sha256"] for entry in made.files.values()}
+        made_from = {entry.sha256 for entry in made.files.values()}
         derived = {name: entry for name, entry in (old.irs() if old is not None else {}).items()
-                   if made.same_source and entry.get("from") in made_from}
+                   if made.same_source and entry.made_from in made_from}
         manifest = manifest_for(source, model, variant, opts, made.files, derived)
         artifacts.commit(out, staged, made.moved, manifest)
         result.manifest = manifest
@@ -457,13 +474,14 @@ class _Assembly:
     old: ArtifactFolder | None
     same_source: bool
     result: BuildResult
-    files: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
     moved: list[str] = field(default_factory=list)
 
     def kept(self, prec: str, **rule: Any) -> bool:
         old = self.old
         entry = old.entry(prec) if old is not None and old.has(prec) else None
-        if reusable(entry, same_source=self.same_source, **rule) and old is not None and old.verify(prec):
+        if entry is not None and reusable(entry, same_source=self.same_source, **rule) and old is not None \
+                and old.verify(prec):
             self.files[FILES[prec]] = entry
             self.result.reused.append(FILES[prec])
             return True
@@ -482,7 +500,7 @@ class _Assembly:
         for prec in set(precisions.EXPORTED) - {p for p in precisions.FILES if FILES[p] in self.files}:
             self.kept(prec, fp32_sha=fp32_sha)
         if FILES["int8"] in self.files:
-            mixed_kept = self.kept("mixed", fp32_sha=fp32_sha, int8_sha=self.files[FILES["int8"]]["sha256"])
+            mixed_kept = self.kept("mixed", fp32_sha=fp32_sha, int8_sha=self.files[FILES["int8"]].sha256)
             if not mixed_kept and self.old is not None and self.old.has("mixed"):
                 self.result.warnings.append(f"{FILES['mixed']} removed: it was made from another INT8 file; "
                                             f"re-run `cvt-export tune --artifacts {out}`")
@@ -496,7 +514,7 @@ class _Assembly:
                                         for f in old.file_names(p)]
         if stale:
             assert old is not None
-            (out / artifacts.MANIFEST).unlink(missing_ok=True)
+            artifacts.withdraw(out)
             for f in stale:
                 old.file(f).unlink(missing_ok=True)
 
@@ -540,14 +558,13 @@ def _int8(f: _From) -> None:
     if req.smooth_search:
         int8_opts, search = choose_smoothing(job, fp32_path, fp32_sha, calib, req.int8, req.smooth_search,
                                              step)
-    info = {"source": calib.source, "images": len(calib.items), "asked": calib.asked,
-            "sha256": calib.sha256, "method": req.int8.method,
-            "cache_key": calibration.cache_key(calib, job.variant, fp32_sha, int8_opts),
-            "request_key": asked, "files": calib.names, "digests": list(calib.digests),
-            "fingerprints": list(calib.fingerprints), "distinct": calib.distinct,
-            "minimum": imageset.MIN_CALIBRATION, "warning": calib.few_warning()}
-    int8 = make_int8(job, fp32_path, fp32_sha, calib, int8_opts, info, step)
-    int8.entry["policy"]["smooth_search"] = search
+    info = Calibration(source=calib.source, images=len(calib.items), asked=calib.asked, sha256=calib.sha256,
+                       method=req.int8.method,
+                       cache_key=calibration.cache_key(calib, job.variant, fp32_sha, int8_opts),
+                       request_key=asked, files=tuple(calib.names), digests=tuple(calib.digests),
+                       fingerprints=tuple(calib.fingerprints), distinct=calib.distinct,
+                       minimum=imageset.MIN_CALIBRATION, warning=calib.few_warning())
+    int8 = make_int8(job, fp32_path, fp32_sha, calib, int8_opts, info, step, search)
     made.result.calibrated = int8.calibrated
     made.add(int8)
 
@@ -557,11 +574,10 @@ _MAKERS: dict[str, Callable[[_From], None]] = {
     "fp16": _from_fp32("fp16", make_fp16), "int8": _int8, "int8dyn": _from_fp32("int8dyn", make_int8dyn)}
 
 
-def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: Mapping[str, Any],
-                         force: bool) -> None:
+def _refuse_other_source(old: ArtifactFolder | None, out: Path, source: ExportSource, force: bool) -> None:
     if old is None or force:
         return
-    changes = source_changes(old.source, source)
+    changes = old.source.changes(source)
     if changes:
         raise artifacts.ArtifactError(
             f"{out} holds an export of another source ({'; '.join(changes)}); pass --force to "

@@ -7,10 +7,11 @@ field is added once, here, and every reader and renderer gets it by name, checke
 
 A field's `metadata` may say how it is spelled in the file: `json` (the key, when it is not a
 Python name, e.g. "pass"), `omit` (left out of the file while it is None, as the writer leaves
-it out), `empty` (None written and read as `{}`).
+it out), `empty` (None written and read as `{}`), `rest` (a dict field that keeps the keys the
+record does not name, so a file of another minor version is rewritten without losing them).
 
-Records so far: the accuracy pass (its shards and its report), cvt-bench's report and its
-recommendation. The manifest is still a dict owned by `artifacts` (issue #29 moves it here).
+Records: the artifact folder's manifest, the accuracy pass (its shards and its report),
+cvt-bench's report, its recommendation and the profile.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
 from cvt_ref.errors import CvtError
+from cvt_ref.source import Activation
 
 R = TypeVar("R", bound="Record")
+T = TypeVar("T")
 
 
 class RecordError(CvtError):
@@ -50,6 +53,11 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return _convert(options[-1], value, where)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise RecordError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
@@ -79,9 +87,13 @@ def _build(cls: type[Any], data: Any, where: str) -> Any:
         raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    known = {f.metadata.get("json", f.name) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         key = f.metadata.get("json", f.name)
         if not f.init:
+            continue
+        if f.metadata.get("rest"):
+            kwargs[f.name] = {k: v for k, v in data.items() if k not in known and k != "schema"}
             continue
         if f.metadata.get("empty") and data.get(key) == {}:
             kwargs[f.name] = None
@@ -97,6 +109,9 @@ def _plain(value: Any) -> Any:
         out: dict[str, Any] = {"schema": value.schema()} if isinstance(value, Record) else {}
         for f in dataclasses.fields(value):
             v = getattr(value, f.name)
+            if f.metadata.get("rest"):
+                out.update(_plain(v))
+                continue
             if v is None and f.metadata.get("omit"):
                 continue
             out[f.metadata.get("json", f.name)] = {} if v is None and f.metadata.get("empty") else _plain(v)
@@ -432,7 +447,7 @@ class Weights:
     spec: str
     kind: str = ""
     sha256: str | None = None
-    activation: str | None = field(default=None, metadata=OMIT)  # older folders: none recorded
+    activation: Activation | None = field(default=None, metadata=OMIT)  # older folders: none recorded
 
 
 @dataclass(frozen=True)
@@ -649,3 +664,301 @@ class ProfileReport(Record):
     gemm_macs_per_image: float
     conv_macs_per_image: float | None = field(default=None, metadata=OMIT)  # older files: none
     batches: dict[str, BatchProfile] = field(default_factory=dict)
+
+
+# --- the artifact folder's manifest (artifacts.MANIFEST) ----------------------------------------
+# Read by `artifacts.ArtifactFolder` alone, which hands these records out. kw_only: the fields are
+# in the file's order; `rest` keeps what an earlier or later writer added that is not named here.
+
+REST: Any = {"rest": True}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outliers:
+    """cvt_ref's function-preserving outlier stress: channels per site, seed, factor range."""
+
+    channels: int
+    seed: int
+    low: float | None = field(default=None, metadata=OMIT)
+    high: float | None = field(default=None, metadata=OMIT)
+    share: float | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSource:
+    """What was exported: two folders with the same identity hold the same model."""
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("variant", "image_size", "num_classes", "weights",
+                                           "weights_sha256", "activation", "outliers", "opset", "batch")
+
+    variant: str
+    image_size: int | None = None
+    num_classes: int | None = None
+    weights: str
+    weights_sha256: str | None = None
+    activation: Activation | None = None
+    opset: int | None = None
+    outliers: Outliers | None = None
+    batch: int | str = "dynamic"
+    tools: dict[str, str] = field(default_factory=dict)
+    cvt_export: str | None = field(default=None, metadata=OMIT)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+    def changes(self, new: ExportSource) -> list[str]:
+        """What an export of `new` would change about a folder exported from this."""
+        def shown(s: ExportSource, k: str) -> Any:
+            v = getattr(s, k)
+            return _plain(v) if dataclasses.is_dataclass(v) else v
+        return [f"{k} {shown(self, k)} → {shown(new, k)}" for k in self.IDENTITY
+                if getattr(self, k) != getattr(new, k)]
+
+    def same_model(self, new: ExportSource) -> bool:
+        return not self.changes(new)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSettings:
+    exporter: str = ""
+    opset: int | None = None
+    batch: int | None = None
+    image_size: int | None = None
+    batchnorm: str = ""
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    image_size: int
+    resize: int
+    crop: str
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """The images INT8 calibrated on and the keys of its cached ranges (folders exported before
+    fingerprints or request keys lack them)."""
+
+    source: str | None = None            # "bundled photos" or the --calib folder
+    images: int | None = None
+    asked: int | None = None             # --calib-size
+    sha256: str | None = None            # of the set (names and bytes)
+    method: str | None = None
+    cache_key: str | None = None
+    request_key: str | None = field(default=None, metadata=OMIT)
+    files: tuple[str, ...] = ()
+    digests: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = field(default=(), metadata=OMIT)
+    distinct: int | None = field(default=None, metadata=OMIT)
+    minimum: int | None = field(default=None, metadata=OMIT)
+    warning: str | None = field(default=None, metadata=OMIT)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+    @property
+    def key(self) -> str | None:
+        """What an export asked for (options and images): the request key, or the cache key of a
+        folder exported before request keys."""
+        return self.request_key or self.cache_key
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output as the artifact declares it: a str dimension is dynamic (e.g. "batch")."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shape[0] if isinstance(self.shape[0], int) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphSummary:
+    opset: int | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    nodes: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    initializers: int = 0
+    parameters: int = 0
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Validation:
+    """A file's fidelity against PyTorch at export (FP32: max-abs per batch size; derived files:
+    cosine, top-1, max-abs on the named photos, with the bounds it was held to)."""
+
+    backend: str = ""
+    cosine_min: float | None = field(default=None, metadata=OMIT)
+    max_abs: float | dict[str, float] | None = None
+    top1_agreement: float | None = None
+    n: int | None = field(default=None, metadata=OMIT)
+    cosine_p5: float | None = field(default=None, metadata=OMIT)
+    top1_agreement_ci: tuple[float, ...] | None = field(default=None, metadata=OMIT)
+    images: int | None = None
+    on: str | None = field(default=None, metadata=OMIT)
+    bounds: dict[str, float] = field(default_factory=dict)
+    broken: tuple[str, ...] | None = field(default=None, metadata=OMIT)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """How a derived file was made: what is quantized or kept in float, and (INT8) the options
+    it was calibrated with, its migration and the strength search."""
+
+    quantized_ops: tuple[str, ...] | None = field(default=None, metadata=OMIT)
+    method: str | None = field(default=None, metadata=OMIT)
+    percentile: float | None = field(default=None, metadata=OMIT)
+    quantize_outputs: bool | None = field(default=None, metadata=OMIT)
+    depthwise: bool | None = field(default=None, metadata=OMIT)
+    attention: bool | None = field(default=None, metadata=OMIT)
+    smooth: float | None = field(default=None, metadata=OMIT)
+    keep: tuple[str, ...] | None = field(default=None, metadata=OMIT)
+    smoothing: dict[str, Any] | None = field(default=None, metadata=OMIT)
+    fp32_ops: tuple[str, ...] | None = field(default=None, metadata=OMIT)
+    fp32_nodes: str | None = field(default=None, metadata=OMIT)
+    io: str | None = field(default=None, metadata=OMIT)
+    fp32: str | None = field(default=None, metadata=OMIT)
+    activations: str | None = field(default=None, metadata=OMIT)
+    weights: str | None = field(default=None, metadata=OMIT)
+    bias: str | None = field(default=None, metadata=OMIT)
+    quantized_inputs_of: dict[str, int] | None = field(default=None, metadata=OMIT)
+    dynamic_matmuls: int | None = field(default=None, metadata=OMIT)
+    smooth_search: dict[str, Any] | None = field(default=None, metadata=OMIT)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    """One precision's ONNX file: its hash and size, its external-data files, its graph, what it
+    was made from, how, and its fidelity at export."""
+
+    precision: str
+    sha256: str
+    bytes: int | None = field(default=None, metadata=OMIT)
+    data_files: dict[str, str] = field(default_factory=dict)
+    graph: GraphSummary | None = field(default=None, metadata=OMIT)
+    # the FP32 file's sha256 (a derived file's)
+    made_from: str | None = field(default=None, metadata={"json": "from", "omit": True})
+    int8_from: str | None = field(default=None, metadata=OMIT)  # tune's mix: the INT8 file's sha256
+    calibration: Calibration | None = field(default=None, metadata=OMIT)
+    policy: Policy | None = field(default=None, metadata=OMIT)
+    validation: Validation | None = field(default=None, metadata=OMIT)
+    probes: dict[str, str] | None = field(default=None, metadata=OMIT)
+    tune: dict[str, Any] | None = field(default=None, metadata=OMIT)  # tune's decisions (the mix)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IrEntry:
+    """An OpenVINO IR made from one of the folder's ONNX files."""
+
+    made_from: str = field(metadata={"json": "from"})   # that ONNX file's sha256
+    onnx: str
+    openvino: str = ""
+    nncf: str | None = field(default=None, metadata=OMIT)         # an NNCF-quantized IR: its version
+    calibration: str | None = field(default=None, metadata=OMIT)  # and its calibration set's sha256
+    sha256: dict[str, str] = field(default_factory=dict)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """An artifact folder's `manifest.json`: `schema` is a plain integer (the folder's format)."""
+
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "artifact folder manifest"
+
+    schema: int = 1
+    created: str | None = field(default=None, metadata=OMIT)
+    source: ExportSource
+    variant: str
+    weights: Weights
+    labels: tuple[str, ...] | None = field(default=None, metadata=OMIT)
+    export: ExportSettings | None = field(default=None, metadata=OMIT)
+    preprocess: Preprocess | None = field(default=None, metadata=OMIT)
+    calibration: Calibration | None = None
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    irs: dict[str, IrEntry] | None = field(default=None, metadata={"json": "openvino", "omit": True})
+    scratch_of: str | None = field(default=None, metadata=OMIT)  # tune's scratch: the folder it works for
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "") -> Manifest:
+        where = where or cls.WHAT
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: not an {cls.WHAT} (expected a JSON object)")
+        schema = data.get("schema")
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise RecordError(f"{where}: not an {cls.WHAT} (schema {schema!r}, expected {cls.VERSION})")
+        if schema > cls.VERSION:
+            raise RecordError(f"{where}: written by a newer cvt-export (manifest schema {schema}; this one "
+                              f"reads {cls.VERSION} and older): upgrade cvt-export")
+        return typing.cast(Manifest, _build(cls, data, where))
+
+    def to_json(self) -> dict[str, Any]:
+        return typing.cast(dict[str, Any], _plain(self))
+
+    def entry(self, name: str) -> FileEntry | None:
+        return self.files.get(name)
+
+
+def parse(cls: type[T], data: object, where: str) -> T:
+    """A nested record (a manifest's file entry, its source) from its JSON object; a RecordError
+    that names `where` when it is not one."""
+    return typing.cast(T, _build(cls, data, where))
+
+
+def as_json(value: Any) -> Any:
+    """A nested record (or a value holding records) as the JSON its file holds."""
+    return _plain(value)
+
+
+# --- files a backend keeps beside the artifacts (each beside the file it describes) -----------
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizedGraph:
+    """ONNX Runtime's saved optimized graph: the artifact it was optimized from, and its own hash."""
+
+    made_from: str = field(metadata={"json": "from"})
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineProfile:
+    """A TensorRT engine's optimization profile (batch sizes) and workspace."""
+
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 1
+    workspace_gib: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineRecord:
+    """A TensorRT engine's sidecar: what it was built from, how, where, and its own hash."""
+
+    key: str
+    onnx: str
+    onnx_sha256: str
+    build: EngineProfile = field(default_factory=EngineProfile)
+    gpu: str = ""
+    compute_capability: str = ""
+    tensorrt: str = ""
+    sha256: str = ""
+
+
+def read_sidecar(cls: type[T], path: Path) -> T | None:
+    """A backend's sidecar record, or None when it is missing, unreadable or not that record (the
+    file it describes is then made again)."""
+    try:
+        return parse(cls, json.loads(path.read_text()), str(path))
+    except (OSError, ValueError, RecordError):
+        return None

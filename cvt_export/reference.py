@@ -18,11 +18,11 @@ def reference_model(folder: ArtifactFolder | str | Path) -> CvT:
     import cvt_ref
 
     folder = as_folder(folder)
-    weights = folder.weights
-    stress = folder.source.get("outliers") or {}
-    model = cvt_ref.create_model(folder.variant, weights["spec"], activation=weights.get("activation"),
-                                 outliers=stress.get("channels", 0), outlier_seed=stress.get("seed", 0))
-    if model.weights is not None and weights.get("sha256") and model.weights.sha256 != weights["sha256"]:
-        raise WeightsError(f"reference: {weights['spec']} is not the file {folder.path} was exported from "
+    weights, stress = folder.weights, folder.source.outliers
+    model = cvt_ref.create_model(folder.variant, weights.spec, activation=weights.activation,
+                                 outliers=stress.channels if stress else 0,
+                                 outlier_seed=stress.seed if stress else 0)
+    if model.weights is not None and weights.sha256 and model.weights.sha256 != weights.sha256:
+        raise WeightsError(f"reference: {weights.spec} is not the file {folder.path} was exported from "
                            "(sha256 differs); re-export or pass the original weights")
     return model

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts, machine, metrics, precisions, validate
+from cvt_export import artifacts, machine, metrics, precisions, records, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import bench
 from cvt_export.precisions import EXPORTED
@@ -170,18 +170,18 @@ def make_baseline(report: BenchReport, folder: ArtifactFolder, reference: np.nda
         results[_result_key(r)] = {"fidelity": fid, "tolerance": tolerance(r.precision, fid, images),
                                    "executed": r.executed, "latency_batch": int(largest),
                                    "median_ms": r.latency[largest].median_ms}
-    m = report.machine
+    m, source = report.machine, folder.source
     return {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": m.cpu, "cores": m.cores, "isa": list(m.isa), "libraries": m.libraries},
         "variant": folder.variant_name, "weights": folder.weights_spec,
-        "export": {k: v for k, v in folder.source.items() if k in ("opset", "batch", "image_size")},
+        "export": {"opset": source.opset, "batch": source.batch, "image_size": source.image_size},
         "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
                              "through cvt_ref.preprocess", "images": images,
                    "sha256": report.inputs.sha256},
         "reference": {"logits": encode(reference)},
-        "graphs": {name: entry["graph"] for name, entry in folder.files().items()},
+        "graphs": {name: records.as_json(entry.graph) for name, entry in folder.files().items()},
         "results": results,
     }
 
@@ -241,7 +241,7 @@ def _graphs(baseline: dict[str, Any], folder: ArtifactFolder) -> list[Finding]:
         if entry is None:
             found.append(Finding("fail", name, "not produced any more"))
             continue
-        new = entry["graph"]
+        new = records.as_json(entry.graph) or {}
         for field in ("opset", "inputs", "outputs", "nodes", "parameters"):
             if new.get(field) != old.get(field):
                 found.append(Finding("change", f"{name} {field}", f"{old.get(field)} → {new.get(field)}"))

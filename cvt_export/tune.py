@@ -21,7 +21,6 @@ calibration. Kept units run in FP32 (on OpenVINO with the f32 inference hint).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -230,11 +229,7 @@ def _remove_leftovers(folder: ArtifactFolder) -> None:
 
 
 def _earlier_scratch(stale: Path, origin: Path) -> bool:
-    try:
-        return (stale.is_dir() and not stale.is_symlink() and json.loads(
-            (stale / artifacts.SCRATCH_MANIFEST).read_text()).get("scratch_of") == str(origin))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return stale.is_dir() and not stale.is_symlink() and artifacts.scratch_origin(stale) == str(origin)
 
 
 @dataclass
@@ -419,8 +414,8 @@ def _decide(s: Search, held: Held, configs: list[Measured], sensitivity: dict[st
 
 def _record_mixed(scratch: ArtifactFolder, files: list[str]) -> None:
     """Record a new candidate in the scratch folder; its previous IR is no longer its own."""
-    entry = build.file_entry(scratch.path, files, "mixed")
-    entry.update({"from": scratch.sha256("fp32"), "int8_from": scratch.sha256("int8")})
+    entry = build.file_entry(scratch.path, files, "mixed", made_from=scratch.sha256("fp32"),
+                             int8_from=scratch.sha256("int8"))
     scratch.record_file("mixed", entry)
     scratch.forget_irs()
 
@@ -431,9 +426,8 @@ def _commit_mixed(folder: ArtifactFolder, tmp: Path, result: TuneResult) -> None
     with folder.lock():
         folder.drop("mixed")
         os.replace(tmp, folder.file(MIXED))
-        entry = build.file_entry(folder.path, [MIXED], "mixed")
-        entry.update({"from": folder.sha256("fp32"), "int8_from": folder.sha256("int8"),
-                      "tune": summary(result)})
+        entry = build.file_entry(folder.path, [MIXED], "mixed", made_from=folder.sha256("fp32"),
+                                 int8_from=folder.sha256("int8"), tune=summary(result))
         folder.record_file("mixed", entry)
 
 

@@ -19,6 +19,7 @@ from conftest import copy_artifacts
 
 import cvt_ref
 from cvt_export import build
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import BackendError, BackendUnavailable, Runner, all_backends, get_backend
 from cvt_export.backends import openvino as ov_backend
 from cvt_export.backends import tensorrt as trt_backend
@@ -123,9 +124,10 @@ def test_openvino_ir_is_recorded_and_a_truncated_one_is_rebuilt(exported: Path, 
     folder = tmp_path / "art"
     shutil.copytree(exported, folder)
     xml = ov_backend.make_ir(folder, "fp32")
-    manifest = json.loads((folder / "manifest.json").read_text())
+    made = ArtifactFolder.open(folder)
     bin_file = xml.with_suffix(".bin")
-    assert manifest["openvino"][xml.name]["from"] == manifest["files"]["model.onnx"]["sha256"]
+    ir = made.ir(xml.name)
+    assert ir is not None and ir.made_from == made.sha256("fp32") == sha256_file(folder / "model.onnx")
     good = bin_file.read_bytes()
     bin_file.write_bytes(good[: len(good) // 2])  # truncated
     with get_backend("openvino").compile(folder, "fp32") as runner:
@@ -251,8 +253,8 @@ def test_an_ir_from_another_openvino_version_is_rebuilt(exported: Path, tmp_path
     assert "made by another OpenVINO version" in caplog.text
     import openvino as ov
 
-    entry = json.loads((folder / "manifest.json").read_text())["openvino"][path.name]
-    assert entry["openvino"] == ov.__version__
+    entry = ArtifactFolder.open(folder).ir(path.name)
+    assert entry is not None and entry.openvino == ov.__version__
 
 
 # --- derived files follow their source ------------------------------------------------------
@@ -277,10 +279,10 @@ def test_derived_files_are_rebuilt_after_a_forced_reexport(exported: Path, tmp_p
     assert "--force" in refused.stderr and _tree(folder) == before
     # with --force: the ONNX file changes, and so does everything derived from it
     build.build(build.BuildRequest("cvt-13", "random:1", force=True), folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    new_sha = manifest["files"]["model.onnx"]["sha256"]
-    assert new_sha != before["model.onnx"] and "model.int8.onnx" not in manifest["files"]
-    assert not (folder / "model.int8.onnx").exists() and manifest["files"]["model.onnx"]["probes"]
+    manifest = ArtifactFolder.open(folder).manifest
+    new_sha = manifest.files["model.onnx"].sha256
+    assert new_sha != before["model.onnx"] and "model.int8.onnx" not in manifest.files
+    assert not (folder / "model.int8.onnx").exists() and manifest.files["model.onnx"].probes
     assert ov_backend.ir_stale(folder, "fp32") is not None
     for backend in ("ort", "openvino"):
         with get_backend(backend).compile(folder, "fp32") as run:

@@ -94,14 +94,14 @@ def test_metadata_and_manifest_describe_the_files(exported: Path) -> None:
     assert len(labels) == 1000 and labels[0] == cvt_ref.imagenet_labels()[0]
     assert "onnxruntime" in json.loads(meta["cvt.tools"])
 
-    manifest = json.loads((exported / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
-    for name, entry in manifest["files"].items():
-        assert entry["sha256"] == sha256_file(exported / name)
+    manifest = artifacts.ArtifactFolder.open(exported).manifest
+    assert set(manifest.files) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    for name, entry in manifest.files.items():
+        assert entry.sha256 == sha256_file(exported / name) and entry.graph is not None
         file_proto = onnx.load(str(exported / name), load_external_data=False)
-        assert entry["graph"]["ops"] == dict(Counter(n.op_type for n in file_proto.graph.node))
-        assert entry["graph"]["inputs"][0]["dtype"] == "float32"
-    assert manifest["calibration"]["images"] == 6
+        assert entry.graph.ops == dict(Counter(n.op_type for n in file_proto.graph.node))
+        assert entry.graph.inputs[0].dtype == "float32"
+    assert manifest.calibration is not None and manifest.calibration.images == 6
     assert not list(exported.glob(".staging-*")) and not list(exported.glob("*.tmp"))
 
 
@@ -304,9 +304,9 @@ def test_cli_exports_then_adds_a_precision_without_exporting_again(tmp_path: Pat
                      "--precision", "fp16", "--out", str(out))
     assert second.returncode == 0, second.stderr
     assert sha256_file(out / "model.onnx") == onnx_sha
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx"}
-    assert manifest["files"]["model.fp16.onnx"]["from"] == onnx_sha
+    files = artifacts.ArtifactFolder.open(out).files()
+    assert set(files) == {"model.onnx", "model.fp16.onnx"}
+    assert files["model.fp16.onnx"].made_from == onnx_sha
 
 
 @pytest.mark.slow

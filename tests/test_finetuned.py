@@ -19,6 +19,7 @@ from test_model import original_state_dict
 
 import cvt_ref
 from cvt_export import build, regress
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import get_backend
 from cvt_export.harness import bench
 from helpers import cosine_rows, int8_backends, run_cli
@@ -100,8 +101,8 @@ def exported10(folder10: Path, split: tuple[Path, list[Path]],
 def test_export_gives_10_logits_matching_transformers(exported10: Path, oracle10: np.ndarray,
                                                       batch_224: torch.Tensor, photos: list[Path],
                                                       split: tuple[Path, list[Path]]) -> None:
-    manifest = json.loads((exported10 / "manifest.json").read_text())
-    assert manifest["labels"] == LABELS and manifest["source"]["num_classes"] == 10
+    manifest = ArtifactFolder.open(exported10).manifest
+    assert manifest.labels == tuple(LABELS) and manifest.source.num_classes == 10
     proto = onnx.load(str(exported10 / "model.onnx"), load_external_data=False)
     out_dims = proto.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in out_dims][1] == 10

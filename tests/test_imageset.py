@@ -133,8 +133,8 @@ def test_bench_roles_follow_the_folders_calibration(exported: Path, split: tuple
                   if r == "calibration"}
     assert calibrated == {p.name for p in split[0].iterdir()}
     assert split_roles.sizes["selection"]["inputs"] and split_roles.sizes["confirmation"]["inputs"]
-    manifest = json.loads((exported / "manifest.json").read_text())
-    assert "fewer than" in manifest["calibration"]["warning"]
+    calib = ArtifactFolder.open(exported).calibration
+    assert calib is not None and "fewer than" in str(calib.warning)
 
 
 # --- intervals ---------------------------------------------------------------------------------

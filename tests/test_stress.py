@@ -17,6 +17,7 @@ import torch
 
 import cvt_ref
 from cvt_export import build, imageset, smoothing
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import get_backend
 from cvt_export.build import BuildRequest
 from cvt_export.derive import SMOOTH_CHOICES, Int8Options, tensorrt_qdq_problems
@@ -108,9 +109,10 @@ def test_stressed_export_on_ort_and_openvino(
     assert run_cli("cvt-export", "onnx", "--weights", str(folder), "--outliers", str(STRESSED),
                    "--precision", "int8", "--calib", str(split[0]), "--no-smooth",
                    "--out", str(naive)).returncode == 0
-    manifest = json.loads((naive / "manifest.json").read_text())
-    assert manifest["source"]["outliers"]["channels"] == STRESSED
-    assert manifest["files"]["model.int8.onnx"]["policy"]["smoothing"] is None
+    made = ArtifactFolder.open(naive)
+    assert made.source.outliers is not None and made.source.outliers.channels == STRESSED
+    policy = made.entry("int8").policy
+    assert policy is not None and policy.smoothing is None
     hot = {k for k, v in site_ratios(cvt_ref.create_model("cvt-13", folder, outliers=STRESSED),
                                      every[:2]).items() if v >= 10}
     for backend in int8_backends():
@@ -135,10 +137,10 @@ def test_migrated_int8_reaches_0999_on_stressed_random_weights(
     model (itself checked against transformers in test_model), on ORT and OpenVINO; the file
     still passes TensorRT's Q/DQ rules."""
     out = stressed
-    manifest = json.loads((out / "manifest.json").read_text())
-    policy = manifest["files"]["model.int8.onnx"]["policy"]
-    assert policy["smooth_search"]["chosen"] != "off"  # chosen on the selection images: migration
-    assert policy["smoothing"]["strength"] == float(policy["smooth_search"]["chosen"])
+    policy = ArtifactFolder.open(out).entry("int8").policy
+    assert policy is not None and policy.smooth_search and policy.smoothing
+    assert policy.smooth_search["chosen"] != "off"  # chosen on the selection images: migration
+    assert policy.smoothing["strength"] == float(policy.smooth_search["chosen"])
     assert not tensorrt_qdq_problems(onnx.load(str(out / "model.int8.onnx")))
     held_out = cvt_ref.preprocess_batch(list(split[1]), "cvt-13")
     with torch.inference_mode():
@@ -183,11 +185,13 @@ def test_migration_strength_is_chosen_per_model(tmp_path: Path) -> None:
         build.build(BuildRequest("cvt-13", str(weights), precisions=("fp32", "int8"), smooth_search=search,
                                  int8=Int8Options(smooth=strength)), out)
         made[label] = out
-    manifest = json.loads((made["auto"] / "manifest.json").read_text())
-    chosen = manifest["files"]["model.int8.onnx"]["policy"]["smooth_search"]["chosen"]
+    auto = ArtifactFolder.open(made["auto"])
+    policy = auto.entry("int8").policy
+    assert policy is not None and policy.smooth_search
+    chosen = policy.smooth_search["chosen"]
     assert chosen in ("off", "0.25"), chosen
     items = imageset.bundled_items()
-    calib = manifest["calibration"]["fingerprints"]
+    calib = auto.calibration_images.fingerprints
     confirmation = [it.image() for it, r in zip(items, imageset.roles(items, calib), strict=True)
                     if r == "confirmation"]
     x = cvt_ref.preprocess_batch(confirmation, "cvt-13")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from cvt_export import build, exporter, metrics, regress, validate
 from cvt_export.harness import bench
 from cvt_export.harness.report import Result
+from cvt_export.records import FileEntry
 from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,3 +406,139 @@ def test_a_precision_added_as_one_table_row_shows_up_everywhere(exported: Path, 
     refused = run_cli("cvt-export", "triton", "--artifacts", str(exported), "--runtime", "onnxruntime",
                       "--precision", "bf16", "--out", str(tmp_path / "repo"), env=env)
     assert refused.returncode == 2 and "fp32x" in refused.stderr, refused.stderr  # what onnxruntime serves
+
+
+# --- the manifest (issue #29): a record, read through ArtifactFolder alone --------------------
+
+def dictionary_accessors(cls: type) -> list[str]:
+    """The public methods and properties of `cls` whose declared result is, or holds, a dictionary
+    of anything (`dict[str, Any]`, a bare `dict`, `Any`): what a caller would read by key."""
+    import typing
+    from collections.abc import Mapping
+
+    def loose(hint: object) -> bool:
+        if hint is typing.Any or hint in (dict, Mapping):
+            return True
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (dict, Mapping) and args and args[-1] is typing.Any:
+            return True
+        return any(loose(a) for a in args)
+
+    found = []
+    for name, member in vars(cls).items():
+        if name.startswith("_"):
+            continue
+        function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+        if callable(function) and loose(typing.get_type_hints(function).get("return")):
+            found.append(name)
+    return found
+
+
+def test_the_folder_hands_out_records_not_dictionaries() -> None:
+    """Every accessor of ArtifactFolder returns a record (or plain values): with strict mypy, a
+    manifest field read by key anywhere in the package is a type error."""
+    from cvt_export.artifacts import ArtifactFolder
+
+    assert dictionary_accessors(ArtifactFolder) == []
+
+
+class _Planted:
+    def raw(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def loose(self) -> list[dict] | None:  # type: ignore[type-arg]
+        return None
+
+    def entry(self) -> FileEntry | None:
+        return None
+
+    def names(self) -> dict[str, str]:
+        return {}
+
+
+def test_the_accessor_check_finds_a_planted_dictionary() -> None:
+    assert dictionary_accessors(_Planted) == ["raw", "loose"]
+
+
+MANIFEST_NAMES = ("manifest.json", ".scratch-manifest.json", "MANIFEST", "SCRATCH_MANIFEST")
+
+
+def manifest_file_uses(package: Path) -> list[str]:
+    """Where a module other than artifacts.py names the manifest file (the literal file name, or
+    artifacts' constant for it), parsed with ast. A message that mentions the file is not a use:
+    its text is a longer string."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "artifacts.py":
+            continue
+        uses = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = (node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else
+                    node.attr if isinstance(node, ast.Attribute) else
+                    node.id if isinstance(node, ast.Name) else None)
+            if name in MANIFEST_NAMES:
+                uses.append((node.lineno, f"{path.relative_to(package.parent)}:{node.lineno} {name}"))
+        found += [text for _, text in sorted(uses)]
+    return found
+
+
+def test_no_module_but_the_folder_reads_or_writes_the_manifest() -> None:
+    """Only artifacts.py opens, writes or removes manifest.json (records.py defines its contents)."""
+    assert manifest_file_uses(PACKAGE) == []
+
+
+def test_the_manifest_check_finds_planted_uses(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "artifacts.py").write_text('MANIFEST = "manifest.json"\n')
+    (package / "reader.py").write_text(
+        'import json\n'
+        'from pkg import artifacts\n'
+        'def read(out, name):\n'
+        '    a = json.loads((out / "manifest.json").read_text())\n'
+        '    b = (out / artifacts.MANIFEST).unlink()\n'
+        '    raise ValueError(f"{out}: no valid manifest.json")\n')
+    assert manifest_file_uses(package) == ["pkg/reader.py:4 manifest.json", "pkg/reader.py:5 MANIFEST"]
+
+
+# The modules that take an artifact folder and read what it records, and the reads by a literal key
+# left in them: none is of the manifest (each is named with what it reads).
+FOLDER_READERS = ("artifacts.py", "build.py", "reference.py", "derive.py", "validate.py", "probes.py",
+                  "exporter.py", "calibration.py", "backends/__init__.py", "backends/torch.py",
+                  "backends/ort.py", "backends/openvino.py", "backends/tensorrt.py", "triton/repository.py")
+def _named(module: str, what: str, *keys: str) -> dict[tuple[str, str], str]:
+    return {(module, key): what for key in keys}
+
+
+FOLDER_UNRELATED = {
+    **_named("artifacts.py", "_read: the raw file's schema number, before the record is built", "schema"),
+    **_named("artifacts.py", "scratch_origin: an earlier release's scratch manifest (it may hold only this)",
+             "scratch_of"),
+    **_named("artifacts.py", "ONNX_FILES (precisions.FILES): a precision's file name", "fp32", "int8"),
+    **_named("build.py", "FILES (precisions.FILES)", "fp32", "fp16", "int8", "int8dyn", "mixed"),
+    **_named("build.py", "imageset.sizes(): the bundled set's roles", "selection", "inputs", "sources"),
+    **_named("build.py", "metrics.fidelity() of a SmoothQuant candidate, before it is recorded",
+             "cosine_min"),
+    **_named("validate.py", "validate_fp32's own summary of its batches", "top1_agreement"),
+    **_named("validate.py", "metrics.BOUNDS, the bounds table", "fp32"),
+    **_named("validate.py", "measure()'s figures, before the record is built", "broken"),
+    **_named("calibration.py", "os.environ", "CVT_EXPORT_CACHE", "XDG_CACHE_HOME"),
+    **_named("backends/ort.py", "RunnerInfo.details", "threads"),
+    **_named("backends/ort.py", "ONNX Runtime's profile (its own JSON)", "ts", "dur", "cat", "name", "args",
+             "input_type_shape", "op_name", "provider"),
+    **_named("backends/openvino.py", "OpenVINO's runtime model and compiled-model properties",
+             "originalLayersNames", "layerType", "INFERENCE_NUM_THREADS"),
+    **_named("triton/repository.py", "a Triton config's parameters and the repository's own record",
+             "precision_mode", "models", "backend", "threads", "precision"),
+}
+
+
+def test_what_reads_an_artifact_folder_reads_no_key_of_its_manifest() -> None:
+    """In the modules that take an artifact folder, no read by a literal key but the named ones
+    (and each named one is still there: the list does not outlive what it excuses)."""
+    reads = {module: string_keyed_reads(PACKAGE / module) for module in FOLDER_READERS}
+    found = [f"{module}:{line} {key!r}" for module, at in reads.items() for line, key in at
+             if (module, key) not in FOLDER_UNRELATED]
+    assert found == []
+    assert {(module, key) for module, at in reads.items() for _, key in at} >= set(FOLDER_UNRELATED)

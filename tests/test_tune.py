@@ -25,6 +25,7 @@ from PIL import Image, ImageEnhance
 
 import cvt_ref
 from cvt_export import imageset, metrics
+from cvt_export.artifacts import ArtifactFolder
 from cvt_export.derive import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
 from cvt_export.harness import recommend
 from cvt_export.records import BenchReport
@@ -47,9 +48,8 @@ def test_budgets_parse_and_judge() -> None:
 
 
 def test_blocks_partition_the_quantizable_nodes(exported: Path) -> None:
-    manifest = json.loads((exported / "manifest.json").read_text())
     proto = onnx.load(str(exported / "model.onnx"), load_external_data=False)
-    units = block_nodes(proto, manifest["files"]["model.onnx"]["probes"])
+    units = block_nodes(proto, ArtifactFolder.open(exported).probes)
     assert list(units) == [f"stage {s} block {b}" for s, d in enumerate((1, 2, 10)) for b in range(d)]
     names = [n for nodes in units.values() for n in nodes]
     assert len(names) == len(set(names))  # no node in two blocks
@@ -100,9 +100,10 @@ def test_tune_meets_the_budget_on_the_stressed_model(
                    "--limit", "100", timeout=1800)
     assert done.returncode == 0, done.stderr
     assert "mixed" in done.stdout
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert "model.mixed.onnx" in manifest["files"], done.stdout  # INT8 alone misses this budget
-    decided = manifest["files"]["model.mixed.onnx"]["tune"]
+    files = ArtifactFolder.open(folder).files()
+    assert "model.mixed.onnx" in files, done.stdout  # INT8 alone misses this budget
+    decided = files["model.mixed.onnx"].tune
+    assert decided is not None
     assert decided["budget"] == [f"cosine>={budget:g}"] and decided["search"].startswith("greedy")
     assert decided["margin"] == 0.2
     roles = decided["roles"]
@@ -149,7 +150,7 @@ def test_tune_meets_the_budget_on_the_stressed_model(
                     "--out", str(folder))
     assert again.returncode == 0, again.stderr
     assert "model.mixed.onnx removed: it was made from another INT8 file" in again.stderr
-    assert "model.mixed.onnx" not in json.loads((folder / "manifest.json").read_text())["files"]
+    assert "model.mixed.onnx" not in ArtifactFolder.open(folder).files()
     assert not (folder / "model.mixed.onnx").exists()
 
 

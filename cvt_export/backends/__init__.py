@@ -29,6 +29,7 @@ import numpy as np
 from cvt_export import precisions
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.precisions import kernel_precision as kernel_precision
+from cvt_export.records import TensorSpec as TensorSpec
 from cvt_ref.errors import CvtError
 
 
@@ -52,27 +53,10 @@ class RunnerInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """An input or output as the artifact declares it: a str dimension is dynamic (e.g. "batch")."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str = "float32"
-
-    @property
-    def fixed_batch(self) -> int | None:
-        return self.shape[0] if isinstance(self.shape[0], int) else None
-
-
 def onnx_io(folder: ArtifactFolder, precision: str) -> tuple[TensorSpec, TensorSpec]:
     """The input and output specs a precision's ONNX file records in the folder's manifest."""
     graph = folder.graph(precision)
-
-    def spec(d: Mapping[str, Any]) -> TensorSpec:
-        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
-
-    return spec(graph["inputs"][0]), spec(graph["outputs"][0])
+    return graph.inputs[0], graph.outputs[0]
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ from cvt_export.imageset import Pixels
 from cvt_export.machine import cpu_name, int8_dot_exact, isa
 from cvt_export.precisions import run_by
 from cvt_export.quiet import quiet_loggers
+from cvt_export.records import IrEntry
 from cvt_export.runtime import OUTPUT_NAME
 from cvt_ref.errors import first_line
 from cvt_ref.source import sha256_file
@@ -80,10 +82,10 @@ def _calibration_images(folder: ArtifactFolder) -> Pixels:
     if not info:
         raise BackendError(f"{folder.path}: no calibration set recorded; run "
                            f"`{folder.export_command(['int8'])}` first")
-    source = None if info["source"] == "bundled photos" else Path(info["source"])
-    calib, _ = calibration.calibration_set(source, info.get("asked"))
-    if calib.sha256 != info["sha256"]:
-        raise BackendError(f"calibration images in {info['source']} changed since the ONNX export; "
+    source = None if info.source in (None, "bundled photos") else Path(info.source)
+    calib, _ = calibration.calibration_set(source, info.asked)
+    if calib.sha256 != info.sha256:
+        raise BackendError(f"calibration images in {info.source} changed since the ONNX export; "
                            "re-run the INT8 export")
     return calib.load(folder.variant)
 
@@ -113,8 +115,7 @@ def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
             model = ov.convert_model(str(onnx_path))
         except Exception as e:  # the frontend raises its own types for files it cannot read
             raise BackendError(f"openvino: cannot convert {onnx_path}: {first_line(e)}") from None
-        details: dict[str, Any] = {"from": folder.sha256(onnx_precision),
-                                   "onnx": onnx_path.name, "openvino": ov.__version__}
+        made = IrEntry(made_from=folder.sha256(onnx_precision), onnx=onnx_path.name, openvino=ov.__version__)
         if precisions.get(ir).calibrated and int8_source == "nncf":
             try:
                 import nncf
@@ -126,15 +127,15 @@ def make_ir(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sour
             with quiet_loggers("nncf"):
                 model = nncf.quantize(model, nncf.Dataset(images.each(1)),
                                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
-            details.update({"nncf": nncf.__version__, "calibration": (folder.calibration or {})["sha256"]})
+            calib = folder.calibration
+            made = replace(made, nncf=nncf.__version__, calibration=calib.sha256 if calib else None)
         ov.save_model(model, str(staged / name), compress_to_fp16=precisions.get(ir).dtype == "float16")
         bin_name = name.replace(".xml", ".bin")
         folder.file(IR_DIR).mkdir(exist_ok=True)
         for f in (bin_name, name):  # xml last: it is what readers look for
             os.replace(staged / f, folder.file(f"{IR_DIR}/{f}"))
-        entry = {**details,
-                 "sha256": {f: sha256_file(folder.file(f"{IR_DIR}/{f}")) for f in (name, bin_name)}}
-        folder.record_ir(name, entry)
+        folder.record_ir(name, replace(made, sha256={f: sha256_file(folder.file(f"{IR_DIR}/{f}"))
+                                                     for f in (name, bin_name)}))
     return folder.file(f"{IR_DIR}/{name}")
 
 
@@ -148,14 +149,14 @@ def ir_stale(folder: ArtifactFolder | Path, precision: str, int8_source: Int8Sou
     entry = folder.ir(ir_name(precision, int8_source))
     if entry is None:
         return "not made yet"
-    source = folder.recorded_sha256(entry.get("onnx", ""))
+    source = folder.recorded_sha256(entry.onnx)
     fresh = all(folder.file(f"{IR_DIR}/{f}").is_file() and sha256_file(folder.file(f"{IR_DIR}/{f}")) == digest
-                for f, digest in entry["sha256"].items())
+                for f, digest in entry.sha256.items())
     if not fresh:
         return "missing, truncated or changed"
-    if source is None or entry.get("from") != source:
+    if source is None or entry.made_from != source:
         return "made from another export of its ONNX source"
-    if entry.get("openvino") != ov.__version__:
+    if entry.openvino != ov.__version__:
         return "made by another OpenVINO version"
     return None
 

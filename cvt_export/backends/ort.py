@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts
+from cvt_export import artifacts, records
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
@@ -33,6 +33,7 @@ from cvt_export.backends import (
 from cvt_export.machine import cpu_name
 from cvt_export.precisions import get as precision_of
 from cvt_export.precisions import run_by
+from cvt_export.records import OptimizedGraph
 from cvt_export.runtime import CPU, INPUT_NAME, OUTPUT_NAME, ort_session
 from cvt_ref.errors import first_line
 from cvt_ref.source import sha256_file
@@ -47,13 +48,10 @@ def optimized_copy(folder: ArtifactFolder, path: Path, device: str, source_sha: 
                    ) -> tuple[Path, Path | None]:
     """(where the optimized graph lives, where ORT should write it now or None if it is current)."""
     saved = folder.file(f"{OPT_DIR}/{path.stem}.{device}.opt.onnx")
-    record = saved.with_suffix(".json")
-    try:
-        meta = json.loads(record.read_text())
-        if meta.get("from") == source_sha and saved.is_file() and sha256_file(saved) == meta.get("sha256"):
-            return saved, None
-    except (OSError, ValueError):
-        pass
+    meta = records.read_sidecar(OptimizedGraph, saved.with_suffix(".json"))
+    if (meta is not None and meta.made_from == source_sha and saved.is_file()
+            and sha256_file(saved) == meta.sha256):
+        return saved, None
     try:
         saved.parent.mkdir(exist_ok=True)
         artifacts.check_writable(saved.parent, "optimized-graph folder")
@@ -88,8 +86,9 @@ class OrtRunner(RunnerBase):
             self.session = self._session(None)
         if tmp is not None and tmp.exists():
             os.replace(tmp, saved)
-            record = {"from": self.source_sha, "sha256": sha256_file(saved)}
-            artifacts.atomic_write(saved.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+            record = OptimizedGraph(made_from=self.source_sha, sha256=sha256_file(saved))
+            artifacts.atomic_write(saved.with_suffix(".json"),
+                                   json.dumps(records.as_json(record), indent=1) + "\n")
             self.save = (saved, None)
         used = self.threads or self.session.get_session_options().intra_op_num_threads or os.cpu_count()
         self.info.details["threads"] = used

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from cvt_export import artifacts
+from cvt_export import artifacts, records
 from cvt_export.artifacts import ArtifactFolder, as_folder
 from cvt_export.backends import (
     BackendError,
@@ -40,6 +40,7 @@ from cvt_export.backends import (
     onnx_io,
 )
 from cvt_export.precisions import run_by
+from cvt_export.records import EngineProfile, EngineRecord
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_ref.source import sha256_file
 
@@ -157,7 +158,7 @@ def build_engine(onnx_path: Path, image_size: int, opts: BuildOptions, timing_ca
 
 
 def engine_file(folder: ArtifactFolder | Path, precision: str, opts: BuildOptions
-                ) -> tuple[Path, bytes, dict[str, Any]]:
+                ) -> tuple[Path, bytes, EngineRecord]:
     """The cached engine for this artifact and these options, rebuilt when it is not trustworthy."""
     opts.check()
     trt_version = _require_trt()
@@ -171,19 +172,19 @@ def engine_file(folder: ArtifactFolder | Path, precision: str, opts: BuildOption
     engine_path = cache_dir / f"{onnx_path.stem}.{key}.engine"
     sidecar = engine_path.with_suffix(".json")
     if engine_path.is_file() and sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-        if meta.get("key") == key and meta.get("sha256") == sha256_file(engine_path):
+        meta = records.read_sidecar(EngineRecord, sidecar)
+        if meta is not None and meta.key == key and meta.sha256 == sha256_file(engine_path):
             return engine_path, engine_path.read_bytes(), meta
         log.warning("%s: does not match its record (truncated or changed); rebuilding", engine_path)
     with folder.lock():
         safe_gpu = "".join(c if c.isalnum() else "-" for c in gpu[0])
         timing = cache_dir / f"timing.{safe_gpu}.sm{gpu[1]}.trt{trt_version}.cache"
         blob = build_engine(onnx_path, folder.image_size, opts, timing, _logger())
-        meta = {"key": key, "onnx": onnx_path.name, "onnx_sha256": onnx_sha, "build": asdict(opts),
-                "gpu": gpu[0], "compute_capability": gpu[1], "tensorrt": trt_version,
-                "sha256": hashlib.sha256(blob).hexdigest()}
+        meta = EngineRecord(key=key, onnx=onnx_path.name, onnx_sha256=onnx_sha,
+                            build=EngineProfile(**asdict(opts)), gpu=gpu[0], compute_capability=gpu[1],
+                            tensorrt=trt_version, sha256=hashlib.sha256(blob).hexdigest())
         artifacts.atomic_write(engine_path, blob)
-        artifacts.atomic_write(sidecar, json.dumps(meta, indent=2) + "\n")
+        artifacts.atomic_write(sidecar, json.dumps(records.as_json(meta), indent=2) + "\n")
     return engine_path, blob, meta
 
 
@@ -294,7 +295,7 @@ class TensorRTBackend:
             if engine is None:
                 raise BackendError(f"tensorrt: cannot deserialize {path} even after rebuilding it")
         info = RunnerInfo(backend=self.name, precision=precision,
-                          executed=f"{precision} (strongly typed from {meta['onnx']})",
+                          executed=f"{precision} (strongly typed from {meta.onnx})",
                           device=f"cuda:0 {gpu[0]} (sm {gpu[1]})", artifact=str(path),
                           details={"tensorrt": trt_version, "build": asdict(opts),
                                    "cuda_graph": cuda_graph})

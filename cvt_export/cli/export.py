@@ -26,6 +26,7 @@ from cvt_export.cli.common import (
     user_errors,
 )
 from cvt_export.options import CALIB_METHODS, DEFAULT_OPSET, SMOOTH_CHOICES, ExportOptions, Int8Options
+from cvt_export.records import FileEntry, Validation
 from cvt_ref.errors import CvtError
 
 if TYPE_CHECKING:
@@ -161,6 +162,19 @@ def _fixed_batch(batch: str) -> int:
     return int(batch)
 
 
+def _fidelity_shown(entry: FileEntry) -> str:
+    """A file's fidelity at export: max-abs per batch for the reference's exact math, else cosine,
+    top-1 and max-abs on the named photos."""
+    val = entry.validation or Validation()
+    if precision_table.get(entry.precision).exact:
+        per_batch = val.max_abs if isinstance(val.max_abs, dict) else {}
+        return "max-abs " + ", ".join(f"{v:.1e} ({k})" for k, v in per_batch.items())
+    worst = val.max_abs if isinstance(val.max_abs, float) else 0.0
+    cosine = val.cosine_min if val.cosine_min is not None else float("nan")
+    return (f"cosine {cosine:.5f}, top-1 {100 * (val.top1_agreement or 0):.0f}%, max-abs {worst:.1e}\n"
+            f"[dim]on {val.on or ''}[/]")
+
+
 def _show_export(folder: Path, weights: str, result: BuildResult) -> None:
     """The folder's files: size, fidelity against PyTorch, made or reused; and the calibration's fate."""
     made = ArtifactFolder.open(folder)
@@ -168,15 +182,8 @@ def _show_export(folder: Path, weights: str, result: BuildResult) -> None:
     for col in ("file", "MB", "vs PyTorch FP32 (ONNX Runtime CPU)", "state"):
         table.add_column(col)
     for name, entry in made.files().items():
-        val = entry.get("validation", {})
-        if precision_table.get(entry["precision"]).exact:
-            figure = "max-abs " + ", ".join(f"{v:.1e} ({k})" for k, v in val.get("max_abs", {}).items())
-        else:
-            figure = (f"cosine {val.get('cosine_min', float('nan')):.5f}, top-1 "
-                      f"{100 * val.get('top1_agreement', 0):.0f}%, max-abs {val.get('max_abs', 0):.1e}\n"
-                      f"[dim]on {val.get('on', '')}[/]")
-        state = "reused" if name in result.reused else "made"
-        table.add_row(name, f"{entry['bytes'] / 1e6:.1f}", figure, state)
+        table.add_row(name, f"{(entry.bytes or 0) / 1e6:.1f}", _fidelity_shown(entry),
+                      "reused" if name in result.reused else "made")
     show_table(table)
     if result.calibrated is not None:
         how = "computed and cached" if result.calibrated else "reused from cache"
@@ -354,7 +361,7 @@ def trt(
     for prec in precision_table.parse(precision, trt_backend.BACKEND.precisions):
         with status(f"TensorRT engine {prec}"):
             path, _, meta = trt_backend.engine_file(folder, prec, opts)
-        stdout.print(f"{prec}: {path} (TensorRT {meta['tensorrt']}, {meta['gpu']})")
+        stdout.print(f"{prec}: {path} (TensorRT {meta.tensorrt}, {meta.gpu})")
 
 
 @app.command()

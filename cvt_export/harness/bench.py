@@ -19,7 +19,18 @@ from pathlib import Path
 import numpy as np
 
 import cvt_ref
-from cvt_export import artifacts, build, calibration, imageset, machine, metrics, precisions, probes, validate
+from cvt_export import (
+    artifacts,
+    build,
+    calibration,
+    imageset,
+    machine,
+    metrics,
+    precisions,
+    probes,
+    records,
+    validate,
+)
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import (
     BACKEND_MODULES,
@@ -413,7 +424,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
         "schema": REPORT_SCHEMA,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine.describe(),
-        "model": folder.summary(),
+        "model": records.as_json(folder.summary()),
         "inputs": {"source": inputs.source, "images": len(inputs.names),
                    "labelled": inputs.labels is not None, "accuracy_note": inputs.accuracy_note,
                    "sha256": inputs.sha256, "held_out_note": split.note, "roles": split.sizes,

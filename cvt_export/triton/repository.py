@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from cvt_export import artifacts, precisions
 from cvt_export.artifacts import ArtifactFolder
+from cvt_export.records import EngineRecord, as_json, read_sidecar
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_export.triton import TritonError
 from cvt_ref.source import sha256_file
@@ -37,6 +38,7 @@ from cvt_ref.source import sha256_file
 Runtime = Literal["python", "onnxruntime", "openvino", "tensorrt"]
 RUNTIMES: tuple[Runtime, ...] = ("python", "onnxruntime", "openvino", "tensorrt")
 RECORD = "cvt-repository.json"
+ENGINE_RECORD = "model.plan.json"  # a TensorRT engine's sidecar (records.EngineRecord), beside the plan
 RECORD_FILES = "files"
 IMAGE_INPUT = "image"
 LABELS_FILE = "labels.txt"
@@ -381,9 +383,9 @@ def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_pat
                 files[str(path.relative_to(staged))] = sha256_file(path)
         validate_repository(staged, names)
         record = {"schema": 1, "name": opts.name, "models": names, "options": asdict(opts),
-                  "source": folder.source, "artifact": str(folder.path), "onnx": onnx_path.name,
+                  "source": as_json(folder.source), "artifact": str(folder.path), "onnx": onnx_path.name,
                   "onnx_sha256": folder.sha256(opts.precision),
-                  "fidelity": folder.entry(opts.precision).get("validation"),
+                  "fidelity": as_json(folder.entry(opts.precision).validation),
                   "files": files, "replaced": replaced}
         for name in names:  # an earlier write of this name (checked above) moves out, then is removed
             if (out / name).exists():
@@ -421,7 +423,7 @@ def _write_model(folder: ArtifactFolder, opts: RepoOptions, version: Path) -> st
 
     path, _, meta = trt.engine_file(folder, opts.precision, trt.BuildOptions.up_to(opts.max_batch))
     shutil.copy2(path, version / "model.plan")
-    (version / "model.plan.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (version / ENGINE_RECORD).write_text(json.dumps(as_json(meta), indent=2) + "\n")
     return None
 
 
@@ -456,10 +458,13 @@ def validate_repository(repo: Path, names: list[str]) -> None:
         elif config.backend == "openvino":
             _check_ir(path, version / "model.xml", declared)
         elif config.platform == "tensorrt_plan":
-            meta = json.loads((version / "model.plan.json").read_text())
-            if config.max_batch_size > meta["build"]["max_batch"]:
+            meta = read_sidecar(EngineRecord, version / ENGINE_RECORD)
+            if meta is None:
+                raise TritonError(f"{path}: {version / ENGINE_RECORD} is missing or not an engine's record; "
+                                  "write the repository again")
+            if config.max_batch_size > meta.build.max_batch:
                 raise TritonError(f"{path}: max_batch_size {config.max_batch_size} exceeds the engine "
-                                  f"profile's {meta['build']['max_batch']}")
+                                  f"profile's {meta.build.max_batch}")
         elif config.platform == "ensemble":
             steps = [s.model_name for s in config.ensemble_scheduling.step]
             missing = [s for s in steps if not (repo / s / "config.pbtxt").is_file()]
