@@ -16,23 +16,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cvt_export import precisions
+
 T = TypeVar("T")
 
-# The one table of pass/fail bounds per precision, against PyTorch FP32 on the same images.
-# Export refuses an FP32 file and warns for FP16/INT8 outside them; cvt-bench flags a result
-# outside them; the regression gate never lets a tolerance fall below them. BF16 has three
-# fewer mantissa bits than FP16. INT8's top-1 bound allows one flip in ten: random weights give
-# near-flat logits whose top-1 flips under any quantization (trained heads agree far better).
-BOUNDS: Mapping[str, Mapping[str, float]] = {
-    "fp32": {"max_abs": 1e-4, "top1_agreement": 1.0},
-    "fp16": {"cosine_min": 0.9999, "top1_agreement": 1.0},
-    "bf16": {"cosine_min": 0.999, "top1_agreement": 1.0},
-    "int8": {"cosine_min": 0.995, "top1_agreement": 0.9},
-    "mixed": {"cosine_min": 0.995, "top1_agreement": 0.9},  # at least INT8's; tune adds its budget
-    # dynamic INT8 measured 0.99962-0.99967 on cvt-13 (docs/int8-and-tune.md); its batch dependence is
-    # held to the same cosine (cvt_export/harness/recommend.py)
-    "int8dyn": {"cosine_min": 0.998, "top1_agreement": 0.9},
-}
+# Each precision's pass/fail bounds against PyTorch FP32 on the same images: its row's own
+# (precisions.TABLE); this is the view by name that export, cvt-bench and the gate read.
+BOUNDS: Mapping[str, Mapping[str, float]] = {name: row.bounds for name, row in precisions.TABLE.items()}
 UPPER = frozenset({"max_abs"})  # bounds that are maxima; every other bound is a minimum
 
 

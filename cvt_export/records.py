@@ -962,3 +962,87 @@ def read_sidecar(cls: type[T], path: Path) -> T | None:
         return parse(cls, json.loads(path.read_text()), str(path))
     except (OSError, ValueError, RecordError):
         return None
+
+
+# --- the regression gate's baseline (reports/baseline/VARIANT.json) ------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class EncodedArray:
+    """A float32 array as the baseline stores it: little-endian bytes in base64, with its shape."""
+
+    dtype: str = "float32"
+    shape: tuple[int, ...]
+    base64: str
+
+
+@dataclass(frozen=True)
+class BaselineMachine:
+    cpu: str = ""
+    cores: int | None = None
+    isa: tuple[str, ...] = ()
+    libraries: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BaselineExport:
+    """The export options the baseline's artifacts were made with."""
+
+    image_size: int | None = None
+    opset: int | None = None
+    batch: int | str | None = "dynamic"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GoldenInputs:
+    recipe: str = ""
+    images: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BaselineReference:
+    logits: EncodedArray
+
+
+@dataclass(frozen=True)
+class BaselineFidelity:
+    max_abs: float
+    cosine_min: float
+    top1_agreement: float
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What today's run must meet: a maximum max-abs, minimum cosine and top-1 agreement."""
+
+    max_abs_max: float | None = field(default=None, metadata=OMIT)
+    cosine_min_min: float | None = field(default=None, metadata=OMIT)
+    top1_agreement_min: float | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineRow:
+    fidelity: BaselineFidelity
+    tolerance: Tolerance
+    executed: str = ""
+    latency_batch: int
+    median_ms: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegressBaseline(Record):
+    """The golden inputs' recipe and hash, the reference logits for them, each artifact's graph
+    signature, and per BACKEND/PRECISION the fidelity figures with tolerances and a latency."""
+
+    FAMILY: ClassVar[str] = "cvt-regress"
+    WHAT: ClassVar[str] = "cvt-regress baseline"
+
+    created: str = ""
+    machine: BaselineMachine | None = field(default=None, metadata=OMIT)  # the first baselines: none
+    variant: str
+    weights: str
+    export: BaselineExport
+    inputs: GoldenInputs
+    reference: BaselineReference
+    graphs: dict[str, GraphSummary]
+    results: dict[str, BaselineRow]

@@ -10,8 +10,10 @@ exits 0 (all holds), 1 (a regression or an unreviewed change) or 2 (bad input).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,20 @@ from cvt_export import artifacts, machine, metrics, precisions, records, validat
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import bench
 from cvt_export.precisions import EXPORTED
-from cvt_export.records import BenchReport, Row
+from cvt_export.records import (
+    BaselineExport,
+    BaselineFidelity,
+    BaselineMachine,
+    BaselineReference,
+    BaselineRow,
+    BenchReport,
+    EncodedArray,
+    GoldenInputs,
+    GraphSummary,
+    RegressBaseline,
+    Row,
+    Tolerance,
+)
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 
@@ -46,29 +61,29 @@ class Finding:
         return f"{'FAIL' if self.kind == 'fail' else 'CHANGED'} {self.what}: {self.detail}"
 
 
-def encode(a: np.ndarray) -> dict[str, Any]:
+def encode(a: np.ndarray) -> EncodedArray:
     a = np.ascontiguousarray(a, dtype="<f4")
-    return {"dtype": "float32", "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode()}
+    return EncodedArray(shape=tuple(a.shape), base64=base64.b64encode(a.tobytes()).decode())
 
 
-def decode(d: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(d["base64"], validate=True), dtype="<f4").reshape(d["shape"])
+def decode(d: EncodedArray) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(d.base64, validate=True), dtype="<f4").reshape(d.shape)
 
 
-def check_arrays(data: dict[str, Any], path: Path) -> None:
+def check_arrays(data: RegressBaseline, path: Path) -> None:
     """The stored reference logits decode to a finite float32[images, classes] array."""
     try:
-        ref = decode(data["reference"]["logits"])
-    except (KeyError, TypeError, ValueError) as e:
+        ref = decode(data.reference.logits)
+    except (TypeError, ValueError) as e:
         raise BaselineError(f"{path}: reference logits are corrupt ({type(e).__name__}: {e}); "
                             "regenerate the baseline with --update") from None
-    images = data["inputs"].get("images")
+    images = data.inputs.images
     if ref.ndim != 2 or ref.shape[0] != images or not np.isfinite(ref).all():
         raise BaselineError(f"{path}: reference logits have shape {list(ref.shape)} for {images} images "
                             "or are not finite; regenerate the baseline with --update")
 
 
-def load_baseline(path: Path) -> dict[str, Any]:
+def load_baseline(path: Path) -> RegressBaseline:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -76,132 +91,115 @@ def load_baseline(path: Path) -> dict[str, Any]:
                             f"--baseline {path}`") from None
     except (OSError, ValueError) as e:
         raise BaselineError(f"{path}: not a readable baseline ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise BaselineError(f"{path}: not a {SCHEMA} baseline (schema {data.get('schema')!r})"
-                            if isinstance(data, dict) else f"{path}: not a {SCHEMA} baseline")
-    for key in ("variant", "weights", "export", "inputs", "reference", "graphs", "results"):
-        if key not in data:
-            raise BaselineError(f"{path}: baseline lacks {key!r}; regenerate it with --update")
-    check_types(data, path)
-    check_arrays(data, path)
-    return data
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise BaselineError(f"{path}: not a {SCHEMA} baseline (schema {schema!r})" if isinstance(data, dict)
+                            else f"{path}: not a {SCHEMA} baseline")
+    try:
+        baseline = RegressBaseline.from_json(data, str(path))
+    except records.RecordError as e:
+        raise BaselineError(f"{e}; fix it or regenerate the baseline with --update") from None
+    check_values(baseline, path)
+    check_arrays(baseline, path)
+    return baseline
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+def _finite(value: float | None) -> bool:
+    return value is None or bool(np.isfinite(value))
 
 
-def check_types(data: dict[str, Any], path: Path) -> None:
-    """Every field the gate reads has the type it needs, before anything runs: a baseline edited
-    by hand (a string where a number belongs) is bad input, not a regression."""
+def check_values(data: RegressBaseline, path: Path) -> None:
+    """What the record's types do not say, before anything runs: a baseline edited by hand (a
+    negative count, an unknown precision, NaN) is bad input, not a regression."""
     def bad(where: str, want: str) -> BaselineError:
         return BaselineError(f"{path}: {where} must be {want}; fix it or regenerate the baseline "
                              "with --update")
 
-    for key in ("variant", "weights"):
-        if not isinstance(data[key], str):
-            raise bad(key, "a string")
-    for key in ("export", "inputs", "reference", "graphs", "results"):
-        if not isinstance(data[key], dict):
-            raise bad(key, "an object")
-    images, digest = data["inputs"].get("images"), data["inputs"].get("sha256")
-    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+    if data.inputs.images < 1:
         raise bad("inputs.images", "a positive integer")
-    if not isinstance(digest, str):
-        raise bad("inputs.sha256", "a string")
-    for name, graph in data["graphs"].items():
-        if not isinstance(graph, dict) or not isinstance(graph.get("ops", {}), dict):
-            raise bad(f"graphs[{name!r}]", "an object with an 'ops' object")
-    for key, entry in data["results"].items():
+    for key, entry in data.results.items():
         where = f"results[{key!r}]"
-        if not isinstance(entry, dict) or key.count("/") != 1:
+        if key.count("/") != 1:
             raise bad(where, "an object keyed BACKEND/PRECISION")
-        precision = key.split("/")[1]
-        if precision not in metrics.BOUNDS:
+        if key.split("/")[1] not in metrics.BOUNDS:
             raise bad(f"{where} precision", f"one of {', '.join(metrics.BOUNDS)}")
-        for group in ("fidelity", "tolerance"):
-            figures = entry.get(group)
-            if not isinstance(figures, dict) or not all(_number(v) for v in figures.values()):
+        for group, figures in (("fidelity", dataclasses.astuple(entry.fidelity)),
+                               ("tolerance", dataclasses.astuple(entry.tolerance))):
+            if not all(_finite(v) for v in figures):
                 raise bad(f"{where}.{group}", "an object of finite numbers")
-        for metric in ("max_abs", "cosine_min", "top1_agreement"):
-            if metric not in entry["fidelity"]:
-                raise bad(f"{where}.fidelity.{metric}", "a number")
-        batch, median = entry.get("latency_batch"), entry.get("median_ms")
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        if entry.latency_batch < 1:
             raise bad(f"{where}.latency_batch", "a positive integer")
-        if not isinstance(median, int | float) or not _number(median) or median <= 0:
+        if not _finite(entry.median_ms) or entry.median_ms <= 0:
             raise bad(f"{where}.median_ms", "a positive number")
 
 
-def tolerance(precision: str, fid: dict[str, Any], images: int) -> dict[str, float]:
+def tolerance(precision: str, cosine_min: float, top1_agreement: float, images: int) -> Tolerance:
     """What today's run must meet, from the baseline's figures and the precision's bounds."""
     bounds = metrics.BOUNDS[precision]
     top1_floor = bounds.get("top1_agreement", 0.0)
     if precisions.get(precision).exact:
-        return {"max_abs_max": bounds["max_abs"], "top1_agreement_min": top1_floor}
-    return {"cosine_min_min": max(bounds.get("cosine_min", 0.0), fid["cosine_min"] - COSINE_SLACK),
-            "top1_agreement_min": max(top1_floor, fid["top1_agreement"] - 1.0 / images)}
+        return Tolerance(max_abs_max=bounds["max_abs"], top1_agreement_min=top1_floor)
+    return Tolerance(cosine_min_min=max(bounds.get("cosine_min", 0.0), cosine_min - COSINE_SLACK),
+                     top1_agreement_min=max(top1_floor, top1_agreement - 1.0 / images))
 
 
-def floored(precision: str, tol: dict[str, float]) -> dict[str, float]:
+def floored(precision: str, tol: Tolerance) -> Tolerance:
     """A stored tolerance never looser than the precision's bounds (a baseline may predate them)."""
     bounds = metrics.BOUNDS.get(precision, {})
-    out = dict(tol)
-    if "max_abs" in bounds and "max_abs_max" in out:
-        out["max_abs_max"] = min(out["max_abs_max"], bounds["max_abs"])
-    for metric in ("cosine_min", "top1_agreement"):
-        if metric in bounds and f"{metric}_min" in out:
-            out[f"{metric}_min"] = max(out[f"{metric}_min"], bounds[metric])
-    return out
+
+    def at_least(value: float | None, bound: float | None) -> float | None:
+        return value if value is None or bound is None else max(value, bound)
+
+    return Tolerance(
+        max_abs_max=(tol.max_abs_max if tol.max_abs_max is None or "max_abs" not in bounds
+                     else min(tol.max_abs_max, bounds["max_abs"])),
+        cosine_min_min=at_least(tol.cosine_min_min, bounds.get("cosine_min")),
+        top1_agreement_min=at_least(tol.top1_agreement_min, bounds.get("top1_agreement")))
 
 
 def _result_key(r: Row) -> str:
     return f"{r.backend}/{r.precision}"
 
 
-def make_baseline(report: BenchReport, folder: ArtifactFolder, reference: np.ndarray) -> dict[str, Any]:
+def make_baseline(report: BenchReport, folder: ArtifactFolder, reference: np.ndarray) -> RegressBaseline:
     images = report.inputs.images
     results = {}
     for r in report.ran:
         assert r.fidelity is not None
-        fid = {"max_abs": r.fidelity.max_abs, "cosine_min": r.fidelity.cosine_min,
-               "top1_agreement": r.fidelity.top1_agreement}
+        fid = BaselineFidelity(r.fidelity.max_abs, r.fidelity.cosine_min, r.fidelity.top1_agreement)
         largest = str(max(int(b) for b in r.latency))
-        results[_result_key(r)] = {"fidelity": fid, "tolerance": tolerance(r.precision, fid, images),
-                                   "executed": r.executed, "latency_batch": int(largest),
-                                   "median_ms": r.latency[largest].median_ms}
+        results[_result_key(r)] = BaselineRow(
+            fidelity=fid, tolerance=tolerance(r.precision, fid.cosine_min, fid.top1_agreement, images),
+            executed=r.executed, latency_batch=int(largest), median_ms=r.latency[largest].median_ms)
     m, source = report.machine, folder.source
-    return {
-        "schema": SCHEMA,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": m.cpu, "cores": m.cores, "isa": list(m.isa), "libraries": m.libraries},
-        "variant": folder.variant_name, "weights": folder.weights_spec,
-        "export": {"opset": source.opset, "batch": source.batch, "image_size": source.image_size},
-        "inputs": {"recipe": "the bundled photographs (cvt_ref/data/photos), sorted by name, "
-                             "through cvt_ref.preprocess", "images": images,
-                   "sha256": report.inputs.sha256},
-        "reference": {"logits": encode(reference)},
-        "graphs": {name: records.as_json(entry.graph) for name, entry in folder.files().items()},
-        "results": results,
-    }
+    return RegressBaseline(
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        machine=BaselineMachine(m.cpu, m.cores, m.isa, m.libraries),
+        variant=folder.variant_name, weights=folder.weights_spec,
+        export=BaselineExport(source.image_size, source.opset, source.batch),
+        inputs=GoldenInputs(recipe="the bundled photographs (cvt_ref/data/photos), sorted by name, "
+                                   "through cvt_ref.preprocess", images=images, sha256=report.inputs.sha256),
+        reference=BaselineReference(encode(reference)),
+        graphs={name: entry.graph for name, entry in folder.files().items() if entry.graph is not None},
+        results=results)
 
 
-def _diff_dict(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def _diff_dict(old: Mapping[str, int], new: Mapping[str, int]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k} {old.get(k, 0)} → {new.get(k, 0)}" for k in keys if old.get(k) != new.get(k)]
 
 
-def compare(baseline: dict[str, Any], report: BenchReport, folder: ArtifactFolder,
+def compare(baseline: RegressBaseline, report: BenchReport, folder: ArtifactFolder,
             reference: np.ndarray, max_slowdown: float | None) -> tuple[list[Finding], list[str]]:
     """(findings, informational lines). No findings: everything holds."""
     found = [*_inputs_and_reference(baseline, report, reference), *_graphs(baseline, folder)]
     info: list[str] = []
     today = {_result_key(r): r for r in report.results}
-    if other_int8_kernels(baseline):
+    if other_int8_kernels(baseline.machine):
         info.append("INT8 rows are held to the precision's bounds only, top-1 agreement on its 95% interval: "
                     f"the baseline was made on a CPU {'with' if not machine.int8_dot_exact() else 'without'} "
                     "VNNI/AMX, whose INT8 kernels round differently from this one's")
-    for key, base in baseline["results"].items():
+    for key, base in baseline.results.items():
         r = today.get(key)
         if r is None:
             info.append(f"not run {key}: not asked for (--backend/--precision)")
@@ -211,7 +209,7 @@ def compare(baseline: dict[str, Any], report: BenchReport, folder: ArtifactFolde
             info.append(f"skipped {key}: {r.reason}")
         else:
             _compare_row(key, base, r, baseline, max_slowdown, found, info)
-    for key in sorted(set(today) - set(baseline["results"])):
+    for key in sorted(set(today) - set(baseline.results)):
         if today[key].ok:
             info.append(f"new {key}: not in the baseline (run --update to record it)")
         elif today[key].status == "error":
@@ -219,12 +217,12 @@ def compare(baseline: dict[str, Any], report: BenchReport, folder: ArtifactFolde
     return found, info
 
 
-def _inputs_and_reference(baseline: dict[str, Any], report: BenchReport,
+def _inputs_and_reference(baseline: RegressBaseline, report: BenchReport,
                           reference: np.ndarray) -> list[Finding]:
-    if report.inputs.sha256 != baseline["inputs"]["sha256"]:
+    if report.inputs.sha256 != baseline.inputs.sha256:
         return [Finding("change", "golden inputs", "the preprocessed photographs differ from the "
                         "baseline's (preprocessing or the bundled photos changed)")]
-    base_ref = decode(baseline["reference"]["logits"])
+    base_ref = decode(baseline.reference.logits)
     err = metrics.max_abs(base_ref, reference) if base_ref.shape == reference.shape else float("inf")
     if err > REFERENCE_TOLERANCE:
         return [Finding("fail", "PyTorch reference logits",
@@ -233,53 +231,55 @@ def _inputs_and_reference(baseline: dict[str, Any], report: BenchReport,
     return []
 
 
-def _graphs(baseline: dict[str, Any], folder: ArtifactFolder) -> list[Finding]:
+def _graphs(baseline: RegressBaseline, folder: ArtifactFolder) -> list[Finding]:
     found = []
     files = folder.files()
-    for name, old in baseline["graphs"].items():
+    for name, old in baseline.graphs.items():
         entry = files.get(name)
         if entry is None:
             found.append(Finding("fail", name, "not produced any more"))
             continue
-        new = records.as_json(entry.graph) or {}
+        new = entry.graph or GraphSummary()
         for field in ("opset", "inputs", "outputs", "nodes", "parameters"):
-            if new.get(field) != old.get(field):
-                found.append(Finding("change", f"{name} {field}", f"{old.get(field)} → {new.get(field)}"))
-        ops = _diff_dict(old["ops"], new["ops"])
+            was, now = records.as_json(getattr(old, field)), records.as_json(getattr(new, field))
+            if now != was:
+                found.append(Finding("change", f"{name} {field}", f"{was} → {now}"))
+        ops = _diff_dict(old.ops, new.ops)
         if ops:
             found.append(Finding("change", f"{name} op histogram", ", ".join(ops)))
     return found
 
 
-def _compare_row(key: str, base: dict[str, Any], r: Row, baseline: dict[str, Any],
+def _compare_row(key: str, base: BaselineRow, r: Row, baseline: RegressBaseline,
                  max_slowdown: float | None, found: list[Finding], info: list[str]) -> None:
     """One row that ran, against its baseline entry: its fidelity within the tolerance, its latency."""
-    images = int(baseline["inputs"]["images"])
-    fid, tol = r.fidelity, floored(r.precision, base["tolerance"])
+    images = baseline.inputs.images
+    fid, tol = r.fidelity, floored(r.precision, base.tolerance)
     assert fid is not None
-    if r.precision in precisions.QUANTIZED and other_int8_kernels(baseline):
-        tol = tolerance(r.precision, {"cosine_min": 0.0, "top1_agreement": 0.0}, images)
-        verdict = _top1_on_evidence(key, fid.top1_agreement, tol.pop("top1_agreement_min"), images)
+    if r.precision in precisions.QUANTIZED and other_int8_kernels(baseline.machine):
+        held = tolerance(r.precision, 0.0, 0.0, images)
+        verdict = _top1_on_evidence(key, fid.top1_agreement, held.top1_agreement_min or 0.0, images)
         if isinstance(verdict, Finding):
             found.append(verdict)
         elif verdict:
             info.append(verdict)
-    checks = [("max_abs", fid.max_abs, tol.get("max_abs_max"), "<="),
-              ("cosine_min", fid.cosine_min, tol.get("cosine_min_min"), ">="),
-              ("top1_agreement", fid.top1_agreement, tol.get("top1_agreement_min"), ">=")]
-    for metric, value, bound, op in checks:
+        tol = dataclasses.replace(held, top1_agreement_min=None)
+    was = base.fidelity
+    checks = [("max_abs", fid.max_abs, was.max_abs, tol.max_abs_max, "<="),
+              ("cosine_min", fid.cosine_min, was.cosine_min, tol.cosine_min_min, ">="),
+              ("top1_agreement", fid.top1_agreement, was.top1_agreement, tol.top1_agreement_min, ">=")]
+    for metric, value, before, bound, op in checks:
         if bound is None:
             continue
         ok = value <= bound if op == "<=" else value >= bound
         if not ok:
-            was = base["fidelity"][metric]
             found.append(Finding("fail", f"{key} {metric}",
-                                 f"{was:.6g} → {value:.6g} (tolerance {op} {bound:.6g})"))
-    batch = str(base["latency_batch"])
+                                 f"{before:.6g} → {value:.6g} (tolerance {op} {bound:.6g})"))
+    batch = str(base.latency_batch)
     if batch in r.latency:
         now = r.latency[batch].median_ms
-        ratio = now / base["median_ms"]
-        info.append(f"{key}: batch {batch} median {base['median_ms']:.1f} → {now:.1f} ms ({ratio:.2f}×)")
+        ratio = now / base.median_ms
+        info.append(f"{key}: batch {batch} median {base.median_ms:.1f} → {now:.1f} ms ({ratio:.2f}×)")
         if max_slowdown is not None and ratio > max_slowdown:
             found.append(Finding("fail", f"{key} latency",
                                  f"{ratio:.2f}× the baseline's (limit {max_slowdown:g}×)"))
@@ -333,7 +333,7 @@ def markdown(outcome: Outcome, baseline: Path) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    lines = [f"## cvt-bench regress: {verdict(outcome)}", "", f"Baseline `{baseline}`.", ""]
+    lines = [f"## cvt-bench regress: {verdict(outcome)}", "", f"RegressBaseline `{baseline}`.", ""]
     if outcome.findings:
         lines += ["| | what | detail |", "|---|---|---|"]
         lines += [f"| {'FAIL' if f.kind == 'fail' else 'CHANGED'} | {cell(f.what)} | {cell(f.detail)} |"
@@ -345,19 +345,19 @@ def markdown(outcome: Outcome, baseline: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def other_int8_kernels(baseline: dict[str, Any]) -> bool:
+def other_int8_kernels(made_on: BaselineMachine | None) -> bool:
     """Whether the baseline's CPU and this one differ in how INT8 dot products are computed
     (VNNI/AMX exact 32-bit sums vs the u8·u8 path ORT takes without them): measured on cvt-13,
-    ORT INT8 cosine 0.99710 on an AVX-512 VNNI EPYC and 0.99654 on an AVX2-only one, same recipe."""
-    isa = (baseline.get("machine") or {}).get("isa")
-    if not isinstance(isa, list):
+    ORT INT8 cosine 0.99710 on an AVX-512 VNNI EPYC and 0.99654 on an AVX2-only one, same recipe.
+    A baseline that does not say its CPU (the first ones) is taken as this machine's."""
+    if made_on is None or not made_on.isa:
         return False
-    return any(f in isa for f in machine.INT8_DOT_FLAGS) != machine.int8_dot_exact()
+    return any(f in made_on.isa for f in machine.INT8_DOT_FLAGS) != machine.int8_dot_exact()
 
 
-def write_baseline(path: Path, data: dict[str, Any]) -> None:
+def write_baseline(path: Path, data: RegressBaseline) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write(path, json.dumps(data, indent=1) + "\n")
+    artifacts.atomic_write(path, json.dumps(data.to_json(), indent=1) + "\n")
 
 
 @dataclass
@@ -376,17 +376,16 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
     Given artifacts are used as they are (their own weights and options): that is how a
     changed checkpoint or export option shows up against the baseline."""
     baseline = None if update and not baseline_path.exists() else load_baseline(baseline_path)
-    variant = baseline["variant"] if baseline else "cvt-13"
-    weights = baseline["weights"] if baseline else "random:0"
-    export = baseline["export"] if baseline else {}
+    variant = baseline.variant if baseline else "cvt-13"
+    weights = baseline.weights if baseline else "random:0"
+    export = baseline.export if baseline else BaselineExport()
     folder = artifacts_dir or Path("artifacts") / f"regress-{variant}"
     if artifacts_dir is None:
         from cvt_export import build
         from cvt_export.options import DEFAULT_OPSET, ExportOptions
 
-        batch = export.get("batch", "dynamic")
-        opts = ExportOptions(opset=export.get("opset") or DEFAULT_OPSET, image_size=export.get("image_size"),
-                             batch=None if batch in (None, "dynamic") else int(batch))
+        opts = ExportOptions(opset=export.opset or DEFAULT_OPSET, image_size=export.image_size,
+                             batch=None if export.batch in (None, "dynamic") else int(export.batch))
         # The folder is the gate's own cache: replacing what another baseline left there is fine.
         req = build.BuildRequest(variant, weights, precisions=EXPORTED, options=opts, force=True)
         build.build(req, folder, step=progress)
@@ -413,17 +412,17 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
     return Outcome(findings, info, report)
 
 
-def same_model(baseline: dict[str, Any], folder: ArtifactFolder, path: Path) -> None:
+def same_model(baseline: RegressBaseline, folder: ArtifactFolder, path: Path) -> None:
     """A baseline made for other weights or another head is the wrong baseline (exit 2), not a
     regression of this model: say so before anything runs."""
-    if baseline["weights"] != folder.weights_spec:
-        raise BaselineError(f"{path} was made for weights {baseline['weights']}; {folder.path} holds "
+    if baseline.weights != folder.weights_spec:
+        raise BaselineError(f"{path} was made for weights {baseline.weights}; {folder.path} holds "
                             f"{folder.weights_spec}. Use that folder's own baseline, or --update")
-    classes = decode(baseline["reference"]["logits"]).shape[1]
+    classes = decode(baseline.reference.logits).shape[1]
     if classes != folder.variant.num_classes:
         raise BaselineError(f"{path} has {classes} classes; {folder.path} has "
                             f"{folder.variant.num_classes}. Use that folder's own baseline, or --update")
-    size = baseline["export"].get("image_size")
+    size = baseline.export.image_size
     if size not in (None, folder.image_size):
         raise BaselineError(f"{path} was made at image size {size}; {folder.path} is {folder.image_size}. "
                             "Use that folder's own baseline, or --update")

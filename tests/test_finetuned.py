@@ -147,7 +147,7 @@ def test_bench_and_regress_on_the_finetuned_export(exported10: Path, oracle10: n
     quick = {"backends": ("ort",), "precisions": ("fp32", "int8"), "iters": 1}
     made = regress.run(baseline, update=True, artifacts_dir=exported10, max_slowdown=None, **quick)
     assert made.updated
-    assert regress.decode(regress.load_baseline(baseline)["reference"]["logits"]).shape[1] == 10
+    assert regress.decode(regress.load_baseline(baseline).reference.logits).shape[1] == 10
     again = regress.run(baseline, update=False, artifacts_dir=exported10, max_slowdown=None, **quick)
     assert again.findings == []
 

@@ -22,6 +22,7 @@ from cvt_export.artifacts import ArtifactError, ArtifactFolder
 from cvt_export.backends import get_backend
 from cvt_export.backends import tensorrt as trt_backend
 from cvt_export.metrics import parse_budget
+from cvt_export.records import BaselineMachine
 from cvt_ref.source import sha256_file
 from helpers import assert_user_error, run_cli
 
@@ -273,9 +274,14 @@ def test_a_baseline_of_wrong_types_or_another_model_is_bad_input(exported: Path,
     key = next(iter(data["results"]))
     cases = {
         "string": (lambda d: d["results"][key]["fidelity"].__setitem__("cosine_min", "high"),
-                   "finite numbers"),
-        "images": (lambda d: d["inputs"].__setitem__("images", "11"), "positive integer"),
-        "median": (lambda d: d["results"][key].__setitem__("median_ms", None), "positive number"),
+                   "fidelity.cosine_min: expected a number, got 'high'; fix it or regenerate"),
+        "images": (lambda d: d["inputs"].__setitem__("images", "11"),
+                   "inputs.images: expected int, got '11'"),
+        "count": (lambda d: d["inputs"].__setitem__("images", 0), "inputs.images must be a positive integer"),
+        "median": (lambda d: d["results"][key].__setitem__("median_ms", None),
+                   "median_ms: expected a number, got None"),
+        "slow": (lambda d: d["results"][key].__setitem__("median_ms", -1),
+                 "median_ms must be a positive number"),
         "weights": (lambda d: d.__setitem__("weights", "random:7"), "made for weights random:7"),
     }
     for name, (change, fragment) in cases.items():
@@ -288,10 +294,13 @@ def test_a_baseline_of_wrong_types_or_another_model_is_bad_input(exported: Path,
                          "--iters", "1", "--backend", "ort", "--precision", "fp32")
         assert_user_error(result, fragment)
         assert path.read_bytes() == before
-    with pytest.raises(regress.BaselineError, match="finite numbers"):
+    for tolerance, fragment in (({"cosine_min_min": "x"}, "cosine_min_min: expected a number"),
+                                ({"cosine_min_min": float("nan")}, "an object of finite numbers")):
         bad = json.loads(good.read_text())
-        bad["results"][key]["tolerance"] = {"cosine_min_min": "x"}
-        regress.check_types(bad, good)
+        bad["results"][key]["tolerance"] = tolerance
+        (tmp_path / "t.json").write_text(json.dumps(bad))
+        with pytest.raises(regress.BaselineError, match=fragment):
+            regress.load_baseline(tmp_path / "t.json")
 
 
 def test_a_runner_serializes_calls_from_several_threads(exported: Path) -> None:
@@ -344,11 +353,11 @@ def test_int8_rows_are_held_to_the_bounds_when_the_baselines_cpu_computes_int8_o
     from cvt_export import machine
 
     exact_here = machine.int8_dot_exact()
-    vnni = {"machine": {"isa": ["avx2", "avx512f", "avx512_vnni"]}}
-    avx2 = {"machine": {"isa": ["avx2", "fma"]}}
+    vnni = BaselineMachine(isa=("avx2", "avx512f", "avx512_vnni"))
+    avx2 = BaselineMachine(isa=("avx2", "fma"))
     assert regress.other_int8_kernels(vnni) is (not exact_here)
     assert regress.other_int8_kernels(avx2) is exact_here
-    assert regress.other_int8_kernels({"machine": {}}) is False  # an old baseline: no change
+    assert regress.other_int8_kernels(None) is False  # an old baseline: no change
 
 
 def test_a_child_forked_under_the_lock_does_not_keep_it(tmp_path: Path) -> None:

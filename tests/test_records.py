@@ -29,6 +29,7 @@ def _name(path: Path) -> str:
 
 def test_the_committed_files_are_found() -> None:
     assert len(BENCH) >= 8 and len(ADVICE) >= 8 and len(DEPLOY) >= 8 and len(PROFILES) >= 4
+    assert BASELINES
 
 
 @pytest.mark.parametrize("path", BENCH, ids=_name)
@@ -108,3 +109,101 @@ def test_foreign_newer_and_broken_files_are_refused_with_one_line(tmp_path: Path
         assert said in message and "\n" not in message and message.startswith(str(path)), (what, message)
     with pytest.raises(RecordError, match="not a cvt-bench accuracy report"):
         AccuracyReport.read(BENCH[0])
+
+
+# --- manifests that earlier releases wrote ------------------------------------------------------
+# tests/data/manifests/RELEASE.json: the manifest.json of a cvt-13 (random:0) folder exported by
+# that commit's own code (its ONNX files left out: only what the folder says is read here).
+
+MANIFESTS = sorted((Path(__file__).parent / "data" / "manifests").glob("*.json"))
+
+
+def _lost(raw: object, written: object, at: str = "") -> list[str]:
+    """What a rewrite dropped or changed of what `raw` said (a null left out is not lost)."""
+    if isinstance(raw, dict):
+        if not isinstance(written, dict):
+            return [f"{at}: {type(written).__name__}"]
+        return [lost for k, v in raw.items() if v is not None
+                for lost in (_lost(v, written[k], f"{at}.{k}") if k in written else [f"{at}.{k}"])]
+    return [] if raw == written else [f"{at}: {raw!r} -> {written!r}"]
+
+
+def test_the_manifests_of_earlier_releases_are_there() -> None:
+    assert len(MANIFESTS) >= 3
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)
+def test_a_folder_an_earlier_release_wrote_still_opens(path: Path, tmp_path: Path) -> None:
+    from cvt_export.artifacts import ArtifactFolder
+
+    raw = json.loads(path.read_text())
+    (tmp_path / "manifest.json").write_text(path.read_text())
+    folder = ArtifactFolder.open(tmp_path)
+    assert folder.variant_name == raw["variant"] and folder.weights_spec == raw["weights"]["spec"]
+    assert folder.source.opset == raw["source"]["opset"] and folder.image_size == raw["source"]["image_size"]
+    assert folder.variant.num_classes == len(raw.get("labels") or range(1000))
+    for name, entry in raw["files"].items():
+        precision = entry["precision"]
+        read = folder.entry(precision)
+        assert folder.file_names(precision)[0] == name and read.sha256 == entry["sha256"]
+        assert read.made_from == entry.get("from") and read.graph is not None
+        assert read.graph.ops == entry["graph"]["ops"] and read.graph.nodes == entry["graph"]["nodes"]
+        assert read.graph.inputs[0].shape == tuple(entry["graph"]["inputs"][0]["shape"])
+        assert read.validation is not None
+        assert read.validation.top1_agreement == entry["validation"].get("top1_agreement")
+        assert read.validation.max_abs == entry["validation"]["max_abs"]
+    calib = raw.get("calibration") or {}
+    assert folder.calibration_images.files == tuple(calib.get("files", ()))
+    assert folder.calibration_images.fingerprints == tuple(calib.get("fingerprints", ()))
+    for name, ir in (raw.get("openvino") or {}).items():
+        read_ir = folder.ir(name)
+        assert read_ir is not None and (read_ir.made_from, read_ir.onnx) == (ir["from"], ir["onnx"])
+    assert folder.probes == raw["files"]["model.onnx"].get("probes", {})
+    assert folder.export_command(["fp32"]).endswith(f"--out {tmp_path}")
+    # what a writer does to it (record an IR, drop a file): rewritten, nothing it said is lost
+    assert _lost(raw, folder.manifest.to_json()) == []
+    folder.drop("mixed")
+    assert _lost(raw, json.loads((tmp_path / "manifest.json").read_text())) == []
+
+
+def test_the_rewrite_check_sees_a_lost_or_changed_field() -> None:
+    raw = {"a": {"b": 1, "c": None, "d": [1, 2]}, "e": "x"}
+    assert _lost(raw, {"a": {"b": 1, "d": [1, 2]}, "e": "x", "new": 1}) == []
+    assert _lost(raw, {"a": {"b": 2, "d": [1]}}) == [".a.b: 1 -> 2", ".a.d: [1, 2] -> [1]", ".e"]
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda m: m.update(schema=2), "written by a newer cvt-export"),
+    (lambda m: m.update(files=[]), "expected an object"),
+    (lambda m: m["files"]["model.onnx"].update(sha256=None), "sha256: expected str, got None"),
+    (lambda m: m["weights"].update(activation="relu"), "'relu' is not one of"),
+    (lambda m: m.pop("source"), "missing field 'source'"),
+])
+def test_a_newer_or_broken_manifest_is_refused_in_one_line(change, says: str, tmp_path: Path) -> None:
+    from cvt_export.artifacts import ArtifactError, ArtifactFolder
+
+    raw = json.loads(MANIFESTS[-1].read_text())
+    change(raw)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match=says) as refused:
+        ArtifactFolder.open(tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+BASELINES = sorted((REPORTS / "baseline").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=_name)
+def test_every_committed_baseline_reads_and_is_written_back_byte_for_byte(path: Path) -> None:
+    from cvt_export import regress
+
+    raw = path.read_text()
+    baseline = regress.load_baseline(path)
+    data = json.loads(raw)
+    assert set(baseline.results) == set(data["results"])
+    assert baseline.inputs.images == data["inputs"]["images"]
+    for key, row in data["results"].items():
+        assert baseline.results[key].fidelity.cosine_min == row["fidelity"]["cosine_min"]
+        assert baseline.results[key].median_ms == row["median_ms"]
+    assert regress.decode(baseline.reference.logits).shape == (data["inputs"]["images"], 1000)
+    assert json.dumps(baseline.to_json(), indent=1) + "\n" == raw

@@ -40,9 +40,9 @@ def baseline(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_baseline_is_small_and_complete(baseline: Path) -> None:
     data = regress.load_baseline(baseline)
     assert baseline.stat().st_size < 300_000
-    assert set(data["results"]) == {"torch/fp32", "ort/fp32", "ort/int8"}
-    assert set(data["graphs"]) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
-    assert regress.decode(data["reference"]["logits"]).shape == (data["inputs"]["images"], 1000)
+    assert set(data.results) == {"torch/fp32", "ort/fp32", "ort/int8"}
+    assert set(data.graphs) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    assert regress.decode(data.reference.logits).shape == (data.inputs.images, 1000)
 
 
 def test_unchanged_artifacts_pass(baseline: Path, exported: Path) -> None:
@@ -176,7 +176,7 @@ def test_update_rewrites_and_shows_what_moved(baseline: Path, exported: Path, tm
     outcome = regress.run(copy, update=True, artifacts_dir=exported, max_slowdown=None, **QUICK)
     assert outcome.updated and any(f.what == "ort/fp32 max_abs" for f in outcome.findings)
     rewritten = regress.load_baseline(copy)
-    assert rewritten["results"]["ort/fp32"]["fidelity"]["max_abs"] > 0.01
+    assert rewritten.results["ort/fp32"].fidelity.max_abs > 0.01
 
 
 def _unloadable(exported: Path, tmp_path: Path) -> Path:
@@ -245,9 +245,14 @@ def test_int8_top1_from_other_int8_kernels_is_judged_on_its_interval(
     from cvt_export.artifacts import ArtifactFolder
 
     data = regress.load_baseline(baseline)
-    data["machine"]["isa"] = ["avx2", "fma"] if machine.int8_dot_exact() else ["avx2", "avx512_vnni"]
+    assert data.machine is not None
+
+    def made_on(isa: list[str]) -> regress.RegressBaseline:
+        return dataclasses.replace(data, machine=dataclasses.replace(data.machine, isa=tuple(isa)))
+
+    other = made_on(["avx2", "fma"] if machine.int8_dot_exact() else ["avx2", "avx512_vnni"])
     outcome = regress.run(baseline, update=False, artifacts_dir=exported, max_slowdown=None, **QUICK)
-    images = data["inputs"]["images"]
+    images = data.inputs.images
     assert images == 11
 
     def flipped(r: Row) -> Row:
@@ -257,13 +262,13 @@ def test_int8_top1_from_other_int8_kernels_is_judged_on_its_interval(
 
     report = dataclasses.replace(outcome.report, results=tuple(map(flipped, outcome.report.results)))
     folder = ArtifactFolder.open(exported)
-    found, info = regress.compare(data, report, folder, regress.decode(data["reference"]["logits"]), None)
+    found, info = regress.compare(other, report, folder, regress.decode(data.reference.logits), None)
     top1 = [f for f in found if f.what == "ort/int8 top1_agreement"]
     assert bool(top1) is fails, (found, info)
     if fails:
         assert "7/11" in top1[0].detail and "0.85]" in top1[0].detail
     else:
         assert any(f"{agree}/11" in line and "not a regression" in line for line in info)
-    data["machine"]["isa"] = ["avx2", "avx512_vnni"] if machine.int8_dot_exact() else ["avx2", "fma"]
-    same, _ = regress.compare(data, report, folder, regress.decode(data["reference"]["logits"]), None)
+    same_kernels = made_on(["avx2", "avx512_vnni"] if machine.int8_dot_exact() else ["avx2", "fma"])
+    same, _ = regress.compare(same_kernels, report, folder, regress.decode(data.reference.logits), None)
     assert any(f.what == "ort/int8 top1_agreement" for f in same)  # same kernels: one flip at most

@@ -4,6 +4,7 @@ imports that run one way, light modules that stay light."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from cvt_export import build, exporter, metrics, regress, validate
 from cvt_export.harness import bench
 from cvt_export.harness.report import Result
-from cvt_export.records import FileEntry
+from cvt_export.records import FileEntry, Tolerance
 from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +46,14 @@ def test_bench_and_regress_obey_the_one_bounds_table(precision: str) -> None:
     assert result.fidelity["pass"] and result.fidelity["bounds"] == dict(metrics.BOUNDS[precision])
     # the regression gate never lets a tolerance fall below the table, even from a lax baseline
     lax = {"max_abs_max": 1.0, "cosine_min_min": 0.0, "top1_agreement_min": 0.0}
-    made = regress.tolerance(precision, {"cosine_min": 0.0, "top1_agreement": 0.0}, 10)
-    assert all(made[f"{k}_max" if k in metrics.UPPER else f"{k}_min"] == v
+    made = regress.tolerance(precision, 0.0, 0.0, 10)
+    assert all(getattr(made, f"{k}_max" if k in metrics.UPPER else f"{k}_min") == v
                for k, v in metrics.BOUNDS[precision].items())  # a new baseline starts at the table
-    floor = regress.floored(precision, {k: lax[k] for k in made})
+    given = {k: lax[k] for k, v in dataclasses.asdict(made).items() if v is not None}
+    floor = regress.floored(precision, Tolerance(**given))
     for key, bound in metrics.BOUNDS[precision].items():
         name = f"{key}_max" if key in metrics.UPPER else f"{key}_min"
-        assert floor[name] == bound
+        assert getattr(floor, name) == bound
 
 
 def test_export_obeys_the_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -103,10 +105,13 @@ def test_nothing_below_the_harness_imports_it() -> None:
 
 
 def test_leaf_modules_import_nothing_of_the_project() -> None:
-    for name in ("metrics.py", "machine.py", "runtime.py", "quiet.py", "clock.py"):
+    for name in ("metrics.py", "machine.py", "runtime.py", "quiet.py", "clock.py", "precisions.py"):
         project = [m for m in _imports(PACKAGE / name) if m.startswith(("cvt_export", "cvt_ref"))]
-        # the machine facts live in one module, a leaf itself: ORT's session asks it for VNNI
+        # the machine facts live in one module, a leaf itself: ORT's session asks it for VNNI; the
+        # bounds are the precision table's (a leaf too: it imports only the error type)
         allowed = {"cvt_export", "cvt_export.machine"} if name == "runtime.py" else set()
+        allowed |= {"cvt_export", "cvt_export.precisions"} if name == "metrics.py" else set()
+        allowed |= {"cvt_ref.errors", "cvt_ref.errors.CvtError"} if name == "precisions.py" else set()
         assert set(project) <= allowed, f"{name} imports {project}"
     for name in ("source.py", "errors.py", "variants.py", "labels.py"):
         heavy = [m for m in _imports(ROOT / "cvt_ref" / name) if m.split(".")[0] in ("torch", "cvt_export")]
@@ -371,22 +376,17 @@ def test_the_tables_exact_precisions_are_the_ones_held_to_max_abs() -> None:
 @pytest.mark.heavy
 def test_a_precision_added_as_one_table_row_shows_up_everywhere(exported: Path, tmp_path: Path) -> None:
     """A copy of the package with one more row in the precision table (a made-up `fp32x` that ONNX
-    Runtime runs from the FP32 file) and its bounds, and no other edit: cvt-bench runs and judges
-    it, and the precision lists of cvt-bench, regress and Triton's refusals name it."""
+    Runtime runs from the FP32 file, its bounds in the row) and no other edit: cvt-bench runs and
+    judges it, and the precision lists of cvt-bench, regress and Triton's refusals name it."""
     copy = tmp_path / "pkg"
     shutil.copytree(PACKAGE, copy / "cvt_export", ignore=shutil.ignore_patterns("__pycache__"))
     table = copy / "cvt_export" / "precisions.py"
-    row = '    Precision("fp32x", "fp32", None, "", ("ort",), "a test\'s precision", exact=False),\n'
+    row = ('    Precision("fp32x", "fp32", None, "", ("ort",), "a test\'s precision",\n'
+           '              bounds={"cosine_min": 0.9999, "top1_agreement": 1.0}),\n')
     text = table.read_text()
     anchor = "\n)}\nNAMES"  # the end of the table
     assert text.count(anchor) == 1
     table.write_text(text.replace(anchor, "\n" + row + ")}\nNAMES"))
-    bounds = copy / "cvt_export" / "metrics.py"
-    text = bounds.read_text()
-    head = "BOUNDS: Mapping[str, Mapping[str, float]] = {"
-    assert text.count(head) == 1
-    extra = '\n    "fp32x": {"cosine_min": 0.9999, "top1_agreement": 1.0},'
-    bounds.write_text(text.replace(head, head + extra))
     env = {"PYTHONPATH": str(copy)}
     ran = run_cli("cvt-bench", "--artifacts", str(exported), "--backend", "ort", "--precision", "fp32x",
                   "--iters", "2", "--warmup", "0", "--limit", "4", "--batch", "1",
