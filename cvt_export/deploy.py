@@ -31,6 +31,7 @@ import numpy as np
 from cvt_export import artifacts, metrics, precisions
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import served
+from cvt_export.records import DeployRecord
 from cvt_export.render import deploy as render
 from cvt_export.triton import TritonError
 from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
@@ -414,9 +415,9 @@ def decide(confirmed: dict[str, dict[str, Any]]) -> tuple[str, str]:
 
 
 def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settings,
-           progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Search, choose, write `out/name`, confirm; returns the record also written as
-    `out/NAME.deploy.json` (and .md, .svg)."""
+           progress: Callable[[str], None] = lambda s: None) -> DeployRecord:
+    """Search, choose, write `out/name`, confirm; returns the record written as
+    `out/NAME.deploy.json` (and .md, .svg), read back from the file's JSON."""
     folder = artifacts.as_folder(folder)
     settings.check()
     opts = RepoOptions(name=name)
@@ -430,7 +431,7 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
 
 
 def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
-            progress: Callable[[str], None]) -> dict[str, Any]:
+            progress: Callable[[str], None]) -> DeployRecord:
     from cvt_export import machine
     from cvt_export.triton.server import Server
 
@@ -451,8 +452,7 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
             "chosen": chosen}
         if chosen is None:
             result["confirmation"] = None
-            _write_record(out, name, result)
-            return result
+            return _write_record(out, name, result)
         cand = Candidate(**chosen["candidate"])
         default = default_candidate()
         configs = {"chosen": cand} if cand == default else {"default": default, "chosen": cand}
@@ -487,8 +487,7 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
     if "default" not in result["sustained"]:  # the chosen one is the default
         result["sustained"]["default"] = result["sustained"]["chosen"]
     result["seconds"] = time.time() - started
-    _write_record(out, name, result)
-    return result
+    return _write_record(out, name, result)
 
 
 RECORD_SUFFIXES = (".deploy.json", ".deploy.md", ".deploy.svg")
@@ -512,9 +511,12 @@ def check_record_files(out: Path, name: str) -> None:
                               "choose another --name or --out (nothing was changed)")
 
 
-def _write_record(out: Path, name: str, result: dict[str, Any]) -> None:
+def _write_record(out: Path, name: str, result: dict[str, Any]) -> DeployRecord:
+    """The record's file, then its Markdown and plot rendered from the file's own JSON."""
     text = json.dumps(result, indent=2, default=float) + "\n"
     artifacts.atomic_write(out / f"{name}.deploy.json", text)
-    slo = Slo.parse(result["slo"])
-    artifacts.atomic_write(out / f"{name}.deploy.md", "\n".join(render.markdown(result, slo)) + "\n")
-    artifacts.atomic_write(out / f"{name}.deploy.svg", render.pareto_svg(result, slo))
+    record = DeployRecord.from_json(json.loads(text), str(out / f"{name}.deploy.json"))
+    slo = Slo.parse(record.slo)
+    artifacts.atomic_write(out / f"{name}.deploy.md", "\n".join(render.markdown(record, slo)) + "\n")
+    artifacts.atomic_write(out / f"{name}.deploy.svg", render.pareto_svg(record, slo))
+    return record

@@ -10,8 +10,10 @@ Python name, e.g. "pass"), `omit` (left out of the file while it is None, as the
 it out), `empty` (None written and read as `{}`), `rest` (a dict field that keeps the keys the
 record does not name, so a file of another minor version is rewritten without losing them).
 
-Records: the artifact folder's manifest, the accuracy pass (its shards and its report),
-cvt-bench's report, its recommendation and the profile.
+Records: the artifact folder's manifest (and the sidecars backends keep beside its files), the
+accuracy pass (its shards and its report), cvt-bench's report, its recommendation, the profile,
+the regression gate's baseline, `cvt-bench triton`'s report, deploy's record, and tune's
+per-configuration figures.
 """
 
 from __future__ import annotations
@@ -325,12 +327,28 @@ class LatencyStats:
     images_per_s: float
     median_ci_ms: tuple[float, ...] | None = None   # 95% interval of the median (older files: none)
     modes_ms: tuple[float, ...] | None = None       # both clusters' medians when bimodal
+    rounds: int | None = field(default=None, metadata=OMIT)  # interleaved rounds (tune), when timed so
 
     @property
     def interval(self) -> tuple[float, float]:
         """The median's 95% interval (a point where the file has none)."""
         lo, hi = self.median_ci_ms or (self.median_ms, self.median_ms)
         return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class HeldFidelity:
+    """metrics.fidelity() on held-out images, with top-1 accuracy against labels when known."""
+
+    cosine_min: float
+    max_abs: float
+    top1_agreement: float
+    n: int
+    cosine_p5: float
+    top1_agreement_ci: tuple[float, ...]
+    top1: float | None = field(default=None, metadata=OMIT)
+    top1_ci: tuple[float, ...] | None = field(default=None, metadata=OMIT)
+    top1_drop: float | None = field(default=None, metadata=OMIT)  # accuracy points lost vs the reference
 
 
 @dataclass(frozen=True)
@@ -1046,3 +1064,222 @@ class RegressBaseline(Record):
     reference: BaselineReference
     graphs: dict[str, GraphSummary]
     results: dict[str, BaselineRow]
+
+
+# --- `cvt-bench triton`'s report (a served model measured like a backend) -----------------------
+
+@dataclass(frozen=True)
+class ServedTarget:
+    url: str
+    model: str
+    protocol: str = "http"
+
+
+@dataclass(frozen=True)
+class ServedInputs:
+    source: str
+    images: int
+
+
+@dataclass(frozen=True)
+class ClientLatency:
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """Triton's own statistics over a run, as differences of its counters."""
+
+    requests: int
+    executed_batches: dict[str, int]
+    queue_ms_per_request: float
+    compute_ms_per_request: float
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Each latency percentile's lowest and highest over a run's windows."""
+
+    p50_ms: tuple[float, ...]
+    p90_ms: tuple[float, ...]
+    p99_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """One load level: closed loop (`concurrency` clients) or open loop (`rate` per second)."""
+
+    requests: int
+    seconds: float
+    images_per_s: float
+    concurrency: int | None = field(default=None, metadata=OMIT)
+    rate: float | None = field(default=None, metadata=OMIT)
+    sent: int | None = field(default=None, metadata=OMIT)        # version 1: every request was sent
+    answered: int | None = field(default=None, metadata=OMIT)    # version 1: every request answered
+    failed: int = 0
+    not_sent: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    offered_per_s: float | None = field(default=None, metadata=OMIT)
+    answered_per_s: float | None = field(default=None, metadata=OMIT)
+    latency_ms: ClientLatency | None = field(default=None, metadata=OMIT)
+    spread_ms: Spread | None = field(default=None, metadata=OMIT)
+    stable: bool | None = field(default=None, metadata=OMIT)
+    server: ServerStats | None = None
+    server_unavailable: str | None = field(default=None, metadata=OMIT)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)  # the windows, the load spec
+
+    @property
+    def label(self) -> str:
+        return f"{self.concurrency} clients" if self.concurrency is not None else f"{self.rate:g}/s"
+
+    @property
+    def answered_of_sent(self) -> tuple[int, int]:
+        """(answered, sent): every request, for a report of the first version."""
+        sent = self.requests if self.sent is None else self.sent
+        return (sent - self.failed if self.answered is None else self.answered), sent
+
+
+@dataclass(frozen=True)
+class ServedReport(Record):
+    """The served model's answers against the PyTorch reference, then latency and throughput per
+    load level; `failed_at` names the load whose requests failed (the run stops there)."""
+
+    FAMILY: ClassVar[str] = "cvt-bench-triton"
+    VERSION: ClassVar[int] = 2
+    WHAT: ClassVar[str] = "cvt-bench triton report"
+
+    machine: Machine
+    target: ServedTarget
+    precision: str
+    inputs: ServedInputs
+    fidelity: Fidelity
+    runs: tuple[LoadRun, ...]
+    failed_at: str | None = None
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)  # version 1: in-process figures
+
+
+# --- `cvt-export deploy`'s record (NAME.deploy.json) ----------------------------------------------
+# Read by the renderer and the command line; `cvt_export.deploy` builds it as it searches.
+
+@dataclass(frozen=True)
+class ServedFidelity:
+    """The served answers against the reference on the images a step checks (empty: not checked)."""
+
+    cosine_min: float | None = field(default=None, metadata=OMIT)
+    cosine_mean: float | None = field(default=None, metadata=OMIT)
+    max_abs: float | None = field(default=None, metadata=OMIT)
+    n: int | None = field(default=None, metadata=OMIT)
+    top1_agreement: float | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True)
+class ServedConfiguration:
+    backend: str
+    precision: str
+    instances: int
+    max_batch: int
+    queue_us: int
+    preferred: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenLoopRun:
+    """One open-loop run at the SLO's rate: the SLO's percentile, p99, rates, whether it met it."""
+
+    percentile_ms: float | None = field(default=None, metadata=OMIT)
+    p99_ms: float | None = field(default=None, metadata=OMIT)
+    answered: int | None = field(default=None, metadata=OMIT)
+    failed: int | None = field(default=None, metadata=OMIT)
+    achieved_rate: float | None = field(default=None, metadata=OMIT)
+    offered_rate: float | None = field(default=None, metadata=OMIT)
+    spread_ms: Spread | None = field(default=None, metadata=OMIT)
+    stable: bool | None = field(default=None, metadata=OMIT)
+    meets: bool | None = field(default=None, metadata=OMIT)   # None: not measured
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate(OpenLoopRun):
+    candidate: ServedConfiguration
+    label: str
+    fidelity: ServedFidelity = field(default_factory=ServedFidelity)
+    within_budget: bool = False
+    error: str | None = field(default=None, metadata=OMIT)    # why it was not measured
+
+
+@dataclass(frozen=True)
+class DeploySearch:
+    how: str
+    candidates: tuple[Candidate, ...]
+    selection_images: int
+    requests_per_candidate: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmRound(OpenLoopRun):
+    round: int | None = field(default=None, metadata=OMIT)
+    requests: int | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmedConfiguration(OpenLoopRun):
+    configuration: str
+    fidelity: ServedFidelity = field(default_factory=ServedFidelity)
+    within_budget: bool = False
+    rounds: tuple[ConfirmRound, ...] = ()
+    met_rounds: int = 0
+    held: bool | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confirmation(OpenLoopRun):
+    """The separate confirmation run: version 1 measured the chosen configuration alone; later ones
+    interleave it with the default configuration over `rounds` rounds."""
+
+    images: int = 0
+    requests: int = 0
+    fidelity: ServedFidelity | None = field(default=None, metadata=OMIT)
+    within_budget: bool | None = field(default=None, metadata=OMIT)
+    rounds: int | None = field(default=None, metadata=OMIT)
+    configurations: dict[str, ConfirmedConfiguration] | None = field(default=None, metadata=OMIT)
+    written_configuration: str | None = field(default=None, metadata=OMIT)
+    why: str | None = field(default=None, metadata=OMIT)
+    written_repository_fidelity: ServedFidelity | None = field(default=None, metadata=OMIT)
+    held: bool = False
+
+
+@dataclass(frozen=True)
+class SustainedStep:
+    rate: float
+    percentile_ms: float
+    meets: bool
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True)
+class Sustained:
+    """The highest rate a configuration sustains under the bound, up a ladder of rates."""
+
+    configuration: str
+    highest_rate: float | None
+    steps: tuple[SustainedStep, ...]
+    ladder_factor: float | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True)
+class DeployRecord(Record):
+    FAMILY: ClassVar[str] = "cvt-deploy"
+    WHAT: ClassVar[str] = "cvt-export deploy record"
+
+    machine: Machine
+    slo: str
+    budget: tuple[str, ...]
+    artifacts: str
+    search: DeploySearch
+    chosen: Candidate | None = None
+    confirmation: Confirmation | None = None
+    sustained: dict[str, Sustained] | None = None
+    seconds: float | None = None

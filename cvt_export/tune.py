@@ -26,14 +26,14 @@ import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from cvt_export import artifacts, build, machine, metrics, precisions, probes, validate
+from cvt_export import artifacts, build, machine, metrics, precisions, probes, records, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import TUNED, BackendUnavailable, get_backend, tuned_name
 from cvt_export.clock import time_calls
@@ -41,6 +41,7 @@ from cvt_export.derive import QUANTIZED_OPS
 from cvt_export.harness import recommend
 from cvt_export.harness.bench import run_all
 from cvt_export.metrics import Budget, within
+from cvt_export.records import Accuracy, HeldFidelity, LatencyStats, RoleSize
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
@@ -77,10 +78,10 @@ def block_nodes(proto: onnx.ModelProto, located: Mapping[str, str]) -> dict[str,
 class Measured:
     name: str                 # fp32 | fp16 | bf16 | int8 | mixed (k float) ...
     precision: str
-    kept: list[str] = field(default_factory=list)
-    fidelity: dict[str, Any] = field(default_factory=dict)   # on the selection images: decides
-    confirmed: dict[str, Any] = field(default_factory=dict)  # on the confirmation images: checks
-    speed: dict[str, Any] | None = None  # latency_stats at the objective's batch, interleaved rounds
+    kept: list[str]
+    fidelity: HeldFidelity    # on the selection images: decides
+    confirmed: HeldFidelity   # on the confirmation images: checks
+    speed: LatencyStats | None = None  # at the objective's batch, interleaved rounds
     within: bool = False      # the budget, with the margin, holds on selection and on confirmation
 
 
@@ -96,18 +97,17 @@ class Held:
     model: CvT  # the folder's PyTorch model (weights checked by sha256): the reference and the remaker's
     selection: list[int]
     confirmation: list[int]
-    sizes: dict[str, dict[str, int]]
+    sizes: dict[str, RoleSize]
 
 
-def fidelity(held: Held, logits: np.ndarray, rows: list[int]) -> dict[str, Any]:
-    fid = metrics.fidelity(held.reference[rows], logits[rows])
-    if held.labels is not None:
-        labels = held.labels[rows]
-        ref_acc = metrics.accuracy(held.reference[rows], labels)["top1"]
-        got = metrics.accuracy(logits[rows], labels)
-        fid.update({"top1": got["top1"], "top1_ci": got["top1_ci"],
-                    "top1_drop": 100 * (ref_acc - got["top1"])})
-    return fid
+def fidelity(held: Held, logits: np.ndarray, rows: list[int]) -> HeldFidelity:
+    fid = records.parse(HeldFidelity, metrics.fidelity(held.reference[rows], logits[rows]), "fidelity")
+    if held.labels is None:
+        return fid
+    labels = held.labels[rows]
+    ref = records.parse(Accuracy, metrics.accuracy(held.reference[rows], labels), "accuracy")
+    got = records.parse(Accuracy, metrics.accuracy(logits[rows], labels), "accuracy")
+    return replace(fid, top1=got.top1, top1_ci=got.top1_ci, top1_drop=100 * (ref.top1 - got.top1))
 
 
 def held_out(folder: ArtifactFolder, dataset: Path | None, limit: int | None) -> Held:
@@ -124,12 +124,13 @@ def held_out(folder: ArtifactFolder, dataset: Path | None, limit: int | None) ->
     model = reference_model(folder)
     reference = validate.reference_logits(model, images)
     labels = inputs.labels[rows] if inputs.labels is not None else None
+    sizes = {role: records.parse(RoleSize, size, role) for role, size in split.sizes.items()}
     return Held(images, reference, labels, split.note, model, list(range(len(sel))),
-                list(range(len(sel), len(rows))), split.sizes)
+                list(range(len(sel), len(rows))), sizes)
 
 
 def run_config(backend: str, folder: ArtifactFolder, precision: str, held: Held, threads: int | None
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+               ) -> tuple[HeldFidelity, HeldFidelity]:
     """Fidelity on the selection and on the confirmation images."""
     with get_backend(backend).compile(folder, precision, threads=threads) as runner:
         logits = run_all(runner, held.images, 8)
@@ -138,7 +139,7 @@ def run_config(backend: str, folder: ArtifactFolder, precision: str, held: Held,
 
 def time_interleaved(backend: str, where: Mapping[str, tuple[ArtifactFolder, str]], held: Held,
                      batch: int, threads: int | None, seconds: float, rounds: int = ROUNDS
-                     ) -> dict[str, dict[str, Any]]:
+                     ) -> dict[str, LatencyStats]:
     """Latency of several configurations at `batch`, all compiled at once and timed in `rounds`
     interleaved rounds (a different order each round), so a slow minute of the machine is
     shared by all of them; each gets `seconds` in all."""
@@ -155,21 +156,22 @@ def time_interleaved(backend: str, where: Mapping[str, tuple[ArtifactFolder, str
             for name in names[r % len(names):] + names[:r % len(names)]:
                 run = functools.partial(runners[name], x)
                 samples[name] += time_calls(run, warmup=0, iters=None, seconds=seconds / rounds, min_iters=2)
-    return {name: {**metrics.latency_stats(t, batch), "rounds": rounds} for name, t in samples.items()}
+    return {name: records.parse(LatencyStats, {**metrics.latency_stats(t, batch), "rounds": rounds}, name)
+            for name, t in samples.items()}
 
 
 def ci_ms(c: Measured) -> Sequence[float]:
     """The 95% interval of a timed candidate's median."""
     assert c.speed is not None
-    return c.speed["median_ci_ms"]
+    return c.speed.interval
 
 
 def median_ms(c: Measured) -> float:
-    return float(c.speed["median_ms"]) if c.speed else float("inf")
+    return c.speed.median_ms if c.speed else float("inf")
 
 
 def faithful(c: Measured) -> tuple[float, float]:
-    return (float(c.fidelity["cosine_min"]), float(c.confirmed.get("cosine_min", 0.0)))
+    return c.fidelity.cosine_min, c.confirmed.cosine_min
 
 
 # --- the search ----------------------------------------------------------------------------
@@ -181,7 +183,7 @@ class TuneResult:
     budgets: list[str]
     margin: float
     held_out: str
-    roles: dict[str, dict[str, int]]
+    roles: dict[str, RoleSize]
     sensitivity: dict[str, float]
     configs: list[Measured]
     chosen: Measured | None
@@ -245,8 +247,9 @@ class Search:
     seconds: float
     step: Callable[[str], None]
 
-    def fits(self, sel: Mapping[str, Any], conf: Mapping[str, Any]) -> bool:
-        return within(self.budgets, sel, self.margin) and within(self.budgets, conf, self.margin)
+    def fits(self, sel: HeldFidelity, conf: HeldFidelity) -> bool:
+        return (within(self.budgets, records.as_json(sel), self.margin)
+                and within(self.budgets, records.as_json(conf), self.margin))
 
 
 def _tune(s: Search, dataset: Path | None, limit: int | None) -> TuneResult:
@@ -343,7 +346,7 @@ def _search(s: Search, scratch: ArtifactFolder, held: Held, configs: list[Measur
         for i, unit in enumerate(names):
             s.step(f"sensitivity: {unit} alone in INT8 ({i + 1}/{len(names)})")
             only = candidate([u for u in names if u != unit], "")
-            sensitivity[unit] = max(0.0, 1.0 - only.fidelity["cosine_min"])
+            sensitivity[unit] = max(0.0, 1.0 - only.fidelity.cosine_min)
         order = sorted(names, key=lambda u: -sensitivity[u])
         for k in range(1, len(names)):
             s.step(f"greedy: {k} most sensitive block(s) in float")
@@ -441,28 +444,28 @@ def summary(result: TuneResult) -> dict[str, Any]:
     """What tune decided, for the manifest and tune.json."""
     def one(c: Measured) -> dict[str, Any]:
         return {"name": c.name, "precision": c.precision, "float_blocks": c.kept,
-                "within_budget": c.within, "fidelity": c.fidelity, "confirmation": c.confirmed,
-                "speed": c.speed}
+                "within_budget": c.within, "fidelity": records.as_json(c.fidelity),
+                "confirmation": records.as_json(c.confirmed), "speed": records.as_json(c.speed)}
 
     return {"backend": result.backend, "objective": result.objective, "budget": result.budgets,
-            "margin": result.margin, "held_out": result.held_out, "roles": result.roles,
+            "margin": result.margin, "held_out": result.held_out, "roles": records.as_json(result.roles),
             "search": SEARCH, "sensitivity": result.sensitivity, "configs": [one(c) for c in result.configs],
             "chosen": result.chosen.name if result.chosen else None, "message": result.message,
             "machine": machine.describe()}
 
 
-def _agreement(fid: Mapping[str, Any]) -> str:
-    lo, hi = fid["top1_agreement_ci"]
-    return f"{100 * fid['top1_agreement']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+def _agreement(fid: HeldFidelity) -> str:
+    lo, hi = fid.top1_agreement_ci
+    return f"{100 * fid.top1_agreement:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
 def _speed(c: Measured) -> str:
     if c.speed is None:
         return "– | –"
-    lo, hi = c.speed["median_ci_ms"]
-    modes = c.speed.get("modes_ms")
+    lo, hi = c.speed.interval
+    modes = c.speed.modes_ms
     bimodal = f" (bimodal: {modes[0]:.1f} / {modes[1]:.1f})" if modes else ""
-    return f"{c.speed['median_ms']:.1f} [{lo:.1f}, {hi:.1f}]{bimodal} | {c.speed['images_per_s']:.1f}"
+    return f"{c.speed.median_ms:.1f} [{lo:.1f}, {hi:.1f}]{bimodal} | {c.speed.images_per_s:.1f}"
 
 
 def markdown(result: TuneResult) -> str:
@@ -471,8 +474,8 @@ def markdown(result: TuneResult) -> str:
              f"Budget {', '.join(result.budgets)}"
              + (f" with margin {result.margin:g}" if result.margin else "")
              + f" on {result.held_out}. A configuration is within the budget only when it holds on "
-             f"the selection images (n={sizes['selection']['inputs']}, which decide) and on the "
-             f"confirmation images (n={sizes['confirmation']['inputs']}, which the search never "
+             f"the selection images (n={sizes['selection'].inputs}, which decide) and on the "
+             f"confirmation images (n={sizes['confirmation'].inputs}, which the search never "
              "ranks by). Search: " + SEARCH + ".", "",
              "Cosine: worst image and 5th percentile; top-1 agreement with its 95% Wilson interval; "
              f"latency: median at the objective's batch with its 95% interval, from {ROUNDS} "
@@ -483,9 +486,9 @@ def markdown(result: TuneResult) -> str:
     for c in result.configs:
         conf = c.confirmed
         lines.append(f"| {c.name}{' **(chosen)**' if c is result.chosen else ''} | "
-                     f"{', '.join(c.kept) or '–'} | {c.fidelity['cosine_min']:.6f} / "
-                     f"{c.fidelity['cosine_p5']:.6f} | {_agreement(c.fidelity)} | "
-                     f"{conf['cosine_min']:.6f} / {conf['cosine_p5']:.6f} | {_agreement(conf)} | "
+                     f"{', '.join(c.kept) or '–'} | {c.fidelity.cosine_min:.6f} / "
+                     f"{c.fidelity.cosine_p5:.6f} | {_agreement(c.fidelity)} | "
+                     f"{conf.cosine_min:.6f} / {conf.cosine_p5:.6f} | {_agreement(conf)} | "
                      f"{'yes' if c.within else 'no'} | {_speed(c)} |")
     lines += ["", "Per-block sensitivity (1 − cosine min on the selection images with only that block "
               "in INT8):", "", "| block | error |", "|---|---|"]

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from cvt_export.deploy import Slo
-from cvt_export.records import AccuracyReport, BenchReport, ProfileReport, Recommendation, RecordError
+from cvt_export.records import (
+    AccuracyReport,
+    BenchReport,
+    DeployRecord,
+    ProfileReport,
+    Recommendation,
+    RecordError,
+)
 from cvt_export.render import deploy as render_deploy
 from cvt_export.render import profile as render_profile
 from cvt_export.render import recommendation as render_recommendation
@@ -63,18 +70,21 @@ def test_every_committed_recommendation_reads_and_renders(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", DEPLOY, ids=_name)
-def test_every_committed_deploy_record_renders(path: Path) -> None:
+def test_every_committed_deploy_record_reads_and_renders(path: Path) -> None:
     raw = json.loads(path.read_text())
+    record = DeployRecord.read(path)
     slo = Slo.parse(raw["slo"])
-    text = "\n".join(render_deploy.markdown(raw, slo))
+    text = "\n".join(render_deploy.markdown(record, slo))
     if raw["chosen"] is None:
         assert "**No candidate met the SLO within the budget.**" in text
     else:
         assert f"**Chosen by the search**: {raw['chosen']['label']}." in text
         held = raw["confirmation"]["held"]
         assert ("**the SLO held**." if held else "**the SLO did not hold**.") in text
-    assert render_deploy.pareto_svg(raw, slo).count("<circle") == sum(
+    assert render_deploy.pareto_svg(record, slo).count("<circle") == sum(
         "meets" in c for c in raw["search"]["candidates"])
+    for k, c in enumerate(raw["search"]["candidates"], 1):
+        assert f"| {k} | {c['label']} |" in text
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=_name)
@@ -207,3 +217,36 @@ def test_every_committed_baseline_reads_and_is_written_back_byte_for_byte(path: 
         assert baseline.results[key].median_ms == row["median_ms"]
     assert regress.decode(baseline.reference.logits).shape == (data["inputs"]["images"], 1000)
     assert json.dumps(baseline.to_json(), indent=1) + "\n" == raw
+
+
+SERVED = sorted(p for p in REPORTS.rglob("*.json") if '"cvt-bench-triton/' in p.read_text()[:200])
+
+
+@pytest.mark.parametrize("path", SERVED, ids=_name)
+def test_every_committed_served_report_reads_and_shows(path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from cvt_export.cli import bench as cli_bench
+    from cvt_export.records import ServedReport
+
+    raw = json.loads(path.read_text())
+    report = ServedReport.read(path)
+    cli_bench._show_served(report, "cvt", "http")
+    shown = capsys.readouterr().out
+    assert f"cosine {raw['fidelity']['cosine_min']:.5f}" in shown
+    for run in raw["runs"]:
+        label = f"{run['concurrency']} clients" if "concurrency" in run else f"{run['rate']:g}/s"
+        assert label in shown and f"{run['images_per_s']:.1f}" in shown
+        assert f"{run.get('answered', run['requests'])}/{run['requests']}" in shown
+
+
+def test_a_served_report_of_a_failed_run_says_what_failed() -> None:
+    """The failure line reads the record of the run that stopped (oracle: the figures put in)."""
+    from cvt_export.cli import bench as cli_bench
+    from cvt_export.records import ServedReport
+
+    raw = json.loads((REPORTS / "triton-cvt-13.json").read_text())
+    raw.update(schema="cvt-bench-triton/2", failed_at="4 clients")
+    raw["runs"][-1].update(sent=150, answered=140, failed=10, not_sent=90, errors={"timeout": 10})
+    line = cli_bench._served_failures(ServedReport.from_json(raw))
+    assert line.startswith("10 of 150 requests sent failed at 4 clients") and "timeout ×10" in line
+    assert f"90 of the {raw['runs'][-1]['requests']} were never sent" in line

@@ -20,7 +20,7 @@ from conftest import copy_artifacts
 from cvt_export import build, regress
 from cvt_export.exporter import ExportOptions
 from cvt_export.harness import bench
-from cvt_export.records import Row
+from cvt_export.records import BaselineReference, Row
 from cvt_ref.source import sha256_file
 from helpers import PerturbedBackend, assert_user_error, run_cli
 
@@ -93,11 +93,10 @@ def test_a_baseline_for_other_weights_is_bad_input(baseline: Path, tmp_path: Pat
 def test_changed_reference_logits_fail(baseline: Path, exported: Path, tmp_path: Path) -> None:
     """The same weights giving other logits (model code or the checkpoint's content changed) is a
     regression: here the baseline's stored logits are moved by 1e-3, as a changed kernel would."""
-    data = json.loads(baseline.read_text())
-    ref = regress.decode(data["reference"]["logits"]) + np.float32(1e-3)
-    data["reference"]["logits"] = regress.encode(ref)
+    data = regress.load_baseline(baseline)
+    ref = regress.decode(data.reference.logits) + np.float32(1e-3)
     moved = tmp_path / "moved.json"
-    moved.write_text(json.dumps(data))
+    regress.write_baseline(moved, dataclasses.replace(data, reference=BaselineReference(regress.encode(ref))))
     outcome = regress.run(moved, update=False, artifacts_dir=exported, max_slowdown=None,
                           **(QUICK | {"precisions": ("fp32",)}))
     fails = [f for f in outcome.findings if f.kind == "fail"]

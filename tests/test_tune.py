@@ -199,19 +199,12 @@ def test_tune_killed_at_three_moments_leaves_nothing_that_verifies(stressed: Pat
     assert not scratch() and ArtifactFolder.open(folder).verify("mixed")
 
 
-BOUNDS = {"fp32": (None, 1.0), "fp16": (0.9999, 1.0), "bf16": (0.999, 1.0), "int8": (0.995, 0.9)}
-
-
-def _ok(row: dict) -> bool:  # type: ignore[type-arg]
-    fid = row["fidelity"]["selection"]  # the selection images decide
-    cos, top1 = BOUNDS[row["precision"]]
-    if cos is None:
-        return bool(fid["max_abs"] <= 1e-4 and fid["top1_agreement"] >= top1)
-    return bool(fid["cosine_min"] >= cos and fid["top1_agreement"] >= top1)
-
-
 @pytest.mark.slow
 def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_path: Path) -> None:
+    """End to end, on a real run: the recommendation cvt-bench writes is the one in its report,
+    names a row that ran within its bounds, states that row's figures, and is what Triton takes.
+    The rule itself (fastest beyond the noise, ties to the most faithful, the budget, batch
+    dependence) is held to hand-made rows whose answer is known: tests/test_imageset.py."""
     folder = copy_artifacts(exported, tmp_path)
     out = tmp_path / "report"
     bench = run_cli("cvt-bench", "--backend", "ort", "--precision", "fp32,int8",
@@ -225,21 +218,15 @@ def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_pat
         assert pick.pop("onnx_sha256") == report["model"]["onnx_sha256"]
         report["recommendation"]["objectives"][objective].pop("artifacts")
     assert rec == report["recommendation"]
-    rows = [r for r in report["results"] if r["status"] == "ok" and r["backend"] != "torch" and _ok(r)]
-
-    def expected(batch: str) -> dict:  # type: ignore[type-arg]
-        """Rows no other row beats beyond the noise (its 95% interval ending before theirs begins)
-        are tied for fastest; the most faithful of them wins."""
-        ci = {id(r): r["latency"][batch]["median_ci_ms"] for r in rows}
-        tied = [r for r in rows if not any(ci[id(o)][1] < ci[id(r)][0] for o in rows)]
-        return max(tied, key=lambda r: r["fidelity"]["selection"]["cosine_min"])
-
-    b8, b1 = expected("8"), expected("1")
+    ran = {(r["backend"], r["precision"]): r for r in report["results"] if r["status"] == "ok"}
     pick = rec["objectives"]
-    for objective, row in (("throughput-b8", b8), ("latency-b1", b1)):
+    for objective, batch in (("throughput-b8", "8"), ("latency-b1", "1")):
         got = pick[objective]
-        assert (got["backend"], got["precision"]) == (row["backend"], row["precision"])
+        row = ran[got["backend"], got["precision"]]
+        assert got["backend"] != "torch" and row["fidelity"]["pass"]
         assert got["confirmation"]["images"] == row["fidelity"]["confirmation"]["images"] > 0
+        assert np.isclose(got["median_ms"], row["latency"][batch]["median_ms"])
+    b8 = ran[pick["throughput-b8"]["backend"], pick["throughput-b8"]["precision"]]
     assert np.isclose(pick["throughput-b8"]["images_per_s"], b8["latency"]["8"]["images_per_s"])
     assert "## Recommendation" in (out / "report.md").read_text()
     # a budget nothing quantized can meet: the pick is an FP32 row

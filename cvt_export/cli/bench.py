@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -30,6 +30,7 @@ from cvt_export.cli.common import (
 )
 from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
+from cvt_export.records import ServedReport
 from cvt_export.render import recommendation as render_recommendation
 from cvt_export.render import report as render_report
 from cvt_ref.errors import CvtError
@@ -453,10 +454,11 @@ def triton(
         report = bench_served(Target(url, model, protocol), folder, precision, loads, requests)
     if json_file:
         reports.write_json(report, json_file)
-    _show_served(report, model, protocol)
-    if report["failed_at"]:
-        raise CvtError(_served_failures(report))
-    if not report["fidelity"]["pass"]:
+    served = ServedReport.from_json(report)  # what the file says, read as every reader reads it
+    _show_served(served, model, protocol)
+    if served.failed_at:
+        raise CvtError(_served_failures(served))
+    if not served.fidelity.passed:
         raise typer.Exit(1)
 
 
@@ -478,47 +480,41 @@ def _loads(concurrency: str, rate: str | None) -> tuple[Load, ...]:
     return tuple(Load("concurrency", c) for c in levels)
 
 
-def _show_served(report: dict[str, Any], model: str, protocol: str) -> None:
-    fid = report["fidelity"]
-    stdout.print(f"fidelity of the served {report['precision']} vs PyTorch FP32 (n={fid['n']} photos): worst "
-                 f"cosine {fid['cosine_min']:.5f}, max-abs {fid['max_abs']:.3g}, top-1 "
-                 f"{100 * fid['top1_agreement']:.0f}% — "
-                 + ("within bounds" if fid["pass"] else "OUTSIDE bounds: " + "; ".join(fid["broken"])))
-    table = Table(title=f"{model} over {protocol} ({report['machine']['cpu']})", title_justify="left")
+def _show_served(report: ServedReport, model: str, protocol: str) -> None:
+    fid = report.fidelity
+    stdout.print(f"fidelity of the served {report.precision} vs PyTorch FP32 (n={fid.n} photos): worst "
+                 f"cosine {fid.cosine_min:.5f}, max-abs {fid.max_abs:.3g}, top-1 "
+                 f"{100 * fid.top1_agreement:.0f}% — "
+                 + ("within bounds" if fid.passed else "OUTSIDE bounds: " + "; ".join(fid.broken)))
+    table = Table(title=f"{model} over {protocol} ({report.machine.cpu})", title_justify="left")
     for col in ("load", "answered", "img/s", "p50 ms", "p90 ms", "p99 ms", "p99 over windows", "stable",
                 "executed batches", "queue ms", "compute ms"):
         table.add_column(col, justify="right")
-    for r in report["runs"]:
-        lat, srv = r.get("latency_ms"), r.get("server")
-        table.add_row(_load_label(r), f"{r['answered']}/{r['requests']}", f"{r['images_per_s']:.1f}",
-                      *((f"{lat['median_ms']:.1f}", f"{lat['p90_ms']:.1f}", f"{lat['p99_ms']:.1f}",
-                         "{:.1f}–{:.1f}".format(*r["spread_ms"]["p99_ms"]), "yes" if r["stable"] else "no")
+    for r in report.runs:
+        lat, srv, spread = r.latency_ms, r.server, r.spread_ms.p99_ms if r.spread_ms else (0.0, 0.0)
+        table.add_row(r.label, f"{r.answered_of_sent[0]}/{r.requests}", f"{r.images_per_s:.1f}",
+                      *((f"{lat.median_ms:.1f}", f"{lat.p90_ms:.1f}", f"{lat.p99_ms:.1f}",
+                         "{:.1f}–{:.1f}".format(*spread), "yes" if r.stable else "no")
                         if lat else ("", "", "", "", "")),
-                      ", ".join(f"{b}×{n}" for b, n in srv["executed_batches"].items()) if srv else "",
-                      f"{srv['queue_ms_per_request']:.1f}" if srv else "",
-                      f"{srv['compute_ms_per_request']:.1f}" if srv else "")
+                      ", ".join(f"{b}×{n}" for b, n in srv.executed_batches.items()) if srv else "",
+                      f"{srv.queue_ms_per_request:.1f}" if srv else "",
+                      f"{srv.compute_ms_per_request:.1f}" if srv else "")
     show_table(table)
-    for r in report["runs"]:
-        if r.get("server_unavailable"):
-            stdout.print(f"{_load_label(r)}: no Triton statistics: {r['server_unavailable']}",
-                         highlight=False)
+    for r in report.runs:
+        if r.server_unavailable:
+            stdout.print(f"{r.label}: no Triton statistics: {r.server_unavailable}", highlight=False)
 
 
-def _served_failures(report: dict[str, Any]) -> str:
+def _served_failures(report: ServedReport) -> str:
     """The error line of a run whose requests failed: how many of those sent, and those never sent."""
     from cvt_export.harness.served import GIVE_UP_AFTER
 
-    last = report["runs"][-1]
-    errors = ", ".join(f"{e} ×{n}" for e, n in last["errors"].items())
-    sent = last.get("sent", last["requests"])
-    unsent = (f"; {last['not_sent']} of the {last['requests']} were never sent (the run stops after "
-              f"{GIVE_UP_AFTER} failures)" if last.get("not_sent") else "")
-    return (f"{last['failed']} of {sent} requests sent failed at {report['failed_at']} "
+    last = report.runs[-1]
+    errors = ", ".join(f"{e} ×{n}" for e, n in last.errors.items())
+    unsent = (f"; {last.not_sent} of the {last.requests} were never sent (the run stops after "
+              f"{GIVE_UP_AFTER} failures)" if last.not_sent else "")
+    return (f"{last.failed} of {last.answered_of_sent[1]} requests sent failed at {report.failed_at} "
             f"(measured, not retried){unsent}: {errors}")
-
-
-def _load_label(run: dict[str, Any]) -> str:
-    return f"{run['concurrency']} clients" if "concurrency" in run else f"{run['rate']:g}/s"
 
 
 def show(report: BenchReport) -> None:

@@ -321,11 +321,11 @@ def _show_tune(result: TuneResult, artifacts: Path, margin: float) -> None:
     for c in result.configs:
         table.add_row(c.name + (" (chosen)" if c is result.chosen else ""),
                       str(len(c.kept)) if c.kept else "–",
-                      f"{c.fidelity['cosine_min']:.6f}", f"{c.confirmed['cosine_min']:.6f}",
+                      f"{c.fidelity.cosine_min:.6f}", f"{c.confirmed.cosine_min:.6f}",
                       "yes" if c.within else "no",
-                      (f"{c.speed['median_ms']:.1f} [{c.speed['median_ci_ms'][0]:.1f}, "
-                       f"{c.speed['median_ci_ms'][1]:.1f}]") if c.speed else "–",
-                      f"{c.speed['images_per_s']:.1f}" if c.speed else "–")
+                      (f"{c.speed.median_ms:.1f} [{c.speed.interval[0]:.1f}, {c.speed.interval[1]:.1f}]")
+                      if c.speed else "–",
+                      f"{c.speed.images_per_s:.1f}" if c.speed else "–")
     show_table(table)
     stdout.print(result.message)
     if result.mixed_written:
@@ -524,7 +524,7 @@ def deploy(
     for line in render_deploy.markdown(result, settings.slo)[2:]:
         stdout.print(line.replace("**", ""), highlight=False, soft_wrap=True)
     stdout.print(f"wrote {out / (name + '.deploy.json')}, .md and .svg")
-    if result["chosen"] is None or not result["confirmation"]["held"]:
+    if result.chosen is None or result.confirmation is None or not result.confirmation.held:
         raise typer.Exit(1)
 
 
