@@ -237,7 +237,9 @@ def _read(out: Path, name: str = MANIFEST) -> Manifest | None:
     try:
         return Manifest.from_json(data, str(out / name))
     except RecordError as e:
-        raise ArtifactError(str(e) if "newer" in str(e) else f"{e}; re-export the folder") from None
+        raise ArtifactError(str(e) if "newer" in str(e) else
+                            f"{e}: a damaged manifest; export into another folder, or delete "
+                            f"{out / name} to export into this one again") from None
 
 
 def withdraw(out: Path) -> None:
