@@ -12,8 +12,8 @@ record does not name, so a file of another minor version is rewritten without lo
 
 Records: the artifact folder's manifest (and the sidecars backends keep beside its files), the
 accuracy pass (its shards and its report), cvt-bench's report, its recommendation, the profile,
-the regression gate's baseline, `cvt-bench triton`'s report, deploy's record, and tune's
-per-configuration figures.
+the regression gate's baseline, `cvt-bench triton`'s report, deploy's record, a Triton
+repository's record, and tune's per-configuration figures.
 """
 
 from __future__ import annotations
@@ -1283,3 +1283,24 @@ class DeployRecord(Record):
     confirmation: Confirmation | None = None
     sustained: dict[str, Sustained] | None = None
     seconds: float | None = None
+
+
+# --- a Triton model repository's record (NAME.cvt-repository.json) --------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class RepositoryRecord:
+    """What `cvt-export triton` wrote under one name: its model folders, options, the artifact it
+    was made from, that file's fidelity at export, and every file's sha256. `schema` is a plain
+    integer, as the first version wrote it."""
+
+    schema: int = 1
+    name: str
+    models: tuple[str, ...]
+    options: dict[str, Any]
+    source: ExportSource
+    artifact: str
+    onnx: str
+    onnx_sha256: str
+    fidelity: Validation | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    replaced: tuple[str, ...] = ()

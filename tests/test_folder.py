@@ -110,7 +110,7 @@ def test_recommendation_paths_are_relative_to_the_file_and_checked(exported: Pat
     (elsewhere / "art").mkdir(parents=True)  # another folder of that name where the user stands
     from cvt_export.harness import recommend
 
-    assert recommend.read(path, "throughput-b8")["folder"].path == tmp_path / "art"
+    assert recommend.read(path, "throughput-b8").folder.path == tmp_path / "art"
     cases = {
         "sha": ({**pick, "onnx_sha256": "0" * 64}, "another export"),
         "missing": ({k: v for k, v in pick.items() if k != "precision"}, "precision is missing"),

@@ -148,7 +148,7 @@ def test_native_runtime_repositories_are_checked(exported: Path, tmp_path: Path)
                                                             precision=precision, labels=True, **extra))
         config = parse_config(repo / name / "config.pbtxt")
         assert config.max_batch_size == 32 and list(config.output[0].dims) == [1000]
-        assert record["files"] and all(len(v) == 64 for v in record["files"].values())
+        assert record.files and all(len(v) == 64 for v in record.files.values())
     config = parse_config(repo / "onnxruntime-fp16" / "config.pbtxt")
     assert config.platform == "onnxruntime_onnx"
     assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"

@@ -420,10 +420,10 @@ def triton(
                        accelerator=accelerator, threads=threads, preprocess=preprocess, labels=labels)
     with status("writing the model repository"):
         record = write_repository(folder, out, opts)
-    if record["replaced"]:
-        stdout.print(f"replaced {', '.join(record['replaced'])} (an earlier "
+    if record.replaced:
+        stdout.print(f"replaced {', '.join(record.replaced)} (an earlier "
                      f"`cvt-export triton --name {name}`)")
-    stdout.print(f"wrote {', '.join(record['models'])} in {out} ({runtime}, {precision}); "
+    stdout.print(f"wrote {', '.join(record.models)} in {out} ({runtime}, {precision}); "
                  f"serve it with `cvt-export serve {out}`")
 
 
@@ -432,11 +432,11 @@ def _recommended(path: Path, objective: str, python_backend: str) -> tuple[Artif
     from cvt_export.harness import recommend
 
     pick = recommend.read(path, objective)
-    if pick["backend"] == "tensorrt":
-        return pick["folder"], pick["precision"], "tensorrt", python_backend
-    if pick["backend"] in ("ort", "openvino"):
-        return pick["folder"], pick["precision"], "python", pick["backend"]
-    raise CvtError(f"{path}: recommends {pick['backend']} {pick['precision']}, which "
+    if pick.backend == "tensorrt":
+        return pick.folder, pick.precision, "tensorrt", python_backend
+    if pick.backend in ("ort", "openvino"):
+        return pick.folder, pick.precision, "python", pick.backend
+    raise CvtError(f"{path}: recommends {pick.backend} {pick.precision}, which "
                    "Triton does not serve; re-run cvt-bench without that backend")
 
 

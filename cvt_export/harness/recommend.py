@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cvt_export import metrics, precisions
-from cvt_export.artifacts import atomic_write
+from cvt_export.artifacts import ArtifactFolder, atomic_write
 from cvt_export.records import (
     BenchReport,
     Fidelity,
@@ -184,10 +184,18 @@ def _field(pick: Mapping[str, Any], key: str, path: Path, objective: str) -> str
     return value
 
 
-def read(path: Path, objective: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Recommended:
+    """What a recommendation.json picked for one objective, checked: the folder, opened."""
+
+    folder: ArtifactFolder
+    backend: str
+    precision: str
+
+
+def read(path: Path, objective: str) -> Recommended:
     """The pick for one objective from a recommendation.json: every field checked, the artifact
     folder resolved against the file's own folder, opened and matched by its FP32 sha256."""
-    from cvt_export.artifacts import ArtifactFolder
 
     if objective not in OBJECTIVES:
         raise CvtError(f"--objective {objective!r}: use {', '.join(OBJECTIVES)}")
@@ -224,4 +232,4 @@ def read(path: Path, objective: str) -> dict[str, Any]:
     if folder.sha256("fp32") != digest:
         raise CvtError(f"--from-recommendation {path}: {folder.path} holds another export than the one "
                        "benchmarked (FP32 sha256 differs); re-run cvt-bench on it")
-    return {**pick, "folder": folder}
+    return Recommended(folder, backend, precision)

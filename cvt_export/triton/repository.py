@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from cvt_export import artifacts, precisions
 from cvt_export.artifacts import ArtifactFolder
-from cvt_export.records import EngineRecord, as_json, read_sidecar
+from cvt_export.records import EngineRecord, RepositoryRecord, as_json, read_sidecar
 from cvt_export.runtime import INPUT_NAME, OUTPUT_NAME
 from cvt_export.triton import TritonError
 from cvt_ref.source import sha256_file
@@ -330,7 +330,7 @@ def check_destination(folder: ArtifactFolder, out: Path, opts: RepoOptions) -> l
 
 
 def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions, *,
-                     held: bool = False) -> dict[str, Any]:
+                     held: bool = False) -> RepositoryRecord:
     """Write (replace) the models of `opts.name` in the repository `out`; returns the record
     (`replaced`: the model folders of an earlier write of the same name that it replaced).
     Under the repository's writer lock, taken here unless the caller holds it (`held`)."""
@@ -346,7 +346,7 @@ def write_repository(folder: ArtifactFolder | Path, out: Path, opts: RepoOptions
         return _write_locked(folder, out, opts, onnx_path)
 
 
-def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_path: Path) -> dict[str, Any]:
+def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_path: Path) -> RepositoryRecord:
     variant = folder.variant
     labels = folder.labels
     size, classes = variant.image_size, variant.num_classes
@@ -382,16 +382,16 @@ def _write_locked(folder: ArtifactFolder, out: Path, opts: RepoOptions, onnx_pat
             if path.is_file() and path.parent != staged:  # the models' files, not the staging mark
                 files[str(path.relative_to(staged))] = sha256_file(path)
         validate_repository(staged, names)
-        record = {"schema": 1, "name": opts.name, "models": names, "options": asdict(opts),
-                  "source": as_json(folder.source), "artifact": str(folder.path), "onnx": onnx_path.name,
-                  "onnx_sha256": folder.sha256(opts.precision),
-                  "fidelity": as_json(folder.entry(opts.precision).validation),
-                  "files": files, "replaced": replaced}
+        record = RepositoryRecord(name=opts.name, models=tuple(names), options=asdict(opts),
+                                  source=folder.source, artifact=str(folder.path), onnx=onnx_path.name,
+                                  onnx_sha256=folder.sha256(opts.precision),
+                                  fidelity=folder.entry(opts.precision).validation, files=files,
+                                  replaced=tuple(replaced))
         for name in names:  # an earlier write of this name (checked above) moves out, then is removed
             if (out / name).exists():
                 os.replace(out / name, staged / f".old-{name}")
             os.replace(staged / name, out / name)
-        artifacts.atomic_write(out / f"{opts.name}.{RECORD}", json.dumps(record, indent=2) + "\n")
+        artifacts.atomic_write(out / f"{opts.name}.{RECORD}", json.dumps(as_json(record), indent=2) + "\n")
         return record
 
 
