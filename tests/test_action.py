@@ -6,6 +6,7 @@ environment has cvt-export); its text is checked instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from cvt_export import regress
+from cvt_export.records import BaselineReference
 from helpers import BIN
 
 pytestmark = pytest.mark.slow  # a regression run on the cvt-13 export
@@ -103,11 +105,11 @@ def test_the_action_passes_on_unchanged_artifacts(repo: dict[str, Any], tmp_path
 
 def test_the_action_fails_with_annotations_and_a_summary(repo: dict[str, Any], tmp_path: Path) -> None:
     """A baseline whose reference logits moved by 1e-3 (as a changed kernel would move them)."""
-    data = json.loads(repo["baseline"].read_text())
-    moved = regress.decode(data["reference"]["logits"]) + np.float32(1e-3)
-    data["reference"]["logits"] = regress.encode(moved)
+    data = regress.load_baseline(repo["baseline"])
+    moved = regress.decode(data.reference.logits) + np.float32(1e-3)
     other = repo["root"] / "moved.json"
-    other.write_text(json.dumps(data))
+    regress.write_baseline(other, dataclasses.replace(data,
+                                                      reference=BaselineReference(regress.encode(moved))))
     summary = tmp_path / "summary.md"
     steps = run_action(repo["root"], {"install": "false", "baseline": "moved.json",
                                       "artifacts": str(repo["exported"]), "backend": "ort",
