@@ -29,6 +29,7 @@ from cvt_export.records import (
     IrEntry,
     Manifest,
     ModelSummary,
+    NewerRecord,
     RecordError,
     Weights,
 )
@@ -236,9 +237,10 @@ def _read(out: Path, name: str = MANIFEST) -> Manifest | None:
         return None
     try:
         return Manifest.from_json(data, str(out / name))
+    except NewerRecord as e:
+        raise ArtifactError(str(e)) from None
     except RecordError as e:
-        raise ArtifactError(str(e) if "newer" in str(e) else
-                            f"{e}: a damaged manifest; export into another folder, or delete "
+        raise ArtifactError(f"{e}: a damaged manifest; export into another folder, or delete "
                             f"{out / name} to export into this one again") from None
 
 

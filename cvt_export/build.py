@@ -45,11 +45,13 @@ from cvt_export.records import (
     ExportSource,
     FileEntry,
     GraphSummary,
+    HeldFidelity,
     IrEntry,
     Manifest,
     Outliers,
     Policy,
     Preprocess,
+    SmoothSearch,
     Validation,
     Weights,
 )
@@ -177,9 +179,7 @@ def make_fp32(job: Job, step: Callable[[str], None]) -> Made:
     step(f"exporting {job.variant.name} to ONNX (opset {job.opts.opset})")
     files = export_fp32(job.model, job.variant, job.staged / name, job.opts)
     step("validating on ONNX Runtime against PyTorch")
-    figures = validate.validate_fp32(job.staged / name, job.images, job.ref, job.opts.batch)
-    validation = records.parse(Validation, {"backend": "onnxruntime-cpu", "images": len(job.images),
-                                            **figures}, "validation")
+    validation = validate.validate_fp32(job.staged / name, job.images, job.ref, job.opts.batch)
     step("locating block outputs in the graph (probe points for drift reports)")
     located = probes.locate(job.staged / name, job.model, job.images[:1])
     return Made(name, file_entry(job.staged, files, "fp32", validation=validation, probes=located), files)
@@ -199,8 +199,7 @@ def _measured(job: Job, name: str, prec: str, note: str, rows: list[int] | None 
               ) -> tuple[Validation, str | None]:
     """A staged file's fidelity against the reference on the job's photos (`rows`: all of them)."""
     rows = list(range(len(job.images))) if rows is None else rows
-    figures, warning = validate.measure(job.staged / name, prec, job.images, job.ref, rows, note)
-    return records.parse(Validation, figures, f"{name} validation"), warning
+    return validate.measure(job.staged / name, prec, job.images, job.ref, rows, note)
 
 
 def make_int8dyn(job: Job, fp32_path: Path, fp32_sha: str, step: Callable[[str], None]) -> Made:
@@ -307,14 +306,14 @@ def selection_images(calib: calibration.CalibrationSet, variant: Variant) -> tup
     roles = imageset.roles(items, calib.fingerprints)
     chosen = [it for it, r in zip(items, roles, strict=True) if r == "selection"]
     sizes = imageset.sizes(roles, items)["selection"]
-    note = (f"the bundled evaluation set's selection images ({sizes['inputs']} inputs of "
-            f"{sizes['sources']} photographs)")
+    note = (f"the bundled evaluation set's selection images ({sizes.inputs} inputs of "
+            f"{sizes.sources} photographs)")
     return cvt_ref.preprocess_batch([it.image() for it in chosen], variant).numpy(), note
 
 
 def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
                      opts: derive.Int8Options, choices: tuple[float | None, ...],
-                     step: Callable[[str], None]) -> tuple[derive.Int8Options, dict[str, Any]]:
+                     step: Callable[[str], None]) -> tuple[derive.Int8Options, SmoothSearch]:
     """Each SmoothQuant strength in `choices` (None: off) makes an INT8 file from the same
     calibration images, measured on the selection images; the least worst-image error wins, and
     strengths within SMOOTH_TIE of it are tied: the weakest migration among them is chosen (a
@@ -325,7 +324,7 @@ def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibratio
     images, note = selection_images(calib, job.variant)
     ref = validate.reference_logits(job.model, images)
     pixels = calib.load(job.variant)
-    figures: dict[str, dict[str, Any]] = {}
+    figures: dict[str, HeldFidelity] = {}
     for strength in choices:
         label = derive.smooth_label(strength)
         step(f"INT8 migration strength {label}: a candidate on the selection images")
@@ -341,20 +340,20 @@ def choose_smoothing(job: Job, fp32_path: Path, fp32_sha: str, calib: calibratio
             figures[label] = metrics.fidelity(ref, logits)
         finally:
             shutil.rmtree(where, ignore_errors=True)
-    error = {c: 1.0 - figures[derive.smooth_label(c)]["cosine_min"] for c in choices}
+    error = {c: 1.0 - figures[derive.smooth_label(c)].cosine_min for c in choices}
     least = min(error.values())
     tied = [c for c in choices if error[c] <= least * (1 + SMOOTH_TIE)]
     best = min(tied, key=lambda c: -1.0 if c is None else c)  # the weakest migration among the tied
     how = (f"worst-image cosine on the selection images; strengths within {100 * SMOOTH_TIE:g}% of the "
            "least error (1 - cosine) are tied, and the weakest migration (off first) among them wins")
-    return replace(opts, smooth=best), {"chosen": derive.smooth_label(best), "on": note, "by": how,
-                                        "tied": [derive.smooth_label(c) for c in tied],
-                                        "candidates": figures}
+    return replace(opts, smooth=best), SmoothSearch(chosen=derive.smooth_label(best), on=note, by=how,
+                                                    tied=tuple(derive.smooth_label(c) for c in tied),
+                                                    candidates=figures)
 
 
 def make_int8(job: Job, fp32_path: Path, fp32_sha: str, calib: calibration.CalibrationSet,
               opts: derive.Int8Options, info: Calibration, step: Callable[[str], None],
-              search: dict[str, Any] | None = None) -> Made:
+              search: SmoothSearch | None = None) -> Made:
     name = FILES["int8"]
     cache, cache_warning = calibration.usable_cache(str(info.cache_key), job.staged)
     step(f"calibrating INT8 (its ranges kept in {cache} for the next export of this model)"

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts, metrics, precisions
+from cvt_export import artifacts, metrics, precisions, records
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import served
-from cvt_export.records import DeployRecord
+from cvt_export.records import DeployRecord, Fidelity, LoadRun
 from cvt_export.render import deploy as render
 from cvt_export.triton import TritonError
 from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
@@ -44,6 +44,7 @@ IMPROVES = 0.05       # a neighbour must lower the percentile by more than this 
 SUSTAINED = 0.90      # kept up: answers left at >= this share of the rate requests arrived at
 LADDER, LADDER_STEPS = 1.25, 8  # the sustained-rate ladder: factor between steps, steps at most
 ROUNDS = 3            # interleaved confirmation rounds of the chosen and the default configuration
+SLO_FIGURE = {50: "median_ms", 90: "p90_ms", 99: "p99_ms"}  # the client latency each percentile reads
 SLO_RE = re.compile(r"^\s*p(50|90|99)\s*<=\s*([0-9.]+)\s*ms\s*@\s*rate\s*=\s*([0-9.]+)\s*$")
 
 
@@ -182,7 +183,7 @@ class Bench:
         self.reference = dict(zip(wanted, reference, strict=True))
         self.count = 0
 
-    def fidelity(self, target: served.Target, role: str) -> dict[str, Any]:
+    def fidelity(self, target: served.Target, role: str) -> Fidelity:
         rows = self.rows[role]
         ref = np.stack([self.reference[i] for i in rows])
         return served.fidelity(target, self.images[rows], ref, [self.names[i] for i in rows])
@@ -224,20 +225,23 @@ class Bench:
         return record
 
 
-def _fid(fid: dict[str, Any]) -> dict[str, Any]:
-    return {k: fid[k] for k in ("n", "cosine_min", "cosine_mean", "max_abs", "top1_agreement") if k in fid}
+def _fid(fid: Fidelity) -> dict[str, Any]:
+    """The figures a deploy record keeps of the served answers."""
+    return {"n": fid.n, "cosine_min": fid.cosine_min, "cosine_mean": fid.cosine_mean, "max_abs": fid.max_abs,
+            "top1_agreement": fid.top1_agreement}
 
 
-def _load_figures(run: dict[str, Any], slo: Slo) -> dict[str, Any]:
-    lat = run.get("latency_ms", {})
-    key = {50: "median_ms", 90: "p90_ms", 99: "p99_ms"}[slo.percentile]
-    value = float(lat[key]) if lat else float("inf")
-    achieved, offered = run.get("answered_per_s", 0.0), run.get("offered_per_s", slo.rate)
-    return {"percentile_ms": value, "p99_ms": float(lat.get("p99_ms", float("inf"))),
-            "answered": run["answered"], "failed": run["failed"], "achieved_rate": achieved,
-            "offered_rate": offered, "spread_ms": run.get("spread_ms"), "stable": run.get("stable"),
-            "meets": bool(run["failed"] == 0 and value <= slo.limit_ms
-                          and kept_up(run["answered"], achieved, offered, slo.limit_ms))}
+def _load_figures(run: LoadRun, slo: Slo) -> dict[str, Any]:
+    lat = run.latency_ms
+    value = float(getattr(lat, SLO_FIGURE[slo.percentile])) if lat else float("inf")
+    achieved = run.answered_per_s if run.answered_per_s is not None else 0.0
+    offered = run.offered_per_s if run.offered_per_s is not None else slo.rate
+    answered = run.answered_of_sent[0]
+    return {"percentile_ms": value, "p99_ms": lat.p99_ms if lat else float("inf"),
+            "answered": answered, "failed": run.failed, "achieved_rate": achieved,
+            "offered_rate": offered, "spread_ms": records.as_json(run.spread_ms), "stable": run.stable,
+            "meets": bool(run.failed == 0 and value <= slo.limit_ms
+                          and kept_up(answered, achieved, offered, slo.limit_ms))}
 
 
 def kept_up(answered: int, achieved: float, offered: float, limit_ms: float) -> bool:

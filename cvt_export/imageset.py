@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from cvt_export.records import RoleSize
 from cvt_ref.preprocess import load_image, preprocess_array, to_rgb
 from cvt_ref.variants import Variant
 
@@ -132,10 +133,10 @@ def roles(items: Sequence[Item], calibration: Iterable[str]) -> list[str]:
     return ["calibration" if it.group in calibrated else role[it.group] for it in items]
 
 
-def sizes(item_roles: Sequence[str], items: Sequence[Item]) -> dict[str, dict[str, int]]:
+def sizes(item_roles: Sequence[str], items: Sequence[Item]) -> dict[str, RoleSize]:
     """Per role: how many inputs and how many distinct groups (photographs)."""
-    return {r: {"inputs": sum(1 for x in item_roles if x == r),
-                "sources": len({it.group for it, x in zip(items, item_roles, strict=True) if x == r})}
+    return {r: RoleSize(inputs=sum(1 for x in item_roles if x == r),
+                        sources=len({it.group for it, x in zip(items, item_roles, strict=True) if x == r}))
             for r in ROLES}
 
 

@@ -13,7 +13,8 @@ import sys
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+
+from cvt_export.records import Machine
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_bf16", "amx_int8", "amx_tile", "avx_vnni")
@@ -70,7 +71,7 @@ def libraries() -> dict[str, str]:
     return found
 
 
-def describe() -> dict[str, Any]:
-    """The report's `machine` object."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "isa": isa(), "os": platform.platform(),
-            "python": sys.version.split()[0], "libraries": libraries()}
+def describe() -> Machine:
+    """The report's `machine` record."""
+    return Machine(cpu=cpu_name(), cores=os.cpu_count(), isa=tuple(isa()), os=platform.platform(),
+                   python=sys.version.split()[0], libraries=libraries())

@@ -1,6 +1,7 @@
 """Fidelity of a backend's logits against the reference's, accuracy, and the bounds that say
-what "matches the reference" means: pure numpy, float64, a leaf module (export, the harness
-and the regression gate all import it; it imports nothing of the project).
+what "matches the reference" means: pure numpy, float64, near a leaf (export, the harness
+and the regression gate all import it; it imports the precision table and the records its
+figures are, nothing else of the project).
 
 float64 on purpose: a float32 dot product of two 1000-long logit rows can be off by 1e-4,
 which is the size of the effects these metrics exist to see.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from cvt_export import precisions
+from cvt_export.records import Accuracy, ClassLoss, DriftPoint, Fidelity, HeldFidelity, LatencyStats, Paired
 
 T = TypeVar("T")
 
@@ -26,17 +28,31 @@ BOUNDS: Mapping[str, Mapping[str, float]] = {name: row.bounds for name, row in p
 UPPER = frozenset({"max_abs"})  # bounds that are maxima; every other bound is a minimum
 
 
-def within_bounds(precision: str, fid: Mapping[str, Any]) -> list[str]:
-    """The bounds a fidelity summary breaks, each as "metric value op bound" (empty: it passes).
-    A figure that is not finite breaks its bound."""
+def figure(fid: object, name: str) -> float | None:
+    """A fidelity record's figure by its field name (None where the record has no such figure):
+    bounds and budgets name the figures they hold, and every fidelity record names them alike."""
+    value = getattr(fid, name, None)
+    return None if value is None else float(value)
+
+
+def within_bounds(precision: str, fid: object) -> list[str]:
+    """The bounds a fidelity record breaks, each as "metric value op bound" (empty: it passes).
+    A figure that is not finite, or that the record does not have, breaks its bound."""
     broken = []
     for key, bound in BOUNDS[precision].items():
-        value = float(fid[key])
+        got = figure(fid, key)
+        value = float("nan") if got is None else got
         upper = key in UPPER
         ok = np.isfinite(value) and (value <= bound if upper else value >= bound)
         if not ok:
             broken.append(f"{key} {value:.6g} {'>' if upper else '<'} {bound:g}")
     return broken
+
+
+def judged(precision: str, fid: Fidelity) -> Fidelity:
+    """A fidelity record with the precision's bounds, whether it is within them and what it breaks."""
+    broken = within_bounds(precision, fid)
+    return replace(fid, bounds=dict(BOUNDS[precision]), passed=not broken, broken=tuple(broken))
 
 
 # --- budgets: the user's own bounds (cvt-export tune, cvt-bench --budget) -----------------------
@@ -56,10 +72,11 @@ class Budget:
     op: str
     value: float
 
-    def holds(self, fid: Mapping[str, float], margin: float = 0.0) -> bool:
-        """Whether the figure meets the bound, with `margin` (a share of what the bound allows
-        to be lost: 0.2 asks cosine>=0.9995 for 0.9996) of headroom."""
-        got = fid.get(BUDGET_METRICS[self.metric])
+    def holds(self, fid: object, margin: float = 0.0) -> bool:
+        """Whether a fidelity record's figure meets the bound, with `margin` (a share of what the
+        bound allows to be lost: 0.2 asks cosine>=0.9995 for 0.9996) of headroom. A record
+        without the figure (top1_drop with no labels) does not meet it."""
+        got = figure(fid, BUDGET_METRICS[self.metric])
         if got is None or not np.isfinite(got):
             return False
         return got >= self.tightened(margin) if self.op == ">=" else got <= self.tightened(margin)
@@ -90,7 +107,7 @@ def parse_budget(text: str) -> Budget:
     return Budget(metric, op, value)
 
 
-def within(budgets: Sequence[Budget], fid: Mapping[str, float], margin: float = 0.0) -> bool:
+def within(budgets: Sequence[Budget], fid: object, margin: float = 0.0) -> bool:
     return all(b.holds(fid, margin) for b in budgets)
 
 
@@ -193,47 +210,49 @@ def kl_divergence(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(axis=1)
 
 
-def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+def fidelity(ref: np.ndarray, got: np.ndarray) -> HeldFidelity:
     """The summary the export records per artifact: worst-row cosine, max-abs, top-1 agreement;
     with n, the 5th-percentile cosine and a 95% (Wilson) interval of the agreement."""
     cos = cosine(ref, got)
     agree = top1_agreement(ref, got)
-    return {"cosine_min": float(cos.min()), "max_abs": max_abs(ref, got), "top1_agreement": agree,
-            "n": len(cos), "cosine_p5": float(np.percentile(cos, 5)),
-            "top1_agreement_ci": wilson(agree * len(cos), len(cos))}
+    return HeldFidelity(cosine_min=float(cos.min()), max_abs=max_abs(ref, got), top1_agreement=agree,
+                        n=len(cos), cosine_p5=float(np.percentile(cos, 5)),
+                        top1_agreement_ci=tuple(wilson(agree * len(cos), len(cos))))
 
 
-def full_fidelity(ref: np.ndarray, got: np.ndarray, names: Sequence[str]) -> dict[str, object]:
-    """Everything the harness reports, with the worst image named (lowest cosine)."""
+def full_fidelity(ref: np.ndarray, got: np.ndarray, names: Sequence[str]) -> Fidelity:
+    """Everything the harness reports, with the worst image named (lowest cosine); not yet judged
+    against any bounds (the harness adds them)."""
     cos = cosine(ref, got)
     kl = kl_divergence(ref, got)
     worst = int(np.argmin(cos))
-    return {
-        "max_abs": max_abs(ref, got), "mean_abs": mean_abs(ref, got),
-        "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-        "top1_agreement": top1_agreement(ref, got), "top5_agreement": top5_agreement(ref, got),
-        "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-        "worst_image": names[worst], "worst_cosine": float(cos[worst]),
-        "n": len(cos), "cosine_p5": float(np.percentile(cos, 5)),
-        "top1_agreement_ci": wilson(top1_agreement(ref, got) * len(cos), len(cos)),
-    }
+    agree = top1_agreement(ref, got)
+    return Fidelity(
+        max_abs=max_abs(ref, got), mean_abs=mean_abs(ref, got),
+        cosine_min=float(cos.min()), cosine_mean=float(cos.mean()),
+        top1_agreement=agree, top5_agreement=top5_agreement(ref, got),
+        kl_mean=float(kl.mean()), kl_max=float(kl.max()),
+        worst_image=names[worst], worst_cosine=float(cos[worst]),
+        n=len(cos), cosine_p5=float(np.percentile(cos, 5)),
+        top1_agreement_ci=tuple(wilson(agree * len(cos), len(cos))))
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> Accuracy:
     """Top-1 and top-5 accuracy against integer labels, with n and a 95% (Wilson) interval of top-1."""
     top5 = topk(logits, 5)
     labels = np.asarray(labels).reshape(-1, 1)
     top1 = float((top5[:, :1] == labels).any(axis=1).mean())
-    return {"top1": top1, "top5": float((top5 == labels).any(axis=1).mean()), "n": len(labels),
-            "top1_ci": wilson(top1 * len(labels), len(labels))}
+    return Accuracy(top1=top1, top5=float((top5 == labels).any(axis=1).mean()), n=len(labels),
+                    top1_ci=tuple(wilson(top1 * len(labels), len(labels))))
 
 
-def drift(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """How far an intermediate tensor is from the reference's: worst-image cosine, and its
-    `error` = 1 - cosine, the quantity whose growth along the network locates a fault."""
+def drift(point: str, ref: np.ndarray, got: np.ndarray) -> DriftPoint:
+    """How far an intermediate tensor at `point` is from the reference's: worst-image cosine, and
+    its `error` = 1 - cosine, the quantity whose growth along the network locates a fault."""
     cos = float(cosine(ref, got).min())
     scale = float(np.abs(_rows(ref)).max()) or 1.0
-    return {"cosine_min": cos, "error": max(0.0, 1.0 - cos), "rel_max_abs": max_abs(ref, got) / scale}
+    return DriftPoint(point=point, cosine_min=cos, error=max(0.0, 1.0 - cos),
+                      rel_max_abs=max_abs(ref, got) / scale)
 
 
 DRIFT_FLOOR = 1e-6  # 1 - cosine below this is float rounding, not a loss to locate
@@ -248,19 +267,20 @@ def largest_growth(points: Sequence[str], errors: Sequence[float]) -> str | None
     return points[int(np.argmax(steps))]
 
 
-def latency_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:
-    """Per-batch wall-clock statistics in milliseconds, and throughput in images/s."""
+def latency_stats(seconds: Sequence[float], batch: int, rounds: int | None = None) -> LatencyStats:
+    """Per-batch wall-clock statistics in milliseconds, and throughput in images/s (`rounds`:
+    the interleaved rounds they were timed in, when they were)."""
     t = np.asarray(seconds, dtype=np.float64) * 1000
     if t.size == 0:
         raise ValueError("no timings")
-    return {
-        "iterations": int(t.size), "median_ms": float(np.median(t)),
-        "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)),
-        "mean_ms": float(t.mean()), "min_ms": float(t.min()),
-        "stdev_ms": float(t.std(ddof=1)) if t.size > 1 else 0.0,
-        "images_per_s": float(batch * 1000 / np.median(t)),
-        "median_ci_ms": median_interval(t), "modes_ms": modes(t),
-    }
+    two = modes(t)
+    return LatencyStats(
+        iterations=int(t.size), median_ms=float(np.median(t)),
+        p90_ms=float(np.percentile(t, 90)), p99_ms=float(np.percentile(t, 99)),
+        mean_ms=float(t.mean()), min_ms=float(t.min()),
+        stdev_ms=float(t.std(ddof=1)) if t.size > 1 else 0.0,
+        images_per_s=float(batch * 1000 / np.median(t)),
+        median_ci_ms=tuple(median_interval(t)), modes_ms=None if two is None else tuple(two), rounds=rounds)
 
 
 # --- paired comparison with the reference, per image -----------------------------------------
@@ -291,7 +311,7 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return float(min(1.0, 2.0 * min(below, above)))
 
 
-def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: float = 0.05) -> dict[str, Any]:
+def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: float = 0.05) -> Paired:
     """A row's accuracy against the reference's on the same images. `lost`: right on the
     reference, wrong here; `gained`: the reverse. The difference (row - reference) gets
     Newcombe's hybrid score interval for paired proportions (his method 10: Wilson intervals of
@@ -303,8 +323,8 @@ def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: flo
     n = len(ref)
     lost, gained = int((ref & ~row).sum()), int((~ref & row).sum())
     if n == 0:
-        return {"n": 0, "lost": 0, "gained": 0, "difference": 0.0, "difference_ci": [-1.0, 1.0],
-                "p_value": 1.0, "within_noise": True}
+        return Paired(n=0, lost=0, gained=0, difference=0.0, difference_ci=(-1.0, 1.0), p_value=1.0,
+                      within_noise=True)
     both, neither = int((ref & row).sum()), int((~ref & ~row).sum())
     z = NormalDist().inv_cdf(1 - alpha / 2)
     p1, p2 = (both + gained) / n, (both + lost) / n          # the row's accuracy, the reference's
@@ -316,22 +336,24 @@ def paired_accuracy(ref_correct: np.ndarray, row_correct: np.ndarray, alpha: flo
     above = np.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     diff = (gained - lost) / n
     p = mcnemar_p(gained, lost)
-    return {"n": n, "lost": lost, "gained": gained, "difference": diff,
-            "difference_ci": [float(diff - below), float(diff + above)], "p_value": p,
-            "within_noise": p >= alpha}
+    return Paired(n=n, lost=lost, gained=gained, difference=diff,
+                  difference_ci=(float(diff - below), float(diff + above)), p_value=p,
+                  within_noise=p >= alpha)
 
 
 def class_losses(labels: np.ndarray, ref_correct: np.ndarray, row_correct: np.ndarray,
-                 top: int = 10) -> list[dict[str, Any]]:
+                 names: Sequence[str] = (), top: int = 10) -> list[ClassLoss]:
     """The classes whose images this row gets wrong most often where the reference got them right
-    (net of the reverse), worst first; only classes with a net loss."""
+    (net of the reverse), worst first; only classes with a net loss. Each is named by `names`
+    (its index where `names` has none for it)."""
     labels = np.asarray(labels)
     out = []
-    for cls in np.unique(labels):
+    for cls in map(int, np.unique(labels)):
         rows = labels == cls
         ref_n, row_n = int(ref_correct[rows].sum()), int(row_correct[rows].sum())
         if ref_n > row_n:
-            out.append({"class": int(cls), "images": int(rows.sum()), "reference_correct": ref_n,
-                        "row_correct": row_n, "net_lost": ref_n - row_n})
-    out.sort(key=lambda c: (-c["net_lost"], -c["images"], c["class"]))
+            out.append(ClassLoss(label=cls, name=names[cls] if cls < len(names) else str(cls),
+                                 images=int(rows.sum()), reference_correct=ref_n, row_correct=row_n,
+                                 net_lost=ref_n - row_n))
+    out.sort(key=lambda c: (-c.net_lost, -c.images, c.label))
     return out[:top]

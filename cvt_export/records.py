@@ -38,6 +38,11 @@ class RecordError(CvtError):
     """A file that is not the record it should be: foreign, newer, truncated or malformed."""
 
 
+class NewerRecord(RecordError):
+    """A record of a schema version newer than this cvt-export reads: the file is not damaged,
+    this tool is too old for it (the remedy is an upgrade, not a rewrite)."""
+
+
 def _convert(hint: Any, value: Any, where: str) -> Any:
     """JSON value -> the field's declared type (nested records, tuples, optionals, plain values)."""
     origin = typing.get_origin(hint)
@@ -150,7 +155,7 @@ class Record:
         if family != cls.FAMILY or not version.isdigit():
             raise RecordError(f"{where}: not a {cls.WHAT} (schema {schema!r}, expected {cls.schema()!r})")
         if int(version) > cls.VERSION:
-            raise RecordError(f"{where}: written by a newer cvt-export ({schema}; this one reads "
+            raise NewerRecord(f"{where}: written by a newer cvt-export ({schema}; this one reads "
                               f"{cls.schema()} and older): upgrade cvt-export")
         return typing.cast(R, _build(cls, data, where))
 
@@ -291,7 +296,7 @@ class AccuracyReport(Record):
     WHAT: ClassVar[str] = "cvt-bench accuracy report"
 
     created: str
-    machine: dict[str, Any]
+    machine: Machine
     variant: str
     weights: str
     artifacts: str
@@ -338,7 +343,8 @@ class LatencyStats:
 
 @dataclass(frozen=True)
 class HeldFidelity:
-    """metrics.fidelity() on held-out images, with top-1 accuracy against labels when known."""
+    """metrics.fidelity()'s summary of logits against the reference's (held-out images, a file's
+    validation, a SmoothQuant candidate), with top-1 accuracy against labels when known (tune)."""
 
     cosine_min: float
     max_abs: float
@@ -362,6 +368,11 @@ class RoleFidelity:
     cosine_p5: float | None = None
     top1_agreement_ci: tuple[float, ...] | None = None
     images: int = 0
+
+    @classmethod
+    def of(cls, fid: HeldFidelity, images: int) -> RoleFidelity:
+        return cls(fid.cosine_min, fid.max_abs, fid.top1_agreement, fid.n, fid.cosine_p5,
+                   fid.top1_agreement_ci, images)
 
 
 @dataclass(frozen=True)
@@ -827,6 +838,19 @@ class Validation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SmoothSearch:
+    """The SmoothQuant strength search of an INT8 export: each candidate strength's fidelity on the
+    selection images, which were tied, which was chosen and by what rule."""
+
+    chosen: str
+    on: str
+    by: str
+    tied: tuple[str, ...] = ()
+    candidates: dict[str, HeldFidelity] = field(default_factory=dict)
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Policy:
     """How a derived file was made: what is quantized or kept in float, and (INT8) the options
     it was calibrated with, its migration and the strength search."""
@@ -849,7 +873,7 @@ class Policy:
     bias: str | None = field(default=None, metadata=OMIT)
     quantized_inputs_of: dict[str, int] | None = field(default=None, metadata=OMIT)
     dynamic_matmuls: int | None = field(default=None, metadata=OMIT)
-    smooth_search: dict[str, Any] | None = field(default=None, metadata=OMIT)
+    smooth_search: SmoothSearch | None = field(default=None, metadata=OMIT)
     rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
 
 
@@ -917,7 +941,7 @@ class Manifest:
         if not isinstance(schema, int) or isinstance(schema, bool):
             raise RecordError(f"{where}: not an {cls.WHAT} (schema {schema!r}, expected {cls.VERSION})")
         if schema > cls.VERSION:
-            raise RecordError(f"{where}: written by a newer cvt-export (manifest schema {schema}; this one "
+            raise NewerRecord(f"{where}: written by a newer cvt-export (manifest schema {schema}; this one "
                               f"reads {cls.VERSION} and older): upgrade cvt-export")
         return typing.cast(Manifest, _build(cls, data, where))
 
@@ -1109,27 +1133,46 @@ class Spread:
 
 
 @dataclass(frozen=True)
+class LoadSpec:
+    kind: str      # concurrency | rate
+    value: float   # clients, or requests per second
+
+
+@dataclass(frozen=True)
+class Window:
+    """One measurement window of a run (equal lengths by answer time)."""
+
+    requests: int
+    per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoadRun:
     """One load level: closed loop (`concurrency` clients) or open loop (`rate` per second)."""
 
+    load: LoadSpec | None = field(default=None, metadata=OMIT)   # version 1: not recorded
     requests: int
-    seconds: float
-    images_per_s: float
-    concurrency: int | None = field(default=None, metadata=OMIT)
-    rate: float | None = field(default=None, metadata=OMIT)
     sent: int | None = field(default=None, metadata=OMIT)        # version 1: every request was sent
     answered: int | None = field(default=None, metadata=OMIT)    # version 1: every request answered
     failed: int = 0
     not_sent: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    seconds: float
+    images_per_s: float
+    concurrency: int | None = field(default=None, metadata=OMIT)
+    rate: float | None = field(default=None, metadata=OMIT)
     offered_per_s: float | None = field(default=None, metadata=OMIT)
     answered_per_s: float | None = field(default=None, metadata=OMIT)
     latency_ms: ClientLatency | None = field(default=None, metadata=OMIT)
+    windows: tuple[Window, ...] | None = field(default=None, metadata=OMIT)
     spread_ms: Spread | None = field(default=None, metadata=OMIT)
     stable: bool | None = field(default=None, metadata=OMIT)
     server: ServerStats | None = None
     server_unavailable: str | None = field(default=None, metadata=OMIT)
-    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)  # the windows, the load spec
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
 
     @property
     def label(self) -> str:

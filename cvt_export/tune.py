@@ -41,7 +41,7 @@ from cvt_export.derive import QUANTIZED_OPS
 from cvt_export.harness import recommend
 from cvt_export.harness.bench import run_all
 from cvt_export.metrics import Budget, within
-from cvt_export.records import Accuracy, HeldFidelity, LatencyStats, RoleSize
+from cvt_export.records import HeldFidelity, LatencyStats, RoleSize
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
@@ -101,12 +101,11 @@ class Held:
 
 
 def fidelity(held: Held, logits: np.ndarray, rows: list[int]) -> HeldFidelity:
-    fid = records.parse(HeldFidelity, metrics.fidelity(held.reference[rows], logits[rows]), "fidelity")
+    fid = metrics.fidelity(held.reference[rows], logits[rows])
     if held.labels is None:
         return fid
     labels = held.labels[rows]
-    ref = records.parse(Accuracy, metrics.accuracy(held.reference[rows], labels), "accuracy")
-    got = records.parse(Accuracy, metrics.accuracy(logits[rows], labels), "accuracy")
+    ref, got = metrics.accuracy(held.reference[rows], labels), metrics.accuracy(logits[rows], labels)
     return replace(fid, top1=got.top1, top1_ci=got.top1_ci, top1_drop=100 * (ref.top1 - got.top1))
 
 
@@ -124,9 +123,8 @@ def held_out(folder: ArtifactFolder, dataset: Path | None, limit: int | None) ->
     model = reference_model(folder)
     reference = validate.reference_logits(model, images)
     labels = inputs.labels[rows] if inputs.labels is not None else None
-    sizes = {role: records.parse(RoleSize, size, role) for role, size in split.sizes.items()}
     return Held(images, reference, labels, split.note, model, list(range(len(sel))),
-                list(range(len(sel), len(rows))), sizes)
+                list(range(len(sel), len(rows))), split.sizes)
 
 
 def run_config(backend: str, folder: ArtifactFolder, precision: str, held: Held, threads: int | None
@@ -156,8 +154,7 @@ def time_interleaved(backend: str, where: Mapping[str, tuple[ArtifactFolder, str
             for name in names[r % len(names):] + names[:r % len(names)]:
                 run = functools.partial(runners[name], x)
                 samples[name] += time_calls(run, warmup=0, iters=None, seconds=seconds / rounds, min_iters=2)
-    return {name: records.parse(LatencyStats, {**metrics.latency_stats(t, batch), "rounds": rounds}, name)
-            for name, t in samples.items()}
+    return {name: metrics.latency_stats(t, batch, rounds) for name, t in samples.items()}
 
 
 def ci_ms(c: Measured) -> Sequence[float]:
@@ -248,8 +245,7 @@ class Search:
     step: Callable[[str], None]
 
     def fits(self, sel: HeldFidelity, conf: HeldFidelity) -> bool:
-        return (within(self.budgets, records.as_json(sel), self.margin)
-                and within(self.budgets, records.as_json(conf), self.margin))
+        return within(self.budgets, sel, self.margin) and within(self.budgets, conf, self.margin)
 
 
 def _tune(s: Search, dataset: Path | None, limit: int | None) -> TuneResult:
@@ -451,7 +447,7 @@ def summary(result: TuneResult) -> dict[str, Any]:
             "margin": result.margin, "held_out": result.held_out, "roles": records.as_json(result.roles),
             "search": SEARCH, "sensitivity": result.sensitivity, "configs": [one(c) for c in result.configs],
             "chosen": result.chosen.name if result.chosen else None, "message": result.message,
-            "machine": machine.describe()}
+            "machine": records.as_json(machine.describe())}
 
 
 def _agreement(fid: HeldFidelity) -> str:

@@ -51,14 +51,14 @@ def test_paired_accuracy_by_hand() -> None:
     row[:9] = False
     row[80] = True
     p = metrics.paired_accuracy(ref, row)
-    assert (p["lost"], p["gained"], p["n"]) == (9, 1, 100)
-    assert p["difference"] == pytest.approx(-0.08)
-    assert p["p_value"] == pytest.approx(22 / 1024)  # 2 * P(X <= 1), X ~ Bin(10, 1/2)
-    assert not p["within_noise"]
-    lo, hi = p["difference_ci"]
+    assert (p.lost, p.gained, p.n) == (9, 1, 100)
+    assert p.difference == pytest.approx(-0.08)
+    assert p.p_value == pytest.approx(22 / 1024)  # 2 * P(X <= 1), X ~ Bin(10, 1/2)
+    assert not p.within_noise
+    lo, hi = p.difference_ci
     assert lo < -0.08 < hi < 0
     same = metrics.paired_accuracy(ref, ref)
-    assert same["within_noise"] and same["difference"] == 0 and same["difference_ci"][0] < 0
+    assert same.within_noise and same.difference == 0 and same.difference_ci[0] < 0
 
 
 def test_class_losses_by_hand() -> None:
@@ -66,7 +66,7 @@ def test_class_losses_by_hand() -> None:
     ref = np.asarray([1, 1, 1, 1, 0, 1, 1], dtype=bool)
     row = np.asarray([0, 0, 1, 1, 1, 1, 0], dtype=bool)
     got = metrics.class_losses(labels, ref, row)
-    assert [(c["class"], c["net_lost"]) for c in got] == [(0, 2), (2, 1)]  # class 1: one lost, one gained
+    assert [(c.label, c.net_lost) for c in got] == [(0, 2), (2, 1)]  # class 1: one lost, one gained
 
 
 # --- records ----------------------------------------------------------------------------------------
@@ -462,6 +462,6 @@ def test_the_paired_interval_covers_the_true_difference() -> None:
             kind = rng.choice(3, size=n, p=[p_lost, p_gained, 1 - p_lost - p_gained])
             ref = np.where(kind == 0, True, np.where(kind == 1, False, rng.random(n) < 0.7))
             row = np.where(kind == 0, False, np.where(kind == 1, True, ref))
-            lo, hi = metrics.paired_accuracy(ref, row)["difference_ci"]
+            lo, hi = metrics.paired_accuracy(ref, row).difference_ci
             covered += lo <= truth <= hi
         assert covered / 2000 >= 0.93, (n, p_lost, p_gained, covered / 2000)

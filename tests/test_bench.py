@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace as Figures  # figures by name, as a fidelity record has them
 from typing import Any
 
 import numpy as np
@@ -63,21 +64,21 @@ def test_accuracy_and_worst_image_by_hand() -> None:
     logits[1, 3] = 4
     logits[2, 1] = 5
     acc = metrics.accuracy(logits, np.array([2, 3, 9]))
-    assert acc["top1"] == pytest.approx(1 / 3)
-    assert acc["top5"] == pytest.approx(2 / 3)  # row 2's label 9 ties at 0 with eight others
+    assert acc.top1 == pytest.approx(1 / 3)
+    assert acc.top5 == pytest.approx(2 / 3)  # row 2's label 9 ties at 0 with eight others
     noisy = logits.copy()
     noisy[1] = -logits[1]
     summary = metrics.full_fidelity(logits, noisy, ["a.jpg", "b.jpg", "c.jpg"])
-    assert summary["worst_image"] == "b.jpg" and summary["worst_cosine"] == pytest.approx(-1.0)
+    assert summary.worst_image == "b.jpg" and summary.worst_cosine == pytest.approx(-1.0)
 
 
 def test_latency_stats_by_hand() -> None:
     s = metrics.latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
-    assert s["median_ms"] == pytest.approx(2.5) and s["mean_ms"] == pytest.approx(2.5)
-    assert s["min_ms"] == pytest.approx(1.0) and s["iterations"] == 4
-    assert s["p90_ms"] == pytest.approx(3.7)  # linear interpolation at rank 2.7: 3 + 0.7
-    assert s["stdev_ms"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
-    assert s["images_per_s"] == pytest.approx(8 / 0.0025)
+    assert s.median_ms == pytest.approx(2.5) and s.mean_ms == pytest.approx(2.5)
+    assert s.min_ms == pytest.approx(1.0) and s.iterations == 4
+    assert s.p90_ms == pytest.approx(3.7)  # linear interpolation at rank 2.7: 3 + 0.7
+    assert s.stdev_ms == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    assert s.images_per_s == pytest.approx(8 / 0.0025)
 
 
 def test_drift_locates_the_largest_growth_by_hand() -> None:
@@ -85,21 +86,21 @@ def test_drift_locates_the_largest_growth_by_hand() -> None:
     assert metrics.largest_growth(points, [1e-4, 2e-4, 5e-3, 6e-3]) == "s2"
     assert metrics.largest_growth(points, [3e-3, 3e-3, 3e-3, 3e-3]) == "s0"
     assert metrics.largest_growth(points, [1e-9, 1e-8, 1e-9, 1e-8]) is None  # rounding only
-    d = metrics.drift(np.array([[3.0, 4.0]]), np.array([[3.0, 4.0]]) * 2)
-    assert d["cosine_min"] == pytest.approx(1.0) and d["rel_max_abs"] == pytest.approx(1.0)
+    d = metrics.drift("s0", np.array([[3.0, 4.0]]), np.array([[3.0, 4.0]]) * 2)
+    assert d.cosine_min == pytest.approx(1.0) and d.rel_max_abs == pytest.approx(1.0)
 
 
 def test_bounds_per_precision_name_what_breaks() -> None:
-    assert metrics.within_bounds("fp32", {"max_abs": 2e-4, "top1_agreement": 1.0}) == [
+    assert metrics.within_bounds("fp32", Figures(max_abs=2e-4, top1_agreement=1.0)) == [
         "max_abs 0.0002 > 0.0001"]
-    assert metrics.within_bounds("fp32", {"max_abs": 1e-6, "top1_agreement": 0.5}) == [
+    assert metrics.within_bounds("fp32", Figures(max_abs=1e-6, top1_agreement=0.5)) == [
         "top1_agreement 0.5 < 1"]
-    assert metrics.within_bounds("int8", {"cosine_min": 0.999, "top1_agreement": 0.95}) == []
-    assert metrics.within_bounds("int8", {"cosine_min": 0.99, "top1_agreement": 0.8}) == [
+    assert metrics.within_bounds("int8", Figures(cosine_min=0.999, top1_agreement=0.95)) == []
+    assert metrics.within_bounds("int8", Figures(cosine_min=0.99, top1_agreement=0.8)) == [
         "cosine_min 0.99 < 0.995", "top1_agreement 0.8 < 0.9"]
-    assert metrics.within_bounds("fp16", {"cosine_min": 0.99995, "top1_agreement": 0.9}) == [
+    assert metrics.within_bounds("fp16", Figures(cosine_min=0.99995, top1_agreement=0.9)) == [
         "top1_agreement 0.9 < 1"]
-    assert metrics.within_bounds("bf16", {"cosine_min": float("nan"), "top1_agreement": 1.0}) == [
+    assert metrics.within_bounds("bf16", Figures(cosine_min=float("nan"), top1_agreement=1.0)) == [
         "cosine_min nan < 0.999"]
 
 

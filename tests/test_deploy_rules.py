@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cvt_export import deploy, metrics
+from cvt_export.records import Fidelity
 from helpers import assert_user_error, run_cli
 
 
@@ -31,9 +32,10 @@ class Load:
     def progress(self, text: str) -> None:
         pass
 
-    def fidelity(self, target: Any, role: str) -> dict[str, Any]:
-        return {"n": 6, "cosine_min": self.cosine, "cosine_mean": self.cosine, "max_abs": 0.01,
-                "top1_agreement": 1.0}
+    def fidelity(self, target: Any, role: str) -> Fidelity:
+        return Fidelity(max_abs=0.01, mean_abs=0.001, cosine_min=self.cosine, cosine_mean=self.cosine,
+                        top1_agreement=1.0, top5_agreement=1.0, kl_mean=0.0, kl_max=0.0, worst_image="a",
+                        worst_cosine=self.cosine, n=6)
 
     def load(self, target: Any, role: str, rate: float, requests: int,
              seed: int | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import itertools
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -69,9 +70,9 @@ def test_views_of_a_source_never_straddle_roles() -> None:
         by_group.setdefault(it.group, set()).add(r)
     assert all(len(r) == 1 for r in by_group.values())
     sizes = imageset.sizes(roles, items)
-    assert sizes["selection"]["inputs"] + sizes["confirmation"]["inputs"] > 100
-    assert sizes["calibration"]["sources"] == 6 and sizes["selection"]["sources"] >= 5
-    assert sizes["confirmation"]["sources"] >= 5
+    assert sizes["selection"].inputs + sizes["confirmation"].inputs > 100
+    assert sizes["calibration"].sources == 6 and sizes["selection"].sources >= 5
+    assert sizes["confirmation"].sources >= 5
 
 
 def test_a_reencoded_calibration_image_is_kept_out_of_selection_and_confirmation(
@@ -132,7 +133,7 @@ def test_bench_roles_follow_the_folders_calibration(exported: Path, split: tuple
     calibrated = {it.path.name for it, r in zip(inputs.items, split_roles.of, strict=True)
                   if r == "calibration"}
     assert calibrated == {p.name for p in split[0].iterdir()}
-    assert split_roles.sizes["selection"]["inputs"] and split_roles.sizes["confirmation"]["inputs"]
+    assert split_roles.sizes["selection"].inputs and split_roles.sizes["confirmation"].inputs
     calib = ArtifactFolder.open(exported).calibration
     assert calib is not None and "fewer than" in str(calib.warning)
 
@@ -145,7 +146,7 @@ def test_wilson_interval_matches_the_textbook() -> None:
     lo, hi = metrics.wilson(5, 5)
     assert hi == 1.0 and lo == pytest.approx(0.5655, abs=1e-4)
     fid = metrics.fidelity(np.eye(20), np.eye(20))
-    assert fid["n"] == 20 and fid["top1_agreement_ci"][1] == 1.0 and fid["top1_agreement_ci"][0] < 0.9
+    assert fid.n == 20 and fid.top1_agreement_ci[1] == 1.0 and fid.top1_agreement_ci[0] < 0.9
 
 
 def test_median_interval_and_modes() -> None:
@@ -243,7 +244,7 @@ def test_an_objective_no_row_serves_says_why(tmp_path: Path) -> None:
     rec = recommend.recommend(_report(ort8))
     assert rec.objectives == {"latency-b1": None, "throughput-b8": None}
     assert rec.unmet["throughput-b8"] == "batch 8 was not timed (this run: --batch 1; add 8 to time it)"
-    figures = {"cosine_min": 0.9922, "top1_agreement": 1.0, "max_abs": 0.1}
+    figures = SimpleNamespace(cosine_min=0.9922, top1_agreement=1.0, max_abs=0.1)
     assert rec.unmet["latency-b1"] == ("no row timed at batch 1 is within the budget: ort int8 "
                                        f"({', '.join(metrics.within_bounds('int8', figures))})")
     assert "cosine_min 0.9922 < " in rec.unmet["latency-b1"]  # INT8's bound is above 0.9922

@@ -202,6 +202,6 @@ def test_nodes_a_runtime_renamed_are_placed_by_their_source_layers_or_what_they_
     assert profile.attribute(p, blocks) == {
         "reorder": "stage 0 block 0", "conv/WithoutBiases": "stage 0 block 0", "mvn": "stage 0 block 1",
         "fq": "stage 0 block 1", "fc/Dequant": "stage 0 block 1", "logits": profile.HEAD}
-    assert profile.summarize(p, blocks)["by_block"] == {
+    assert profile.summarize(p, blocks, profile.Floors(1.0, 1.0, {})).by_block == {
         "stage 0 block 0": 2.0, "stage 0 block 1": 3.0, profile.HEAD: 1.0, profile.NOT_ATTRIBUTED: 1.0}
 

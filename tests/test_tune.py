@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace as Figures  # figures by name, as a fidelity record has them
 
 import numpy as np
 import onnx
@@ -37,11 +38,11 @@ from helpers import BIN, assert_user_error, cosine_rows, run_cli
 def test_budgets_parse_and_judge() -> None:
     b = metrics.parse_budget("cosine>=0.999")
     assert (b.metric, b.op, b.value) == ("cosine", ">=", 0.999)
-    assert b.holds({"cosine_min": 0.9995}) and not b.holds({"cosine_min": 0.998})
-    assert not b.holds({"cosine_min": float("nan")})
+    assert b.holds(Figures(cosine_min=0.9995)) and not b.holds(Figures(cosine_min=0.998))
+    assert not b.holds(Figures(cosine_min=float("nan")))
     drop = metrics.parse_budget("top1-drop <= 0.5")
-    assert drop.holds({"top1_drop": 0.4}) and not drop.holds({"top1_drop": 1.0})
-    assert not drop.holds({})  # no labels: the bound cannot hold
+    assert drop.holds(Figures(top1_drop=0.4)) and not drop.holds(Figures(top1_drop=1.0))
+    assert not drop.holds(Figures())  # no labels: the bound cannot hold
     for bad in ("cosine>0.9", "latency<=3", "cosine<=0.9", "top1-drop>=1", "cosine>=x"):
         with pytest.raises(ValueError):
             metrics.parse_budget(bad)
@@ -225,7 +226,7 @@ def test_recommendation_is_the_fastest_row_within_bounds(exported: Path, tmp_pat
         got = pick[objective]
         row = ran[got["backend"], got["precision"]]
         assert got["backend"] != "torch"  # within its bounds on the selection images, which decide
-        assert metrics.within_bounds(got["precision"], row["fidelity"]["selection"]) == []
+        assert metrics.within_bounds(got["precision"], Figures(**row["fidelity"]["selection"])) == []
         assert got["confirmation"]["images"] == row["fidelity"]["confirmation"]["images"] > 0
         assert np.isclose(got["median_ms"], row["latency"][batch]["median_ms"])
     b8 = ran[pick["throughput-b8"]["backend"], pick["throughput-b8"]["precision"]]

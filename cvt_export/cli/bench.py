@@ -454,7 +454,7 @@ def triton(
         report = bench_served(Target(url, model, protocol), folder, precision, loads, requests)
     if json_file:
         reports.write_json(report, json_file)
-    served = ServedReport.from_json(report)  # what the file says, read as every reader reads it
+    served = ServedReport.from_json(report.to_json())  # what the file says, read as every reader reads it
     _show_served(served, model, protocol)
     if served.failed_at:
         raise CvtError(_served_failures(served))

@@ -45,9 +45,7 @@ from cvt_export.harness.bench import folder_labels
 from cvt_export.harness.decoding import decode, watch_parent
 from cvt_export.records import (
     AccuracyReport,
-    ClassLoss,
     DatasetInfo,
-    Paired,
     PartRate,
     RecordError,
     RowAccuracy,
@@ -63,6 +61,10 @@ log = logging.getLogger(__name__)
 TOP = 5
 UNREADABLE_LISTED = 20  # unreadable files named in the report (all are counted)
 SHARDS = "shards"
+# A shard's parts, each a .npz of arrays: its images (names, labels, digests, whether each decoded),
+# the reference's results, and each row's under its own name. DECODE_WAIT: the time the pass waited
+# for decoded batches, beside each part's own time.
+IMAGES_PART, REFERENCE_PART, DECODE_WAIT = "images", "reference", "decode_wait"
 REFERENCE = ("torch", "fp32")
 # The reference runs at most this many images at a time, whatever --batch: eager PyTorch holds
 # every activation of the call (cvt-13's first-stage attention alone is ~10 MB per image), and its
@@ -415,7 +417,7 @@ class Evaluator:
         shard's last few images share a batch with the next shard's first): a row never sees a
         short batch but the very last one. An image that does not decode is recorded with why."""
         rows = [r for r in (self.start(name) for name in wanted) if r.status == "ok"]
-        names = ["reference", *(r.name for r in rows)]
+        names = [REFERENCE_PART, *(r.name for r in rows)]
         flat = [(k, e) for k, sh in enumerate(shards) for e in sh.entries]
         jobs = [flat[i:i + self.batch] for i in range(0, len(flat), self.batch)]
         acc = [_ShardResults(names) for _ in shards]
@@ -424,7 +426,7 @@ class Evaluator:
             t0 = time.perf_counter()
             pixels, sums, failed = next(batches)
             took = Took()
-            took.add("decode_wait", time.perf_counter() - t0)
+            took.add(DECODE_WAIT, time.perf_counter() - t0)
             reasons = dict(failed)
             it = iter(sums)
             digests = ["" if i in reasons else next(it) for i in range(len(job))]
@@ -435,7 +437,7 @@ class Evaluator:
                 if len(ref.x) == self.batch:
                     self.last = ref.x
                 cached[list(ref.cached)] = True
-                results["reference"] = row_results(ref.logits, ref.logits)
+                results[REFERENCE_PART] = row_results(ref.logits, ref.logits)
                 for r in rows:
                     assert r.runner is not None
                     t0 = time.perf_counter()
@@ -474,7 +476,7 @@ class Evaluator:
         x, out = self.last, {}
         for name in names:
             runner = self.rows[name].runner if name in self.rows else None
-            if name == "reference":
+            if name == REFERENCE_PART:
                 call = self.reference
             elif runner is not None:
                 call = runner
@@ -498,7 +500,7 @@ class Evaluator:
         if missing:
             t0 = time.perf_counter()
             ref[missing] = self.reference(x[missing])
-            took.add("reference", time.perf_counter() - t0)
+            took.add(REFERENCE_PART, time.perf_counter() - t0)
             fresh([sums[i] for i in missing], ref[missing])
         return Batch(x, ref, tuple(have))
 
@@ -526,8 +528,8 @@ class Took:
         for k, v in parts.seconds.items():
             self.add(k, v)
         for name, arrays in parts.arrays.items():
-            if name != "images":
-                n = len(arrays["top5"]) - (parts.cached if name == "reference" else 0)
+            if name != IMAGES_PART:
+                n = len(arrays["top5"]) - (parts.cached if name == REFERENCE_PART else 0)
                 self.counts[name] = self.counts.get(name, 0) + n
 
 
@@ -565,7 +567,7 @@ class _ShardResults:
 
     def parts(self, shard: Shard, rows: Sequence[Row], every: dict[str, Row]) -> Parts:
         out = {name: _concat(ps) for name, ps in self.arrays.items()}
-        out["images"] = {"name": np.asarray([e.name for e in shard.entries]),
+        out[IMAGES_PART] = {"name": np.asarray([e.name for e in shard.entries]),
                          "sha256": np.asarray([bytes.fromhex(d) if d else bytes(32) for d in self.digests]
                                               ).view(np.uint8).reshape(-1, 32),
                          "label": np.asarray([e.label for e in shard.entries], dtype=np.int64),
@@ -578,7 +580,7 @@ class _ShardResults:
 
 @dataclass
 class Parts:
-    """One shard's results: arrays per part ("images", "reference", each row's name)."""
+    """One shard's results: arrays per part (IMAGES_PART, REFERENCE_PART, each row's name)."""
 
     arrays: dict[str, dict[str, np.ndarray]]
     cached: int                   # images whose reference logits were known
@@ -617,15 +619,15 @@ class Plan:
             wanted = [r.name for r in rows
                       if r.status == "ok" and read_part(out, shard, r.name, r.key) is None]
             if wanted or any(read_part(out, shard, part, self.ref_key) is None
-                             for part in ("images", "reference")):
+                             for part in (IMAGES_PART, REFERENCE_PART)):
                 self.todo[shard.key] = wanted
 
 
 def save(out: Path, shard: Shard, parts: Parts, rows: Sequence[Row], ref_key: str) -> None:
     keys = {r.name: r.key for r in rows}
     arrays = dict(parts.arrays)
-    write_part(out, shard, "images", ref_key, arrays.pop("images"))
-    write_part(out, shard, "reference", ref_key, arrays.pop("reference"))
+    write_part(out, shard, IMAGES_PART, ref_key, arrays.pop(IMAGES_PART))
+    write_part(out, shard, REFERENCE_PART, ref_key, arrays.pop(REFERENCE_PART))
     for name, got in arrays.items():
         write_part(out, shard, name, keys[name], got, parts.executed.get(name, ""))
     for r in rows:
@@ -722,7 +724,7 @@ def measure(evaluator: Evaluator, took: Took, images: int, seconds: float) -> Th
                   for name, n in counts.items())
     ideal = sum(p.images / p.decoded_per_s for p in parts if p.decoded_per_s)
     complete = all(p.decoded_per_s for p in parts if p.images)
-    return Throughput(images, round(seconds, 2), round(took.seconds.get("decode_wait", 0.0), 2), parts,
+    return Throughput(images, round(seconds, 2), round(took.seconds.get(DECODE_WAIT, 0.0), 2), parts,
                       round(ideal / seconds, 3) if seconds and complete and parts else None)
 
 
@@ -755,32 +757,29 @@ def _row_stats(row: Row, got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
     agree = float((top1 == ref_top1).mean())
     contains = float((got["top5"] == ref_top1[:, None]).any(axis=1).mean())
     worst = int(np.argmin(got["cosine"]))
-    fields: dict[str, Any] = {
-        "n": n, "top1_agreement": agree, "top1_agreement_ci": tuple(metrics.wilson(agree * n, n)),
-        "top5_contains_reference": contains, "cosine_min": float(got["cosine"].min()),
-        "cosine_p5": float(np.percentile(got["cosine"], 5)), "worst_image": images["name"][worst].item()}
-    if labelled:
-        labels = images["label"]
-        correct, ref_correct = top1 == labels, ref_top1 == labels
-        top5 = float((got["top5"] == labels[:, None]).any(axis=1).mean())
-        acc = float(correct.mean())
-        fields.update(top1=acc, top1_ci=tuple(metrics.wilson(acc * n, n)), top5=top5,
-                      top5_ci=tuple(metrics.wilson(top5 * n, n)))
-        if not is_reference:
-            p = metrics.paired_accuracy(ref_correct, correct)
-            fields["paired"] = Paired(p["n"], p["lost"], p["gained"], p["difference"],
-                                      tuple(p["difference_ci"]), p["p_value"], p["within_noise"])
-            fields["classes_lost"] = tuple(
-                ClassLoss(c["class"], names[c["class"]] if c["class"] < len(names) else str(c["class"]),
-                          c["images"], c["reference_correct"], c["row_correct"], c["net_lost"])
-                for c in metrics.class_losses(labels, ref_correct, correct))
-    return RowAccuracy(row.backend, row.precision, executed=row.executed, **fields)
+    stats = RowAccuracy(
+        row.backend, row.precision, executed=row.executed, n=n, top1_agreement=agree,
+        top1_agreement_ci=tuple(metrics.wilson(agree * n, n)), top5_contains_reference=contains,
+        cosine_min=float(got["cosine"].min()), cosine_p5=float(np.percentile(got["cosine"], 5)),
+        worst_image=images["name"][worst].item())
+    if not labelled:
+        return stats
+    labels = images["label"]
+    correct, ref_correct = top1 == labels, ref_top1 == labels
+    top5 = float((got["top5"] == labels[:, None]).any(axis=1).mean())
+    acc = float(correct.mean())
+    stats = dataclasses.replace(stats, top1=acc, top1_ci=tuple(metrics.wilson(acc * n, n)), top5=top5,
+                                top5_ci=tuple(metrics.wilson(top5 * n, n)))
+    if is_reference:
+        return stats
+    return dataclasses.replace(stats, paired=metrics.paired_accuracy(ref_correct, correct),
+                               classes_lost=tuple(metrics.class_losses(labels, ref_correct, correct, names)))
 
 
 def summarize(cfg: PassConfig, folder: ArtifactFolder, shards: Sequence[Shard], reference: Row,
               rows: list[Row], mkey: str, prep: str, info: DatasetInfo, started: float) -> AccuracyReport:
-    everything = _gather(cfg.out, shards, "images", reference.key)
-    ref = _gather(cfg.out, shards, "reference", reference.key)
+    everything = _gather(cfg.out, shards, IMAGES_PART, reference.key)
+    ref = _gather(cfg.out, shards, REFERENCE_PART, reference.key)
     if everything is None or ref is None:
         raise AccuracyError("the pass ended with shards missing: run the same command again to finish them")
     ok = everything["ok"]

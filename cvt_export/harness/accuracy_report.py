@@ -47,7 +47,7 @@ def _intro(rep: AccuracyReport) -> list[str]:
     d, m = rep.dataset, rep.machine
     lines = [
         f"# cvt-bench accuracy: {rep.variant} ({rep.weights})", "",
-        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores. {d.images} images from {d.source}"
+        f"{m.cpu}, {m.cores} cores. {d.images} images from {d.source}"
         f" in {d.shards} shards ({d.shards_reused} reused from an earlier run); reference outputs "
         f"from the cache for {d.reference_cached} images; preprocessing {rep.preprocessing}.",
     ]

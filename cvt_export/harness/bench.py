@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,9 @@ from cvt_export.backends import (
     why_not,
 )
 from cvt_export.harness import profile, timing
-from cvt_export.harness.report import REPORT_SCHEMA, Result
-from cvt_export.records import BenchReport
+from cvt_export.records import BenchReport, BenchSettings, Fidelity, LatencyStats, RoleFidelity, RoleSize, Row
 from cvt_export.reference import reference_model
+from cvt_export.runtime import OUTPUT_NAME
 from cvt_ref.errors import CvtError
 from cvt_ref.preprocess import list_images, preprocess_array
 from cvt_ref.source import sha256_file
@@ -102,6 +101,14 @@ class BenchConfig:
         if self.dataset is not None and self.dataset.is_dir():  # before an export, not after it
             n = len(list_images(self.dataset))
             check_in_memory(self.dataset, min(n, self.limit or n))
+
+    def settings(self, drift_images: int) -> BenchSettings:
+        """What the report says the run was asked for."""
+        path = None if self.artifacts is None else str(self.artifacts)
+        data = None if self.dataset is None else str(self.dataset)
+        return BenchSettings(self.backends, self.precisions, self.batches, self.variant, self.weights, path,
+                             data, self.limit, self.golden, self.warmup, self.iters, self.seconds,
+                             self.threads, self.strict, drift_images)
 
 
 @dataclass
@@ -184,22 +191,19 @@ def load_inputs(dataset: Path | None, limit: int | None, variant: cvt_ref.Varian
     return Inputs(names, images, found_labels, source, digest, note, [it.path for it in items], items)
 
 
-def judge(result: Result, reference: np.ndarray, logits: np.ndarray, names: list[str],
-          roles: Roles | None = None) -> None:
+def judge(precision: str, reference: np.ndarray, logits: np.ndarray, names: list[str],
+          roles: Roles | None = None) -> Fidelity:
     """Fidelity against the reference, and whether it is within the precision's bounds; with
     `roles`, also the fidelity per role: `selection` (what decides), `confirmation` (what the
     report states) and `held_out` (both, every input not used for calibration)."""
-    result.fidelity = metrics.full_fidelity(reference, logits, names)
-    broken = metrics.within_bounds(result.precision, result.fidelity)
-    result.fidelity.update({"bounds": dict(metrics.BOUNDS[result.precision]), "pass": not broken,
-                            "broken": broken})
-    if roles is None:
-        return
-    for key, wanted in (("held_out", ("selection", "confirmation")), ("selection", ("selection",)),
-                        ("confirmation", ("confirmation",))):
-        rows = roles.rows(*wanted)
-        if rows:
-            result.fidelity[key] = {**metrics.fidelity(reference[rows], logits[rows]), "images": len(rows)}
+
+    def on(*wanted: str) -> RoleFidelity | None:
+        rows = roles.rows(*wanted) if roles is not None else []
+        return RoleFidelity.of(metrics.fidelity(reference[rows], logits[rows]), len(rows)) if rows else None
+
+    return replace(metrics.judged(precision, metrics.full_fidelity(reference, logits, names)),
+                   held_out=on("selection", "confirmation"), selection=on("selection"),
+                   confirmation=on("confirmation"))
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,7 @@ class Roles:
     """Which rows of the inputs play which role against a folder's INT8 calibration."""
 
     of: list[str]                 # per row: calibration | selection | confirmation
-    sizes: dict[str, dict[str, int]]
+    sizes: dict[str, RoleSize]
     note: str
 
     def rows(self, *wanted: str) -> list[int]:
@@ -230,7 +234,7 @@ def roles(inputs: Inputs, folder: ArtifactFolder) -> Roles:
         order = {g: ("selection", "confirmation")[k % 2] for k, g in enumerate(sorted(set(rest)))}
         of = ["calibration" if it.group in groups else order[it.group] for it in inputs.items]
     sizes = imageset.sizes(of, inputs.items)
-    note = ", ".join(f"{r} {sizes[r]['inputs']} ({sizes[r]['sources']} images)" for r in imageset.ROLES)
+    note = ", ".join(f"{r} {sizes[r].inputs} ({sizes[r].sources} images)" for r in imageset.ROLES)
     return Roles(of, sizes, f"{inputs.source}: {note}")
 
 
@@ -240,63 +244,61 @@ def run_all(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batc
 
 def bench_one(backend: str, precision: str, folder: ArtifactFolder, inputs: Inputs, cfg: BenchConfig,
               reference: np.ndarray | None, roles: Roles | None = None, macs: profile.Work | None = None
-              ) -> tuple[Result, np.ndarray | None]:
+              ) -> tuple[Row, np.ndarray | None]:
     """One row. `macs`: the model's multiply-adds per image; with them, a runner that can
     measure its runtime's GEMM limit does so after its timings, and the row says how far each
     batch's median is from that floor."""
-    result = Result(backend, precision)
     b = get_backend(backend)
     why = why_not(b, precision)
     if why:
-        result.status, result.reason = "skipped", why
-        return result, None
+        return Row(backend, precision, status="skipped", reason=why), None
     timing.reset_peak_rss()
     t0 = time.perf_counter()
+    latency: dict[str, LatencyStats] = {}
+    floor = None
     try:  # the backend is here: a failure to load, compile or run the artifact is an error
         with b.compile(folder, precision, threads=cfg.threads) as runner:
             runner(inputs.images[:cfg.batches[0]])
-            result.first_inference_s = time.perf_counter() - t0
+            first = time.perf_counter() - t0
             info = runner.info
-            result.executed, result.device, result.artifact = info.executed, info.device, info.artifact
             largest = max(cfg.batches)
             logits = run_all(runner, inputs.images, largest)
             head = inputs.images[:largest]
             alone = np.concatenate([runner(head[i:i + 1]) for i in range(len(head))])
-            result.batch_consistency_max_abs = metrics.max_abs(alone, logits[:len(head)])
-            result.batch_consistency_cosine_min = float(metrics.cosine(alone, logits[:len(head)]).min())
             for batch in cfg.batches:
                 x = np.resize(inputs.images, (batch, *inputs.images.shape[1:]))
-                result.latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
-                                                            seconds=cfg.seconds)
+                latency[str(batch)] = timing.measure(runner, x, warmup=cfg.warmup, iters=cfg.iters,
+                                                     seconds=cfg.seconds)
             if macs and isinstance(runner, GemmLimit):
-                result.floor = profile.gemm_floor(runner, macs, result.latency)
+                floor = profile.gemm_floor(runner, macs, latency)
     except BackendError as e:  # BackendUnavailable: the SDK, device or hardware feature is not here
-        result.status = "skipped" if isinstance(e, BackendUnavailable) else "error"
-        result.reason, result.latency = str(e), {}
-        return result, None
-    result.peak_rss_mb = timing.peak_rss_mb()
-    if reference is not None:
-        judge(result, reference, logits, inputs.names, roles)
-    if inputs.labels is not None:
-        result.accuracy = metrics.accuracy(logits, inputs.labels)
-    return result, logits
+        status = "skipped" if isinstance(e, BackendUnavailable) else "error"
+        return Row(backend, precision, status=status, reason=str(e)), None
+    return Row(
+        backend, precision, executed=info.executed, device=info.device, artifact=info.artifact,
+        first_inference_s=first, peak_rss_mb=timing.peak_rss_mb(),
+        fidelity=None if reference is None else judge(precision, reference, logits, inputs.names, roles),
+        accuracy=None if inputs.labels is None else metrics.accuracy(logits, inputs.labels),
+        batch_consistency_max_abs=metrics.max_abs(alone, logits[:len(head)]),
+        batch_consistency_cosine_min=float(metrics.cosine(alone, logits[:len(head)]).min()),
+        latency=latency, floor=floor), logits
 
 
 DRIFT_IMAGES = 4
 
 
-def stage_drift(result: Result, folder: ArtifactFolder, located: dict[str, str], x: np.ndarray,
-                ref_points: dict[str, np.ndarray], ref_logits: np.ndarray, threads: int | None) -> None:
+def stage_drift(row: Row, folder: ArtifactFolder, located: dict[str, str], x: np.ndarray,
+                ref_points: dict[str, np.ndarray], ref_logits: np.ndarray, threads: int | None) -> Row:
     """Each block's output on the backend vs the reference's; where the error grows most."""
-    backend = get_backend(result.backend)
+    backend = get_backend(row.backend)
     if not isinstance(backend, Probing) or not located:
-        return
-    got = backend.probe(folder, result.precision, list(located.values()), x, threads=threads)
+        return row
+    got = backend.probe(folder, row.precision, list(located.values()), x, threads=threads)
     pairs = [(key, ref_points[key], got[tensor]) for key, tensor in located.items() if tensor in got]
-    pairs.append(("logits", ref_logits, got["logits"]))
-    drifts = [metrics.drift(ref, out) for _, ref, out in pairs]
-    result.drift = [{"point": key, **d} for (key, _, _), d in zip(pairs, drifts, strict=True)]
-    result.drift_located = metrics.largest_growth([key for key, _, _ in pairs], [d["error"] for d in drifts])
+    pairs.append((OUTPUT_NAME, ref_logits, got[OUTPUT_NAME]))
+    drifts = tuple(metrics.drift(key, ref, out) for key, ref, out in pairs)
+    return replace(row, drift=drifts,
+                   drift_located=metrics.largest_growth([d.point for d in drifts], [d.error for d in drifts]))
 
 
 def needed_onnx(cfg: BenchConfig) -> tuple[str, ...]:
@@ -387,7 +389,7 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
     pairs = [(get_backend(b).name, p) for b in cfg.backends for p in cfg.precisions  # opt-in: when made
              if not precisions.get(p).opt_in or folder.has(p) or alone or _made_when_asked(cfg, p)]
     pairs = [BASELINE, *[pair for pair in dict.fromkeys(pairs) if pair != BASELINE]]
-    results: list[Result] = []
+    results: list[Row] = []
     reference: np.ndarray | None = None
     split = roles(inputs, folder)
     probe_x = inputs.images[:DRIFT_IMAGES]
@@ -409,28 +411,26 @@ def _measure(cfg: BenchConfig, folder: ArtifactFolder, progress: Callable[[str],
             if logits is None:
                 raise BenchError(f"the PyTorch FP32 reference could not run: {result.reason}")
             reference = logits
-            judge(result, reference, logits, inputs.names, split)
+            result = replace(result, fidelity=judge(precision, reference, logits, inputs.names, split))
         if result.status == "ok" and (backend, precision) != BASELINE:
             progress(f"{backend} {precision}: per-block drift, row {i} of {len(pairs)}")
-            stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
+            result = stage_drift(result, folder, located, probe_x, ref_points, ref_probe_logits, cfg.threads)
         if (cfg.strict and result.status != "ok" and len(cfg.backends) == 1
                 and _asked_for(cfg, backend, precision)):
             raise BenchError(f"{backend} {precision}: {result.reason}")
         results.append(result)
     base = results[0].latency
-    for r in results:
-        r.speedup = {b: base[b]["median_ms"] / s["median_ms"] for b, s in r.latency.items() if b in base}
-    return BenchReport.from_json(json.loads(json.dumps({  # the record as its file will read it
-        "schema": REPORT_SCHEMA,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine.describe(),
-        "model": records.as_json(folder.summary()),
-        "inputs": {"source": inputs.source, "images": len(inputs.names),
-                   "labelled": inputs.labels is not None, "accuracy_note": inputs.accuracy_note,
-                   "sha256": inputs.sha256, "held_out_note": split.note, "roles": split.sizes,
-                   "image_size": int(inputs.images.shape[-1])},
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                     "drift_images": len(probe_x)},
-        "baseline": {"backend": BASELINE[0], "precision": BASELINE[1]},
-        "results": [asdict(r) for r in results],
-    })))
+    results = [replace(r, speedup={b: base[b].median_ms / s.median_ms for b, s in r.latency.items()
+                                   if b in base}) for r in results]
+    return BenchReport(
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        machine=machine.describe(),
+        model=folder.summary(),
+        inputs=records.Inputs(source=inputs.source, images=len(inputs.names),
+                              labelled=inputs.labels is not None, accuracy_note=inputs.accuracy_note,
+                              sha256=inputs.sha256,
+                              held_out_note=split.note, roles=split.sizes,
+                              image_size=int(inputs.images.shape[-1])),
+        settings=cfg.settings(drift_images=len(probe_x)),
+        baseline=records.Baseline(*BASELINE),
+        results=tuple(results))

@@ -152,7 +152,7 @@ class Tally:
 def _known(cfg: acc.PassConfig, shard: acc.Shard, cache: acc.ReferenceCache, ref_key: str) -> dict[str, Any]:
     """Reference logits the driver already has for a shard's images: those of a shard whose images
     part is finished (a row added later, a resumed pass), from the cache."""
-    images = acc.read_part(cfg.out, shard, "images", ref_key)
+    images = acc.read_part(cfg.out, shard, acc.IMAGES_PART, ref_key)
     if images is None:
         return {}
     digests = [bytes(d).hex() for d in images["sha256"]]

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import cvt_ref
 from cvt_export import machine, precisions
 from cvt_export.artifacts import ArtifactFolder, atomic_write
 from cvt_export.backends import ATTENTION, BackendError, GemmLimit, Profile, Profiling, get_backend
-from cvt_export.records import ProfileReport
+from cvt_export.records import BatchProfile, Floor, GemmLimitFigure, LatencyStats, OpGroup, ProfileReport
 from cvt_export.render.report import network_order
 from cvt_ref.errors import CvtError
 
@@ -43,6 +44,7 @@ GEMM_ATEN = frozenset({"mm", "addmm", "bmm", "baddbmm"})
 CONV_ATEN = frozenset({"convolution"})
 LIMIT_SHAPE = (1576, 384, 1536)  # cvt-13's stage-2 MLP at batch 8 (197 tokens x 8, 384 -> 1536)
 NOT_ATTRIBUTED = "not attributed"
+GEMM_GROUP = "GEMM"  # the matrix-product kernels' group, whatever each runtime calls them
 HEAD = "head"
 
 
@@ -77,21 +79,30 @@ def attribute(profile: Profile, blocks: dict[str, str]) -> dict[str, str]:
     return owner
 
 
-def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
+@dataclass
+class _Group:
+    """One operator group's kernels as they are added up."""
+
+    ms: float = 0.0
+    nodes: int = 0
+    ops: set[str] = field(default_factory=set)
+    precisions: dict[str, float] = field(default_factory=dict)
+
+
+def summarize(profile: Profile, blocks: dict[str, str], floors: Floors) -> BatchProfile:
     """A profile's figures: total kernel time, the GEMM share, the operator groups by time (the
-    GEMMs as one), the three costliest non-GEMM groups, time per block and per precision."""
+    GEMMs as one), the three costliest non-GEMM groups, time per block and per precision; and
+    how far the run and its GEMMs are from the `floors` at its batch."""
     total = sum(o.ms for o in profile.ops)
-    groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, _Group] = {}
     for o in profile.ops:
-        g = groups.setdefault("GEMM" if gemm(o.op) else o.op, {"ms": 0.0, "nodes": 0, "ops": set(),
-                                                               "precisions": {}})
-        g["ms"] += o.ms
-        g["nodes"] += 1
-        g["ops"].add(o.op)
-        g["precisions"][o.precision or "?"] = g["precisions"].get(o.precision or "?", 0.0) + o.ms
-    by_op = [{"group": name, "ms": g["ms"], "share": g["ms"] / total if total else 0.0, "nodes": g["nodes"],
-              "ops": sorted(g["ops"]), "precisions": g["precisions"]}
-             for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["ms"])]
+        g = groups.setdefault(GEMM_GROUP if gemm(o.op) else o.op, _Group())
+        g.ms += o.ms
+        g.nodes += 1
+        g.ops.add(o.op)
+        g.precisions[o.precision or "?"] = g.precisions.get(o.precision or "?", 0.0) + o.ms
+    by_op = tuple(OpGroup(name, g.ms, g.ms / total if total else 0.0, g.nodes, tuple(sorted(g.ops)),
+                          g.precisions) for name, g in sorted(groups.items(), key=lambda kv: -kv[1].ms))
     by_block: dict[str, float] = {}
     gemm_by_block: dict[str, float] = {}
     by_precision: dict[str, float] = {}
@@ -102,13 +113,34 @@ def summarize(profile: Profile, blocks: dict[str, str]) -> dict[str, Any]:
         if gemm(o.op):
             gemm_by_block[key] = gemm_by_block.get(key, 0.0) + o.ms
         by_precision[o.precision or "?"] = by_precision.get(o.precision or "?", 0.0) + o.ms
-    gemm_ms = groups.get("GEMM", {}).get("ms", 0.0)
-    return {"run_ms": profile.run_ms, "runs": profile.runs, "kernels_ms": total,
-            "gemm_ms": gemm_ms, "gemm_share": gemm_ms / total if total else 0.0,
-            "by_op": by_op, "top_non_gemm": [g["group"] for g in by_op if g["group"] != "GEMM"][:3],
-            "by_block": {b: by_block[b] for b in network_order(list(by_block))},
-            "gemm_by_block": {b: gemm_by_block[b] for b in network_order(list(gemm_by_block))},
-            "by_precision": by_precision}
+    gemm_ms = groups[GEMM_GROUP].ms if GEMM_GROUP in groups else 0.0
+    return BatchProfile(
+        run_ms=profile.run_ms, runs=profile.runs, kernels_ms=total,
+        gemm_ms=gemm_ms, gemm_share=gemm_ms / total if total else 0.0,
+        by_op=by_op, top_non_gemm=tuple(g.group for g in by_op if g.group != GEMM_GROUP)[:3],
+        by_block={b: by_block[b] for b in network_order(list(by_block))},
+        gemm_by_block={b: gemm_by_block[b] for b in network_order(list(gemm_by_block))},
+        by_precision=by_precision, gemm_floor_ms=floors.gemm_ms, gemm_vs_floor=gemm_ms / floors.gemm_ms,
+        # the whole inference against all its multiply-adds (convolutions too) at the limit
+        floor_ms=floors.whole_ms, run_vs_floor=profile.run_ms / floors.whole_ms,
+        # each block's GEMMs against that block's own matrix products at the limit: where the
+        # GEMMs themselves fall short of the rate (cvt-13's stage 1: K = 64)
+        block_gemm_floor_ms=floors.by_block)
+
+
+@dataclass(frozen=True)
+class Floors:
+    """One batch's floors at the GEMM limit: the model's matrix products, all its multiply-adds,
+    and each block's matrix products (milliseconds)."""
+
+    gemm_ms: float
+    whole_ms: float
+    by_block: dict[str, float]
+
+    @classmethod
+    def at(cls, work: Work, batch: int, rate: float) -> Floors:
+        return cls(floor_ms(work.gemm, batch, rate), floor_ms(work.total, batch, rate),
+                   {b: floor_ms(m, batch, rate) for b, m in work.gemm_by_block.items() if m})
 
 
 def _flop_counts(folder: ArtifactFolder, model: Any) -> tuple[Any, dict[str, dict[Any, int]]]:
@@ -177,16 +209,15 @@ def floor_ms(macs: float, batch: int, rate: float) -> float:
     return macs * batch / (rate * 1e9) * 1000
 
 
-def gemm_floor(runner: GemmLimit, macs: Work, latency: dict[str, dict[str, Any]],
-               runs: int = 10) -> dict[str, Any]:
+def gemm_floor(runner: GemmLimit, macs: Work, latency: Mapping[str, LatencyStats], runs: int = 10) -> Floor:
     """A benchmark row's distance from its own floor: the runtime's GEMM limit measured now, in
     the row's precision and settings, and per batch the floor (every multiply-add of the model at
     that rate) and the row's median over it."""
     rate = runner.gemm_rate(*LIMIT_SHAPE, runs=runs)
     ms = {b: floor_ms(macs.total, int(b), rate) for b in latency}
-    return {"gemm_gmac_per_s": rate, "limit_shape": list(LIMIT_SHAPE), "macs_per_image": macs.total,
-            "gemm_macs_per_image": macs.gemm, "conv_macs_per_image": macs.conv,
-            "ms": ms, "times": {b: latency[b]["median_ms"] / ms[b] for b in latency}}
+    return Floor(gemm_gmac_per_s=rate, limit_shape=LIMIT_SHAPE, macs_per_image=macs.total,
+                 gemm_macs_per_image=macs.gemm, conv_macs_per_image=macs.conv,
+                 ms=ms, times={b: latency[b].median_ms / ms[b] for b in latency})
 
 
 def inputs(folder: ArtifactFolder, batch: int) -> np.ndarray:
@@ -220,25 +251,16 @@ def run(folder: ArtifactFolder, backend: str, precision: str, batches: tuple[int
     progress(f"{be.name} {precision}: this CPU's GEMM limit on one {shape} MatMul")
     rate = runner.gemm_rate(*LIMIT_SHAPE, runs=max(runs, 10))
     model_work = work(folder)
-    block_macs, macs, conv = model_work.gemm_by_block, model_work.gemm, model_work.conv
     figures = {}
     for i, batch in enumerate(batches, 1):
         progress(f"{be.name} {precision} batch {batch} ({i}/{len(batches)})")
-        f = summarize(runner.profile(inputs(folder, batch), runs), blocks)
-        gemm_floor_ms, whole_floor_ms = floor_ms(macs, batch, rate), floor_ms(macs + conv, batch, rate)
-        f.update({"gemm_floor_ms": gemm_floor_ms, "gemm_vs_floor": f["gemm_ms"] / gemm_floor_ms,
-                  # the whole inference against all its multiply-adds (convolutions too) at the limit
-                  "floor_ms": whole_floor_ms, "run_vs_floor": f["run_ms"] / whole_floor_ms,
-                  # each block's GEMMs against that block's own matrix products at the limit: where
-                  # the GEMMs themselves fall short of the rate (cvt-13's stage 1: K = 64)
-                  "block_gemm_floor_ms": {b: floor_ms(m, batch, rate) for b, m in block_macs.items() if m}})
-        figures[str(batch)] = f
-    return ProfileReport.from_json(json.loads(json.dumps({
-        "schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine.describe(), "artifacts": str(folder.path), "backend": be.name,
-        "precision": precision, "executed": runner.info.executed,
-        "gemm_limit": {"shape": list(LIMIT_SHAPE), "gmac_per_s": rate},
-        "gemm_macs_per_image": macs, "conv_macs_per_image": conv, "batches": figures})))
+        figures[str(batch)] = summarize(runner.profile(inputs(folder, batch), runs), blocks,
+                                        Floors.at(model_work, batch, rate))
+    return ProfileReport(
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), machine=machine.describe(),
+        artifacts=str(folder.path), backend=be.name, precision=precision, executed=runner.info.executed,
+        gemm_limit=GemmLimitFigure(LIMIT_SHAPE, rate), gemm_macs_per_image=model_work.gemm,
+        conv_macs_per_image=model_work.conv, batches=figures)
 
 
 def write(report: ProfileReport, out: Path) -> list[Path]:

@@ -43,10 +43,6 @@ def judged(row: Row) -> RoleFidelity | Fidelity | None:
     return row.fidelity.judged if row.fidelity else None
 
 
-def _figures(fid: RoleFidelity | Fidelity) -> dict[str, Any]:
-    return {f.name: getattr(fid, f.name) for f in dataclasses.fields(fid)}
-
-
 def broken(row: Row, budgets: Sequence[metrics.Budget]) -> str:
     """What keeps a row outside the budget on the selection images ("" when nothing does), e.g.
     "cosine_min 0.9922 < 0.995" (each precision's bounds) or "misses cosine>=0.999" (a --budget)."""
@@ -54,9 +50,9 @@ def broken(row: Row, budgets: Sequence[metrics.Budget]) -> str:
     if fid is None:
         return "no fidelity figures"
     if budgets:
-        found = [f"misses {b}" for b in budgets if not b.holds(_figures(fid))]
+        found = [f"misses {b}" for b in budgets if not b.holds(fid)]
     else:
-        found = metrics.within_bounds(row.precision, _figures(fid))
+        found = metrics.within_bounds(row.precision, fid)
     return ", ".join([*found, *_batch_dependence(row, budgets)])
 
 

@@ -1,44 +1,20 @@
 """A benchmark report's files: report.json (schema cvt-bench/1, the record
 `cvt_export.records.BenchReport`), report.md and the PNG plots (`cvt_export.render.report`).
 
-The builder below (`Result`) is what the harness fills while it measures; the file is the
-record, whose fields docs/benchmark.md documents.
+The harness builds the record (`harness.bench`) as it measures; its fields are documented in
+docs/benchmark.md.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cvt_export.artifacts import atomic_write
-from cvt_export.records import BenchReport, RecordError
+from cvt_export.records import BenchReport, Record, RecordError
 
-REPORT_SCHEMA = "cvt-bench/1"
-
-
-@dataclass
-class Result:
-    backend: str
-    precision: str
-    status: str = "ok"                 # ok | skipped | error
-    reason: str = ""
-    executed: str = ""
-    device: str = ""
-    artifact: str = ""
-    first_inference_s: float | None = None
-    peak_rss_mb: float | None = None
-    fidelity: dict[str, Any] = field(default_factory=dict)
-    accuracy: dict[str, float] | None = None
-    batch_consistency_max_abs: float | None = None
-    batch_consistency_cosine_min: float | None = None
-    latency: dict[str, dict[str, float]] = field(default_factory=dict)
-    speedup: dict[str, float] = field(default_factory=dict)
-    drift: list[dict[str, Any]] = field(default_factory=list)
-    drift_located: str | None = None
-    floor: dict[str, Any] = field(default_factory=dict)
-
+REPORT_SCHEMA = BenchReport.schema()
 
 
 def validate(data: object) -> list[str]:
@@ -53,8 +29,8 @@ def validate(data: object) -> list[str]:
             for i, r in enumerate(report.results) if r.ok and not r.latency]
 
 
-def write_json(report: BenchReport | dict[str, Any], path: Path) -> None:
-    data = report.to_json() if isinstance(report, BenchReport) else report
+def write_json(report: Record | dict[str, Any], path: Path) -> None:
+    data = report.to_json() if isinstance(report, Record) else report
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 

@@ -31,6 +31,19 @@ from typing import Any
 import numpy as np
 
 from cvt_export import metrics
+from cvt_export.records import (
+    ClientLatency,
+    Fidelity,
+    LoadRun,
+    LoadSpec,
+    ServedInputs,
+    ServedReport,
+    ServedTarget,
+    ServerStats,
+    Spread,
+    Window,
+)
+from cvt_export.runtime import OUTPUT_NAME
 from cvt_export.triton import TritonError
 
 TIMEOUT_S = 60.0
@@ -119,7 +132,7 @@ def infer(target: Target, client: Any, x: np.ndarray) -> np.ndarray:
     item = module.InferInput(target.input_name, list(x.shape), target.datatype)
     item.set_data_from_numpy(x)
     kwargs = {"client_timeout": TIMEOUT_S} if target.protocol == "grpc" else {}
-    return np.asarray(client.infer(target.model, [item], **kwargs).as_numpy("logits"), dtype=np.float32)
+    return np.asarray(client.infer(target.model, [item], **kwargs).as_numpy(OUTPUT_NAME), dtype=np.float32)
 
 
 def _config(client: Any, model: str, protocol: str) -> dict[str, Any]:
@@ -129,9 +142,17 @@ def _config(client: Any, model: str, protocol: str) -> dict[str, Any]:
     return config
 
 
-def probe(target: Target, image_size: int, classes: int) -> dict[str, Any]:
-    """What the server says about the model, checked against the artifact folder before any work:
-    returns {"precision": the python runtime's parameter or None, "max_batch": int}."""
+@dataclass(frozen=True)
+class Probed:
+    """What the server's config says of the model: the python runtime's precision parameter
+    (None: not a cvt-export runtime, or it does not say), and its max batch size."""
+
+    precision: str | None
+    max_batch: int
+
+
+def probe(target: Target, image_size: int, classes: int) -> Probed:
+    """What the server says about the model, checked against the artifact folder before any work."""
     with connected(target) as client:
         try:
             live = client.is_server_live()
@@ -156,7 +177,7 @@ def probe(target: Target, image_size: int, classes: int) -> dict[str, Any]:
         config = _config(client, target.model, target.protocol)
     inputs = {i["name"]: i for i in config.get("input", [])}
     outputs = {o["name"]: o for o in config.get("output", [])}
-    if target.input_name not in inputs or "logits" not in outputs:
+    if target.input_name not in inputs or OUTPUT_NAME not in outputs:
         raise TritonError(f"--model {target.model}: takes {', '.join(inputs) or 'nothing'} and gives "
                           f"{', '.join(outputs) or 'nothing'}; cvt-bench triton measures a classifier "
                           f"taking {target.input_name} and giving logits (the `-classifier` model of an "
@@ -165,12 +186,12 @@ def probe(target: Target, image_size: int, classes: int) -> dict[str, Any]:
     if dims[-3:] != [3, image_size, image_size]:
         raise TritonError(f"--model {target.model}: takes {dims}, the artifact folder's model takes "
                           f"[3, {image_size}, {image_size}]; is --artifacts the folder it was made from?")
-    out_dims = [int(d) for d in outputs["logits"].get("dims", [])]
+    out_dims = [int(d) for d in outputs[OUTPUT_NAME].get("dims", [])]
     if out_dims[-1:] != [classes]:
         raise TritonError(f"--model {target.model}: gives {out_dims[-1] if out_dims else '?'} logits, the "
                           f"artifact folder's model {classes}; is --artifacts the folder it was made from?")
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    return {"precision": params.get("precision") or None, "max_batch": int(config.get("max_batch_size", 0))}
+    return Probed(params.get("precision") or None, int(config.get("max_batch_size", 0)))
 
 
 def _served_models(client: Any, protocol: str) -> list[str]:
@@ -182,7 +203,17 @@ def _served_models(client: Any, protocol: str) -> list[str]:
     return []
 
 
-def _stats(client: Any, model: str, protocol: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Counters:
+    """Triton's cumulative statistics of a model at one moment."""
+
+    queue_ns: float
+    compute_ns: float
+    requests: int
+    batches: dict[int, int]   # batch size -> executions
+
+
+def _stats(client: Any, model: str, protocol: str) -> _Counters:
     raw = client.get_inference_statistics(model, as_json=True) if protocol == "grpc" else \
         client.get_inference_statistics(model)
     entry = raw["model_stats"][0]
@@ -191,10 +222,10 @@ def _stats(client: Any, model: str, protocol: str) -> dict[str, Any]:
     def ns(key: str) -> float:
         return float(inference.get(key, {}).get("ns", 0))
 
-    return {"queue_ns": ns("queue"), "compute_ns": ns("compute_infer") + ns("compute_input")
-            + ns("compute_output"), "requests": int(inference.get("success", {}).get("count", 0)),
-            "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"])
-                        for b in entry.get("batch_stats", [])}}
+    return _Counters(queue_ns=ns("queue"), compute_ns=ns("compute_infer") + ns("compute_input")
+                     + ns("compute_output"), requests=int(inference.get("success", {}).get("count", 0)),
+                     batches={int(b["batch_size"]): int(b["compute_infer"]["count"])
+                              for b in entry.get("batch_stats", [])})
 
 
 @dataclass
@@ -284,7 +315,7 @@ def _open_loop(target: Target, images: np.ndarray, rate: float, requests: int, r
             f.result(timeout=requests * TIMEOUT_S)
 
 
-def windows(due: list[float], done: list[float], count: int = WINDOWS) -> list[dict[str, float]]:
+def windows(due: list[float], done: list[float], count: int = WINDOWS) -> list[Window]:
     """The run cut into `count` windows of equal length by answer time: each window's answered
     requests per second and latency percentiles."""
     d, a = np.asarray(due), np.asarray(done)
@@ -297,22 +328,19 @@ def windows(due: list[float], done: list[float], count: int = WINDOWS) -> list[d
         lat = (a[inside] - d[inside]) * 1000
         span = max(edges[k + 1] - edges[k], 1e-9)
         if lat.size == 0:
-            out.append({"requests": 0, "per_s": 0.0, "p50_ms": float("nan"), "p90_ms": float("nan"),
-                        "p99_ms": float("nan")})
+            out.append(Window(0, 0.0, float("nan"), float("nan"), float("nan")))
             continue
-        out.append({"requests": int(lat.size), "per_s": float(lat.size / span),
-                    "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-                    "p99_ms": float(np.percentile(lat, 99))})
+        out.append(Window(int(lat.size), float(lat.size / span), float(np.percentile(lat, 50)),
+                          float(np.percentile(lat, 90)), float(np.percentile(lat, 99))))
     return out
 
 
-def stable(wins: list[dict[str, float]]) -> bool:
+def stable(wins: list[Window]) -> bool:
     """The last STABLE_WINDOWS windows' p99 and rate within STABLE_SPREAD of their mean."""
     last = wins[-STABLE_WINDOWS:]
     if len(last) < STABLE_WINDOWS:
         return False
-    for key in ("p99_ms", "per_s"):
-        values = np.asarray([w[key] for w in last])
+    for values in (np.asarray([w.p99_ms for w in last]), np.asarray([w.per_s for w in last])):
         if not np.isfinite(values).all() or values.mean() <= 0:
             return False
         if np.abs(values - values.mean()).max() > STABLE_SPREAD * values.mean():
@@ -321,7 +349,7 @@ def stable(wins: list[dict[str, float]]) -> bool:
 
 
 def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
-             stats_model: str | None = None, seed: int = 0) -> dict[str, Any]:
+             stats_model: str | None = None, seed: int = 0) -> LoadRun:
     """`requests` single-image requests under `load`; failed requests are counted, not raised."""
     if load.value <= 0 or requests < 1:
         raise TritonError("the load (--concurrency, --rate) and the request count must be > 0")
@@ -339,65 +367,61 @@ def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
             _open_loop(target, images, load.value, requests, record, seed)
         elapsed = time.perf_counter() - start
         after = _settled_stats(monitor, watch, target.protocol, before, len(record.done))
-    result: dict[str, Any] = {
-        "load": {"kind": load.kind, "value": load.value}, "requests": requests,
-        "sent": record.sent, "answered": len(record.done), "failed": len(record.errors),
-        "not_sent": requests - record.sent,
-        "errors": dict(sorted({e: record.errors.count(e) for e in set(record.errors)}.items())),
-        "seconds": elapsed, "images_per_s": len(record.done) / elapsed,
-    }
-    if load.kind == "concurrency":
-        result["concurrency"] = int(load.value)
-    else:
-        result["rate"] = load.value
+    offered = answered = None
     if len(record.done) > 1:
         # The rate requests arrived at and the rate answers left at, each over its own span (a
         # server that keeps up answers at the arrival rate; one that falls behind, at its own).
         n = len(record.done) - 1
-        result["offered_per_s"] = n / max(max(record.due) - min(record.due), 1e-9)
-        result["answered_per_s"] = n / max(max(record.done) - min(record.done), 1e-9)
+        offered = n / max(max(record.due) - min(record.due), 1e-9)
+        answered = n / max(max(record.done) - min(record.done), 1e-9)
+    latency = wins = spread = steady = None
     if record.done:
-        lat = [b - a for a, b in zip(record.due, record.done, strict=True)]
-        stats = metrics.latency_stats(lat, batch=1)
+        stats = metrics.latency_stats([b - a for a, b in zip(record.due, record.done, strict=True)], batch=1)
+        latency = ClientLatency(stats.median_ms, stats.p90_ms, stats.p99_ms, stats.mean_ms)
         wins = windows(record.due, record.done)
-        result["latency_ms"] = {k: stats[k] for k in ("median_ms", "p90_ms", "p99_ms", "mean_ms")}
-        result["windows"] = wins
-        result["spread_ms"] = {k: [min(w[k] for w in wins), max(w[k] for w in wins)]
-                               for k in ("p50_ms", "p90_ms", "p99_ms")}
-        result["stable"] = stable(wins)
-    result["server"], why = server_deltas(before, after)
-    if why:
-        result["server_unavailable"] = why
-    return result
+        spread = Spread(*((min(p), max(p)) for p in zip(*((w.p50_ms, w.p90_ms, w.p99_ms) for w in wins),
+                                                          strict=True)))
+        steady = stable(wins)
+    server, why = server_deltas(before, after)
+    return LoadRun(
+        load=LoadSpec(load.kind, load.value), requests=requests, sent=record.sent,
+        answered=len(record.done), failed=len(record.errors), not_sent=requests - record.sent,
+        errors=dict(sorted({e: record.errors.count(e) for e in set(record.errors)}.items())),
+        seconds=elapsed, images_per_s=len(record.done) / elapsed,
+        concurrency=int(load.value) if load.kind == "concurrency" else None,
+        rate=load.value if load.kind != "concurrency" else None,
+        offered_per_s=offered, answered_per_s=answered, latency_ms=latency,
+        windows=None if wins is None else tuple(wins), spread_ms=spread, stable=steady, server=server,
+        server_unavailable=why or None)
 
 
-def server_deltas(before: dict[str, Any], after: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+def server_deltas(before: _Counters, after: _Counters | None) -> tuple[ServerStats | None, str]:
     """Triton's statistics over the run, as differences of its counters, or (None, why) when they
     cannot be: the server stopped answering, or a counter went down (the model was reloaded, a
     stub restarted: its counters began again, and a difference would be negative nonsense)."""
     if after is None:
         return None, "the server stopped answering before its statistics could be read"
-    keys = set(before["batches"]) | set(after["batches"])
-    executed = {b: after["batches"].get(b, 0) - before["batches"].get(b, 0) for b in keys}
-    done = after["requests"] - before["requests"]
-    queue, compute = after["queue_ns"] - before["queue_ns"], after["compute_ns"] - before["compute_ns"]
+    keys = set(before.batches) | set(after.batches)
+    executed = {b: after.batches.get(b, 0) - before.batches.get(b, 0) for b in keys}
+    done = after.requests - before.requests
+    queue, compute = after.queue_ns - before.queue_ns, after.compute_ns - before.compute_ns
     if done < 0 or queue < 0 or compute < 0 or any(n < 0 for n in executed.values()):
         return None, ("the model's statistics went back during the run (it was reloaded or its stub "
                       "restarted), so no difference of them means anything")
-    return {"requests": done, "executed_batches": {b: n for b, n in sorted(executed.items()) if n},
-            "queue_ms_per_request": queue / 1e6 / max(done, 1),
-            "compute_ms_per_request": compute / 1e6 / max(done, 1)}, ""
+    return ServerStats(requests=done, executed_batches={str(b): n for b, n in sorted(executed.items()) if n},
+                       queue_ms_per_request=queue / 1e6 / max(done, 1),
+                       compute_ms_per_request=compute / 1e6 / max(done, 1)), ""
 
 
-def _settled_stats(monitor: Any, watch: str, protocol: str, before: dict[str, Any],
-                   answered: int) -> dict[str, Any] | None:
+def _settled_stats(monitor: Any, watch: str, protocol: str, before: _Counters,
+                   answered: int) -> _Counters | None:
     """Triton records a request's statistics after its response leaves (inside an ensemble,
     after the ensemble answered): wait, bounded, until every answered request is counted. None
     when the server no longer answers."""
     deadline = time.monotonic() + STATS_SETTLE_S
     try:
         after = _stats(monitor, watch, protocol)
-        while after["requests"] - before["requests"] < answered and time.monotonic() < deadline:
+        while after.requests - before.requests < answered and time.monotonic() < deadline:
             time.sleep(0.05)
             after = _stats(monitor, watch, protocol)
     except Exception:
@@ -405,7 +429,7 @@ def _settled_stats(monitor: Any, watch: str, protocol: str, before: dict[str, An
     return after
 
 
-def fidelity(target: Target, images: np.ndarray, reference: np.ndarray, names: list[str]) -> dict[str, Any]:
+def fidelity(target: Target, images: np.ndarray, reference: np.ndarray, names: list[str]) -> Fidelity:
     with connected(target) as client:
         try:
             got = np.concatenate([infer(target, client, images[i][None]) for i in range(len(images))])
@@ -416,38 +440,34 @@ def fidelity(target: Target, images: np.ndarray, reference: np.ndarray, names: l
 
 def bench_served(target: Target, folder: Any, precision: str | None,
                  loads: tuple[Load, ...] | tuple[int, ...], requests: int,
-                 stats_model: str | None = None) -> dict[str, Any]:
+                 stats_model: str | None = None) -> ServedReport:
     """The served model against the PyTorch reference of the artifact folder it was made from, then
     latency and throughput per load: what `cvt-bench triton` reports. `precision` None: what the
     served model's config says (the python runtime records it), else fp32. A precision that
     disagrees with the config is refused before any work. Stops at the first load with failed
     requests (`failed_at` says which)."""
-    from cvt_export import artifacts, machine, validate
+    from cvt_export import artifacts, machine, precisions, validate
     from cvt_export.harness.bench import load_inputs
     from cvt_export.reference import reference_model
 
     folder = artifacts.as_folder(folder)
     served = probe(target, folder.variant.image_size, folder.variant.num_classes)
     if precision is None:
-        precision = served["precision"] or "fp32"
-    elif served["precision"] and served["precision"] != precision:
+        precision = served.precision or precisions.REFERENCE
+    elif served.precision and served.precision != precision:
         raise TritonError(f"--precision {precision}: the served model {target.model} runs "
-                          f"{served['precision']} (its config says); its bounds are the ones that apply")
+                          f"{served.precision} (its config says); its bounds are the ones that apply")
     inputs = load_inputs(None, None, folder.variant, golden=True)  # the 11 photographs, as before
     reference = validate.reference_logits(reference_model(folder), inputs.images)
-    fid = fidelity(target, inputs.images, reference, inputs.names)
-    broken = metrics.within_bounds(precision, fid)
+    fid = metrics.judged(precision, fidelity(target, inputs.images, reference, inputs.names))
     runs, failed_at = [], None
     for load in (x if isinstance(x, Load) else Load("concurrency", x) for x in loads):
         run = run_load(target, inputs.images, load, requests, stats_model)
         runs.append(run)
-        if run["failed"]:
+        if run.failed:
             failed_at = str(load)
             break
-    return {
-        "schema": "cvt-bench-triton/2", "machine": machine.describe(),
-        "target": {"url": target.url, "model": target.model, "protocol": target.protocol},
-        "precision": precision, "inputs": {"source": inputs.source, "images": len(inputs.names)},
-        "fidelity": {**fid, "bounds": dict(metrics.BOUNDS[precision]), "broken": broken, "pass": not broken},
-        "runs": runs, "failed_at": failed_at,
-    }
+    return ServedReport(machine=machine.describe(),
+                        target=ServedTarget(target.url, target.model, target.protocol), precision=precision,
+                        inputs=ServedInputs(inputs.source, len(inputs.names)),
+                        fidelity=fid, runs=tuple(runs), failed_at=failed_at)

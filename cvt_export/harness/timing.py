@@ -13,10 +13,11 @@ import numpy as np
 
 from cvt_export.clock import time_calls
 from cvt_export.metrics import latency_stats
+from cvt_export.records import LatencyStats
 
 
 def measure(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, warmup: int,
-            iters: int | None, seconds: float) -> dict[str, float]:
+            iters: int | None, seconds: float) -> LatencyStats:
     return latency_stats(time_calls(lambda: runner(x), warmup=warmup, iters=iters, seconds=seconds),
                          batch=len(x))
 
