@@ -28,10 +28,24 @@ from typing import Any
 
 import numpy as np
 
-from cvt_export import artifacts, metrics, precisions, records
+from cvt_export import artifacts, metrics, precisions
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.harness import served
-from cvt_export.records import DeployRecord, Fidelity, LoadRun
+from cvt_export.records import Candidate as Measured
+from cvt_export.records import (
+    Confirmation,
+    ConfirmedConfiguration,
+    ConfirmRound,
+    DeployRecord,
+    DeploySearch,
+    Fidelity,
+    LoadRun,
+    OpenLoopRun,
+    ServedConfiguration,
+    ServedFidelity,
+    Sustained,
+    SustainedStep,
+)
 from cvt_export.render import deploy as render
 from cvt_export.triton import TritonError
 from cvt_export.triton.repository import RepoOptions, check_destination, write_repository
@@ -101,6 +115,10 @@ class Candidate:
     def label(self) -> str:
         return (f"{self.backend} {self.precision}, {self.instances} inst, max batch {self.max_batch}, "
                 f"queue {self.queue_us / 1000:g} ms")
+
+    def configuration(self) -> ServedConfiguration:
+        return ServedConfiguration(self.backend, self.precision, self.instances, self.max_batch,
+                                   self.queue_us, self.preferred)
 
     def neighbours(self) -> list[Candidate]:
         out = []
@@ -189,7 +207,7 @@ class Bench:
         return served.fidelity(target, self.images[rows], ref, [self.names[i] for i in rows])
 
     def load(self, target: served.Target, role: str, rate: float, requests: int,
-             seed: int | None = None) -> dict[str, Any]:
+             seed: int | None = None) -> OpenLoopRun:
         """An open-loop run at `rate` on the role's images, judged against the SLO's bound
         (arrivals from `seed`, by default the search's)."""
         run = served.run_load(target, self.images[self.rows[role]], served.Load("rate", rate), requests,
@@ -204,44 +222,49 @@ class Bench:
         write_repository(self.folder, repo, cand.options("cvt"))
         return Server(repo)
 
-    def measure(self, cand: Candidate) -> dict[str, Any]:
+    def measure(self, cand: Candidate) -> Measured:
         """One search candidate: served answers on the selection images first; only when they
         meet the budget, an open-loop run at the SLO rate."""
         self.count += 1
         self.progress(f"candidate {self.count} of at most {self.settings.max_candidates}: {cand.label()}")
-        record: dict[str, Any] = {"candidate": dataclasses.asdict(cand), "label": cand.label(),
-                                  "fidelity": {}, "within_budget": False}
+        record = Measured(candidate=cand.configuration(), label=cand.label())
         try:
             with self.serve(cand, self.scratch / "repo") as server:
                 target = served.Target(server.http_url, "cvt")
                 fid = self.fidelity(target, "selection")
-                record["fidelity"] = _fid(fid)
-                record["within_budget"] = metrics.within(self.settings.budgets, fid)
-                if not record["within_budget"]:
+                record = dataclasses.replace(record, fidelity=_fid(fid),
+                                             within_budget=metrics.within(self.settings.budgets, fid))
+                if not record.within_budget:
                     return record
-                record.update(self.load(target, "selection", self.settings.slo.rate, self.settings.requests))
+                run = self.load(target, "selection", self.settings.slo.rate, self.settings.requests)
+                return Measured(**_figures(run), candidate=record.candidate, label=record.label,
+                                fidelity=record.fidelity, within_budget=True)
         except CvtError as e:  # this candidate cannot be written or served here (its cause is kept)
-            record["error"] = str(e)
-        return record
+            return dataclasses.replace(record, error=str(e))
 
 
-def _fid(fid: Fidelity) -> dict[str, Any]:
+def _figures(run: OpenLoopRun) -> dict[str, Any]:
+    """An open-loop run's figures, for a record that holds them (a candidate, a round, a step)."""
+    return {f.name: getattr(run, f.name) for f in dataclasses.fields(OpenLoopRun)}
+
+
+def _fid(fid: Fidelity) -> ServedFidelity:
     """The figures a deploy record keeps of the served answers."""
-    return {"n": fid.n, "cosine_min": fid.cosine_min, "cosine_mean": fid.cosine_mean, "max_abs": fid.max_abs,
-            "top1_agreement": fid.top1_agreement}
+    return ServedFidelity(cosine_min=fid.cosine_min, cosine_mean=fid.cosine_mean, max_abs=fid.max_abs,
+                          n=fid.n, top1_agreement=fid.top1_agreement)
 
 
-def _load_figures(run: LoadRun, slo: Slo) -> dict[str, Any]:
+def _load_figures(run: LoadRun, slo: Slo) -> OpenLoopRun:
     lat = run.latency_ms
     value = float(getattr(lat, SLO_FIGURE[slo.percentile])) if lat else float("inf")
     achieved = run.answered_per_s if run.answered_per_s is not None else 0.0
     offered = run.offered_per_s if run.offered_per_s is not None else slo.rate
     answered = run.answered_of_sent[0]
-    return {"percentile_ms": value, "p99_ms": lat.p99_ms if lat else float("inf"),
-            "answered": answered, "failed": run.failed, "achieved_rate": achieved,
-            "offered_rate": offered, "spread_ms": records.as_json(run.spread_ms), "stable": run.stable,
-            "meets": bool(run.failed == 0 and value <= slo.limit_ms
-                          and kept_up(answered, achieved, offered, slo.limit_ms))}
+    return OpenLoopRun(percentile_ms=value, p99_ms=lat.p99_ms if lat else float("inf"), answered=answered,
+                       failed=run.failed, achieved_rate=achieved, offered_rate=offered,
+                       spread_ms=run.spread_ms, stable=run.stable,
+                       meets=bool(run.failed == 0 and value <= slo.limit_ms
+                                  and kept_up(answered, achieved, offered, slo.limit_ms)))
 
 
 def kept_up(answered: int, achieved: float, offered: float, limit_ms: float) -> bool:
@@ -255,36 +278,45 @@ def kept_up(answered: int, achieved: float, offered: float, limit_ms: float) -> 
     return achieved >= SUSTAINED * offered or span_out <= span_in + limit_ms / 1000
 
 
-def _score(record: dict[str, Any]) -> float:
-    return float(record.get("percentile_ms", float("inf"))) if record.get("within_budget") else float("inf")
+def _score(record: OpenLoopRun, within_budget: bool = True) -> float:
+    """The SLO's percentile of a run (infinite when it was not measured or is outside the budget)."""
+    if not within_budget or record.percentile_ms is None:
+        return float("inf")
+    return record.percentile_ms
 
 
-def search(bench: Bench) -> list[dict[str, Any]]:
+def _cosine(fid: ServedFidelity | None) -> float:
+    return fid.cosine_min if fid is not None and fid.cosine_min is not None else 0.0
+
+
+def search(bench: Bench) -> list[Measured]:
     """Steps 1 and 2 of the module's search; returns every measured candidate's record."""
-    records: dict[Candidate, dict[str, Any]] = {}
+    records: dict[Candidate, Measured] = {}
 
-    def measure(cand: Candidate) -> dict[str, Any]:
+    def measure(cand: Candidate) -> Measured:
         if cand not in records:
             records[cand] = bench.measure(cand)
         return records[cand]
+
+    def score(cand: Candidate) -> float:
+        return _score(records[cand], records[cand].within_budget)
 
     limit = bench.settings.max_candidates
     for cand in model_choices(bench.folder):
         if len(records) >= limit:
             break
         measure(cand)
-    passing = [c for c, r in records.items() if r.get("within_budget") and np.isfinite(_score(r))]
+    passing = [c for c in records if np.isfinite(score(c))]
     if not passing:
         return list(records.values())
-    best = min(passing, key=lambda c: (_score(records[c]), -records[c]["fidelity"].get("cosine_min", 0)))
+    best = min(passing, key=lambda c: (score(c), -_cosine(records[c].fidelity)))
     while len(records) < limit:
         step = None
         for n in best.neighbours():
             if len(records) >= limit:
                 break
-            rec = measure(n)
-            if _score(rec) < _score(records[best]) * (1 - IMPROVES) and (
-                    step is None or _score(rec) < _score(records[step])):
+            measure(n)
+            if score(n) < score(best) * (1 - IMPROVES) and (step is None or score(n) < score(step)):
                 step = n
         if step is None:
             break
@@ -292,13 +324,13 @@ def search(bench: Bench) -> list[dict[str, Any]]:
     return list(records.values())
 
 
-def choose(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    met = [r for r in records if r.get("meets")]
+def choose(records: list[Measured]) -> Measured | None:
+    met = [r for r in records if r.meets]
     if not met:
         return None
-    low = min(r["percentile_ms"] for r in met)
-    tied = [r for r in met if r["percentile_ms"] <= low * (1 + IMPROVES)]
-    return max(tied, key=lambda r: (r["fidelity"].get("cosine_min", 0.0), -r["percentile_ms"]))
+    low = min(_score(r) for r in met)
+    tied = [r for r in met if _score(r) <= low * (1 + IMPROVES)]
+    return max(tied, key=lambda r: (_cosine(r.fidelity), -_score(r)))
 
 
 class _Ladder:
@@ -309,7 +341,7 @@ class _Ladder:
         self.rate, self.best, self.limit = start, 0.0, steps_at_most
         self.up: bool | None = None  # the direction, known after the first step
         self.done = False
-        self.steps: list[dict[str, Any]] = []
+        self.steps: list[SustainedStep] = []
 
     def next(self) -> float | None:
         if self.done or len(self.steps) >= self.limit:
@@ -318,11 +350,12 @@ class _Ladder:
             return self.rate
         return self.rate * LADDER if self.up else self.rate / LADDER
 
-    def record(self, rate: float, figures: dict[str, Any]) -> None:
-        kept = ("percentile_ms", "p99_ms", "achieved_rate", "failed", "met_rounds", "round_percentiles_ms",
-                "meets")
-        self.steps.append({"rate": rate, **{k: figures[k] for k in kept}})
-        meets = bool(figures["meets"])
+    def record(self, rate: float, figures: OpenLoopRun) -> None:
+        meets = bool(figures.meets)
+        self.steps.append(SustainedStep(
+            rate=rate, percentile_ms=_score(figures), p99_ms=figures.p99_ms,
+            achieved_rate=figures.achieved_rate, failed=figures.failed, met_rounds=figures.met_rounds,
+            round_percentiles_ms=figures.round_percentiles_ms, meets=meets))
         if self.up is None:
             self.up = meets
         else:
@@ -331,36 +364,36 @@ class _Ladder:
         if meets:
             self.best = max(self.best, rate)
 
-    def result(self) -> dict[str, Any]:
-        return {"highest_rate": self.best, "steps": sorted(self.steps, key=lambda st: st["rate"]),
-                "ladder_factor": LADDER}
+    def result(self, configuration: str) -> Sustained:
+        return Sustained(configuration, self.best, tuple(sorted(self.steps, key=lambda st: st.rate)), LADDER)
 
 
 def rounds(bench: Bench, targets: dict[str, served.Target], rates: dict[str, float], total: int,
-           what: str) -> dict[str, list[dict[str, Any]]]:
+           what: str) -> dict[str, list[ConfirmRound]]:
     """ROUNDS open-loop runs of each configuration in `rates` at its rate, `total` requests per
     configuration in all, interleaved: the order swaps each round, and round r uses the same
     arrivals (seed + 1 + r) for all, so no configuration is measured on luckier traffic."""
     settings = bench.settings
     sizes = [len(part) for part in np.array_split(np.arange(total), ROUNDS)]
     labels = list(rates)
-    out: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    out: dict[str, list[ConfirmRound]] = {label: [] for label in labels}
     for r, n in enumerate(sizes):
         for label in labels if r % 2 == 0 else labels[::-1]:
             bench.progress(f"{what} round {r + 1} of {ROUNDS}: {label} at {rates[label]:g}/s")
             figures = bench.load(targets[label], "confirmation", rates[label], n, seed=settings.seed + 1 + r)
-            out[label].append({"round": r + 1, "requests": n, **figures})
+            out[label].append(ConfirmRound(**_figures(figures), round=r + 1, requests=n))
     return out
 
 
 def sustained_rates(bench: Bench, targets: dict[str, served.Target], slo: Slo, requests: int,
-                    confirmed: dict[str, dict[str, Any]] | None = None,
-                    steps_at_most: int = LADDER_STEPS) -> dict[str, dict[str, Any]]:
+                    confirmed: dict[str, ConfirmedConfiguration] | None = None,
+                    steps_at_most: int = LADDER_STEPS) -> dict[str, Sustained]:
     """Each configuration's highest rate on its ladder at which the served model holds the bound
     the way the confirmation judges it: every one of ROUNDS interleaved runs (`requests` in all)
     answers at least SUSTAINED of what is offered with the SLO percentile within its bound. Its
     step at the SLO rate is the confirmation itself (`confirmed`), so the two never disagree; the
-    other steps are measured for every configuration still climbing, together."""
+    other steps are measured for every configuration still climbing, together. Each is named by
+    its confirmation's configuration (else by its label)."""
     ladders = {label: _Ladder(slo.rate, steps_at_most) for label in targets}
     for label, record in (confirmed or {}).items():
         ladders[label].record(slo.rate, record)
@@ -370,49 +403,57 @@ def sustained_rates(bench: Bench, targets: dict[str, served.Target], slo: Slo, r
             break
         for label, runs in rounds(bench, targets, active, requests, "sustained-rate ladder").items():
             ladders[label].record(active[label], _summary(runs))
-    return {label: lad.result() for label, lad in ladders.items()}
+    names = {label: record.configuration for label, record in (confirmed or {}).items()}
+    return {label: lad.result(names.get(label, label)) for label, lad in ladders.items()}
 
 
-def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(rounds: list[ConfirmRound]) -> OpenLoopRun:
     """A configuration's rounds in one line: medians of the rounds, failures summed, met only
     when every round met."""
-    return {"percentile_ms": float(np.median([r["percentile_ms"] for r in rounds])),
-            "p99_ms": float(np.median([r["p99_ms"] for r in rounds])),
-            "achieved_rate": float(np.median([r["achieved_rate"] for r in rounds])),
-            "failed": int(sum(r["failed"] for r in rounds)),
-            "met_rounds": sum(bool(r["meets"]) for r in rounds),
-            "round_percentiles_ms": [r["percentile_ms"] for r in rounds],
-            "meets": all(r["meets"] for r in rounds)}
+    return OpenLoopRun(percentile_ms=float(np.median([_score(r) for r in rounds])),
+                       p99_ms=float(np.median([_figure(r.p99_ms) for r in rounds])),
+                       achieved_rate=float(np.median([_figure(r.achieved_rate) for r in rounds])),
+                       failed=int(sum(r.failed or 0 for r in rounds)),
+                       met_rounds=sum(bool(r.meets) for r in rounds),
+                       round_percentiles_ms=tuple(_score(r) for r in rounds),
+                       meets=all(r.meets for r in rounds))
 
 
-def confirm(bench: Bench, targets: dict[str, served.Target]) -> dict[str, dict[str, Any]]:
+def _figure(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
+def confirm(bench: Bench, targets: dict[str, served.Target],
+            configurations: dict[str, str] | None = None) -> dict[str, ConfirmedConfiguration]:
     """Step 4: every configuration's answers on the confirmation images, then ROUNDS open-loop
-    runs at the SLO rate, interleaved (`rounds`), `confirm_requests` per configuration in all."""
+    runs at the SLO rate, interleaved (`rounds`), `confirm_requests` per configuration in all.
+    `configurations`: each label's configuration in words (else the label)."""
     settings = bench.settings
-    out: dict[str, dict[str, Any]] = {}
-    for label, target in targets.items():
-        fid = bench.fidelity(target, "confirmation")
-        out[label] = {"fidelity": _fid(fid), "within_budget": metrics.within(settings.budgets, fid)}
+    fids = {label: bench.fidelity(target, "confirmation") for label, target in targets.items()}
     runs = rounds(bench, targets, dict.fromkeys(targets, settings.slo.rate), settings.confirm_requests,
                   "confirmation")
-    for label, record in out.items():
-        record.update({"rounds": runs[label], **_summary(runs[label])})
-        record["held"] = bool(record["meets"] and record["within_budget"])
+    out = {}
+    for label, fid in fids.items():
+        summary, within = _summary(runs[label]), metrics.within(settings.budgets, fid)
+        out[label] = ConfirmedConfiguration(
+            **{**_figures(summary), "met_rounds": summary.met_rounds or 0},
+            configuration=(configurations or {}).get(label, label), fidelity=_fid(fid), within_budget=within,
+            rounds=tuple(runs[label]), held=bool(summary.meets and within))
     return out
 
 
-def decide(confirmed: dict[str, dict[str, Any]]) -> tuple[str, str]:
+def decide(confirmed: dict[str, ConfirmedConfiguration]) -> tuple[str, str]:
     """Which configuration is written, and why (step 4 of the module's search)."""
     chosen = confirmed["chosen"]
     default = confirmed.get("default")
     if default is None:
         return "chosen", "the search chose the default configuration"
-    c, d = chosen["percentile_ms"], default["percentile_ms"]
-    rounds = (f"the default held the SLO in {default['met_rounds']} of {ROUNDS} rounds (median {d:.1f} ms), "
-              f"the chosen one in {chosen['met_rounds']} of {ROUNDS} (median {c:.1f} ms)")
-    if chosen["held"] and not (default["held"] and d <= c):
+    c, d = _score(chosen), _score(default)
+    rounds = (f"the default held the SLO in {default.met_rounds} of {ROUNDS} rounds (median {d:.1f} ms), "
+              f"the chosen one in {chosen.met_rounds} of {ROUNDS} (median {c:.1f} ms)")
+    if chosen.held and not (default.held and d <= c):
         return "chosen", rounds
-    if default["held"]:
+    if default.held:
         return "default", (f"{rounds}: the default holds it and is no slower, so the search's difference did "
                            "not hold; the default configuration is written")
     return "chosen", f"{rounds}: neither held it in every round"
@@ -434,6 +475,10 @@ def deploy(folder: ArtifactFolder | Path, out: Path, name: str, settings: Settin
         return _deploy(folder, out, name, settings, progress)
 
 
+SEARCH_HOW = ("models at the default scheduling, then a hill climb over instances, max batch and queue delay "
+              "(one notch per knob, > 5% better to move)")
+
+
 def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
             progress: Callable[[str], None]) -> DeployRecord:
     from cvt_export import machine
@@ -444,20 +489,16 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
     # a killed deploy left (its servers die with it) is removed by the next write to this repository.
     with artifacts.staging(out) as scratch:
         bench = Bench(folder, settings, scratch, progress)
-        records = search(bench)
-        chosen = choose(records)
-        result: dict[str, Any] = {
-            "schema": "cvt-deploy/1", "machine": machine.describe(), "slo": str(settings.slo),
-            "budget": [str(b) for b in settings.budgets], "artifacts": str(folder.path),
-            "search": {"how": "models at the default scheduling, then a hill climb over instances, max batch "
-                       "and queue delay (one notch per knob, > 5% better to move)",
-                       "candidates": records, "selection_images": len(bench.rows["selection"]),
-                       "requests_per_candidate": settings.requests},
-            "chosen": chosen}
+        measured = search(bench)
+        chosen = choose(measured)
+        record = DeployRecord(
+            machine=machine.describe(), slo=str(settings.slo), budget=tuple(str(b) for b in settings.budgets),
+            artifacts=str(folder.path),
+            search=DeploySearch(SEARCH_HOW, tuple(measured), len(bench.rows["selection"]), settings.requests),
+            chosen=chosen)
         if chosen is None:
-            result["confirmation"] = None
-            return _write_record(out, name, result)
-        cand = Candidate(**chosen["candidate"])
+            return _write_record(out, name, record)
+        cand = Candidate(**dataclasses.asdict(chosen.candidate))
         default = default_candidate()
         configs = {"chosen": cand} if cand == default else {"default": default, "chosen": cand}
         progress("confirming the chosen configuration against the default, interleaved")
@@ -465,7 +506,7 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
             servers = {label: stack.enter_context(bench.serve(c, scratch / label))
                        for label, c in configs.items()}
             targets = {label: served.Target(server.http_url, "cvt") for label, server in servers.items()}
-            confirmed = confirm(bench, targets)
+            confirmed = confirm(bench, targets, {label: c.label() for label, c in configs.items()})
             progress("highest sustained rate: default and chosen, interleaved")
             ladders = sustained_rates(bench, targets, settings.slo, settings.confirm_requests, confirmed)
     written, why = decide(confirmed)
@@ -474,24 +515,21 @@ def _deploy(folder: ArtifactFolder, out: Path, name: str, settings: Settings,
     write_repository(folder, out, final.options(name), held=True)
     with Server(out) as server:  # the repository as written answers as it did
         again = bench.fidelity(served.Target(server.http_url, name), "confirmation")
-    result["confirmation"] = {
-        **{k: confirmed[written][k] for k in ("fidelity", "within_budget", "percentile_ms", "p99_ms",
-                                              "achieved_rate", "failed", "met_rounds", "meets", "held")},
-        "written": written, "written_configuration": final.label(),
-        "written_candidate": dataclasses.asdict(final), "why": why,
-        "images": len(bench.rows["confirmation"]), "requests": settings.confirm_requests,
-        "rounds": ROUNDS,
-        "written_repository_fidelity": _fid(again),
-        "configurations": {label: {"configuration": configs[label].label(), **rec}
-                           for label, rec in confirmed.items()}}
-    result["confirmation"]["held"] = bool(result["confirmation"]["held"]
-                                          and metrics.within(settings.budgets, again))
-    result["sustained"] = {label: {"configuration": configs[label].label(), **ladder}
-                           for label, ladder in ladders.items()}
-    if "default" not in result["sustained"]:  # the chosen one is the default
-        result["sustained"]["default"] = result["sustained"]["chosen"]
-    result["seconds"] = time.time() - started
-    return _write_record(out, name, result)
+    it = confirmed[written]
+    confirmation = Confirmation(
+        fidelity=it.fidelity, within_budget=it.within_budget, percentile_ms=it.percentile_ms,
+        p99_ms=it.p99_ms, achieved_rate=it.achieved_rate, failed=it.failed, met_rounds=it.met_rounds,
+        meets=it.meets, written=written, written_configuration=final.label(),
+        written_candidate=final.configuration(), why=why,
+        images=len(bench.rows["confirmation"]), requests=settings.confirm_requests, rounds=ROUNDS,
+        written_repository_fidelity=_fid(again), configurations=confirmed,
+        held=bool(it.held and metrics.within(settings.budgets, again)))
+    sustained = dict(ladders)
+    if "default" not in sustained:  # the chosen one is the default
+        sustained["default"] = sustained["chosen"]
+    done = dataclasses.replace(record, confirmation=confirmation, sustained=sustained,
+                               seconds=time.time() - started)
+    return _write_record(out, name, done)
 
 
 RECORD_SUFFIXES = (".deploy.json", ".deploy.md", ".deploy.svg")
@@ -515,9 +553,9 @@ def check_record_files(out: Path, name: str) -> None:
                               "choose another --name or --out (nothing was changed)")
 
 
-def _write_record(out: Path, name: str, result: dict[str, Any]) -> DeployRecord:
+def _write_record(out: Path, name: str, record: DeployRecord) -> DeployRecord:
     """The record's file, then its Markdown and plot rendered from the file's own JSON."""
-    text = json.dumps(result, indent=2, default=float) + "\n"
+    text = json.dumps(record.to_json(), indent=2) + "\n"
     artifacts.atomic_write(out / f"{name}.deploy.json", text)
     record = DeployRecord.from_json(json.loads(text), str(out / f"{name}.deploy.json"))
     slo = Slo.parse(record.slo)

@@ -878,6 +878,43 @@ class Policy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TunedConfiguration:
+    """One configuration `cvt-export tune` measured: the blocks it keeps in float, its fidelity on the
+    selection images (which decide) and the confirmation images (which check), its speed at the
+    objective's batch (interleaved rounds), and whether the budget held on both."""
+
+    name: str                      # fp32 | fp16 | bf16 | int8 | mixed (k float) ...
+    precision: str
+    float_blocks: tuple[str, ...] = ()
+    within_budget: bool = False
+    fidelity: HeldFidelity
+    confirmation: HeldFidelity
+    speed: LatencyStats | None = None
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneDecisions:
+    """What `cvt-export tune` decided (tune.json, and the mix's manifest entry): the budget and
+    objective, the held-out images' roles, each block's sensitivity, every configuration measured
+    and the one chosen."""
+
+    backend: str
+    objective: str
+    budget: tuple[str, ...]
+    margin: float = 0.0
+    held_out: str = ""
+    roles: dict[str, RoleSize] = field(default_factory=dict)
+    search: str = ""
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    configs: tuple[TunedConfiguration, ...] = ()
+    chosen: str | None = None
+    message: str = ""
+    machine: Machine | None = None
+    rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
+
+
+@dataclass(frozen=True, kw_only=True)
 class FileEntry:
     """One precision's ONNX file: its hash and size, its external-data files, its graph, what it
     was made from, how, and its fidelity at export."""
@@ -894,7 +931,9 @@ class FileEntry:
     policy: Policy | None = field(default=None, metadata=OMIT)
     validation: Validation | None = field(default=None, metadata=OMIT)
     probes: dict[str, str] | None = field(default=None, metadata=OMIT)
-    tune: dict[str, Any] | None = field(default=None, metadata=OMIT)  # tune's decisions (the mix)
+    # tune's decisions (the mix); as written, a dictionary, where a release before 2026-11-30 wrote
+    # them in an earlier form (no confirmation images, no margin)
+    tune: TuneDecisions | dict[str, Any] | None = field(default=None, metadata=OMIT)
     rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
 
 
@@ -1240,6 +1279,8 @@ class OpenLoopRun:
     offered_rate: float | None = field(default=None, metadata=OMIT)
     spread_ms: Spread | None = field(default=None, metadata=OMIT)
     stable: bool | None = field(default=None, metadata=OMIT)
+    met_rounds: int | None = field(default=None, metadata=OMIT)   # rounds that met it (of several)
+    round_percentiles_ms: tuple[float, ...] | None = field(default=None, metadata=OMIT)
     meets: bool | None = field(default=None, metadata=OMIT)   # None: not measured
     rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
 
@@ -1288,16 +1329,25 @@ class Confirmation(OpenLoopRun):
     within_budget: bool | None = field(default=None, metadata=OMIT)
     rounds: int | None = field(default=None, metadata=OMIT)
     configurations: dict[str, ConfirmedConfiguration] | None = field(default=None, metadata=OMIT)
+    written: str | None = field(default=None, metadata=OMIT)       # which configuration: chosen | default
     written_configuration: str | None = field(default=None, metadata=OMIT)
+    written_candidate: ServedConfiguration | None = field(default=None, metadata=OMIT)
     why: str | None = field(default=None, metadata=OMIT)
     written_repository_fidelity: ServedFidelity | None = field(default=None, metadata=OMIT)
     held: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SustainedStep:
+    """One rate of a sustained-rate ladder, judged like the confirmation (rounds, medians)."""
+
     rate: float
     percentile_ms: float
+    p99_ms: float | None = field(default=None, metadata=OMIT)
+    achieved_rate: float | None = field(default=None, metadata=OMIT)
+    failed: int | None = field(default=None, metadata=OMIT)
+    met_rounds: int | None = field(default=None, metadata=OMIT)
+    round_percentiles_ms: tuple[float, ...] | None = field(default=None, metadata=OMIT)
     meets: bool
     rest: dict[str, Any] = field(default_factory=dict, metadata=REST)
 
@@ -1324,8 +1374,8 @@ class DeployRecord(Record):
     search: DeploySearch
     chosen: Candidate | None = None
     confirmation: Confirmation | None = None
-    sustained: dict[str, Sustained] | None = None
-    seconds: float | None = None
+    sustained: dict[str, Sustained] | None = field(default=None, metadata=OMIT)  # none: nothing chosen
+    seconds: float | None = field(default=None, metadata=OMIT)
 
 
 # --- a Triton model repository's record (NAME.cvt-repository.json) --------------------------------

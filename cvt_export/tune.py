@@ -28,12 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
-from cvt_export import artifacts, build, machine, metrics, precisions, probes, records, validate
+from cvt_export import artifacts, build, machine, metrics, precisions, probes, validate
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.backends import TUNED, BackendUnavailable, get_backend, tuned_name
 from cvt_export.clock import time_calls
@@ -41,7 +40,7 @@ from cvt_export.derive import QUANTIZED_OPS
 from cvt_export.harness import recommend
 from cvt_export.harness.bench import run_all
 from cvt_export.metrics import Budget, within
-from cvt_export.records import HeldFidelity, LatencyStats, RoleSize
+from cvt_export.records import HeldFidelity, LatencyStats, RoleSize, TunedConfiguration, TuneDecisions
 from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 from cvt_ref.model import CvT
@@ -436,18 +435,18 @@ SEARCH = ("greedy: the most sensitive blocks (on the selection images) kept in f
           "keeping a cheaper block (weights x tokens) in its place")
 
 
-def summary(result: TuneResult) -> dict[str, Any]:
+def summary(result: TuneResult) -> TuneDecisions:
     """What tune decided, for the manifest and tune.json."""
-    def one(c: Measured) -> dict[str, Any]:
-        return {"name": c.name, "precision": c.precision, "float_blocks": c.kept,
-                "within_budget": c.within, "fidelity": records.as_json(c.fidelity),
-                "confirmation": records.as_json(c.confirmed), "speed": records.as_json(c.speed)}
+    def one(c: Measured) -> TunedConfiguration:
+        return TunedConfiguration(name=c.name, precision=c.precision, float_blocks=tuple(c.kept),
+                                  within_budget=c.within, fidelity=c.fidelity, confirmation=c.confirmed,
+                                  speed=c.speed)
 
-    return {"backend": result.backend, "objective": result.objective, "budget": result.budgets,
-            "margin": result.margin, "held_out": result.held_out, "roles": records.as_json(result.roles),
-            "search": SEARCH, "sensitivity": result.sensitivity, "configs": [one(c) for c in result.configs],
-            "chosen": result.chosen.name if result.chosen else None, "message": result.message,
-            "machine": records.as_json(machine.describe())}
+    return TuneDecisions(backend=result.backend, objective=result.objective, budget=tuple(result.budgets),
+                         margin=result.margin, held_out=result.held_out, roles=result.roles, search=SEARCH,
+                         sensitivity=result.sensitivity, configs=tuple(one(c) for c in result.configs),
+                         chosen=result.chosen.name if result.chosen else None, message=result.message,
+                         machine=machine.describe())
 
 
 def _agreement(fid: HeldFidelity) -> str:

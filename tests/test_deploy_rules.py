@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cvt_export import deploy, metrics
-from cvt_export.records import Fidelity
+from cvt_export.records import Fidelity, OpenLoopRun
 from helpers import assert_user_error, run_cli
 
 
@@ -38,14 +38,14 @@ class Load:
                         worst_cosine=self.cosine, n=6)
 
     def load(self, target: Any, role: str, rate: float, requests: int,
-             seed: int | None = None) -> dict[str, Any]:
+             seed: int | None = None) -> OpenLoopRun:
         label = target.model
         self.calls.append((label, rate, requests, seed))
         ok = rate <= self.capacity[label] + 1e-9
         value = self.percentile[label] if ok else 400.0
-        return {"percentile_ms": value, "p99_ms": value, "answered": requests, "failed": 0,
-                "achieved_rate": rate if ok else self.capacity[label], "offered_rate": rate,
-                "meets": value <= self.settings.slo.limit_ms and ok}
+        return OpenLoopRun(percentile_ms=value, p99_ms=value, answered=requests, failed=0,
+                           achieved_rate=rate if ok else self.capacity[label], offered_rate=rate,
+                           meets=value <= self.settings.slo.limit_ms and ok)
 
 
 def targets(*labels: str) -> dict[str, Any]:
@@ -62,16 +62,15 @@ def test_the_ladders_start_from_the_confirmation_and_are_judged_like_it() -> Non
                                  requests=40, confirmed=confirmed)
     up = [3 * 1.25 ** k for k in range(5)]        # 3, 3.75, 4.69, 5.86, 7.32
     down = [3 / 1.25 ** k for k in range(4)]      # 3, 2.4, 1.92
-    assert got["default"]["highest_rate"] == pytest.approx(up[1])
-    assert got["chosen"]["highest_rate"] == pytest.approx(up[3])
-    assert got["slow"]["highest_rate"] == pytest.approx(down[2])
-    assert [s["rate"] for s in got["chosen"]["steps"]] == pytest.approx(up)
-    assert [s["rate"] for s in got["slow"]["steps"]] == pytest.approx(sorted(down[:3]))
+    assert got["default"].highest_rate == pytest.approx(up[1])
+    assert got["chosen"].highest_rate == pytest.approx(up[3])
+    assert got["slow"].highest_rate == pytest.approx(down[2])
+    assert [s.rate for s in got["chosen"].steps] == pytest.approx(up)
+    assert [s.rate for s in got["slow"].steps] == pytest.approx(sorted(down[:3]))
     for label in ("default", "chosen", "slow"):  # the step at the SLO rate is the confirmation itself
-        step = next(s for s in got[label]["steps"] if s["rate"] == 3)
-        assert step["percentile_ms"] == confirmed[label]["percentile_ms"]
-        assert (step["meets"], step["met_rounds"]) == (confirmed[label]["meets"],
-                                                       confirmed[label]["met_rounds"])
+        step = next(s for s in got[label].steps if s.rate == 3)
+        assert step.percentile_ms == confirmed[label].percentile_ms
+        assert (step.meets, step.met_rounds) == (confirmed[label].meets, confirmed[label].met_rounds)
     # every further step: three rounds of 14/13/13 requests on seeds 1, 2, 3 (the confirmation's
     # arrivals), the order swapping each round; each configuration at its own next rate
     order = [(label, round(rate, 3), n, seed) for label, rate, n, seed in bench.calls[at_slo:]]
@@ -91,7 +90,7 @@ def test_a_ladder_measures_the_slo_rate_itself_without_a_confirmation() -> None:
     bench = Load({"chosen": 3.5}, {"chosen": 60})
     got = deploy.sustained_rates(bench, targets("chosen"), bench.settings.slo, requests=30, steps_at_most=3)
     assert [round(rate, 3) for _, rate, _, _ in bench.calls] == [3] * 3 + [3.75] * 3
-    assert got["chosen"]["highest_rate"] == 3 and len(got["chosen"]["steps"]) == 2
+    assert got["chosen"].highest_rate == 3 and len(got["chosen"].steps) == 2
 
 
 def test_the_confirmation_interleaves_rounds_on_shared_arrivals() -> None:
@@ -100,9 +99,9 @@ def test_the_confirmation_interleaves_rounds_on_shared_arrivals() -> None:
     assert [(label, n, seed) for label, _, n, seed in bench.calls] == [
         ("default", 14, 1), ("chosen", 14, 1), ("chosen", 13, 2), ("default", 13, 2),
         ("default", 13, 3), ("chosen", 13, 3)]
-    assert got["chosen"]["held"] and got["chosen"]["met_rounds"] == 3
-    assert not got["default"]["meets"] and got["default"]["met_rounds"] == 0
-    assert got["chosen"]["percentile_ms"] == 60 and got["default"]["percentile_ms"] == 400
+    assert got["chosen"].held and got["chosen"].met_rounds == 3
+    assert not got["default"].meets and got["default"].met_rounds == 0
+    assert got["chosen"].percentile_ms == 60 and got["default"].percentile_ms == 400
 
 
 @pytest.mark.parametrize(("capacity", "percentile", "cosine", "written", "says"), [
@@ -122,13 +121,13 @@ def test_the_default_is_replaced_only_when_the_confirmation_says_so(
     confirmed = deploy.confirm(bench, targets("default", "chosen"))
     label, why = deploy.decide(confirmed)
     assert label == written and says in why, why
-    assert confirmed[label]["held"] == (capacity[label] >= 3 and percentile[label] <= 100)
+    assert confirmed[label].held == (capacity[label] >= 3 and percentile[label] <= 100)
 
 
 def test_answers_outside_the_budget_never_hold() -> None:
     bench = Load({"default": 6.0, "chosen": 6.0}, {"default": 90, "chosen": 60}, cosine=0.99)
     confirmed = deploy.confirm(bench, targets("default", "chosen"))
-    assert confirmed["chosen"]["meets"] and not confirmed["chosen"]["held"]
+    assert confirmed["chosen"].meets and not confirmed["chosen"].held
     assert deploy.decide(confirmed)[1].endswith("neither held it in every round")
 
 

@@ -17,6 +17,8 @@ from cvt_export.records import (
     ProfileReport,
     Recommendation,
     RecordError,
+    TuneDecisions,
+    as_json,
 )
 from cvt_export.render import deploy as render_deploy
 from cvt_export.render import profile as render_profile
@@ -126,6 +128,7 @@ def test_foreign_newer_and_broken_files_are_refused_with_one_line(tmp_path: Path
 # that commit's own code (its ONNX files left out: only what the folder says is read here).
 
 MANIFESTS = sorted((Path(__file__).parent / "data" / "manifests").glob("*.json"))
+TUNED = Path(__file__).parent / "data" / "manifests" / "2026-12-03-f9dd58c-tuned.json"
 
 
 def _lost(raw: object, written: object, at: str = "") -> list[str]:
@@ -159,6 +162,9 @@ def test_a_folder_an_earlier_release_wrote_still_opens(path: Path, tmp_path: Pat
         assert read.made_from == entry.get("from") and read.graph is not None
         assert read.graph.ops == entry["graph"]["ops"] and read.graph.nodes == entry["graph"]["nodes"]
         assert read.graph.inputs[0].shape == tuple(entry["graph"]["inputs"][0]["shape"])
+        if "validation" not in entry:  # tune's mix: its figures are its decisions (below)
+            assert read.validation is None and precision == "mixed"
+            continue
         assert read.validation is not None
         assert read.validation.top1_agreement == entry["validation"].get("top1_agreement")
         assert read.validation.max_abs == entry["validation"]["max_abs"]
@@ -170,10 +176,35 @@ def test_a_folder_an_earlier_release_wrote_still_opens(path: Path, tmp_path: Pat
         assert read_ir is not None and (read_ir.made_from, read_ir.onnx) == (ir["from"], ir["onnx"])
     assert folder.probes == raw["files"]["model.onnx"].get("probes", {})
     assert folder.export_command(["fp32"]).endswith(f"--out {tmp_path}")
-    # what a writer does to it (record an IR, drop a file): rewritten, nothing it said is lost
+    mixed = raw["files"].get("model.mixed.onnx")
+    if mixed is not None:  # tune's decisions, typed: every field of the file, as it says them
+        decided = folder.entry("mixed").tune
+        assert isinstance(decided, TuneDecisions) and as_json(decided) == mixed["tune"]
+        assert decided.configs[-1].confirmation.n == mixed["tune"]["configs"][-1]["confirmation"]["n"]
+    # what a writer does to it (any change rewrites the file): nothing it said is lost
     assert _lost(raw, folder.manifest.to_json()) == []
-    folder.drop("mixed")
+    folder.update(lambda manifest: manifest)
     assert _lost(raw, json.loads((tmp_path / "manifest.json").read_text())) == []
+
+
+def test_tune_decisions_of_the_first_releases_are_kept_as_written(tmp_path: Path) -> None:
+    """The first releases' tune wrote its decisions without confirmation images, margin or roles
+    (503bc35's `summary`): the folder opens, and they are kept as the file says them."""
+    from cvt_export.artifacts import ArtifactFolder
+
+    raw = json.loads(TUNED.read_text())
+    first = raw["files"]["model.mixed.onnx"]["tune"]
+    for key in ("margin", "roles"):
+        del first[key]
+    for config in first["configs"]:
+        del config["confirmation"]
+        for key in ("n", "cosine_p5", "top1_agreement_ci"):
+            del config["fidelity"][key]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    folder = ArtifactFolder.open(tmp_path)
+    assert folder.entry("mixed").tune == first
+    folder.update(lambda manifest: manifest)
+    assert json.loads((tmp_path / "manifest.json").read_text())["files"]["model.mixed.onnx"]["tune"] == first
 
 
 def test_the_rewrite_check_sees_a_lost_or_changed_field() -> None:

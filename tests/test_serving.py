@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cvt_export.records import LoadRun
 from cvt_export.triton import TritonError
 from helpers import BIN, assert_user_error, run_cli
 
@@ -397,14 +398,15 @@ def test_a_normal_run_of_1000_requests_leaves_no_error_in_the_log(serve: Serve, 
 def test_triton_statistics_that_went_back_are_unavailable_not_negative() -> None:
     """Differences of Triton's counters, by hand; a counter that went down (the model reloaded,
     its stub restarted: the counters began again) gives no figure and says why."""
-    from cvt_export.harness.served import server_deltas
+    from cvt_export.harness.served import _Counters, server_deltas
+    from cvt_export.records import ServerStats
 
-    before = {"requests": 100, "queue_ns": 4e9, "compute_ns": 9e9, "batches": {1: 60, 2: 20}}
-    after = {"requests": 140, "queue_ns": 5e9, "compute_ns": 13e9, "batches": {1: 80, 2: 30, 4: 0}}
+    before = _Counters(requests=100, queue_ns=4e9, compute_ns=9e9, batches={1: 60, 2: 20})
+    after = _Counters(requests=140, queue_ns=5e9, compute_ns=13e9, batches={1: 80, 2: 30, 4: 0})
     got, why = server_deltas(before, after)
-    assert why == "" and got == {"requests": 40, "executed_batches": {1: 20, 2: 10},
-                                 "queue_ms_per_request": 25.0, "compute_ms_per_request": 100.0}
-    reloaded = {"requests": 11, "queue_ns": 1e8, "compute_ns": 2e8, "batches": {1: 11}}
+    assert why == "" and got == ServerStats(requests=40, executed_batches={"1": 20, "2": 10},
+                                            queue_ms_per_request=25.0, compute_ms_per_request=100.0)
+    reloaded = _Counters(requests=11, queue_ns=1e8, compute_ns=2e8, batches={1: 11})
     got, why = server_deltas(before, reloaded)
     assert got is None and "reloaded" in why
     got, why = server_deltas(before, None)
@@ -424,9 +426,9 @@ def test_a_load_over_a_killed_stub_counts_every_request(serve: Serve, exported: 
     images = np.stack([preprocess_array(load_image(p), variant) for p in photos]).astype(np.float32)
     s = serve()  # type: ignore[operator]
     url = s.wait_ready()
-    result: dict[str, object] = {}
+    result: dict[str, LoadRun] = {}
     run = threading.Thread(target=lambda: result.update(
-        served.run_load(served.Target(url, "cvt"), images, served.Load("rate", 8.0), 240)))
+        run=served.run_load(served.Target(url, "cvt"), images, served.Load("rate", 8.0), 240)))
     run.start()
     time.sleep(6)  # about 45 requests in
     stubs = [pid for pid, (group, cmd) in _processes().items()
@@ -435,17 +437,17 @@ def test_a_load_over_a_killed_stub_counts_every_request(serve: Serve, exported: 
     os.kill(stubs[0], signal.SIGKILL)
     run.join(timeout=600)
     assert not run.is_alive()
-    r = result
-    assert r["requests"] == 240 and r["sent"] == r["answered"] + r["failed"]  # type: ignore[operator]
-    assert r["answered"] + r["failed"] + r["not_sent"] == 240  # type: ignore[operator]
-    srv = r.get("server")
+    r = result["run"]
+    assert r.requests == 240 and r.sent == (r.answered or 0) + r.failed
+    assert (r.answered or 0) + r.failed + r.not_sent == 240
+    srv = r.server
     if srv is None:
-        assert r["server_unavailable"], r
+        assert r.server_unavailable, r
     else:
-        assert srv["requests"] >= 0 and srv["queue_ms_per_request"] >= 0  # type: ignore[index]
-        assert srv["compute_ms_per_request"] >= 0  # type: ignore[index]
-        assert all(n > 0 for n in srv["executed_batches"].values())  # type: ignore[index]
-    print({k: r[k] for k in ("sent", "answered", "failed", "not_sent")}, r.get("server_unavailable"))
+        assert srv.requests >= 0 and srv.queue_ms_per_request >= 0
+        assert srv.compute_ms_per_request >= 0
+        assert all(n > 0 for n in srv.executed_batches.values())
+    print(r.sent, r.answered, r.failed, r.not_sent, r.server_unavailable)
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=GONE_S)
     s.assert_nothing_left()

@@ -139,8 +139,8 @@ def test_migrated_int8_reaches_0999_on_stressed_random_weights(
     out = stressed
     policy = ArtifactFolder.open(out).entry("int8").policy
     assert policy is not None and policy.smooth_search and policy.smoothing
-    assert policy.smooth_search["chosen"] != "off"  # chosen on the selection images: migration
-    assert policy.smoothing["strength"] == float(policy.smooth_search["chosen"])
+    assert policy.smooth_search.chosen != "off"  # chosen on the selection images: migration
+    assert policy.smoothing["strength"] == float(policy.smooth_search.chosen)
     assert not tensorrt_qdq_problems(onnx.load(str(out / "model.int8.onnx")))
     held_out = cvt_ref.preprocess_batch(list(split[1]), "cvt-13")
     with torch.inference_mode():
@@ -188,7 +188,7 @@ def test_migration_strength_is_chosen_per_model(tmp_path: Path) -> None:
     auto = ArtifactFolder.open(made["auto"])
     policy = auto.entry("int8").policy
     assert policy is not None and policy.smooth_search
-    chosen = policy.smooth_search["chosen"]
+    chosen = policy.smooth_search.chosen
     assert chosen in ("off", "0.25"), chosen
     items = imageset.bundled_items()
     calib = auto.calibration_images.fingerprints

@@ -553,12 +553,9 @@ def test_what_reads_an_artifact_folder_reads_no_key_of_its_manifest() -> None:
 # Every read by a literal key in the package outside records.py. Issue #29 asks for none of a
 # manifest or report field, allowing reads of other dictionaries that share a key name, each named:
 # those are FOLDER_UNRELATED above and PACKAGE_UNRELATED here (other programs' data, the environment,
-# the bounds table, a file checked field by field before it becomes a record). NOT_YET counts, per
-# module, the reads left in modules whose own records are not typed yet: deploy's record while its
-# search builds it, the served runs inside the harness, the accuracy pass's state, harness/bench's
-# builder (`Result`), metrics' figure dictionaries, ONNX Runtime's profile as the profiler parses it.
-# Exact: a read added anywhere fails here, and a module made to read records lowers its count (to
-# none: it leaves the table) in the same change.
+# the bounds table, a file checked field by field before it becomes a record, a dictionary keyed by
+# a role or a label). No other read is left (there were 1028 before the records): a read added
+# anywhere fails here until it is a record's field or is named with what it reads.
 PACKAGE_UNRELATED = {
     **_named("cli/common.py", "os.environ", "TERMINAL_WIDTH"),
     **_named("cli/github.py", "os.environ", "GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY"),
@@ -582,13 +579,16 @@ PACKAGE_UNRELATED = {
     **_named("harness/accuracy.py", "a shard part's .npz arrays by name (numpy's archive: a row's top5 and "
              "cosine, the images' name, label, ok, error)", "top5", "cosine", "name", "label", "ok", "error"),
     **_named("harness/cluster.py", "a shard's images part (.npz arrays): their digests", "sha256"),
+    **_named("deploy.py", "the held-out roles by name (Bench.rows)", "selection", "confirmation"),
+    **_named("deploy.py", "the confirmed configurations by label", "chosen", "default"),
+    **_named("deploy.py", "check_record_files: the raw file's schema, whose record may be another's",
+             "schema"),
     **_named("triton/guard.py", "the launcher's instructions to the keeper (its own protocol)", "command",
              "env", "http_port", "log", "shm_prefix", "work"),
     **_named("triton/python_model.py", "Triton's arguments and model config to a python model",
              "backend", "input", "model_config", "model_repository", "model_version", "output",
              "parameters", "precision", "string_value", "threads"),
 }
-NOT_YET = {"deploy.py": 55}
 
 
 def keyed_reads(package: Path, named: Mapping[tuple[str, str], str] | None = None) -> dict[str, int]:
@@ -602,10 +602,9 @@ def keyed_reads(package: Path, named: Mapping[tuple[str, str], str] | None = Non
     return {module: n for module, n in counts.items() if n}
 
 
-def test_reads_by_key_across_the_package_are_named_or_counted() -> None:
+def test_every_read_by_key_across_the_package_is_named() -> None:
     named = {**FOLDER_UNRELATED, **PACKAGE_UNRELATED}
-    assert keyed_reads(PACKAGE, named) == NOT_YET
-    assert sum(keyed_reads(PACKAGE).values()) <= 196  # 1028 before the records, 649 and 289 on 2026-12-03
+    assert keyed_reads(PACKAGE, named) == {}
     every = {(str(p.relative_to(PACKAGE)), key) for p in PACKAGE.rglob("*.py")
              for _, key in string_keyed_reads(p)}
     assert every >= set(PACKAGE_UNRELATED)  # each name still excuses a read
@@ -617,4 +616,4 @@ def test_the_package_count_sees_a_planted_read(tmp_path: Path) -> None:
     with (copy / "clock.py").open("a") as f:
         f.write('\n\ndef planted(report):\n    return report["results"]\n')
     found = keyed_reads(copy, {**FOLDER_UNRELATED, **PACKAGE_UNRELATED})
-    assert found != NOT_YET and found["clock.py"] == 1
+    assert found == {"clock.py": 1}

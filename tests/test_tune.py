@@ -29,7 +29,7 @@ from cvt_export import imageset, metrics
 from cvt_export.artifacts import ArtifactFolder
 from cvt_export.derive import QUANTIZED_OPS, quantized_nodes, tensorrt_qdq_problems
 from cvt_export.harness import recommend
-from cvt_export.records import BenchReport
+from cvt_export.records import BenchReport, TuneDecisions, as_json
 from cvt_export.render.recommendation import markdown as render_recommendation
 from cvt_export.tune import block_nodes
 from helpers import BIN, assert_user_error, cosine_rows, run_cli
@@ -104,18 +104,19 @@ def test_tune_meets_the_budget_on_the_stressed_model(
     files = ArtifactFolder.open(folder).files()
     assert "model.mixed.onnx" in files, done.stdout  # INT8 alone misses this budget
     decided = files["model.mixed.onnx"].tune
-    assert decided is not None
-    assert decided["budget"] == [f"cosine>={budget:g}"] and decided["search"].startswith("greedy")
-    assert decided["margin"] == 0.2
-    roles = decided["roles"]
-    assert roles["selection"]["inputs"] >= 25 and roles["confirmation"]["inputs"] >= 25
-    assert roles["calibration"]["sources"] == len(list(split[0].iterdir()))
-    accepted = [c for c in decided["configs"] if c["precision"] == "mixed" and c["within_budget"]]
-    assert accepted and all(c["fidelity"]["cosine_min"] >= budget + 0.2 * (1 - budget) and
-                            c["confirmation"]["cosine_min"] >= budget + 0.2 * (1 - budget) for c in accepted)
+    assert isinstance(decided, TuneDecisions)
+    assert decided.budget == (f"cosine>={budget:g}",) and decided.search.startswith("greedy")
+    assert decided.margin == 0.2
+    roles = decided.roles
+    assert roles["selection"].inputs >= 25 and roles["confirmation"].inputs >= 25
+    assert roles["calibration"].sources == len(list(split[0].iterdir()))
+    accepted = [c for c in decided.configs if c.precision == "mixed" and c.within_budget]
+    assert accepted and all(c.fidelity.cosine_min >= budget + 0.2 * (1 - budget) and
+                            c.confirmation.cosine_min >= budget + 0.2 * (1 - budget) for c in accepted)
     written = accepted[-1]  # the last accepted candidate is the file
-    assert 0 < len(written["float_blocks"]) < 13
-    assert len(decided["sensitivity"]) == 13
+    assert 0 < len(written.float_blocks) < 13
+    assert len(decided.sensitivity) == 13
+    assert json.loads((folder / "tune.json").read_text()) == as_json(decided)  # the same decisions
     assert not list(folder.glob(".tune*")) and not list(folder.glob(".*.tmp"))
     assert (folder / "tune.md").read_text().count("|") > 20
     # Independent: ONNX Runtime on the written file vs PyTorch on images the tool never saw

@@ -26,7 +26,7 @@ from cvt_export.cli.common import (
     user_errors,
 )
 from cvt_export.options import CALIB_METHODS, DEFAULT_OPSET, SMOOTH_CHOICES, ExportOptions, Int8Options
-from cvt_export.records import FileEntry, Validation
+from cvt_export.records import FileEntry, Validation, as_json
 from cvt_ref.errors import CvtError
 
 if TYPE_CHECKING:
@@ -307,7 +307,7 @@ def tune(
                              threads=threads, seconds=seconds, margin=margin,
                              step=lambda text: live.update(text))
         atomic_write(folder.file("tune.md"), tuning.markdown(result))
-        atomic_write(folder.file("tune.json"), json.dumps(tuning.summary(result), indent=2) + "\n")
+        atomic_write(folder.file("tune.json"), json.dumps(as_json(tuning.summary(result)), indent=2) + "\n")
     _show_tune(result, artifacts, margin)
 
 
