@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cvt_export import deploy, metrics
+from cvt_export.deploy import measure
 from cvt_export.records import Fidelity, OpenLoopRun
 from helpers import assert_user_error, run_cli
 
@@ -141,12 +142,12 @@ def test_a_search_that_chose_the_default_confirms_it_alone() -> None:
 def test_a_short_run_is_judged_by_its_span_a_long_one_by_its_rate() -> None:
     # 13 arrivals at 3/s span 4 s; answers spread over 5 s (the last one 1 s late): 80% of the
     # rate, but within a 2 s bound of the arrivals' span: the server kept up
-    assert deploy.kept_up(13, 12 / 5.0, 3.0, limit_ms=2000)
-    assert not deploy.kept_up(13, 12 / 5.0, 3.0, limit_ms=500)
+    assert measure.kept_up(13, 12 / 5.0, 3.0, limit_ms=2000)
+    assert not measure.kept_up(13, 12 / 5.0, 3.0, limit_ms=500)
     # 400 arrivals at 3/s (133 s) answered at 2.5/s: 20 s behind, far beyond any bound here
-    assert not deploy.kept_up(400, 2.5, 3.0, limit_ms=2000)
-    assert deploy.kept_up(400, 2.8, 3.0, limit_ms=100)  # 93% of the rate
-    assert not deploy.kept_up(1, 3.0, 3.0, limit_ms=2000) and not deploy.kept_up(13, 0.0, 3.0, 2000)
+    assert not measure.kept_up(400, 2.5, 3.0, limit_ms=2000)
+    assert measure.kept_up(400, 2.8, 3.0, limit_ms=100)  # 93% of the rate
+    assert not measure.kept_up(1, 3.0, 3.0, limit_ms=2000) and not measure.kept_up(13, 0.0, 3.0, 2000)
 
 
 @pytest.mark.parametrize(("files", "refused"), [

@@ -97,7 +97,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_nothing_below_the_harness_imports_it() -> None:
-    above = {"harness", "regress.py", "tune.py", "deploy.py", "cli"}
+    above = {"harness", "regress.py", "tune.py", "deploy", "cli"}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE)
         if rel.parts[0] in above:
@@ -579,10 +579,12 @@ PACKAGE_UNRELATED = {
     **_named("harness/accuracy.py", "a shard part's .npz arrays by name (numpy's archive: a row's top5 and "
              "cosine, the images' name, label, ok, error)", "top5", "cosine", "name", "label", "ok", "error"),
     **_named("harness/cluster.py", "a shard's images part (.npz arrays): their digests", "sha256"),
-    **_named("deploy.py", "the held-out roles by name (Bench.rows)", "selection", "confirmation"),
-    **_named("deploy.py", "the confirmed configurations by label", "chosen", "default"),
-    **_named("deploy.py", "check_record_files: the raw file's schema, whose record may be another's",
-             "schema"),
+    **_named("deploy/measure.py", "the held-out roles by name (Bench.rows)", "selection", "confirmation"),
+    **_named("deploy/__init__.py", "the held-out roles by name (Bench.rows)", "selection", "confirmation"),
+    **_named("deploy/__init__.py", "the configurations by label", "chosen", "default"),
+    **_named("deploy/search.py", "the confirmed configurations by label", "chosen", "default"),
+    **_named("deploy/__init__.py", "check_record_files: the raw file's schema, whose record may be "
+             "another's", "schema"),
     **_named("triton/guard.py", "the launcher's instructions to the keeper (its own protocol)", "command",
              "env", "http_port", "log", "shm_prefix", "work"),
     **_named("triton/python_model.py", "Triton's arguments and model config to a python model",
