@@ -1173,8 +1173,13 @@ class Spread:
 
 @dataclass(frozen=True)
 class LoadSpec:
+    """A load level: closed loop (`concurrency` clients) or open loop (`rate` requests per second)."""
+
     kind: str      # concurrency | rate
     value: float   # clients, or requests per second
+
+    def __str__(self) -> str:
+        return f"concurrency {self.value:g}" if self.kind == "concurrency" else f"{self.value:g} req/s"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cvt_export.records import LoadRun
+from cvt_export.records import LoadRun, LoadSpec
 from cvt_export.triton import TritonError
 from helpers import BIN, assert_user_error, run_cli
 
@@ -428,7 +428,7 @@ def test_a_load_over_a_killed_stub_counts_every_request(serve: Serve, exported: 
     url = s.wait_ready()
     result: dict[str, LoadRun] = {}
     run = threading.Thread(target=lambda: result.update(
-        run=served.run_load(served.Target(url, "cvt"), images, served.Load("rate", 8.0), 240)))
+        run=served.run_load(served.Target(url, "cvt"), images, LoadSpec("rate", 8.0), 240)))
     run.start()
     time.sleep(6)  # about 45 requests in
     stubs = [pid for pid, (group, cmd) in _processes().items()

@@ -37,8 +37,7 @@ from cvt_ref.errors import CvtError
 
 if TYPE_CHECKING:
     from cvt_export.harness.accuracy import PassConfig
-    from cvt_export.harness.served import Load
-    from cvt_export.records import AccuracyReport, BenchReport
+    from cvt_export.records import AccuracyReport, BenchReport, LoadSpec
     from cvt_export.regress import Outcome
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
@@ -462,9 +461,9 @@ def triton(
         raise typer.Exit(1)
 
 
-def _loads(concurrency: str, rate: str | None) -> tuple[Load, ...]:
+def _loads(concurrency: str, rate: str | None) -> tuple[LoadSpec, ...]:
     """--rate (open loop) or else --concurrency (closed loop), as load levels."""
-    from cvt_export.harness.served import Load
+    from cvt_export.records import LoadSpec
 
     if rate is not None:
         try:
@@ -473,11 +472,11 @@ def _loads(concurrency: str, rate: str | None) -> tuple[Load, ...]:
             raise CvtError(f"--rate {rate!r}: use comma-separated numbers (requests per second)") from None
         if not rates or not all(0 < r <= 10_000 for r in rates):  # NaN fails it too
             raise CvtError(f"--rate {rate!r}: each rate in (0, 10000] requests per second")
-        return tuple(Load("rate", r) for r in rates)
+        return tuple(LoadSpec("rate", r) for r in rates)
     levels = _csv_ints(concurrency, "--concurrency")
     if not levels or min(levels) < 1 or max(levels) > 256:
         raise CvtError(f"--concurrency {concurrency!r}: each 1..256")
-    return tuple(Load("concurrency", c) for c in levels)
+    return tuple(LoadSpec("concurrency", c) for c in levels)
 
 
 def _show_served(report: ServedReport, model: str, protocol: str) -> None:

@@ -17,7 +17,7 @@ from cvt_export.artifacts import ArtifactFolder
 from cvt_export.deploy.plan import SLO_FIGURE, SUSTAINED, Candidate, Settings, Slo
 from cvt_export.harness import served
 from cvt_export.records import Candidate as Measured
-from cvt_export.records import Fidelity, LoadRun, OpenLoopRun, ServedFidelity
+from cvt_export.records import Fidelity, LoadRun, LoadSpec, OpenLoopRun, ServedFidelity
 from cvt_export.triton.repository import write_repository
 from cvt_ref.errors import CvtError
 
@@ -55,7 +55,7 @@ class Bench:
              seed: int | None = None) -> OpenLoopRun:
         """An open-loop run at `rate` on the role's images, judged against the SLO's bound
         (arrivals from `seed`, by default the search's)."""
-        run = served.run_load(target, self.images[self.rows[role]], served.Load("rate", rate), requests,
+        run = served.run_load(target, self.images[self.rows[role]], LoadSpec("rate", rate), requests,
                               seed=self.settings.seed if seed is None else seed)
         return _load_figures(run, dataclasses.replace(self.settings.slo, rate=rate))
 

@@ -14,8 +14,6 @@ from typing import Any
 from cvt_export.artifacts import atomic_write
 from cvt_export.records import BenchReport, Record, RecordError
 
-REPORT_SCHEMA = BenchReport.schema()
-
 
 def validate(data: object) -> list[str]:
     """Problems that keep a file from being a report (empty list: valid): the record's own

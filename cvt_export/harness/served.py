@@ -3,9 +3,9 @@ fidelity of the answers, latency and throughput under load, and Triton's own sta
 (queue vs compute time, executed batch sizes).
 
 Two kinds of load, as perf_analyzer offers them:
-- closed loop (`Load("concurrency", c)`): c clients, each sending its next request when its
+- closed loop (`LoadSpec("concurrency", c)`): c clients, each sending its next request when its
   last is answered;
-- open loop (`Load("rate", r)`): requests arrive at r per second with exponential gaps (a Poisson
+- open loop (`LoadSpec("rate", r)`): requests arrive at r per second with exponential gaps (a Poisson
   process, seeded), whether or not earlier ones were answered. Latency counts from the moment a
   request was due, so a server that falls behind shows it (no coordinated omission).
 
@@ -52,15 +52,6 @@ WINDOWS = 5           # measurement windows per run
 STABLE_WINDOWS, STABLE_SPREAD = 3, 0.10
 MAX_IN_FLIGHT = 64    # open loop: client threads (requests due while all are busy wait, and it shows)
 GIVE_UP_AFTER = 8     # open loop: failed requests after which the rest are not sent (the server is gone)
-
-
-@dataclass(frozen=True)
-class Load:
-    kind: str      # "concurrency" | "rate"
-    value: float   # clients, or requests per second
-
-    def __str__(self) -> str:
-        return f"concurrency {self.value:g}" if self.kind == "concurrency" else f"{self.value:g} req/s"
 
 
 @dataclass(frozen=True)
@@ -348,7 +339,7 @@ def stable(wins: list[Window]) -> bool:
     return True
 
 
-def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
+def run_load(target: Target, images: np.ndarray, load: LoadSpec, requests: int,
              stats_model: str | None = None, seed: int = 0) -> LoadRun:
     """`requests` single-image requests under `load`; failed requests are counted, not raised."""
     if load.value <= 0 or requests < 1:
@@ -384,7 +375,7 @@ def run_load(target: Target, images: np.ndarray, load: Load, requests: int,
         steady = stable(wins)
     server, why = server_deltas(before, after)
     return LoadRun(
-        load=LoadSpec(load.kind, load.value), requests=requests, sent=record.sent,
+        load=load, requests=requests, sent=record.sent,
         answered=len(record.done), failed=len(record.errors), not_sent=requests - record.sent,
         errors=dict(sorted({e: record.errors.count(e) for e in set(record.errors)}.items())),
         seconds=elapsed, images_per_s=len(record.done) / elapsed,
@@ -439,7 +430,7 @@ def fidelity(target: Target, images: np.ndarray, reference: np.ndarray, names: l
 
 
 def bench_served(target: Target, folder: Any, precision: str | None,
-                 loads: tuple[Load, ...] | tuple[int, ...], requests: int,
+                 loads: tuple[LoadSpec, ...] | tuple[int, ...], requests: int,
                  stats_model: str | None = None) -> ServedReport:
     """The served model against the PyTorch reference of the artifact folder it was made from, then
     latency and throughput per load: what `cvt-bench triton` reports. `precision` None: what the
@@ -461,7 +452,7 @@ def bench_served(target: Target, folder: Any, precision: str | None,
     reference = validate.reference_logits(reference_model(folder), inputs.images)
     fid = metrics.judged(precision, fidelity(target, inputs.images, reference, inputs.names))
     runs, failed_at = [], None
-    for load in (x if isinstance(x, Load) else Load("concurrency", x) for x in loads):
+    for load in (x if isinstance(x, LoadSpec) else LoadSpec("concurrency", x) for x in loads):
         run = run_load(target, inputs.images, load, requests, stats_model)
         runs.append(run)
         if run.failed:
