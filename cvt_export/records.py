@@ -1129,6 +1129,33 @@ class RegressBaseline(Record):
     results: dict[str, BaselineRow]
 
 
+
+@dataclass(frozen=True)
+class RegressFinding:
+    """One thing the gate found: a regression ("fail") or a difference a reviewer must accept
+    ("change")."""
+
+    kind: str
+    what: str
+    detail: str
+    text: str  # the line the console prints
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegressResult(Record):
+    """The gate's result (`cvt-bench regress --json`, and its Markdown job summary): the verdict and
+    exit code, every finding, and the information lines."""
+
+    FAMILY: ClassVar[str] = "cvt-regress-result"
+    WHAT: ClassVar[str] = "cvt-regress result"
+
+    baseline: str
+    verdict: str
+    exit_code: int
+    updated: bool
+    findings: tuple[RegressFinding, ...] = ()
+    info: tuple[str, ...] = ()
+
 # --- `cvt-bench triton`'s report (a served model measured like a backend) -----------------------
 
 @dataclass(frozen=True)

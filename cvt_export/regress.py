@@ -35,6 +35,8 @@ from cvt_export.records import (
     GoldenInputs,
     GraphSummary,
     RegressBaseline,
+    RegressFinding,
+    RegressResult,
     Row,
     Tolerance,
 )
@@ -42,7 +44,6 @@ from cvt_export.reference import reference_model
 from cvt_ref.errors import CvtError
 
 SCHEMA = "cvt-regress/1"
-RESULT_SCHEMA = "cvt-regress-result/1"  # what `cvt-bench regress --json` writes
 REFERENCE_TOLERANCE = 1e-5     # max-abs of the PyTorch reference's own logits
 COSINE_SLACK = 5e-4            # how far a worst-image cosine may fall below the baseline's
 
@@ -317,32 +318,14 @@ def exit_code(outcome: Outcome) -> int:
     return 1 if outcome.findings and not outcome.updated else 0
 
 
-def as_json(outcome: Outcome, baseline: Path) -> dict[str, Any]:
-    """The gate's result for a machine (`cvt-bench regress --json FILE`, schema cvt-regress-result/1):
-    the verdict and exit code, every finding with its kind, and the information lines."""
-    return {"schema": RESULT_SCHEMA, "baseline": str(baseline), "verdict": verdict(outcome),
-            "exit_code": exit_code(outcome), "updated": outcome.updated,
-            "findings": [{"kind": f.kind, "what": f.what, "detail": f.detail, "text": str(f)}
-                         for f in outcome.findings],
-            "info": list(outcome.info)}
-
-
-def markdown(outcome: Outcome, baseline: Path) -> str:
-    """The gate's result as Markdown (a CI job summary): the verdict, a table of what failed or
-    changed, and the information lines."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = [f"## cvt-bench regress: {verdict(outcome)}", "", f"RegressBaseline `{baseline}`.", ""]
-    if outcome.findings:
-        lines += ["| | what | detail |", "|---|---|---|"]
-        lines += [f"| {'FAIL' if f.kind == 'fail' else 'CHANGED'} | {cell(f.what)} | {cell(f.detail)} |"
-                  for f in outcome.findings]
-        if not outcome.updated:
-            lines += ["", "If intended, run `cvt-bench regress --update` and commit the baseline."]
-        lines.append("")
-    lines += [f"- {cell(line)}" for line in outcome.info]
-    return "\n".join(lines) + "\n"
+def result(outcome: Outcome, baseline: Path) -> RegressResult:
+    """The gate's result as a record: `cvt-bench regress --json FILE` writes it (schema
+    cvt-regress-result/1), and its Markdown job summary is rendered from it."""
+    return RegressResult(baseline=str(baseline), verdict=verdict(outcome), exit_code=exit_code(outcome),
+                         updated=outcome.updated,
+                         findings=tuple(RegressFinding(f.kind, f.what, f.detail, str(f))
+                                        for f in outcome.findings),
+                         info=tuple(outcome.info))
 
 
 def other_int8_kernels(made_on: BaselineMachine | None) -> bool:

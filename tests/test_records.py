@@ -17,19 +17,37 @@ from cvt_export.records import (
     ProfileReport,
     Recommendation,
     RecordError,
+    RegressResult,
     TuneDecisions,
     as_json,
+    parse,
 )
+from cvt_export.render import accuracy as render_accuracy
 from cvt_export.render import deploy as render_deploy
 from cvt_export.render import profile as render_profile
 from cvt_export.render import recommendation as render_recommendation
+from cvt_export.render import regress as render_regress
 from cvt_export.render import report as render_report
+from cvt_export.render import tune as render_tune
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 BENCH = sorted(REPORTS.rglob("report.json"))
 ADVICE = sorted(REPORTS.rglob("recommendation.json"))
 DEPLOY = sorted(REPORTS.rglob("*.deploy.json"))
 PROFILES = sorted(REPORTS.rglob("profile-*.json"))
+# Files an earlier cvt-export wrote beside the Markdown it rendered from them (what each is:
+# tests/data/rendered/README.md): the renderers, fed the record read from the JSON, must write that
+# Markdown again byte for byte.
+RENDERED = Path(__file__).parent / "data" / "rendered"
+TUNE_MD = [REPORTS / "outliers-cvt-13" / "tune-ort-confirmed.json", *sorted(RENDERED.glob("tune-*.json"))]
+ACCURACY_MD = sorted(RENDERED.glob("accuracy-*.json"))
+GATE_MD = sorted(RENDERED.glob("gate-*.json"))
+
+
+def _written_beside(path: Path) -> str:
+    """The Markdown written with a JSON file, less a leading HTML comment saying where it came from."""
+    text = path.with_suffix(".md").read_text()
+    return text.split("\n", 1)[1] if text.startswith("<!--") else text
 
 
 def _name(path: Path) -> str:
@@ -98,6 +116,28 @@ def test_every_committed_profile_reads_and_renders(path: Path) -> None:
                 f"{f['kernels_ms']:.1f} ms; GEMM {f['gemm_ms']:.1f} ms") in text
         for g in f["by_op"]:
             assert f"| {g['group']} | {g['ms']:.2f} | {100 * g['share']:.1f}% | {g['nodes']} |" in text
+
+
+def test_the_rendered_files_are_found() -> None:
+    assert len(TUNE_MD) >= 2 and len(ACCURACY_MD) >= 2 and len(GATE_MD) >= 2
+
+
+@pytest.mark.parametrize("path", TUNE_MD, ids=lambda p: p.stem)
+def test_tune_md_is_rendered_again_from_its_decisions(path: Path) -> None:
+    decided = parse(TuneDecisions, json.loads(path.read_text()), str(path))
+    assert render_tune.markdown(decided) == _written_beside(path)
+
+
+@pytest.mark.parametrize("path", ACCURACY_MD, ids=lambda p: p.stem)
+def test_accuracy_md_is_rendered_again_from_its_report(path: Path) -> None:
+    assert render_accuracy.markdown(AccuracyReport.read(path)) == _written_beside(path)
+
+
+@pytest.mark.parametrize("path", GATE_MD, ids=lambda p: p.stem)
+def test_the_gate_summary_is_rendered_again_from_its_result(path: Path) -> None:
+    result = RegressResult.read(path)
+    assert result.to_json() == json.loads(path.read_text())  # nothing the file says is lost
+    assert render_regress.markdown(result) == _written_beside(path)
 
 
 def test_foreign_newer_and_broken_files_are_refused_with_one_line(tmp_path: Path) -> None:

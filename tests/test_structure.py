@@ -130,7 +130,8 @@ def test_leaf_modules_import_nothing_of_the_project() -> None:
 
 def test_reports_and_manifests_are_read_without_torch() -> None:
     code = ("import sys; import cvt_export.harness.report, cvt_export.metrics, cvt_export.artifacts, "
-            "cvt_export.render.report, cvt_export.render.profile, cvt_export.render.deploy; "
+            "cvt_export.render.report, cvt_export.render.profile, cvt_export.render.deploy, "
+            "cvt_export.render.accuracy, cvt_export.render.tune, cvt_export.render.regress; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -264,6 +265,55 @@ def test_the_length_check_finds_a_planted_long_function(tmp_path: Path) -> None:
     assert long_functions(package) == ["planted/bad.py:3 long (61 lines)"]
 
 
+
+# --- one rendering layer (issue #29): Markdown and plots are made in render/ and nowhere else -------
+
+RENDER_NAMES = ("markdown", "plot", "plots", "svg")
+
+
+def renderers_outside(package: Path) -> list[str]:
+    """Outside `render/`: every function named like a renderer (markdown, plot, plots, svg, or a
+    name holding one of them), every import of matplotlib, and every string that starts a Markdown
+    table (`|---`) or heading (`# `, `## `), parsed with ast."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        module = str(path.relative_to(package))
+        if module.startswith("render/"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in sorted(ast.walk(tree), key=lambda n: getattr(n, "lineno", 0)):
+            what = None
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                    n in node.name.lower() for n in RENDER_NAMES):
+                what = f"def {node.name}"
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                what = next((f"import {n}" for n in names if n.split(".")[0] == "matplotlib"), None)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(
+                    ("|---", "# ", "## ")):
+                what = f"Markdown {node.value[:12]!r}"
+            if what:
+                found.append(f"{module}:{node.lineno} {what}")
+    return found
+
+
+def test_markdown_and_plots_are_made_in_render_only() -> None:
+    assert renderers_outside(PACKAGE) == []
+
+
+def test_the_render_check_finds_planted_renderers(tmp_path: Path) -> None:
+    """It can fail: a markdown function, a matplotlib import and a table row built outside render/
+    are found; the same inside render/, and a string merely holding '|', are not."""
+    package = tmp_path / "pkg"
+    (package / "render").mkdir(parents=True)
+    planted = ('import matplotlib.pyplot as plt\n'
+               'def markdown(r):\n    return "\\n".join(["| a |", "|---|", f"| {r} |"])\n'
+               'def tune_svg(r):\n    return "a | b"\n')
+    (package / "render" / "ok.py").write_text(planted)
+    (package / "bad.py").write_text(planted)
+    assert renderers_outside(package) == ["bad.py:1 import matplotlib.pyplot", "bad.py:2 def markdown",
+                                          "bad.py:3 Markdown '|---|'", "bad.py:4 def tune_svg"]
+
 # --- precision rules (issue #29): no literal precision comparison outside the table ----------------
 
 def precision_comparisons(root: Path, names: tuple[str, ...], table: str = "precisions.py") -> list[str]:
@@ -313,12 +363,14 @@ def test_the_precision_check_finds_planted_comparisons(tmp_path: Path) -> None:
 
 # Module -> the functions left out (they check an untrusted file field by field before anything
 # uses it); cli/bench.py: the functions that show these records and the served report.
-RECORD_READERS = {"render/report.py": (), "render/recommendation.py": (), "render/profile.py": (),
-                  "render/deploy.py": (), "harness/recommend.py": ("read", "_field")}
+RECORD_READERS = {**{f"render/{p.name}": () for p in sorted((PACKAGE / "render").glob("*.py"))},
+                  "harness/recommend.py": ("read", "_field")}
 CLI_SHOWING_RECORDS = ("main_command", "_recommend_and_write", "show", "profile", "triton", "_show_served",
                        "_served_failures")
 # Reads of other mappings that share a key name with a record's field, each named.
-UNRELATED = {("harness/recommend.py", "cosine_min"): "metrics.BOUNDS[precision], the bounds table"}
+UNRELATED = {("harness/recommend.py", "cosine_min"): "metrics.BOUNDS[precision], the bounds table",
+             ("render/tune.py", "selection"): "the held-out roles by name (records.RoleSize values)",
+             ("render/tune.py", "confirmation"): "the held-out roles by name (records.RoleSize values)"}
 
 
 def string_keyed_reads(path: Path, skip: tuple[str, ...] = (),
@@ -568,7 +620,8 @@ PACKAGE_UNRELATED = {
     **_named("regress.py", "load_baseline: the raw file's schema, before the record is built", "schema"),
     **_named("regress.py", "metrics.BOUNDS[precision], the bounds table", "max_abs", "cosine_min",
              "top1_agreement"),
-    **_named("tune.py", "the held-out roles by name (records.RoleSize values)", "selection", "confirmation"),
+    **_named("render/tune.py", "the held-out roles by name (records.RoleSize values)", "selection",
+             "confirmation"),
     **_named("triton/server.py", "os.environ, and the keeper's event lines (its own protocol)",
              "CVT_EXPORT_PYTHONPATH", "LD_LIBRARY_PATH", "PYTHONHOME", "PYTHONPATH", "cause", "code",
              "error", "event", "model", "pid"),

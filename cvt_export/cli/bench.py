@@ -31,7 +31,9 @@ from cvt_export.cli.common import (
 from cvt_export.harness import recommend
 from cvt_export.harness import report as reports
 from cvt_export.records import ServedReport
+from cvt_export.render import accuracy as render_accuracy
 from cvt_export.render import recommendation as render_recommendation
+from cvt_export.render import regress as render_regress
 from cvt_export.render import report as render_report
 from cvt_ref.errors import CvtError
 
@@ -147,8 +149,8 @@ def _recommend_and_write(report: BenchReport, budgets: list[metrics.Budget], fol
         reports.write_json(report, json_file)
     show(report)
     _summary(render_report.markdown(report))  # the recommendation included
-    for line in render_recommendation.markdown(advice)[1:]:
-        stdout.print(line.replace("**", "").replace("## ", ""))
+    for line in render_recommendation.console(advice):
+        stdout.print(line)
     stdout.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -200,7 +202,7 @@ def regress(
         reports.write_all(outcome.report, out)
     _show_outcome(outcome, baseline)
     if json_file:
-        reports.write_json(gate.as_json(outcome, baseline), json_file)
+        reports.write_json(gate.result(outcome, baseline), json_file)
     if outcome.updated:
         moved = "what moved is listed above" if outcome.findings else "nothing moved beyond tolerance"
         stdout.print(f"[green]baseline written: {baseline}[/] ({moved})")
@@ -242,7 +244,7 @@ def _show_outcome(outcome: Outcome, baseline: Path) -> None:
         stdout.print(f"[{style}]{f}[/]", highlight=False, soft_wrap=True)
         github.annotate("error", f"cvt-bench regress: {'FAIL' if f.kind == 'fail' else 'CHANGED'} {f.what}",
                         f"{f}" + ("" if outcome.updated else " (if intended: cvt-bench regress --update)"))
-    _summary(gate.markdown(outcome, baseline))
+    _summary(render_regress.markdown(gate.result(outcome, baseline)))
 
 
 @app.command()
@@ -288,7 +290,6 @@ def accuracy(
     folder = ArtifactFolder.open(artifacts)
     from cvt_export.backends import get_backend
     from cvt_export.harness import accuracy as acc
-    from cvt_export.harness import accuracy_report
 
     for name in names:
         get_backend(name)  # an unknown name fails before any work
@@ -297,8 +298,8 @@ def accuracy(
                          reference_cache=reference_cache, limit=limit, threads=threads)
     cfg.check()
     report = _accuracy_pass(cfg, folder, ray)
-    written = accuracy_report.write_all(report, where)
-    for line in accuracy_report.markdown(report).splitlines()[2:]:
+    written = reports.write_accuracy(report, where)
+    for line in render_accuracy.markdown(report).splitlines()[2:]:
         stdout.print(line, highlight=False, soft_wrap=True)
     stdout.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
 

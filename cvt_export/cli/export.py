@@ -26,12 +26,12 @@ from cvt_export.cli.common import (
     user_errors,
 )
 from cvt_export.options import CALIB_METHODS, DEFAULT_OPSET, SMOOTH_CHOICES, ExportOptions, Int8Options
-from cvt_export.records import FileEntry, Validation, as_json
+from cvt_export.records import FileEntry, TuneDecisions, Validation, as_json
+from cvt_export.render import tune as render_tune
 from cvt_ref.errors import CvtError
 
 if TYPE_CHECKING:
     from cvt_export.build import BuildResult
-    from cvt_export.tune import TuneResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export CvT to ONNX / TensorRT / OpenVINO, and check what it computes.")
@@ -306,31 +306,32 @@ def tune(
         result = tuning.tune(folder, backend, budgets, objective, dataset=dataset, limit=limit,
                              threads=threads, seconds=seconds, margin=margin,
                              step=lambda text: live.update(text))
-        atomic_write(folder.file("tune.md"), tuning.markdown(result))
-        atomic_write(folder.file("tune.json"), json.dumps(as_json(tuning.summary(result)), indent=2) + "\n")
-    _show_tune(result, artifacts, margin)
+        decisions = tuning.summary(result)
+        atomic_write(folder.file("tune.md"), render_tune.markdown(decisions))
+        atomic_write(folder.file("tune.json"), json.dumps(as_json(decisions), indent=2) + "\n")
+    _show_tune(decisions, artifacts)
+    if result.mixed_written:
+        stdout.print(f"wrote {artifacts / 'model.mixed.onnx'}; decisions in manifest.json and "
+                     f"{artifacts / 'tune.md'}")
 
 
-def _show_tune(result: TuneResult, artifacts: Path, margin: float) -> None:
-    table = Table(title=f"{artifacts}: {result.backend}, {result.objective}, budget "
-                  f"{', '.join(result.budgets)}{f' margin {margin:g}' if margin else ''} on "
-                  f"{result.held_out}", title_justify="left")
+def _show_tune(d: TuneDecisions, artifacts: Path) -> None:
+    table = Table(title=f"{artifacts}: {d.backend}, {d.objective}, budget "
+                  f"{', '.join(d.budget)}{f' margin {d.margin:g}' if d.margin else ''} on "
+                  f"{d.held_out}", title_justify="left")
     for col in ("configuration", "float blocks", "selection cosine", "confirmation cosine", "within",
                 "median ms [95%]", "img/s"):
         table.add_column(col)
-    for c in result.configs:
-        table.add_row(c.name + (" (chosen)" if c is result.chosen else ""),
-                      str(len(c.kept)) if c.kept else "–",
-                      f"{c.fidelity.cosine_min:.6f}", f"{c.confirmed.cosine_min:.6f}",
-                      "yes" if c.within else "no",
+    for c in d.configs:
+        table.add_row(c.name + (" (chosen)" if c.name == d.chosen else ""),
+                      str(len(c.float_blocks)) if c.float_blocks else "–",
+                      f"{c.fidelity.cosine_min:.6f}", f"{c.confirmation.cosine_min:.6f}",
+                      "yes" if c.within_budget else "no",
                       (f"{c.speed.median_ms:.1f} [{c.speed.interval[0]:.1f}, {c.speed.interval[1]:.1f}]")
                       if c.speed else "–",
                       f"{c.speed.images_per_s:.1f}" if c.speed else "–")
     show_table(table)
-    stdout.print(result.message)
-    if result.mixed_written:
-        stdout.print(f"wrote {artifacts / 'model.mixed.onnx'}; decisions in manifest.json and "
-                     f"{artifacts / 'tune.md'}")
+    stdout.print(d.message)
 
 
 @app.command()

@@ -1,5 +1,7 @@
-"""A benchmark report's files: report.json (schema cvt-bench/1, the record
-`cvt_export.records.BenchReport`), report.md and the PNG plots (`cvt_export.render.report`).
+"""The files of cvt-bench's reports: a benchmark's report.json (schema cvt-bench/1, the record
+`cvt_export.records.BenchReport`), report.md and the PNG plots (`cvt_export.render.report`), and
+the accuracy pass's accuracy.json (`AccuracyReport`), accuracy.md and accuracy.png
+(`cvt_export.render.accuracy`).
 
 The harness builds the record (`harness.bench`) as it measures; its fields are documented in
 docs/benchmark.md.
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cvt_export.artifacts import atomic_write
-from cvt_export.records import BenchReport, Record, RecordError
+from cvt_export.records import AccuracyReport, BenchReport, Record, RecordError
 
 
 def validate(data: object) -> list[str]:
@@ -40,3 +42,13 @@ def write_all(report: BenchReport, out: Path) -> list[Path]:
     write_json(report, out / "report.json")
     atomic_write(out / "report.md", markdown(report))
     return [out / "report.json", out / "report.md", *plots(report, out)]
+
+
+def write_accuracy(report: AccuracyReport, out: Path) -> list[Path]:
+    """accuracy.json, accuracy.md and accuracy.png (cvt_export/render/accuracy.py) in `out`."""
+    from cvt_export.render.accuracy import markdown, plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out / "accuracy.json")
+    atomic_write(out / "accuracy.md", markdown(report))
+    return [out / "accuracy.json", out / "accuracy.md", plot(report, out / "accuracy.png")]

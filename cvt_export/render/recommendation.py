@@ -37,3 +37,8 @@ def markdown(rec: Recommendation) -> list[str]:
             lines.append("  faster, but outside the budget on the selection images: " + "; ".join(
                 f"{r.backend} {r.precision} {r.median_ms:.1f} ms ({r.why})" for r in pick.passed_over))
     return lines
+
+
+def console(rec: Recommendation) -> list[str]:
+    """The same section as plain lines for the console (cvt-bench prints them after its tables)."""
+    return [line.replace("**", "").replace("## ", "") for line in markdown(rec)[1:]]

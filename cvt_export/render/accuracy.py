@@ -1,12 +1,10 @@
-"""The accuracy pass as files people read: accuracy.json, accuracy.md and accuracy.png, all
-rendered from the typed `AccuracyReport` record."""
+"""The accuracy pass's record (`AccuracyReport`) as people read it: accuracy.md (and the
+console) and accuracy.png, top-1 with its interval and the paired change per row."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cvt_export.artifacts import atomic_write
 from cvt_export.records import AccuracyReport, RowAccuracy, Throughput
 
 
@@ -173,9 +171,3 @@ def plot(rep: AccuracyReport, path: Path) -> Path:
     plt.close(fig)
     return path
 
-
-def write_all(rep: AccuracyReport, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "accuracy.json", json.dumps(rep.to_json(), indent=2) + "\n")
-    atomic_write(out / "accuracy.md", markdown(rep))
-    return [out / "accuracy.json", out / "accuracy.md", plot(rep, out / "accuracy.png")]
