@@ -11,7 +11,7 @@ def _cell(text: str) -> str:
 
 
 def markdown(result: RegressResult) -> str:
-    lines = [f"## cvt-bench regress: {result.verdict}", "", f"RegressBaseline `{result.baseline}`.", ""]
+    lines = [f"## cvt-bench regress: {result.verdict}", "", f"Baseline `{result.baseline}`.", ""]
     if result.findings:
         lines += ["| | what | detail |", "|---|---|---|"]
         lines += [f"| {'FAIL' if f.kind == 'fail' else 'CHANGED'} | {_cell(f.what)} | {_cell(f.detail)} |"
