@@ -627,7 +627,7 @@ PACKAGE_UNRELATED = {
              "error", "event", "model", "pid"),
     **_named("harness/served.py", "Triton's model config, repository index and statistics (its own JSON)",
              "config", "name", "input", "output", "dims", "string_value", "parameters", "precision",
-             "max_batch_size", "models", "state", "model_stats", "inference_stats", "ns", "count", "success",
+             "models", "state", "model_stats", "inference_stats", "ns", "count", "success",
              "batch_size", "compute_infer", "batch_stats"),
     **_named("harness/accuracy.py", "a shard part's .npz arrays by name (numpy's archive: a row's top5 and "
              "cosine, the images' name, label, ok, error)", "top5", "cosine", "name", "label", "ok", "error"),

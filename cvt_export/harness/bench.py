@@ -12,8 +12,9 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,11 +105,9 @@ class BenchConfig:
 
     def settings(self, drift_images: int) -> BenchSettings:
         """What the report says the run was asked for."""
-        path = None if self.artifacts is None else str(self.artifacts)
-        data = None if self.dataset is None else str(self.dataset)
-        return BenchSettings(self.backends, self.precisions, self.batches, self.variant, self.weights, path,
-                             data, self.limit, self.golden, self.warmup, self.iters, self.seconds,
-                             self.threads, self.strict, drift_images)
+        asked: dict[str, Any] = {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v
+                                 for f in fields(self)}  # the record has a field for each of them
+        return BenchSettings(**asked, drift_images=drift_images)
 
 
 @dataclass

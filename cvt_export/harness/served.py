@@ -133,17 +133,10 @@ def _config(client: Any, model: str, protocol: str) -> dict[str, Any]:
     return config
 
 
-@dataclass(frozen=True)
-class Probed:
-    """What the server's config says of the model: the python runtime's precision parameter
-    (None: not a cvt-export runtime, or it does not say), and its max batch size."""
-
-    precision: str | None
-    max_batch: int
-
-
-def probe(target: Target, image_size: int, classes: int) -> Probed:
-    """What the server says about the model, checked against the artifact folder before any work."""
+def probe(target: Target, image_size: int, classes: int) -> str | None:
+    """The served model checked against the artifact folder before any work; returns the precision
+    its config says (the python runtime's parameter; None: not a cvt-export runtime, or it does not
+    say)."""
     with connected(target) as client:
         try:
             live = client.is_server_live()
@@ -182,7 +175,7 @@ def probe(target: Target, image_size: int, classes: int) -> Probed:
         raise TritonError(f"--model {target.model}: gives {out_dims[-1] if out_dims else '?'} logits, the "
                           f"artifact folder's model {classes}; is --artifacts the folder it was made from?")
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    return Probed(params.get("precision") or None, int(config.get("max_batch_size", 0)))
+    return params.get("precision") or None
 
 
 def _served_models(client: Any, protocol: str) -> list[str]:
@@ -442,12 +435,12 @@ def bench_served(target: Target, folder: Any, precision: str | None,
     from cvt_export.reference import reference_model
 
     folder = artifacts.as_folder(folder)
-    served = probe(target, folder.variant.image_size, folder.variant.num_classes)
+    says = probe(target, folder.variant.image_size, folder.variant.num_classes)
     if precision is None:
-        precision = served.precision or precisions.REFERENCE
-    elif served.precision and served.precision != precision:
+        precision = says or precisions.REFERENCE
+    elif says and says != precision:
         raise TritonError(f"--precision {precision}: the served model {target.model} runs "
-                          f"{served.precision} (its config says); its bounds are the ones that apply")
+                          f"{says} (its config says); its bounds are the ones that apply")
     inputs = load_inputs(None, None, folder.variant, golden=True)  # the 11 photographs, as before
     reference = validate.reference_logits(reference_model(folder), inputs.images)
     fid = metrics.judged(precision, fidelity(target, inputs.images, reference, inputs.names))
