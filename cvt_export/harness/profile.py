@@ -8,13 +8,8 @@ to the exported graph's blocks through the probe points; nodes the runtime made 
 counted as "not attributed"), and by kernel precision. The figures are those of the profiled run
 whose whole inference time was the median, so that the parts add up to one real inference.
 
-profile JSON schema `cvt-profile/1`: `schema`, `created`, `machine`, `artifacts`, `backend`,
-`precision`, `executed`, `gemm_limit` {shape, gmac_per_s}, `gemm_macs_per_image` (matrix
-products), `conv_macs_per_image` (convolutions), and `batches` {batch: {run_ms, runs,
-kernels_ms, gemm_ms, gemm_share, by_op [{group, ms, share, nodes, ops, precisions}],
-top_non_gemm, by_block, gemm_by_block, by_precision, gemm_floor_ms (the matrix products at the
-limit), gemm_vs_floor (gemm_ms over it), floor_ms (every multiply-add at the limit), run_vs_floor
-(run_ms over it; until 2026-12-01 over gemm_floor_ms), block_gemm_floor_ms}}.
+What a profile says is the record `records.ProfileReport` (profile-BACKEND-PRECISION.json,
+schema `cvt-profile/1`); docs/benchmark.md says what each figure means.
 """
 
 from __future__ import annotations
