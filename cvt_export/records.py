@@ -1156,6 +1156,7 @@ class RegressResult(Record):
     findings: tuple[RegressFinding, ...] = ()
     info: tuple[str, ...] = ()
 
+
 # --- `cvt-bench triton`'s report (a served model measured like a backend) -----------------------
 
 @dataclass(frozen=True)
