@@ -161,8 +161,10 @@ def test_a_corrupt_baseline_is_bad_input(exported: Path, tmp_path: Path) -> None
         bad.write_text(content)
         result = run_cli("cvt-bench", "regress", "--baseline", str(bad), "--artifacts", str(tmp_path))
         assert_user_error(result, fragment)
-    assert_user_error(run_cli("cvt-bench", "regress", "--baseline", str(tmp_path / "none.json")),
-                      "no such baseline")
+        assert len(result.stderr.strip().splitlines()) == 1  # refused before the run starts
+    result = run_cli("cvt-bench", "regress", "--baseline", str(tmp_path / "none.json"))
+    assert_user_error(result, "no such baseline")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_update_rewrites_and_shows_what_moved(baseline: Path, exported: Path, tmp_path: Path,

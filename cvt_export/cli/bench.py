@@ -194,6 +194,8 @@ def regress(
     _regress_outputs(baseline, artifacts, out, json_file, update)
     names = _backends(backend)
     harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
+    if not update or baseline.exists():
+        gate.load_baseline(baseline)  # a missing or broken baseline: one line, before the run starts
     with status("regression run") as live:
         outcome = gate.run(baseline, update=update, artifacts_dir=artifacts, max_slowdown=max_slowdown,
                            iters=iters, backends=names, precisions=_precisions(precision),
