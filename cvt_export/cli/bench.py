@@ -191,11 +191,9 @@ def regress(
         raise CvtError(f"--max-slowdown {max_slowdown}: must be > 1")
     if iters < 1:
         raise CvtError(f"--iters {iters}: must be >= 1")
-    _regress_outputs(baseline, artifacts, out, json_file, update)
+    _regress_files(baseline, artifacts, out, json_file, update)
     names = _backends(backend)
     harness.BenchConfig(backends=names, precisions=_precisions(precision)).check()
-    if not update or baseline.exists():
-        gate.load_baseline(baseline)  # a missing or broken baseline: one line, before the run starts
     with status("regression run") as live:
         outcome = gate.run(baseline, update=update, artifacts_dir=artifacts, max_slowdown=max_slowdown,
                            iters=iters, backends=names, precisions=_precisions(precision),
@@ -220,9 +218,14 @@ def regress(
     raise typer.Exit(1)
 
 
-def _regress_outputs(baseline: Path, artifacts: Path | None, out: Path | None, json_file: Path | None,
-                     update: bool) -> None:
-    """What regress writes: never one of its inputs, each where it can be written."""
+def _regress_files(baseline: Path, artifacts: Path | None, out: Path | None, json_file: Path | None,
+                   update: bool) -> None:
+    """What regress reads and writes: the baseline readable (unless --update makes it), each output
+    never one of its inputs and where it can be written; all before the run starts."""
+    from cvt_export import regress as gate
+
+    if not update or baseline.exists():
+        gate.load_baseline(baseline)
     inputs = {"--baseline": baseline, "--artifacts": artifacts}
     if out:
         not_an_input(out, "--out", inputs)
