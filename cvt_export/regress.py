@@ -105,6 +105,11 @@ def load_baseline(path: Path) -> RegressBaseline:
     return baseline
 
 
+def baseline_for(path: Path, update: bool) -> RegressBaseline | None:
+    """The baseline to compare with: None when --update is to create it (no file yet)."""
+    return None if update and not path.exists() else load_baseline(path)
+
+
 def _finite(value: float | None) -> bool:
     return value is None or bool(np.isfinite(value))
 
@@ -358,7 +363,7 @@ def run(baseline_path: Path, *, update: bool, artifacts_dir: Path | None, max_sl
 
     Given artifacts are used as they are (their own weights and options): that is how a
     changed checkpoint or export option shows up against the baseline."""
-    baseline = None if update and not baseline_path.exists() else load_baseline(baseline_path)
+    baseline = baseline_for(baseline_path, update)
     variant = baseline.variant if baseline else "cvt-13"
     weights = baseline.weights if baseline else "random:0"
     export = baseline.export if baseline else BaselineExport()

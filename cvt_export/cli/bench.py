@@ -224,8 +224,7 @@ def _regress_files(baseline: Path, artifacts: Path | None, out: Path | None, jso
     never one of its inputs and where it can be written; all before the run starts."""
     from cvt_export import regress as gate
 
-    if not update or baseline.exists():
-        gate.load_baseline(baseline)
+    gate.baseline_for(baseline, update)  # a missing or unreadable one is refused here, in one line
     inputs = {"--baseline": baseline, "--artifacts": artifacts}
     if out:
         not_an_input(out, "--out", inputs)
