@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from cvt_export.derive import SMOOTH_CHOICES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may wait for the network
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+# Tests send the commands SIGINT as a terminal does. A test run started with SIGINT ignored (a
+# background job of a non-interactive shell, nohup) hands SIG_IGN on to every command it starts, and
+# the commands rightly keep an inherited SIG_IGN; a handled SIGINT here is reset to the default in
+# them at exec, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
